@@ -1,0 +1,18 @@
+"""Fused Triton kernels for MAE's masking and loss, each beside its plain-torch reference.
+
+The public functions dispatch per call (see `kernels.dispatch`): Triton on CUDA or under
+TRITON_INTERPRET=1, torch otherwise; `MAE_KERNELS=torch|triton` forces one.
+"""
+
+from kernels.decoder_tokens import decoder_tokens, decoder_tokens_reference
+from kernels.masked_mse import masked_patch_mse, masked_patch_mse_reference
+from kernels.visible_tokens import visible_tokens, visible_tokens_reference
+
+__all__ = [
+    "decoder_tokens",
+    "decoder_tokens_reference",
+    "masked_patch_mse",
+    "masked_patch_mse_reference",
+    "visible_tokens",
+    "visible_tokens_reference",
+]

@@ -1,0 +1,72 @@
+"""Load checkpoints written by the reference MAE code (or by `train.export`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from model.mae import MaskedAutoencoderViT
+
+_DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint load found, in words a user can act on."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    @property
+    def encoder_only(self) -> bool:
+        return bool(self.missing) and all(key.startswith(_DECODER_PREFIXES) for key in self.missing)
+
+    def __str__(self) -> str:
+        if not self.missing and not self.unexpected:
+            return "all weights loaded (encoder and decoder)"
+        lines = []
+        if self.encoder_only:
+            lines.append(f"encoder-only checkpoint: the decoder ({len(self.missing)} tensors) keeps its fresh init")
+        elif self.missing:
+            lines.append(f"{len(self.missing)} weights missing from the checkpoint: {', '.join(self.missing[:8])}"
+                         + (" ..." if len(self.missing) > 8 else ""))
+        if self.unexpected:
+            lines.append(f"{len(self.unexpected)} checkpoint entries the model does not have (ignored): "
+                         + ", ".join(self.unexpected[:8]) + (" ..." if len(self.unexpected) > 8 else ""))
+        return "; ".join(lines)
+
+
+def read_state_dict(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
+    """A state dict from a file or dict holding `{"model": state_dict, ...}` or a bare state dict."""
+    obj = torch.load(source, map_location="cpu", weights_only=False) if not isinstance(source, dict) else source
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source if not isinstance(source, dict) else 'checkpoint'}: "
+                         "expected {'model': state_dict} or a state dict of tensors")
+    return state
+
+
+def load_reference_checkpoint(
+    model: MaskedAutoencoderViT, source: str | os.PathLike | dict, strict: bool = False
+) -> LoadReport:
+    """Copy reference-layout weights into `model`.
+
+    Encoder-only files (`mae_pretrain_vit_*.pth`) leave the decoder as initialised. Any shape
+    mismatch is an error naming the tensor; with `strict`, so is any missing or unexpected key.
+    """
+    state = read_state_dict(source)
+    own = model.state_dict()
+    mismatched = [
+        f"{key}: checkpoint {list(value.shape)} vs model {list(own[key].shape)}"
+        for key, value in state.items()
+        if key in own and own[key].shape != value.shape
+    ]
+    if mismatched:
+        raise ValueError("checkpoint does not fit this model (wrong preset or image size?): " + "; ".join(mismatched))
+    result = model.load_state_dict(state, strict=False)
+    report = LoadReport(missing=list(result.missing_keys), unexpected=list(result.unexpected_keys))
+    if strict and (report.missing or report.unexpected):
+        raise ValueError(f"strict load failed: {report}")
+    return report

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# maeflow's two entry points, each setting up .venv first:
+#   bash run.sh demo   sample data -> shards -> 2-rank CPU/GPU training -> reconstruction + bench report
+#   bash run.sh test   the test suite (what CI runs)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+TORCH_VERSION=2.13.0
+TORCH_CPU_INDEX=${MAEFLOW_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+VENV=.venv
+PY=$VENV/bin/python
+
+has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+setup() {
+    [ -x "$PY" ] || python3 -m venv "$VENV"
+    local stamp="$VENV/.maeflow-setup" want
+    want="$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)-$(has_cuda && echo cuda || echo cpu)"
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return; fi
+    echo "[setup] installing into $VENV ($(has_cuda && echo 'CUDA found: CUDA torch' || echo 'no CUDA: CPU torch'))"
+    "$PY" -m pip install -q --upgrade pip
+    if has_cuda; then
+        "$PY" -m pip install -q "torch==$TORCH_VERSION"
+    else
+        # The plain PyPI wheel is the multi-GB CUDA build; the CPU one lives on PyTorch's own index.
+        "$PY" -m pip install -q "torch==$TORCH_VERSION+cpu" --extra-index-url "$TORCH_CPU_INDEX" --retries 1 --timeout 10
+    fi
+    "$PY" -m pip install -q -e ".[test]"
+    echo "$want" > "$stamp"
+}
+
+demo() {
+    local data=${MAEFLOW_DEMO_DIR:-demo}
+    local ranks=2
+    "$PY" -m pipeline.sample_data "$data/images"
+    "$PY" -m pipeline.build_shards "$data/images/train" "$data/shards" --split train --shard-size-mb 2 --workers 2
+    "$PY" -m pipeline.build_shards "$data/images/val" "$data/shards" --split val --shard-size-mb 2 --workers 2 \
+        --classes "$data/shards/train.json"
+    PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/deepspeed" --num_gpus "$ranks" train/pretrain.py \
+        --config configs/tiny.toml --data "$data/shards" --output "$data/run" --max-steps 30 --log-every 5
+    "$PY" -m bench train --quick --out "$data/bench"
+    "$PY" -m bench report --history "$data/bench" --out "$data/bench"
+    echo
+    echo "demo done:"
+    echo "  shards          $data/shards"
+    echo "  metrics         $data/run/metrics.jsonl"
+    echo "  reconstruction  $(ls "$data"/run/viz/*.png | tail -n 1)"
+    echo "  bench report    $data/bench/REPORT.md"
+}
+
+run_tests() {
+    "$PY" -m pytest "$@"
+}
+
+case "${1:-}" in
+    demo) setup; demo ;;
+    test) shift; setup; run_tests "$@" ;;
+    setup) setup ;;
+    *) echo "usage: bash run.sh {demo|test [pytest args]|setup}" >&2; exit 2 ;;
+esac
