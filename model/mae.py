@@ -9,8 +9,8 @@ go through `kernels`, which picks fused Triton kernels or their plain-torch refe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,185 @@
+"""Triton kernels against their torch references (CPU interpreter here, bf16 on a GPU)."""
+
+import pytest
+import torch
+
+from kernels import (
+    decoder_tokens,
+    decoder_tokens_reference,
+    masked_patch_mse,
+    masked_patch_mse_reference,
+    visible_tokens,
+    visible_tokens_reference,
+)
+from model import random_masking
+from tests.test_model import small_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """torch.empty returns NaN-filled memory, so any output element a kernel forgets fails."""
+    monkeypatch.setenv("MAE_KERNELS", "triton")
+    previous = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.utils.deterministic.fill_uninitialized_memory = previous
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "output has NaN/inf (unwritten element?)"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_both(op, reference, inputs: list[torch.Tensor], extra: tuple, grad_out_shape=None):
+    """Forward and backward of op and reference on cloned leaves; returns (outs, grads) pairs."""
+    results = []
+    for fn in (op, reference):
+        leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        out = fn(*leaves, *extra)
+        torch.manual_seed(1)
+        out.backward(torch.randn_like(out) if out.dim() else None)
+        results.append((out.detach(), [leaf.grad for leaf in leaves if leaf.is_floating_point()]))
+    return results
+
+
+def masking(n: int, length: int, keep: int):
+    noise = torch.rand(n, length, device=DEVICE)
+    return random_masking(noise, 1 - (keep + 0.5) / length)
+
+
+TOKEN_SHAPES = [(2, 16, 4, 32), (3, 15, 5, 48), (1, 7, 1, 1), (2, 196, 49, 40), (1, 12, 11, 600)]
+
+
+@pytest.mark.parametrize("n, length, keep, width", TOKEN_SHAPES)
+def test_visible_tokens_match_reference(n, length, keep, width):
+    ids_keep, ids_restore, _ = masking(n, length, keep)
+    assert ids_keep.shape[1] == keep
+    x = torch.randn(n, length, width, device=DEVICE)
+    pos, cls = torch.randn(1, length + 1, width, device=DEVICE), torch.randn(1, 1, width, device=DEVICE)
+    (out, grads), (ref_out, ref_grads) = run_both(
+        visible_tokens, visible_tokens_reference, [x, pos, cls], (ids_keep, ids_restore)
+    )
+    assert out.shape == (n, keep + 1, width)
+    assert rel_err(out, ref_out) <= 1e-6
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert rel_err(grad, ref_grad) <= 1e-5
+
+
+@pytest.mark.parametrize("n, length, keep, width", TOKEN_SHAPES)
+def test_decoder_tokens_match_reference(n, length, keep, width):
+    _, ids_restore, _ = masking(n, length, keep)
+    x = torch.randn(n, keep + 1, width, device=DEVICE)
+    token, pos = torch.randn(1, 1, width, device=DEVICE), torch.randn(1, length + 1, width, device=DEVICE)
+    (out, grads), (ref_out, ref_grads) = run_both(
+        lambda x, t, p, ids: decoder_tokens(x, t, ids, p),
+        lambda x, t, p, ids: decoder_tokens_reference(x, t, ids, p),
+        [x, token, pos], (ids_restore,),
+    )
+    assert out.shape == (n, length + 1, width)
+    assert rel_err(out, ref_out) <= 1e-6
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert rel_err(grad, ref_grad) <= 1e-5
+
+
+LOSS_CASES = [
+    (2, 3, 32, 32, 8),   # square grid
+    (1, 3, 28, 42, 14),  # patch 14, non-square 2x3 grid, P = 588 (not a power of two)
+    (3, 1, 6, 4, 2),     # one channel, tiny patches
+    (2, 3, 48, 16, 16),  # P = 768 as in ViT-B/16
+]
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+@pytest.mark.parametrize("n, chans, height, width, patch", LOSS_CASES)
+def test_masked_mse_matches_reference(n, chans, height, width, patch, norm_pix):
+    length = (height // patch) * (width // patch)
+    imgs = torch.randn(n, chans, height, width, device=DEVICE)
+    # pred as the decoder produces it: a view that drops the cls row, so not contiguous.
+    pred = torch.randn(n, length + 1, patch * patch * chans, device=DEVICE)[:, 1:]
+    mask = (torch.rand(n, length, device=DEVICE) < 0.7).float()
+    mask[0, 0] = 1.0
+    (loss, grads), (ref_loss, ref_grads) = run_both(
+        lambda i, p: masked_patch_mse(i, p, mask, patch, norm_pix),
+        lambda i, p: masked_patch_mse_reference(i, p, mask, patch, norm_pix),
+        [imgs, pred], (),
+    )
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert grads[0] is None or not imgs.requires_grad
+    assert rel_err(grads[1], ref_grads[1]) <= 1e-5
+    # Gradient is exactly zero on the patches the loss ignores.
+    assert torch.all(grads[1][mask == 0] == 0)
+
+
+def test_masked_mse_skips_unmasked_patches_and_weights_masked_ones():
+    imgs = torch.randn(1, 3, 16, 16, device=DEVICE)
+    pred = torch.randn(1, 4, 192, device=DEVICE)
+    weights = torch.tensor([[0.0, 2.0, 0.5, 0.0]], device=DEVICE)
+    loss = masked_patch_mse(imgs, pred, weights, 8, True)
+    assert rel_err(loss, masked_patch_mse_reference(imgs, pred, weights, 8, True)) <= 1e-6
+    pred_changed = pred.clone()
+    pred_changed[0, 0] += 100.0  # an unmasked patch: no effect
+    assert masked_patch_mse(imgs, pred_changed, weights, 8, True).item() == loss.item()
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_whole_model_triton_matches_torch(norm_pix_loss, monkeypatch):
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("MAE_KERNELS", backend)
+        model = small_model(norm_pix_loss=norm_pix_loss)
+        loss, pred, mask = model(imgs, noise=noise)
+        loss.backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+        results[backend] = (loss.detach(), pred.detach(), mask, grads)
+    loss, pred, mask, grads = results["triton"]
+    ref_loss, ref_pred, ref_mask, ref_grads = results["torch"]
+    assert torch.equal(mask, ref_mask)
+    assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(pred, ref_pred) <= 1e-5
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) <= 1e-5, name
+
+
+def test_dispatch_rules(monkeypatch):
+    x64 = torch.randn(1, 4, 8, dtype=torch.float64)
+    ids_keep, ids_restore, _ = masking(1, 4, 2)
+    args = (torch.zeros(1, 5, 8, dtype=torch.float64), torch.zeros(1, 1, 8, dtype=torch.float64), ids_keep.cpu(),
+            ids_restore.cpu())
+    with pytest.raises(RuntimeError, match="MAE_KERNELS=triton but visible_tokens cannot run in Triton"):
+        visible_tokens(x64, *args)
+    monkeypatch.setenv("MAE_KERNELS", "auto")  # float64: falls back to the reference
+    assert torch.equal(visible_tokens(x64, *args), visible_tokens_reference(x64, *args))
+    monkeypatch.setenv("MAE_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="MAE_KERNELS must be auto, torch or triton"):
+        visible_tokens(x64, *args)
+
+
+def flash_rule(out_fn, ref_fn, inputs_fp32):
+    """Kernel error in bf16 <= 2x torch's error in bf16, both against fp32 torch."""
+    exact = ref_fn(*inputs_fp32)
+    low = [t.bfloat16() if t.is_floating_point() else t for t in inputs_fp32]
+    return rel_err(out_fn(*low), exact), rel_err(ref_fn(*low), exact)
+
+
+@pytest.mark.gpu
+def test_bf16_kernels_within_twice_torch_error():
+    ids_keep, ids_restore, mask = masking(64, 196, 49)
+    x, pos, cls = (torch.randn(64, 196, 768, device="cuda"), torch.randn(1, 197, 768, device="cuda"),
+                   torch.randn(1, 1, 768, device="cuda"))
+    ours, torch_err = flash_rule(lambda *a: visible_tokens(*a, ids_keep, ids_restore),
+                                 lambda *a: visible_tokens_reference(*a, ids_keep), [x, pos, cls])
+    assert ours <= 2 * torch_err + 1e-6
+    y, token, dpos = (torch.randn(64, 50, 512, device="cuda"), torch.randn(1, 1, 512, device="cuda"),
+                      torch.randn(1, 197, 512, device="cuda"))
+    ours, torch_err = flash_rule(lambda a, b, c: decoder_tokens(a, b, ids_restore, c),
+                                 lambda a, b, c: decoder_tokens_reference(a, b, ids_restore, c), [y, token, dpos])
+    assert ours <= 2 * torch_err + 1e-6
+    imgs, pred = torch.randn(64, 3, 224, 224, device="cuda"), torch.randn(64, 196, 768, device="cuda")
+    ours, torch_err = flash_rule(lambda i, p: masked_patch_mse(i.float(), p, mask, 16, True),
+                                 lambda i, p: masked_patch_mse_reference(i.float(), p, mask, 16, True), [imgs, pred])
+    assert ours <= 2 * torch_err + 1e-6
