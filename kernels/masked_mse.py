@@ -81,7 +81,7 @@ def _masked_mse_bwd(
 
 
 def _launch_args(imgs: torch.Tensor, pred: torch.Tensor, patch_size: int, norm_pix: bool):
-    n, chans, height, width = imgs.shape
+    _n, chans, height, width = imgs.shape
     grid_w = width // patch_size
     values = patch_size * patch_size * chans
     meta = dict(PATCH=patch_size, NORM=norm_pix, BLOCK=triton.next_power_of_2(values))
@@ -131,7 +131,9 @@ def masked_patch_mse(
 ) -> torch.Tensor:
     """Scalar loss from imgs [N, C, H, W], pred [N, L, p*p*C] and mask [N, L] (1 = removed)."""
     values = patch_size * patch_size * imgs.shape[1]
-    too_big = f"a patch of {values} values exceeds the kernel's {MAX_PATCH_VALUES}" if values > MAX_PATCH_VALUES else None
+    too_big = None
+    if values > MAX_PATCH_VALUES:
+        too_big = f"a patch of {values} values exceeds the kernel's {MAX_PATCH_VALUES}"
     if use_triton("masked_patch_mse", imgs, pred, mask, unsupported=too_big):
         return MaskedPatchMSE.apply(imgs, pred, mask, patch_size, norm_pix)
     return masked_patch_mse_reference(imgs, pred, mask, patch_size, norm_pix)

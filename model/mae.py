@@ -49,7 +49,7 @@ def random_masking(noise: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor
     Returns ids_keep [N, K], ids_restore [N, L] (slot of each patch in the shuffled order) and
     mask [N, L] in the original patch order, 1 = removed, 0 = kept.
     """
-    n, length = noise.shape
+    _n, length = noise.shape
     len_keep = int(length * (1 - mask_ratio))
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)

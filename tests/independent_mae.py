@@ -56,7 +56,7 @@ def linear(x: torch.Tensor, params: dict, name: str) -> torch.Tensor:
 
 
 def block(x: torch.Tensor, params: dict, prefix: str, heads: int) -> torch.Tensor:
-    tokens, dim = x.shape
+    _tokens, dim = x.shape
     head_dim = dim // heads
     h = layer_norm(x, params[f"{prefix}.norm1.weight"], params[f"{prefix}.norm1.bias"])
     qkv = linear(h, params, f"{prefix}.attn.qkv")

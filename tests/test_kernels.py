@@ -66,7 +66,7 @@ def test_visible_tokens_match_reference(n, length, keep, width):
     )
     assert out.shape == (n, keep + 1, width)
     assert rel_err(out, ref_out) <= 1e-6
-    for grad, ref_grad in zip(grads, ref_grads):
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
         assert rel_err(grad, ref_grad) <= 1e-5
 
 
@@ -82,7 +82,7 @@ def test_decoder_tokens_match_reference(n, length, keep, width):
     )
     assert out.shape == (n, length + 1, width)
     assert rel_err(out, ref_out) <= 1e-6
-    for grad, ref_grad in zip(grads, ref_grads):
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
         assert rel_err(grad, ref_grad) <= 1e-5
 
 

@@ -154,7 +154,8 @@ def test_reference_checkpoints_load(tmp_path):
     fresh = small_model()
     report = load_reference_checkpoint(fresh, full, strict=True)
     assert str(report) == "all weights loaded (encoder and decoder)"
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values()))
+    for key, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
 
     encoder_only = {k: v for k, v in trained.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
     encoder_only["fc_norm.weight"] = torch.ones(32)
