@@ -1,0 +1,1 @@
+"""Data path: image tree -> WebDataset shards -> DALI (or PIL) decoding -> normalized batches."""

@@ -1,0 +1,95 @@
+"""The shard manifest `<split>.json` and how loaders find shards from a folder or a brace pattern."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+
+@dataclass
+class ShardRecord:
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """What `build_shards` wrote for one split."""
+
+    split: str
+    samples: int
+    classes: list[str]
+    shards: list[ShardRecord]
+    rejected: list[dict] = field(default_factory=list)
+    converted: list[dict] = field(default_factory=list)
+    seed: int = 0
+    source: str = ""
+    plan: str = ""  # fingerprint of the file listing and settings the shards were cut from
+
+    @staticmethod
+    def path(folder: Path, split: str) -> Path:
+        return Path(folder) / f"{split}.json"
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        raw = json.loads(Path(path).read_text())
+        raw["shards"] = [ShardRecord(**s) for s in raw["shards"]]
+        return cls(**raw)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Tar and index paths of one split, plus its manifest when there is one."""
+
+    tars: list[Path]
+    indexes: list[Path]
+    manifest: Manifest | None
+
+    @property
+    def samples(self) -> int | None:
+        return self.manifest.samples if self.manifest else None
+
+
+def resolve_shards(shards: str | Path, split: str = "train") -> ShardSet:
+    """A shard folder (read `<split>.json`) or a brace pattern such as `out/train-{000000..000009}.tar`."""
+    text = str(shards)
+    if "{" in text or text.endswith(".tar"):
+        tars = [Path(p) for p in braceexpand(text)]
+        missing = [str(p) for p in tars if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"shard pattern {text}: {len(missing)} file(s) missing, first {missing[0]}")
+        manifest_path = Manifest.path(tars[0].parent, split)
+        manifest = Manifest.load(manifest_path) if manifest_path.is_file() else None
+    else:
+        folder = Path(text)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"shard folder {folder} does not exist")
+        manifest_path = Manifest.path(folder, split)
+        if not manifest_path.is_file():
+            found = sorted(p.name for p in folder.glob("*.json"))
+            raise FileNotFoundError(
+                f"{manifest_path} not found (splits here: {', '.join(f[:-5] for f in found) or 'none'}); "
+                "build shards with `python -m pipeline.build_shards`"
+            )
+        manifest = Manifest.load(manifest_path)
+        tars = [folder / s.name for s in manifest.shards]
+        missing = [str(p) for p in tars if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{manifest_path} lists {len(missing)} shard(s) that are missing: {missing[0]}")
+    if not tars:
+        raise FileNotFoundError(f"no shards for split {split!r} in {text}")
+    if manifest is not None:
+        listed = {s.name for s in manifest.shards}
+        strays = [p.name for p in tars if p.name not in listed]
+        if strays:
+            raise ValueError(f"shard {strays[0]} is not in {manifest_path}: the shard list and manifest disagree")
+    indexes = [p.with_suffix(".idx") for p in tars]
+    return ShardSet(tars, indexes, manifest)

@@ -1,0 +1,104 @@
+"""WebDataset tar shards and DALI index files, written byte-for-byte deterministically."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+INDEX_VERSION = "v1.2"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tar member: `<key>.<ext>` holding `data`."""
+
+    key: str
+    ext: str
+    data: bytes
+
+
+def _header(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644  # integer mtime: plain USTAR, no PAX header
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class ShardWriter:
+    """Streams members into a USTAR tar and remembers where each one's data starts, for the index."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._sha = hashlib.sha256()
+        self.entries: list[tuple[str, str, int, int]] = []  # (key, ext, data offset, size)
+
+    def add(self, member: Member) -> None:
+        name = f"{member.key}.{member.ext}"
+        offset = self._tar.offset + tarfile.BLOCKSIZE  # data follows its 512-byte header
+        self._tar.addfile(_header(name, len(member.data)), io.BytesIO(member.data))
+        self.entries.append((member.key, member.ext, offset, len(member.data)))
+
+    def close(self) -> None:
+        self._tar.close()
+        self._file.close()
+
+    def index_text(self) -> str:
+        return index_text(self.entries)
+
+
+def index_text(entries: Iterable[tuple[str, str, int, int]]) -> str:
+    """DALI's index format, exactly as `wds2idx` writes it: one line per sample, members in tar order."""
+    samples: list[list[str]] = []
+    last_key = None
+    for key, ext, offset, size in entries:
+        part = f"{ext} {offset} {size} {key}.{ext}"
+        if key == last_key:
+            samples[-1].append(part)
+        else:
+            samples.append([part])
+            last_key = key
+    lines = [f"{INDEX_VERSION} {len(samples)}"] + [" ".join(parts) for parts in samples]
+    return "\n".join(lines) + "\n"
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key runs to the first dot of the file name."""
+    base = name.rsplit("/", 1)[-1]
+    dot = base.find(".")
+    prefix = name[: len(name) - len(base)]
+    return prefix + base[:dot], base[dot + 1 :]
+
+
+def read_members(path: Path) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            if info.isfile():
+                yield info, tar.extractfile(info).read()
+
+
+def index_of_tar(path: Path) -> str:
+    """The index `wds2idx` would write for an existing tar."""
+    with tarfile.open(path, mode="r:") as tar:
+        entries = [(*split_name(info.name), info.offset_data, info.size) for info in tar if info.isfile()]
+    return index_text(entries)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,213 @@
+"""The shard builder on real files: real tars, DALI's own wds2idx and webdataset reader."""
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from pipeline.build_shards import main as build_main
+from pipeline.manifest import Manifest
+from tests.image_trees import MAX_PIXELS, write_tree
+
+
+def build(src: Path, out: Path, *extra: str) -> int:
+    return build_main([str(src), str(out), "--shard-size-mb", "0.03", "--workers", "1", "--quiet",
+                       "--max-pixels", str(MAX_PIXELS), *extra])
+
+
+@pytest.fixture()
+def tree(tmp_path):
+    src = tmp_path / "src"
+    return src, write_tree(src)
+
+
+@pytest.fixture()
+def built(tree, tmp_path):
+    src, expected = tree
+    out = tmp_path / "out"
+    assert build(src, out) == 0
+    return src, out, expected
+
+
+def read_all(out: Path) -> dict[str, dict]:
+    manifest = Manifest.load(out / "train.json")
+    urls = [str(out / s.name) for s in manifest.shards]
+    samples = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        assert meta["path"] not in samples, f"{meta['path']} appears twice"
+        samples[meta["path"]] = dict(meta, label=int(sample["cls"]), key=sample["__key__"], jpg=sample["jpg"])
+    return samples
+
+
+def test_every_good_image_once_with_its_label(built):
+    _, out, expected = built
+    samples = read_all(out)
+    assert {path: s["label"] for path, s in samples.items()} == expected
+    manifest = Manifest.load(out / "train.json")
+    assert manifest.samples == len(expected) and len(manifest.shards) > 1
+    assert manifest.classes == ["n01000001", "n01000002", "n01000003"]
+    assert sum(s.samples for s in manifest.shards) == manifest.samples
+    for s in samples.values():
+        assert s["key"].isascii() and "." not in s["key"] and s["jpg"][:2] == b"\xff\xd8"
+
+
+def test_bad_inputs_are_converted_or_rejected_with_reasons(built):
+    _, out, _ = built
+    manifest = Manifest.load(out / "train.json")
+    reasons = {r["path"]: r["reason"] for r in manifest.rejected}
+    assert set(reasons) == {"n01000001/empty.JPEG", "n01000002/truncated.JPEG", "n01000003/notes.txt",
+                            "n01000003/huge.JPEG"}
+    assert "empty" in reasons["n01000001/empty.JPEG"]
+    assert "truncated" in reasons["n01000002/truncated.JPEG"]
+    assert "not an image" in reasons["n01000003/notes.txt"]
+    assert "pixel limit" in reasons["n01000003/huge.JPEG"]
+    samples = read_all(out)
+    assert samples["n01000001/cmyk.JPEG"]["converted"] == "JPEG CMYK -> RGB JPEG"
+    assert samples["n01000002/really_a_png.JPEG"]["converted"] == "PNG RGBA -> RGB JPEG"
+    assert "converted" not in samples["n01000003/c_0.JPEG"]  # grayscale JPEG kept as is
+    assert {c["path"] for c in manifest.converted} == {"n01000001/cmyk.JPEG", "n01000002/really_a_png.JPEG"}
+
+
+def test_strict_fails_after_the_summary(tree, tmp_path, capsys):
+    src, _ = tree
+    assert build(src, tmp_path / "strict", "--strict") == 1
+    captured = capsys.readouterr()
+    assert "4 rejected" in captured.out and "truncated.JPEG" in captured.err
+    assert (tmp_path / "strict" / "train.json").is_file()
+
+
+def test_index_files_equal_dali_wds2idx(built, tmp_path):
+    _, out, _ = built
+    wds2idx = Path(sys.executable).with_name("wds2idx")
+    for tar in sorted(out.glob("*.tar")):
+        theirs = tmp_path / (tar.stem + ".dali.idx")
+        subprocess.run([str(wds2idx), str(tar), str(theirs)], check=True, capture_output=True)
+        assert tar.with_suffix(".idx").read_bytes() == theirs.read_bytes()
+
+
+def test_dali_webdataset_reader_reads_every_sample(built):
+    from nvidia.dali import fn, pipeline_def
+
+    _, out, expected = built
+    tars = sorted(out.glob("*.tar"))
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None)
+    def read():
+        jpg, cls = fn.readers.webdataset(paths=[str(t) for t in tars], index_paths=[str(t.with_suffix(".idx"))
+                                         for t in tars], ext=["jpg", "cls"], name="reader")
+        return fn.decoders.image(jpg, device="cpu"), cls
+
+    pipe = read()
+    pipe.build()
+    total = pipe.epoch_size("reader")
+    assert total == len(expected)
+    seen = 0
+    while seen < total:
+        images, _ = pipe.run()
+        seen += len(images)
+        assert all(images.at(i).shape[2] == 3 for i in range(len(images)))
+
+
+def test_same_inputs_same_bytes_and_plain_ustar(tree, tmp_path):
+    src, _ = tree
+    assert build(src, tmp_path / "a") == 0 and build(src, tmp_path / "b") == 0
+    for tar in sorted((tmp_path / "a").glob("*.tar")):
+        assert tar.read_bytes() == (tmp_path / "b" / tar.name).read_bytes()
+        with tarfile.open(tar) as t:
+            assert all(m.type == tarfile.REGTYPE and not m.pax_headers for m in t.getmembers())
+        assert tar.read_bytes()[257:263] == b"ustar\x00"
+    assert build(src, tmp_path / "c", "--seed", "1") == 0
+    assert (tmp_path / "a" / "train-000000.tar").read_bytes() != (tmp_path / "c" / "train-000000.tar").read_bytes()
+
+
+def test_interrupted_build_resumes_and_keeps_finished_shards(built, tmp_path, capsys):
+    src, out, _ = built
+    reference = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    shards = sorted(out.glob("*.tar"))
+    assert len(shards) >= 3
+    kept_mtime = shards[0].stat().st_mtime_ns
+    # An interruption: manifest never written, one shard gone, one half-written, a stale temp file.
+    (out / "train.json").unlink()
+    shards[1].unlink()
+    shards[2].write_bytes(shards[2].read_bytes()[:1000])
+    (out / (shards[1].name + ".tmp")).write_bytes(b"partial")
+    capsys.readouterr()
+    assert build(src, out) == 0
+    assert "shards already complete, 2 to write" in capsys.readouterr().out
+    assert shards[0].stat().st_mtime_ns == kept_mtime
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == reference
+    assert not list(out.glob("*.tmp"))
+    assert len(Manifest.load(out / "train.json").rejected) == 4
+
+
+def test_verify_reports_a_damaged_shard(built, capsys):
+    _, out, _ = built
+    assert build_main(["--verify", str(out), "--split", "train"]) == 0
+    shard = sorted(out.glob("*.tar"))[1]
+    data = bytearray(shard.read_bytes())
+    data[600:700] = b"\0" * 100  # inside the first image
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert build_main(["--verify", str(out), "--split", "train"]) == 1
+    err = capsys.readouterr().err
+    assert f"{shard.name}: size or sha256 differs" in err
+
+
+def test_flat_val_with_kaggle_csv_devkit_labels_and_train_classes(built, tmp_path):
+    _, train_out, _ = built
+    val = tmp_path / "val"
+    val.mkdir()
+    wnids = ["n01000003", "n01000001", "n01000002", "n01000001"]
+    from tests.image_trees import jpeg_bytes
+    for i, _ in enumerate(wnids):
+        (val / f"ILSVRC2012_val_{i + 1:08d}.JPEG").write_bytes(jpeg_bytes(32, 32, seed=300 + i))
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\n" + "".join(
+        f"ILSVRC2012_val_{i + 1:08d},{w} 1 2 3 4 {w} 5 6 7 8\n" for i, w in enumerate(wnids)))
+    classes = ["--classes", str(train_out / "train.json"), "--split", "val"]
+    assert build(val, tmp_path / "v1", "--val-labels", str(csv), *classes) == 0
+    synsets = tmp_path / "synsets.txt"
+    synsets.write_text("n01000002 two\nn01000001 one\nn01000003 three\n")  # ILSVRC ids 1, 2, 3
+    ground_truth = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    ground_truth.write_text("3\n2\n1\n2\n")
+    assert build(val, tmp_path / "v2", "--val-labels", str(ground_truth), "--synsets", str(synsets), *classes) == 0
+    for out in (tmp_path / "v1", tmp_path / "v2"):
+        manifest = Manifest.load(out / "val.json")
+        assert manifest.classes == Manifest.load(train_out / "train.json").classes
+        labels = {}
+        for tar in out.glob("val-*.tar"):
+            for sample in wds.WebDataset(str(tar), shardshuffle=False):
+                labels[json.loads(sample["json"])["path"]] = int(sample["cls"])
+        assert labels == {f"ILSVRC2012_val_{i + 1:08d}.JPEG": manifest.classes.index(w) for i, w in enumerate(wnids)}
+
+
+def _error_case(tmp_path, capsys, args: list[str], message: str, out: Path) -> None:
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
+    capsys.readouterr()
+    assert build_main([*args, "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
+
+
+def test_clear_errors_and_nothing_written(built, tmp_path, capsys):
+    src, out, _ = built
+    fresh = tmp_path / "fresh"
+    _error_case(tmp_path, capsys, [str(tmp_path / "nope"), str(fresh)], "does not exist", fresh)
+    (tmp_path / "empty").mkdir()
+    _error_case(tmp_path, capsys, [str(tmp_path / "empty"), str(fresh)], "no class folders", fresh)
+    (tmp_path / "empty2" / "n1").mkdir(parents=True)
+    _error_case(tmp_path, capsys, [str(tmp_path / "empty2"), str(fresh)], "no image files", fresh)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("ImageId,PredictionString\nx,n09999999 1 2 3 4\n")
+    _error_case(tmp_path, capsys, [str(src / "n01000001"), str(fresh), "--val-labels", str(labels), "--classes",
+                                   str(out / "train.json")], "wnid n09999999 is not one of the 3 known", fresh)
+    other = tmp_path / "other"
+    (other / "n5").mkdir(parents=True)
+    (other / "n5" / "x.JPEG").write_bytes((src / "n01000002" / "b_0.JPEG").read_bytes())
+    _error_case(tmp_path, capsys, [str(other), str(out)], "already holds train shards built from", out)
