@@ -35,8 +35,7 @@ class ShardWriter:
 
     def __init__(self, path: Path) -> None:
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
-        self._sha = hashlib.sha256()
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.entries: list[tuple[str, str, int, int]] = []  # (key, ext, data offset, size)
 
     def add(self, member: Member) -> None:

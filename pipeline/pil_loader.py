@@ -1,0 +1,151 @@
+"""The PIL baseline: what a user runs without DALI (PIL decoding in torch DataLoader workers).
+
+It reads samples by random access through the DALI index files (tar offset and size per member),
+which gives the same rank blocks, batch counts and exact mid-epoch resume as the DALI backend.
+Augmentation follows torchvision's RandomResizedCrop rules with a per-sample generator seeded by
+(seed, epoch, sample), so results do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.loader import (
+    CROP_RATIO,
+    CROP_SCALE,
+    EVAL_CROP_FRACTION,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Loader,
+    LoaderSpec,
+)
+
+
+def read_sample_table(indexes: list[Path]) -> tuple[np.ndarray, list[str]]:
+    """[N, 5] int64 rows (shard, jpg offset, jpg size, cls offset, cls size) and the sample keys."""
+    rows, keys = [], []
+    for shard, idx in enumerate(indexes):
+        with open(idx) as f:
+            f.readline()
+            for line in f:
+                parts = line.split()
+                members = {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)}
+                if "jpg" not in members or "cls" not in members:
+                    raise ValueError(f"{idx}: sample {parts[3].split('.')[0]} lacks a jpg or cls member")
+                rows.append((shard, *members["jpg"], *members["cls"]))
+                keys.append(parts[3].split(".")[0])
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 5), keys
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop window (left, top, w, h): 10 tries, then a centre fallback."""
+    area = width * height
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    ratio = width / height
+    if ratio < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif ratio > CROP_RATIO[1]:
+        w, h = round(height * CROP_RATIO[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class ShardSamples(Dataset):
+    """Map-style view of the shards: item (sample, epoch) -> (uint8 [3, S, S], label)."""
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.tars = [str(p) for p in spec.shards.tars]
+        self.table, self.keys = read_sample_table(spec.shards.indexes)
+        self.size, self.train, self.seed = spec.image_size, spec.train, spec.seed
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def read(self, shard: int, offset: int, size: int) -> bytes:
+        with open(self.tars[shard], "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        sample, epoch = item
+        shard, jpg_off, jpg_size, cls_off, cls_size = (int(v) for v in self.table[sample])
+        try:
+            img = Image.open(io.BytesIO(self.read(shard, jpg_off, jpg_size))).convert("RGB")
+        except Exception as err:
+            raise RuntimeError(f"{self.tars[shard]}: sample {self.keys[sample]} does not decode ({err}); find "
+                               "damaged shards with `python -m pipeline.build_shards --verify DIR`") from err
+        label = int(self.read(shard, cls_off, cls_size))
+        if self.train:
+            rng = np.random.default_rng([self.seed, epoch, sample])
+            left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
+            img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+            if rng.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            scale = int(self.size / EVAL_CROP_FRACTION) / min(img.width, img.height)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+            left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label
+
+
+def first_undecodable(spec: LoaderSpec, epoch: int) -> str | None:
+    """'<tar>: sample <key>' of the first image in this rank's block PIL cannot decode, if any."""
+    samples = ShardSamples(spec)
+    start, end = spec.block(epoch)
+    for sample in range(start, end):
+        shard, offset, size = (int(v) for v in samples.table[sample, :3])
+        try:
+            with Image.open(io.BytesIO(samples.read(shard, offset, size))) as img:
+                img.load()
+        except Exception:
+            return f"{samples.tars[shard]}: sample {samples.keys[sample]}"
+    return None
+
+
+def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([img for img, _ in items]), torch.tensor([label for _, label in items], dtype=torch.int64)
+
+
+class PilLoader(Loader):
+    backend = "pil"
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        super().__init__(spec)
+        self.dataset = ShardSamples(spec)
+        device = "cuda" if spec.device == "gpu" else "cpu"
+        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def _batch_plan(self, epoch: int) -> list[list[tuple[int, int]]]:
+        spec = self.spec
+        start, end = spec.block(epoch)
+        order = np.arange(start, end)
+        if spec.train:
+            order = start + np.random.default_rng(spec.epoch_seed(epoch)).permutation(end - start)
+        b = spec.batch_size
+        return [[(int(s), epoch) for s in order[i * b:(i + 1) * b]] for i in range(len(self))]
+
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan = self._batch_plan(epoch)[start:]
+        loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.spec.num_threads,
+                            collate_fn=_collate, pin_memory=self.spec.device == "gpu")
+        for images, labels in loader:
+            images = images.to(self._mean.device, non_blocking=True)
+            images = ((images.float() - self._mean) / self._std).to(self.spec.dtype)
+            yield images, labels.to(self._mean.device, non_blocking=True)

@@ -1,0 +1,217 @@
+"""Both loader backends over real shards from the builder, with real DALI CPU pipelines."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import IMAGENET_MEAN, IMAGENET_STD, build_loader
+from pipeline.build_shards import main as build_shards
+from pipeline.loader import ascii_labels
+
+BACKENDS = ["dali", "pil"]
+
+
+def write_jpeg(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8), "RGB").save(path, "JPEG", quality=95)
+
+
+def shards_from(tree: Path, out: Path, *extra: str) -> Path:
+    assert build_shards([str(tree), str(out), "--shard-size-mb", "0.02", "--workers", "1", "--quiet", *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def id_shards(tmp_path_factory):
+    """41 small photos, each its own class, so a label identifies a sample."""
+    root = tmp_path_factory.mktemp("ids")
+    rng = np.random.default_rng(0)
+    for i in range(41):
+        write_jpeg(root / "tree" / f"c{i:03d}" / "img.JPEG", rng.integers(0, 255, (40 + i % 7, 48, 3)))
+    return shards_from(root / "tree", root / "shards")
+
+
+@pytest.fixture(scope="module")
+def gradient_shards(tmp_path_factory):
+    """Images whose red channel is 2*x and green 2*y, so a crop reveals its window."""
+    root = tmp_path_factory.mktemp("grad")
+    ys, xs = np.mgrid[0:128, 0:128]
+    pixels = np.stack([xs * 2, ys * 2, np.full_like(xs, 128)], axis=-1)
+    for i in range(8):
+        write_jpeg(root / "tree" / "c0" / f"{i}.JPEG", pixels)
+    return shards_from(root / "tree", root / "shards")
+
+
+@pytest.fixture(scope="module")
+def uniform_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uniform")
+    for i in range(4):
+        write_jpeg(root / "tree" / "c0" / f"{i}.JPEG", np.full((48, 64, 3), (200, 100, 50)))
+    return shards_from(root / "tree", root / "shards")
+
+
+def epoch_labels(loader, epoch: int) -> list[int]:
+    loader.set_epoch(epoch)
+    return [label for _, labels in loader for label in labels.tolist()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False])
+def test_shapes_dtype_and_normalization(uniform_shards, backend, train):
+    loader = build_loader(uniform_shards, batch_size=2, image_size=32, train=train, backend=backend, device="cpu",
+                          num_threads=1)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 2
+    images, labels = batches[0]
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.tolist() == [0, 0]
+    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip((200, 100, 50), IMAGENET_MEAN, IMAGENET_STD,
+                                                                   strict=True)])
+    torch.testing.assert_close(images.mean((0, 2, 3)), expected, atol=0.05, rtol=0)
+    assert (images - expected.view(1, 3, 1, 1)).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_output(uniform_shards, backend):
+    loader = build_loader(uniform_shards, batch_size=2, image_size=32, backend=backend, device="cpu",
+                          num_threads=1, dtype=torch.bfloat16)
+    assert next(iter(loader))[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_crops_respect_scale_and_ratio_and_flip_half_the_time(gradient_shards, backend):
+    loader = build_loader(gradient_shards, batch_size=8, image_size=32, backend=backend, device="cpu", num_threads=1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    areas, ratios, flips = [], [], 0
+    for epoch in range(12):
+        loader.set_epoch(epoch)
+        for images, _ in loader:
+            pixels = (images * std + mean) * 255 / 2  # back to source coordinates: red = x, green = y
+            red, green = pixels[:, 0], pixels[:, 1]
+            x_first, x_last = red[:, :, 0].mean(1), red[:, :, -1].mean(1)
+            y_top, y_bottom = green[:, 0, :].mean(1), green[:, -1, :].mean(1)
+            flips += int((x_first > x_last).sum())
+            # Output pixel centres span (S-1)/S of the window; undo that to get the window size.
+            width = (x_last - x_first).abs() * 32 / 31
+            height = (y_bottom - y_top) * 32 / 31
+            areas += (width * height / 128**2).tolist()
+            ratios += (width / height).tolist()
+    assert len(areas) == 96
+    assert min(areas) > 0.2 * 0.85 and max(areas) < 1.0 * 1.1
+    assert min(ratios) > 0.75 * 0.9 and max(ratios) < 4 / 3 * 1.1
+    assert max(areas) - min(areas) > 0.4  # the scale range is actually explored
+    assert 30 <= flips <= 66  # p = 0.5 over 96 crops: about 48, outside this is < 1e-4 likely
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_see_disjoint_samples_and_nearly_all(id_shards, backend):
+    batch, world = 4, 2
+    loaders = [build_loader(id_shards, batch_size=batch, image_size=16, rank=r, world_size=world, backend=backend,
+                            device="cpu", num_threads=1) for r in range(world)]
+    assert len(loaders[0]) == len(loaders[1]) == (41 // 2) // 4
+    for epoch in range(2):
+        seen = [epoch_labels(loader, epoch) for loader in loaders]
+        assert all(len(s) == len(set(s)) == len(loaders[0]) * batch for s in seen)
+        assert not set(seen[0]) & set(seen[1])
+        assert 41 - len(set(seen[0]) | set(seen[1])) < world * batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [2, 3])
+def test_eval_yields_every_sample_exactly_once(id_shards, backend, world):
+    labels = []
+    for rank in range(world):
+        loader = build_loader(id_shards, batch_size=4, image_size=16, train=False, rank=rank, world_size=world,
+                              backend=backend, device="cpu", num_threads=1)
+        labels += epoch_labels(loader, 0)
+    assert sorted(labels) == list(range(41))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_epochs_differ_and_a_seed_reproduces_the_stream(id_shards, backend):
+    def stream(seed):
+        loader = build_loader(id_shards, batch_size=4, image_size=16, seed=seed, backend=backend, device="cpu",
+                              num_threads=1)
+        return [epoch_labels(loader, e) for e in range(2)]
+    first = stream(0)
+    assert first == stream(0)
+    assert first[0] != first[1]
+    assert first != stream(1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_epoch_continues_with_the_same_batches(id_shards, backend):
+    def make():
+        return build_loader(id_shards, batch_size=4, image_size=16, rank=1, world_size=2, backend=backend,
+                            device="cpu", num_threads=1)
+
+    whole = make()
+    whole.set_epoch(3)
+    expected = list(whole)
+    whole.set_epoch(4)
+    expected_next_epoch = list(whole)
+
+    first = make()
+    first.set_epoch(3)
+    batches = iter(first)
+    head = [next(batches) for _ in range(2)]
+    state = first.state_dict()
+    del batches, first
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)  # the training loop calls this again on resume: must not rewind
+    tail = list(resumed)
+    resumed.set_epoch(4)
+    for got, want in zip(head + tail + list(resumed), expected + expected_next_epoch, strict=True):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_ascii_labels():
+    padded = torch.tensor([[b for b in b"7\0\0\0"], [b for b in b"1000"], [b for b in b"42\0\0"]], dtype=torch.uint8)
+    assert ascii_labels(padded).tolist() == [7, 1000, 42]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clear_errors(id_shards, tmp_path, backend):
+    opts = dict(image_size=16, backend=backend, device="cpu", num_threads=1)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_loader(tmp_path / "missing", batch_size=4, **opts)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"train.json not found"):
+        build_loader(tmp_path / "empty", batch_size=4, **opts)
+    with pytest.raises(ValueError, match=r"batch size 32 is larger than rank 1's share of 21 samples"):
+        build_loader(id_shards, batch_size=32, rank=1, world_size=2, **opts)
+    with pytest.raises(FileNotFoundError, match=r"\d+ file\(s\) missing, first .*train-000099.tar"):
+        build_loader(str(id_shards / "train-{000099..000000}.tar"), batch_size=4, **opts)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in id_shards.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    (copy / "train-000000.tar").rename(copy / "train-000777.tar")
+    (copy / "train-000000.idx").rename(copy / "train-000777.idx")
+    with pytest.raises(ValueError, match=r"train-000777.tar is not in .*train.json: the shard list and manifest"):
+        build_loader(str(copy / "train-{000777,000001}.tar"), batch_size=4, **opts)
+    with pytest.raises(FileNotFoundError, match=r"lists 1 shard\(s\) that are missing"):
+        build_loader(copy, batch_size=4, **opts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_image_in_a_shard_fails_naming_it(tmp_path, backend):
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        write_jpeg(tmp_path / "tree" / "c0" / f"{i}.JPEG", rng.integers(0, 255, (32, 32, 3)))
+    out = shards_from(tmp_path / "tree", tmp_path / "shards", "--shard-size-mb", "100")
+    tar = out / "train-000000.tar"
+    data = bytearray(tar.read_bytes())
+    first_jpg = int((out / "train-000000.idx").read_text().splitlines()[1].split()[1])
+    data[first_jpg:first_jpg + 4] = b"GIF8"  # no longer a JPEG: no decoder accepts it
+    tar.write_bytes(bytes(data))
+    loader = build_loader(out, batch_size=2, image_size=16, backend=backend, device="cpu", num_threads=1)
+    with pytest.raises(RuntimeError, match="build_shards --verify") as err:
+        list(loader)
+    assert "train-000000" in str(err.value)
