@@ -1,0 +1,39 @@
+"""Matmul FLOPs of MAE training, counted as REFERENCE §5 (1 MAC = 2 FLOPs)."""
+
+from __future__ import annotations
+
+from model.mae import MaskedAutoencoderViT
+
+
+def block_flops(tokens: int, width: int) -> int:
+    """One pre-norm ViT block (qkv, attention scores and mix, proj, 4x MLP) on `tokens` tokens."""
+    return tokens * (24 * width * width + 4 * tokens * width)
+
+
+def mae_forward_flops(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> int:
+    """Forward FLOPs per image: patch embedding on all patches, encoder on 1+K, decoder on 1+L tokens."""
+    length = model.num_patches
+    keep = int(length * (1 - mask_ratio))
+    dim, dec = model.cls_token.shape[-1], model.mask_token.shape[-1]
+    patch_values = model.patch_size**2 * model.in_chans
+    return (
+        2 * length * patch_values * dim
+        + len(model.blocks) * block_flops(1 + keep, dim)
+        + 2 * (1 + keep) * dim * dec
+        + len(model.decoder_blocks) * block_flops(1 + length, dec)
+        + 2 * (1 + length) * dec * patch_values
+    )
+
+
+def mae_train_flops(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> int:
+    """Forward + backward (backward = 2 x forward) per image."""
+    return 3 * mae_forward_flops(model, mask_ratio)
+
+
+# Dense bf16 tensor-core peaks by device-name fragment, for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The bf16 peak of a named GPU, or None (CPUs, unknown cards): MFU is then not reported."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in device_name), None)

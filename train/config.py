@@ -1,0 +1,286 @@
+"""Typed training configuration: a preset file from configs/ plus `--set section.key=value` overrides.
+
+Every field has a one-line docstring; `describe()` prints them. Validation happens here, before
+any process starts distributed work, so a typo costs one clear line rather than a cluster job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from model import PRESETS
+
+
+class ConfigError(ValueError):
+    """A bad preset, override or combination of values."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mae_vit_huge_patch14"
+    """model preset, one of model.PRESETS"""
+    img_size: int = 224
+    """input resolution (square); must be divisible by the patch size"""
+    norm_pix_loss: bool = True
+    """regress per-patch normalized pixels (the paper's best setting)"""
+    mask_ratio: float = 0.75
+    """fraction of patches removed from each image"""
+    grad_checkpointing: bool = False
+    """recompute encoder blocks in backward: less activation memory, ~30% more encoder compute"""
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """shard folder (with train.json) or brace pattern; --data sets it"""
+    backend: str = "dali"
+    """dali (GPU 'mixed' decoding, CPU without a GPU) or pil (the baseline)"""
+    num_threads: int = 0
+    """decoder threads (DALI) or workers (PIL) per rank; 0 = CPU cores per local rank"""
+    viz_split: str = "val"
+    """split holding the fixed reconstruction images (falls back to train if absent)"""
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 4096
+    """effective batch: micro_batch x grad_accum x world size"""
+    micro_batch: int = 0
+    """images per rank per forward pass; 0 = derived from the others"""
+    grad_accum: int = 0
+    """micro-batches per optimizer step; 0 = derived from the others"""
+    blr: float = 1.5e-4
+    """base learning rate: lr = blr x batch_size / 256"""
+    lr: float = 0.0
+    """absolute peak learning rate; 0 = from blr"""
+    min_lr: float = 0.0
+    """floor of the cosine schedule"""
+    weight_decay: float = 0.05
+    """AdamW decoupled weight decay, not applied to 1-D parameters (norms) and biases"""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    warmup_epochs: float = 40.0
+    """linear warm-up from 0, in epochs"""
+    epochs: int = 1600
+    """length of the schedule in epochs"""
+    gradient_clipping: float = 0.0
+    """max global grad norm; 0 = off, as in the paper (DeepSpeed's own default is 1.0)"""
+
+
+@dataclass
+class RuntimeConfig:
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3"""
+    precision: str = "bf16"
+    """bf16 or fp32 (fp16 is not offered: MAE has produced NaNs with it)"""
+    seed: int = 0
+    """seeds model init, data order and masks"""
+
+
+@dataclass
+class CheckpointConfig:
+    every_minutes: float = 30.0
+    """wall-clock minutes between checkpoints; 0 = off"""
+    every_steps: int = 0
+    """optimizer steps between checkpoints; 0 = off"""
+    keep_last: int = 3
+    """complete checkpoints to keep"""
+
+
+@dataclass
+class LogConfig:
+    log_every: int = 50
+    """optimizer steps between metric reductions (the only host syncs of the loop)"""
+    viz_every: int = 20
+    """epochs between reconstruction images (one is always written at the end)"""
+    viz_images: int = 4
+    """images in the reconstruction grid"""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    output: str = "runs/mae"
+    """folder for checkpoints, metrics.jsonl, config.json and viz/"""
+    max_steps: int = 0
+    """stop after this many optimizer steps in total (0 = run the whole schedule)"""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        args = typing.get_args(kind)
+        if len(items) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(items, args, strict=True))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    try:
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+
+
+def _set(cfg: Any, dotted: str, value: Any) -> None:
+    *path, name = dotted.split(".")
+    target = cfg
+    for part in path:
+        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
+            raise ConfigError(f"unknown config section {part!r} in {dotted!r}; sections: {_names(cfg)}")
+        target = getattr(target, part)
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
+        raise ConfigError(f"unknown config key {dotted!r}; keys here: {', '.join(fields)}")
+    hints = typing.get_type_hints(type(target))
+    setattr(target, name, _coerce(value, hints[name], dotted))
+
+
+def _names(cfg: Any) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cfg))
+
+
+def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_config(preset: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults <- preset file (TOML) <- `key=value` overrides, then validated."""
+    cfg = TrainConfig()
+    if preset:
+        path = Path(preset)
+        if not path.is_file() and Path("configs", f"{preset}.toml").is_file():
+            path = Path("configs", f"{preset}.toml")
+        if not path.is_file():
+            raise ConfigError(f"config preset {preset} not found (looked for it and configs/{preset}.toml)")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        for key, value in _flatten(table).items():
+            _set(cfg, key, value)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        _set(cfg, key.strip(), value.strip())
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.model.name in PRESETS, f"model.name {cfg.model.name!r} is not one of {', '.join(PRESETS)}"),
+        (0 <= cfg.model.mask_ratio < 1, f"model.mask_ratio must be in [0, 1), got {cfg.model.mask_ratio}"),
+        (cfg.model.img_size % PRESETS.get(cfg.model.name, {}).get("patch_size", 1) == 0,
+         f"model.img_size {cfg.model.img_size} is not divisible by the patch size of {cfg.model.name}"),
+        (cfg.data.backend in ("dali", "pil"), f"data.backend must be dali or pil, got {cfg.data.backend!r}"),
+        (cfg.optim.batch_size > 0, "optim.batch_size must be positive"),
+        (cfg.optim.micro_batch >= 0 and cfg.optim.grad_accum >= 0, "micro_batch and grad_accum must be >= 0"),
+        (cfg.optim.epochs > 0 and 0 <= cfg.optim.warmup_epochs < cfg.optim.epochs,
+         "optim.warmup_epochs must be in [0, epochs)"),
+        (cfg.optim.blr > 0 or cfg.optim.lr > 0, "set optim.blr or optim.lr"),
+        (cfg.optim.gradient_clipping >= 0, "optim.gradient_clipping must be >= 0"),
+        (cfg.runtime.zero_stage in (0, 1, 2, 3), f"runtime.zero_stage must be 0-3, got {cfg.runtime.zero_stage}"),
+        (cfg.runtime.precision in ("bf16", "fp32"), f"runtime.precision must be bf16 or fp32, got "
+                                                    f"{cfg.runtime.precision!r}"),
+        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
+        (cfg.log.log_every >= 1 and cfg.log.viz_every >= 1, "log.log_every and log.viz_every must be >= 1"),
+        (cfg.max_steps >= 0, "max_steps must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    note: str  # how the missing numbers were derived, for the start-up log
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+
+def plan_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
+    """Derive micro-batch or accumulation so that micro x accum x world = batch_size."""
+    batch, micro, accum = optim.batch_size, optim.micro_batch, optim.grad_accum
+    if micro and accum:
+        if micro * accum * world_size != batch:
+            raise ConfigError(f"optim.batch_size {batch} != micro_batch {micro} x grad_accum {accum} x "
+                              f"{world_size} ranks; fix one or set it to 0 to derive it")
+        return BatchPlan(micro, accum, world_size, "as configured")
+    if micro:
+        accum, rest = divmod(batch, micro * world_size)
+        note = f"grad_accum = {batch} / ({micro} x {world_size} ranks) = {accum}"
+    else:
+        accum = accum or 1
+        micro, rest = divmod(batch, accum * world_size)
+        note = f"micro_batch = {batch} / ({accum} accumulation x {world_size} ranks) = {micro}"
+    if rest or not micro or not accum:
+        raise ConfigError(f"optim.batch_size {batch} does not split evenly over {world_size} ranks "
+                          f"(micro_batch {optim.micro_batch or '?'}, grad_accum {optim.grad_accum or '?'})")
+    return BatchPlan(micro, accum, world_size, note)
+
+
+def describe(cfg: Any = None, prefix: str = "") -> list[str]:
+    """`key = value  # docstring` lines for every field (the docs above, at run time)."""
+    cfg = cfg if cfg is not None else TrainConfig()
+    docs = _field_docs(type(cfg))
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += describe(value, f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name} = {value!r}  # {docs.get(f.name, '')}")
+    return lines
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = str(after.value.value)
+    return docs

@@ -1,0 +1,327 @@
+"""MAE pre-training with DeepSpeed ZeRO.
+
+    deepspeed --num_gpus 8 train/pretrain.py --config configs/vit_h14_1600ep.toml --data /data/shards \
+        --output runs/vit_h [--max-steps N] [--log-every K] [--resume] [--set optim.micro_batch=64 ...]
+
+One step: DALI batch -> MAE forward (fused Triton masking and loss) -> engine.backward/step, with
+the learning rate set from `epoch + step / steps_per_epoch` before every optimizer step. The loop
+never waits on the GPU except every `log_every` steps, when losses are reduced across ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model import MaskedAutoencoderViT, build_mae
+from model.flops import mae_train_flops, peak_flops
+from pipeline import build_loader
+from pipeline.manifest import resolve_shards
+from train.checkpoint import ResumeError, TrainState, latest_tag, load_checkpoint, save_checkpoint
+from train.config import BatchPlan, ConfigError, TrainConfig, describe, load_config, plan_batch
+from train.viz import fixed_images, fixed_noise, reconstruction_grid, save_reconstruction
+
+
+def lr_at(progress_epochs: float, peak: float, cfg: TrainConfig) -> float:
+    """Linear warm-up from 0, then half-cycle cosine to min_lr (the paper's per-iteration schedule)."""
+    optim = cfg.optim
+    if progress_epochs < optim.warmup_epochs:
+        return peak * progress_epochs / optim.warmup_epochs
+    done = (progress_epochs - optim.warmup_epochs) / (optim.epochs - optim.warmup_epochs)
+    return optim.min_lr + (peak - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on 1-D parameters (norms) and biases; frozen position embeddings left out."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg: TrainConfig, plan: BatchPlan, peak_lr: float) -> dict:
+    return {
+        "train_batch_size": plan.batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "optimizer": {"type": "AdamW", "params": {"lr": peak_lr, "betas": list(cfg.optim.betas), "eps": 1e-8,
+                                                  "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
+        "bf16": {"enabled": cfg.runtime.precision == "bf16"},
+        "zero_optimization": {"stage": cfg.runtime.zero_stage},
+        "gradient_clipping": cfg.optim.gradient_clipping,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and exits 0."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+
+class MetricWindow:
+    """Device-side sums between log steps, so the loop itself never synchronizes."""
+
+    NO_BAD_STEP = 2**62
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.first_bad_step = torch.full((), self.NO_BAD_STEP, device=device, dtype=torch.int64)
+        self.micro_batches = 0
+        self.steps = 0
+        self.started = time.perf_counter()
+        self.wait_at_start = 0.0
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        self.loss_sum += loss.detach().double()
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step = torch.where(bad, torch.clamp(self.first_bad_step, max=step), self.first_bad_step)
+        self.micro_batches += 1
+
+    def reduce(self) -> tuple[float, int | None]:
+        """(mean loss over all ranks, first non-finite step or None). A host sync and two all-reduces."""
+        loss = self.loss_sum.clone()
+        bad = self.first_bad_step.clone()
+        dist.all_reduce(loss)
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        mean = loss.item() / max(1, self.micro_batches * dist.get_world_size())
+        bad_step = int(bad.item())
+        return mean, None if bad_step == self.NO_BAD_STEP else bad_step
+
+    def restart(self, loader_wait_s: float) -> None:
+        self.loss_sum.zero_()
+        self.micro_batches = self.steps = 0
+        self.started = time.perf_counter()
+        self.wait_at_start = loader_wait_s
+
+
+def train(cfg: TrainConfig, resume: bool) -> int:
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    is_main = rank == 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    control = dist.new_group(backend="gloo")  # CPU side-channel for stop/checkpoint votes: no GPU sync
+    output = Path(cfg.output)
+    ckpt_dir = output / "checkpoints"
+
+    plan = plan_batch(cfg.optim, world)
+    peak_lr = cfg.optim.lr or cfg.optim.blr * plan.batch_size / 256
+    if is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        print("\n".join(["resolved config:", *("  " + line for line in describe(cfg))]))
+        print(f"batch: {plan.batch_size} = {plan.micro_batch} micro x {plan.grad_accum} accum x {world} ranks "
+              f"({plan.note}); peak lr {peak_lr:.3g}")
+        (output / "config.json").write_text(cfg.to_json())
+
+    torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
+    model = build_mae(cfg.model.name, img_size=cfg.model.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+    model.grad_checkpointing = cfg.model.grad_checkpointing
+    dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
+    loader = build_loader(cfg.data.shards, "train", plan.micro_batch, cfg.model.img_size, True, rank, world,
+                          cfg.runtime.seed, "gpu" if device.type == "cuda" else "cpu", cfg.data.backend,
+                          cfg.data.num_threads or None, dtype, verbose=is_main)
+    steps_per_epoch = len(loader) // plan.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"an epoch has {len(loader)} micro-batches per rank, fewer than grad_accum "
+                          f"{plan.grad_accum}: use a smaller batch")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+                                           config=deepspeed_config(cfg, plan, peak_lr))
+    # Mask noise gets its own generator so that resuming restores exactly the masks to come.
+    noise_gen = torch.Generator(device=device).manual_seed(cfg.runtime.seed * 1000 + rank)
+
+    state = TrainState(world_size=world)
+    if resume:
+        restored = load_checkpoint(engine, ckpt_dir, cfg.optim.gradient_clipping)
+        if restored is None:
+            print(f"rank {rank}: --resume given but {ckpt_dir} holds no complete checkpoint; starting fresh")
+        else:
+            state, rank_state = restored
+            loader.load_state_dict(rank_state["loader"])
+            noise_gen.set_state(rank_state["noise_rng"])
+            if is_main:
+                print(f"resumed from {latest_tag(ckpt_dir)}: step {state.step}, epoch {state.epoch}, "
+                      f"{state.samples} samples seen")
+
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    flops_per_image = mae_train_flops(model, cfg.model.mask_ratio)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    stop = StopRequest()
+    window = MetricWindow(device)
+    window.restart(loader.wait_s)
+    last_save = time.monotonic()
+    saved_step = state.step if resume else -1
+
+    def checkpoint() -> None:
+        nonlocal last_save, saved_step
+        rank_state = {"loader": loader.state_dict(), "noise_rng": noise_gen.get_state()}
+        tag = save_checkpoint(engine, ckpt_dir, state, rank_state, cfg.checkpoint.keep_last)
+        last_save, saved_step = time.monotonic(), state.step
+        if is_main:
+            tqdm.write(f"checkpoint {ckpt_dir / tag}")
+
+    def log(loss: float) -> None:
+        elapsed = time.perf_counter() - window.started
+        images = window.steps * plan.batch_size
+        img_per_s = images / elapsed
+        grad_norm = engine.get_global_grad_norm()
+        record = {
+            "step": state.step, "epoch": state.epoch, "samples": state.samples, "loss": loss,
+            "lr": engine.optimizer.param_groups[0]["lr"],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "img_per_s": img_per_s, "data_stall_pct": 100 * (loader.wait_s - window.wait_at_start) / elapsed,
+            "mfu": None if peak is None else flops_per_image * img_per_s / (peak * world),
+            "step_time_s": elapsed / window.steps,
+        }
+        if is_main:
+            with open(output / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(epoch=state.epoch, loss=f"{loss:.4f}", img_s=f"{img_per_s:.0f}")
+
+    bar = tqdm(total=stop_at, initial=state.step, unit="step", disable=not is_main, dynamic_ncols=True)
+    patches = model.num_patches
+    status = 0
+    while state.step < stop_at and stop.signal_name is None:
+        loader.set_epoch(state.epoch)
+        for images, _ in loader:
+            micro = loader.position - 1
+            if micro >= steps_per_epoch * plan.grad_accum:
+                break  # trailing micro-batches that cannot fill an optimizer step
+            if micro % plan.grad_accum == 0:
+                lr = lr_at(state.epoch + (micro // plan.grad_accum) / steps_per_epoch, peak_lr, cfg)
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr
+            noise = torch.rand(images.shape[0], patches, device=device, generator=noise_gen)
+            loss, _, _ = engine(images, mask_ratio=cfg.model.mask_ratio, noise=noise)
+            engine.backward(loss)
+            engine.step()
+            window.add(loss, state.step + 1)
+            if (micro + 1) % plan.grad_accum:
+                continue
+            state.step += 1
+            state.samples += plan.batch_size
+            window.steps += 1
+            bar.update(1)
+
+            due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
+            due = due or (cfg.checkpoint.every_minutes and time.monotonic() - last_save > 60 * cfg.checkpoint.every_minutes)
+            votes = torch.tensor([stop.signal_name is not None, bool(due)], dtype=torch.int32)
+            dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=control)
+            stopping, due = bool(votes[0]), bool(votes[1])
+            last = state.step >= stop_at
+            if state.step % cfg.log.log_every == 0 or due or stopping or last:
+                loss_mean, bad_step = window.reduce()
+                if bad_step is not None:
+                    if is_main:
+                        tqdm.write(f"non-finite loss at step {bad_step}: stopping. The last good checkpoint "
+                                   f"({latest_tag(ckpt_dir) or 'none written yet'}) is left intact.")
+                    status = 1
+                    break
+                log(loss_mean)
+                window.restart(loader.wait_s)
+            if due or stopping:
+                checkpoint()
+            if stopping:
+                if is_main:
+                    tqdm.write(f"stopped by {stop.signal_name or 'a signal on another rank'} after step "
+                               f"{state.step}; resume with --resume")
+                break
+            if last:
+                break
+        else:
+            state.epoch += 1
+            if state.epoch % cfg.log.viz_every == 0:
+                write_reconstruction(engine, model, cfg, device, output, state.step, is_main)
+            continue
+        if status or stopping or state.step >= stop_at:
+            break
+    bar.close()
+    if status == 0:
+        if saved_step != state.step:
+            checkpoint()
+        write_reconstruction(engine, model, cfg, device, output, state.step, is_main)
+    dist.destroy_process_group()
+    return status
+
+
+def write_reconstruction(engine: deepspeed.DeepSpeedEngine, model: MaskedAutoencoderViT, cfg: TrainConfig,
+                         device: torch.device, output: Path, step: int, is_main: bool) -> None:
+    """Every rank runs the forward (ZeRO-3 gathers weights collectively); rank 0 writes the PNG."""
+    images = fixed_images(cfg.data.shards, cfg.data.viz_split, cfg.log.viz_images, cfg.model.img_size, device)
+    noise = fixed_noise(images.shape[0], model.num_patches, device)
+    dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
+    engine.eval()
+    with torch.no_grad():
+        loss, pred, mask = engine(images.to(dtype), mask_ratio=cfg.model.mask_ratio, noise=noise)
+    engine.train()
+    if is_main:
+        path = save_reconstruction(reconstruction_grid(model, images, pred, mask), output / "viz", step)
+        with open(output / "viz" / "losses.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "loss": float(loss), "image": path.name}) + "\n")
+        tqdm.write(f"reconstruction {path} (loss {float(loss):.4f} on the fixed images)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="MAE pre-training with DeepSpeed ZeRO")
+    parser.add_argument("--config", help="preset file, or a name in configs/ (e.g. vit_h14_1600ep)")
+    parser.add_argument("--data", help="shard folder or brace pattern (sets data.shards)")
+    parser.add_argument("--output", help="output folder (sets output)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
+    parser.add_argument("--log-every", type=int, help="steps between metric reductions (sets log.log_every)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--print-config", action="store_true", help="print every config field with its doc and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.set)
+    for flag, key in ((args.data, "data.shards"), (args.output, "output"), (args.max_steps, "max_steps"),
+                      (args.log_every, "log.log_every")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.print_config:
+            print("\n".join(describe(cfg)))
+            return 0
+        if not cfg.data.shards:
+            raise ConfigError("no training data: pass --data SHARDS or set data.shards")
+        resolve_shards(cfg.data.shards, "train")
+        return train(cfg, args.resume)
+    except (ConfigError, ResumeError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The paper's reconstruction figure: original | masked | reconstruction | reconstruction + visible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kernels.masked_mse import NORM_PIX_EPS
+from model import MaskedAutoencoderViT
+from pipeline import IMAGENET_MEAN, IMAGENET_STD, build_loader
+
+MIN_CELL = 128  # small images are enlarged (nearest) so patches stay visible
+
+
+def fixed_images(shards: str, split: str, count: int, image_size: int, device: torch.device) -> torch.Tensor:
+    """The first `count` samples of `split` (or of train, if the split is absent), centre-cropped."""
+    for candidate in (split, "train"):
+        try:
+            loader = build_loader(shards, candidate, batch_size=count, image_size=image_size, train=False,
+                                  device="gpu" if device.type == "cuda" else "cpu", backend="pil", num_threads=1)
+        except FileNotFoundError:
+            continue
+        images, _ = next(iter(loader))
+        return images
+    raise FileNotFoundError(f"no {split} or train shards in {shards} for reconstruction images")
+
+
+def fixed_noise(count: int, num_patches: int, device: torch.device) -> torch.Tensor:
+    return torch.rand(count, num_patches, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def pixel_predictions(model: MaskedAutoencoderViT, images: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Predictions back in image space (undo the per-patch normalization of norm_pix_loss targets)."""
+    if model.norm_pix_loss:
+        target = model.patchify(images.float())
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred.float() * (var + NORM_PIX_EPS) ** 0.5 + mean
+    return model.unpatchify(pred.float())
+
+
+def reconstruction_grid(model: MaskedAutoencoderViT, images: torch.Tensor, pred: torch.Tensor,
+                        mask: torch.Tensor) -> Image.Image:
+    recon = pixel_predictions(model, images, pred)
+    p = model.patch_size
+    pixel_mask = model.unpatchify(mask.float().unsqueeze(-1).repeat(1, 1, p * p * model.in_chans))
+    images = images.float()
+    columns = [images, images * (1 - pixel_mask), recon, images * (1 - pixel_mask) + recon * pixel_mask]
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    rows = torch.cat([(c * std + mean).clamp(0, 1) for c in columns], dim=3)  # N, 3, H, 4W
+    grid = torch.cat(list(rows), dim=1)  # 3, N*H, 4W
+    pixels = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    picture = Image.fromarray(pixels, "RGB")
+    scale = max(1, MIN_CELL // images.shape[-1])
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture
+
+
+def save_reconstruction(picture: Image.Image, out_dir: Path, step: int) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"reconstruction_step{step:08d}.png"
+    picture.save(path)
+    return path
