@@ -19,6 +19,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+import itertools
+
 from model import PRESETS
 
 
@@ -280,7 +282,16 @@ def _field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}
-    for node, after in zip(body, body[1:], strict=False):
+    for node, after in itertools.pairwise(body):
         if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
             docs[node.target.id] = str(after.value.value)
     return docs
+
+
+def config_from_json(path: Path) -> TrainConfig:
+    """The resolved config a run saved as config.json."""
+    cfg = TrainConfig()
+    for key, value in _flatten(json.loads(Path(path).read_text())).items():
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg

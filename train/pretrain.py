@@ -230,8 +230,9 @@ def train(cfg: TrainConfig, resume: bool) -> int:
             window.steps += 1
             bar.update(1)
 
-            due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
-            due = due or (cfg.checkpoint.every_minutes and time.monotonic() - last_save > 60 * cfg.checkpoint.every_minutes)
+            every_steps, every_minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
+            due = (every_steps and state.step % every_steps == 0) or (
+                every_minutes and time.monotonic() - last_save > 60 * every_minutes)
             votes = torch.tensor([stop.signal_name is not None, bool(due)], dtype=torch.int32)
             dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=control)
             stopping, due = bool(votes[0]), bool(votes[1])

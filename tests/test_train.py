@@ -1,0 +1,186 @@
+"""Real two-rank DeepSpeed runs (CPU, gloo) of the tiny preset on real shards."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import MaskedAutoencoderViT, load_reference_checkpoint
+from pipeline.build_shards import main as build_shards
+from pipeline.sample_data import main as sample_data
+from train.config import ConfigError, OptimConfig, TrainConfig, load_config, plan_batch
+from train.export import main as export_main
+from train.pretrain import lr_at
+from train.pretrain import main as pretrain_main
+from train.viz import fixed_images, fixed_noise
+
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+METRIC_FIELDS = {"step", "epoch", "samples", "loss", "lr", "grad_norm", "img_per_s", "data_stall_pct", "mfu",
+                 "step_time_s"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    sample_data([str(root / "images"), "--classes", "4", "--train-per-class", "16", "--val-per-class", "2"])
+    for split in ("train", "val"):
+        assert build_shards([str(root / "images" / split), str(root / "shards"), "--split", split,
+                             "--shard-size-mb", "0.5", "--workers", "1", "--quiet"]) == 0
+    return root / "shards"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(shards: Path, output: Path, *extra: str, ranks: int = 2) -> subprocess.Popen:
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "train/pretrain.py",
+           "--config", "configs/tiny.toml", "--data", str(shards), "--output", str(output), *extra]
+    env = dict(os.environ, PATH=f"{DEEPSPEED.parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def run(shards: Path, output: Path, *extra: str, ranks: int = 2, expect: int = 0) -> str:
+    proc = launch(shards, output, *extra, ranks=ranks)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == expect, out[-4000:]
+    return out
+
+
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported_loss_matches_engine(shards: Path, output: Path, tmp_path: Path) -> None:
+    """The exported file reproduces the trained engine's loss on the fixed images and noise."""
+    target = tmp_path / f"{output.name}.pth"
+    assert export_main([str(output), "--to", str(target)]) == 0
+    cfg = json.loads((output / "config.json").read_text())
+    model = MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=192, depth=4, num_heads=3,
+                                 decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, norm_pix_loss=True)
+    assert str(load_reference_checkpoint(model, target, strict=True)) == "all weights loaded (encoder and decoder)"
+    images = fixed_images(str(shards), "val", cfg["log"]["viz_images"], 64, torch.device("cpu"))
+    with torch.no_grad():
+        loss, _, _ = model(images, 0.75, fixed_noise(images.shape[0], model.num_patches, torch.device("cpu")))
+    engine_loss = json.loads((output / "viz" / "losses.jsonl").read_text().splitlines()[-1])["loss"]
+    assert loss.item() == pytest.approx(engine_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_logs_checkpoints_and_exports(shards, tmp_path, stage):
+    output = tmp_path / f"zero{stage}"
+    run(shards, output, "--max-steps", "24", "--log-every", "4", "--set", f"runtime.zero_stage={stage}")
+    records = metrics(output)
+    assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
+    for r in records:
+        assert set(r) == METRIC_FIELDS
+        assert r["samples"] == 16 * r["step"] and r["img_per_s"] > 0 and 0 <= r["data_stall_pct"] <= 100
+        assert r["mfu"] is None  # no known peak on a CPU
+    # 2 ranks x 32 samples / 8 per micro-batch: 4 steps per epoch, warm-up 1 epoch, 40 epochs.
+    assert records[0]["lr"] == pytest.approx(lr_at(3 / 4, 2e-3, load_config("configs/tiny.toml")))
+    assert records[-1]["epoch"] == 5
+    assert records[-1]["loss"] < 0.85 * records[0]["loss"]
+    assert (output / "checkpoints" / "latest").read_text() == "step00000024"
+    assert list((output / "viz").glob("reconstruction_step00000024.png"))
+    exported_loss_matches_engine(shards, output, tmp_path)
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(shards, tmp_path):
+    common = ("--log-every", "1", "--set", "optim.micro_batch=4", "--set", "runtime.zero_stage=2")
+    run(shards, tmp_path / "whole", "--max-steps", "12", *common)
+    out = run(shards, tmp_path / "split", "--max-steps", "6", *common)
+    assert "grad_accum = 16 / (4 x 2 ranks) = 2" in out
+    out = run(shards, tmp_path / "split", "--max-steps", "12", "--resume", *common)
+    assert "resumed from step00000006: step 6, epoch 1" in out
+    whole = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "whole")]
+    split = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "split")]
+    assert len(whole) == 12 and split == whole
+    # A different number of ranks cannot reuse the ZeRO shards and data positions: a clear refusal.
+    out = run(shards, tmp_path / "split", "--max-steps", "14", "--resume", *common, ranks=1, expect=2)
+    assert "was written by 2 ranks but this run has 1. Resume with 2 ranks" in out
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(shards, tmp_path):
+    output = tmp_path / "preempted"
+    proc = launch(shards, output, "--max-steps", "100000", "--log-every", "1")
+    deadline = time.monotonic() + 300
+    while not ((output / "metrics.jsonl").is_file() and len(metrics(output)) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-4000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler or Ctrl-C does: every process of the job
+    out, _ = proc.communicate(timeout=300)
+    assert "stopped by SIGTERM" in out, out[-4000:]
+    tag = (output / "checkpoints" / "latest").read_text()
+    step = json.loads((output / "checkpoints" / tag / "train_state.json").read_text())["step"]
+    assert step >= 3 and metrics(output)[-1]["step"] == step
+    assert (output / "viz" / f"reconstruction_step{step:08d}.png").is_file()  # the normal ending ran
+    out = run(shards, output, "--max-steps", str(step + 2), "--resume", "--log-every", "1")
+    assert f"resumed from {tag}" in out and metrics(output)[-1]["step"] == step + 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    output = tmp_path / "diverged"
+    out = run(shards, output, "--max-steps", "20", "--log-every", "10", "--set", "optim.lr=1e30",
+              "--set", "optim.warmup_epochs=0", "--set", "checkpoint.every_steps=1", expect=1)
+    assert "non-finite loss at step 2: stopping. The last good checkpoint (step00000001) is left intact" in out
+    assert (output / "checkpoints" / "latest").read_text() == "step00000001"
+    assert not (output / "checkpoints" / "step00000002").exists()
+
+
+def test_config_errors_are_one_line_before_any_work(shards, tmp_path, capsys):
+    cases = [
+        (["--set", "optim.bogus=1"], "unknown config key 'optim.bogus'"),
+        (["--set", "optim.blr=fast"], "optim.blr: expected float, got 'fast'"),
+        (["--set", "runtime.zero_stage=5"], "runtime.zero_stage must be 0-3"),
+        (["--set", "model.name=vit_giant"], "model.name 'vit_giant' is not one of"),
+        (["--config", "configs/nope.toml"], "config preset configs/nope.toml not found"),
+        (["--data", str(tmp_path / "none")], "shard folder"),
+    ]
+    for extra, message in cases:
+        argv = ["--config", "configs/tiny.toml", "--data", str(shards), "--output", str(tmp_path / "x"), *extra]
+        assert pretrain_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_presets_follow_the_paper_recipe():
+    for name, model in (("vit_h14_1600ep", "mae_vit_huge_patch14"), ("vit_l16_1600ep", "mae_vit_large_patch16"),
+                        ("vit_b16_1600ep", "mae_vit_base_patch16")):
+        cfg = load_config(REPO / "configs" / f"{name}.toml")
+        assert cfg.model.name == model and cfg.model.norm_pix_loss and cfg.model.mask_ratio == 0.75
+        o = cfg.optim
+        assert (o.batch_size, o.blr, o.betas, o.weight_decay, o.warmup_epochs, o.epochs, o.gradient_clipping) == (
+            4096, 1.5e-4, (0.9, 0.95), 0.05, 40, 1600, 0.0)
+        assert cfg.runtime.precision == "bf16" and cfg.runtime.zero_stage == 1
+
+
+def test_batch_plan_derives_the_missing_number():
+    assert plan_batch(OptimConfig(batch_size=4096), 64).micro_batch == 64
+    plan = plan_batch(OptimConfig(batch_size=4096, micro_batch=32), 64)
+    assert (plan.grad_accum, plan.batch_size) == (2, 4096)
+    assert plan_batch(OptimConfig(batch_size=4096, grad_accum=4), 8).micro_batch == 128
+    with pytest.raises(ConfigError, match="does not split evenly over 3 ranks"):
+        plan_batch(OptimConfig(batch_size=4096), 3)
+    with pytest.raises(ConfigError, match="!= micro_batch 8 x grad_accum 2 x 4 ranks"):
+        plan_batch(OptimConfig(batch_size=100, micro_batch=8, grad_accum=2), 4)
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig()
+    peak = 1.5e-4 * 4096 / 256
+    assert lr_at(0, peak, cfg) == 0 and lr_at(20, peak, cfg) == pytest.approx(peak / 2)
+    assert lr_at(40, peak, cfg) == pytest.approx(peak)
+    assert lr_at(820, peak, cfg) == pytest.approx(peak / 2)
+    assert lr_at(1600, peak, cfg) == pytest.approx(0, abs=1e-12)

@@ -1,0 +1,69 @@
+"""Consolidate a run's newest checkpoint into one file in the reference MAE layout.
+
+    python -m train.export OUTPUT --to mae_vit_h.pth [--encoder-only]
+
+The file holds {"model": state_dict, "maeflow": {...}} with the reference parameter names, so the
+reference fine-tuning code (`checkpoint["model"]`) and timm's ViT load it. ZeRO shards are merged
+with DeepSpeed's zero_to_fp32 machinery; weights are written in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from model import build_mae
+from train.checkpoint import latest_tag
+from train.config import config_from_json
+
+DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
+def consolidated_state_dict(output: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """float32 reference-layout weights of the newest complete checkpoint, and provenance."""
+    cfg = config_from_json(output / "config.json")
+    ckpt_dir = output / "checkpoints"
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint")
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    model = build_mae(cfg.model.name, img_size=cfg.model.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+    # The sin-cos position embeddings are frozen and fixed by the config: rebuild any DeepSpeed omitted.
+    fixed = {k: v for k, v in model.state_dict().items() if k not in weights and "pos_embed" in k}
+    model.load_state_dict({**weights, **fixed}, strict=True)
+    state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    return state, {"config": asdict(cfg), "checkpoint": str(ckpt_dir / tag)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="maeflow-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("output", help="a training output folder (holds config.json and checkpoints/)")
+    parser.add_argument("--to", required=True, help="file to write")
+    parser.add_argument("--encoder-only", action="store_true", help="drop the decoder, as the released "
+                        "mae_pretrain_vit_*.pth files do")
+    args = parser.parse_args(argv)
+    try:
+        state, provenance = consolidated_state_dict(Path(args.output))
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.encoder_only:
+        state = {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES)}
+    target = Path(args.to)
+    tmp = target.with_name(target.name + ".tmp")
+    torch.save({"model": state, "maeflow": provenance}, tmp)
+    os.replace(tmp, target)
+    params = sum(v.numel() for v in state.values())
+    print(f"wrote {target}: {len(state)} tensors, {params / 1e6:.1f}M values"
+          f"{' (encoder only)' if args.encoder_only else ''} from {provenance['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
