@@ -1,0 +1,65 @@
+"""`python -m bench {shards,pipeline,kernels,model,train,all} [--quick] [--device cpu|gpu] [--out DIR]`
+measures and appends to the history; `python -m bench report` turns the history into REPORT.md."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STAGES = ["shards", "pipeline", "kernels", "model", "train"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("stage", choices=[*STAGES, "all", "report"], help="what to measure, or report")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller data (< 3 min on 2 CPUs)")
+    parser.add_argument("--device", choices=["cpu", "gpu"], help="default: gpu if CUDA is available")
+    parser.add_argument("--out", help="history folder to append to (default bench/history)")
+    parser.add_argument("--history", help="report: history folder to read (default bench/history)")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "maeflow-bench"),
+                        help="where generated bench data is cached")
+    args = parser.parse_args(argv)
+
+    if args.stage == "report":
+        from bench.harness import DEFAULT_HISTORY, REPO
+        from bench.report import write_report
+
+        report = write_report(Path(args.history or DEFAULT_HISTORY), Path(args.out or REPO / "bench"))
+        print(f"wrote {report}")
+        return 0
+
+    import torch
+
+    device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
+    if device == "gpu" and not torch.cuda.is_available():
+        parser.error("--device gpu but torch sees no CUDA device")
+    stages = STAGES if args.stage == "all" else [args.stage]
+    if device == "cpu" and "kernels" in stages:
+        # Triton kernels can only run on a CPU in the interpreter, which must be on before they are defined.
+        os.environ["TRITON_INTERPRET"] = "1"
+
+    from bench.context import BenchContext
+    from bench.harness import DEFAULT_HISTORY, History
+
+    ctx = BenchContext(device, args.quick, Path(args.work))
+    history = History(Path(args.out or DEFAULT_HISTORY), device, args.quick)
+    for stage in stages:
+        began = time.perf_counter()
+        records = importlib.import_module(f"bench.{stage}").run(ctx)
+        history.append(records)
+        for r in records:
+            base = f" vs {r.baseline.median:.4g} ({r.baseline_name}): x{r.ratio:.2f}" if r.baseline else ""
+            tag = " [interpreter]" if r.interpreter else ""
+            print(f"{r.stage:8} {r.name:45} {r.ours.median:>10.4g} {r.unit}{base}{tag}")
+        print(f"{stage}: {time.perf_counter() - began:.0f} s")
+    print(f"history: {history.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Timing and the history file every bench stage writes into.
+
+Rules (the "honesty of the numbers"): warm up before timing; on CUDA, time with events and
+synchronize around the timed region; report median, min and max over repeats; measure the baseline
+in the same process run; tag numbers from a CPU or the Triton interpreter so that the report never
+puts them in one table with GPU numbers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_HISTORY = REPO / "bench" / "history"
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A measurement over repeats, in `unit` (higher is better for every unit bench reports)."""
+
+    median: float
+    min: float
+    max: float
+    repeats: int
+
+
+def time_repeats(fn: Callable[[], Any], repeats: int, warmup: int = 1, device: str = "cpu") -> list[float]:
+    """Seconds per call of `fn`, after `warmup` untimed calls; CUDA calls are timed with events."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            seconds.append(start.elapsed_time(end) / 1000)
+        else:
+            began = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - began)
+    return seconds
+
+
+def rate(work: float, seconds: list[float]) -> Stat:
+    """Throughput `work / seconds` over the repeats (the slowest repeat is the min)."""
+    rates = [work / s for s in seconds]
+    return Stat(statistics.median(rates), min(rates), max(rates), len(rates))
+
+
+def stat_of(values: list[float]) -> Stat:
+    return Stat(statistics.median(values), min(values), max(values), len(values))
+
+
+@dataclass
+class Record:
+    """One measurement: ours against the baseline a user would otherwise run, from the same run."""
+
+    stage: str
+    name: str
+    unit: str
+    ours: Stat
+    baseline: Stat | None = None
+    baseline_name: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    interpreter: bool = False  # Triton interpreter numbers measure correctness plumbing, not speed
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        return self.ours.median / self.baseline.median if self.baseline else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ratio"] = self.ratio
+        return out
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+                            "device": device}
+    if device == "gpu":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True).stdout.strip()
+        info["gpus"] = torch.cuda.device_count()
+    info["versions"] = {p: _version(p) for p in ("torch", "triton", "nvidia-dali-cuda120", "nvidia-dali-cuda130",
+                                                 "deepspeed", "webdataset", "pillow")}
+    return info
+
+
+def device_label(device: str) -> str:
+    if device != "gpu":
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    return "gpu-" + "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+class History:
+    """`<dir>/<date>-<sha>-<device>.json`: the run's machine description and its records, appended."""
+
+    def __init__(self, folder: Path, device: str, quick: bool) -> None:
+        self.device = device
+        sha = _git("rev-parse", "--short", "HEAD") or "nogit"
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+        date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+        self.path = Path(folder) / f"{date}-{sha}{'-dirty' if dirty else ''}-{device_label(device)}.json"
+        self.meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_sha": sha,
+                     "dirty": dirty, "quick": quick, "machine": machine_info(device)}
+
+    def append(self, records: list[Record]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.loads(self.path.read_text()) if self.path.is_file() else {"runs": []}
+        payload["runs"].append({**self.meta, "records": [r.to_json() for r in records]})
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+def load_history(folder: Path) -> list[dict[str, Any]]:
+    """Every run in every history file of `folder`, oldest first."""
+    runs = []
+    for path in sorted(Path(folder).glob("*.json")):
+        for run in json.loads(path.read_text())["runs"]:
+            runs.append({**run, "file": path.name})
+    return sorted(runs, key=lambda r: r["date"])

@@ -1,0 +1,118 @@
+"""Each fused kernel against eager torch (the reference formulation) and torch.compile of it.
+
+Forward + backward time, reported as effective GB/s over the fewest bytes the op must move (each
+input read once, each output written once; the loss reads only the removed patches). On a GPU the
+gathers are also compared with a device-to-device copy, their ceiling. On a CPU the Triton kernels
+run in the interpreter: those numbers check the harness, not the speed, and are tagged so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bench.context import BenchContext
+from bench.harness import Record, rate, time_repeats
+from kernels import (
+    decoder_tokens,
+    decoder_tokens_reference,
+    masked_patch_mse,
+    masked_patch_mse_reference,
+    visible_tokens,
+    visible_tokens_reference,
+)
+from kernels.dispatch import interpreter_enabled
+from model import random_masking
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    n: int
+    length: int
+    keep: int
+    width: int
+    dec_width: int
+    patch: int
+
+
+GPU_SHAPES = [Shape("vit_b16", 256, 196, 49, 768, 512, 16), Shape("vit_h14", 128, 256, 64, 1280, 512, 14)]
+CPU_SHAPES = [Shape("tiny_interpreter", 4, 16, 4, 64, 32, 8)]
+
+
+def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], extra: tuple) -> Callable[[], None]:
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    out = fn(*leaves, *extra)
+    grad_out = torch.randn_like(out)
+
+    def step() -> None:
+        result = fn(*leaves, *extra)
+        torch.autograd.grad(result, leaves, grad_out)
+
+    return step
+
+
+def cases(shape: Shape, device: str, dtype: torch.dtype):
+    """(kernel name, ours, reference, inputs, extra args, bytes moved by forward + backward)."""
+    n, length, keep, d, dd, p = shape.n, shape.length, shape.keep, shape.width, shape.dec_width, shape.patch
+    size = 2 if dtype != torch.float32 else 4
+    noise = torch.rand(n, length, device=device)
+    ids_keep, ids_restore, mask = random_masking(noise, 1 - (keep + 0.5) / length)
+    x, pos, cls = (torch.randn(n, length, d, device=device, dtype=dtype),
+                   torch.randn(1, length + 1, d, device=device), torch.randn(1, 1, d, device=device))
+    gather_bytes = size * (n * keep * d + n * (keep + 1) * d) + size * (n * (keep + 1) * d + n * length * d)
+    yield ("visible_tokens", visible_tokens, lambda *a: visible_tokens_reference(*a[:4]), [x, pos, cls],
+           (ids_keep, ids_restore), gather_bytes)
+    y, token, dpos = (torch.randn(n, keep + 1, dd, device=device, dtype=dtype), torch.randn(1, 1, dd, device=device),
+                      torch.randn(1, length + 1, dd, device=device))
+    unshuffle_bytes = 2 * size * (n * (keep + 1) * dd + n * (length + 1) * dd)
+    yield ("decoder_tokens", lambda a, t, q, ids: decoder_tokens(a, t, ids, q),
+           lambda a, t, q, ids: decoder_tokens_reference(a, t, ids, q), [y, token, dpos], (ids_restore,),
+           unshuffle_bytes)
+    side = int(length**0.5) * p
+    imgs = torch.randn(n, 3, side, side, device=device)
+    pred = torch.randn(n, length, p * p * 3, device=device, dtype=dtype)
+    removed = int(mask.sum().item())
+    loss_bytes = 2 * removed * p * p * 3 * (4 + size) + n * length * p * p * 3 * size
+    yield ("masked_patch_mse", lambda q, i, m: masked_patch_mse(i, q, m, p, True),
+           lambda q, i, m: masked_patch_mse_reference(i, q, m, p, True), [pred], (imgs, mask), loss_bytes)
+
+
+def copy_bandwidth(device: str, repeats: int) -> Record:
+    src = torch.empty(2**29, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_repeats(lambda: dst.copy_(src), repeats, warmup=3, device="cuda")
+    return Record("kernels", "device_to_device_copy", "GB/s", rate(2 * src.numel() / 1e9, seconds),
+                  config={"bytes": src.numel()})
+
+
+def run(ctx: BenchContext) -> list[Record]:
+    gpu = ctx.device == "gpu"
+    if not gpu and not interpreter_enabled():
+        raise RuntimeError("the CPU kernel bench needs TRITON_INTERPRET=1 before kernels are imported")
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    repeats = (20 if ctx.quick else 100) if gpu else 3
+    with_compile = gpu or not ctx.quick
+    records = [copy_bandwidth(device, repeats)] if gpu else []
+    for shape in GPU_SHAPES if gpu else CPU_SHAPES:
+        for name, ours, reference, inputs, extra, nbytes in cases(shape, device, dtype):
+            gigabytes = nbytes / 1e9
+            timed = {"ours": ours, "eager": reference}
+            if with_compile:
+                timed["compiled"] = torch.compile(reference, dynamic=False)
+            results = {
+                label: rate(gigabytes, time_repeats(fwd_bwd(fn, inputs, extra), repeats, warmup=3,
+                                                    device="cuda" if gpu else "cpu"))
+                for label, fn in timed.items()
+            }
+            config = {"shape": shape.__dict__, "dtype": str(dtype).removeprefix("torch."), "bytes": nbytes,
+                      "pass": "forward+backward"}
+            extra_info = {"compiled_gb_per_s": results["compiled"].median} if with_compile else {}
+            if with_compile:
+                extra_info["ratio_vs_compiled"] = results["ours"].median / results["compiled"].median
+            records.append(Record("kernels", f"{name}.{shape.name}", "GB/s", results["ours"], results["eager"],
+                                  "eager torch (reference formulation)", config, interpreter=not gpu,
+                                  extra=extra_info))
+    return records

@@ -1,0 +1,80 @@
+"""Model step time: MAE's encoder on visible tokens vs with mask tokens (the paper's Table 2), and
+maeflow's forward+backward (fused kernels, SDPA) vs the reference formulation (repeat-gather,
+unfused loss, eager math attention), as images/s."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench.context import BenchContext
+from bench.harness import Record, rate, time_repeats
+from model import MaskedAutoencoderViT, build_mae, random_masking
+
+
+@contextlib.contextmanager
+def kernels_backend(choice: str) -> Iterator[None]:
+    previous = os.environ.get("MAE_KERNELS")
+    os.environ["MAE_KERNELS"] = choice
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MAE_KERNELS")
+        else:
+            os.environ["MAE_KERNELS"] = previous
+
+
+def encoder_step(model: MaskedAutoencoderViT, imgs: torch.Tensor, with_mask_tokens: bool):
+    """Forward+backward of patch embedding + encoder, on 1+K visible tokens or on all 1+L."""
+    def step() -> None:
+        x = model.patch_embed(imgs) + model.pos_embed[:, 1:]
+        if not with_mask_tokens:
+            ids_keep, _, _ = random_masking(torch.rand(x.shape[0], x.shape[1], device=x.device), 0.75)
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+        for block in model.blocks:
+            x = block(x)
+        model.norm(x).float().pow(2).mean().backward()
+    return step
+
+
+def mae_step(model: MaskedAutoencoderViT, imgs: torch.Tensor):
+    def step() -> None:
+        loss, _, _ = model(imgs, 0.75)
+        loss.backward()
+    return step
+
+
+def run(ctx: BenchContext) -> list[Record]:
+    gpu = ctx.device == "gpu"
+    setups = [("mae_vit_base_patch16", 224, 128), ("mae_vit_huge_patch14", 224, 32)] if gpu else \
+        [("mae_vit_tiny_patch16", 64, 16)]
+    repeats = (10 if ctx.quick else 30) if gpu else 3
+    device = ctx.torch_device
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=gpu)
+    records = []
+    for name, size, batch in setups:
+        model = build_mae(name, img_size=size, norm_pix_loss=True).to(device)
+        imgs = torch.randn(batch, 3, size, size, device=device)
+        config = {"model": name, "img_size": size, "batch": batch, "precision": "bf16 autocast" if gpu else "fp32"}
+        timing = "cuda" if gpu else "cpu"
+        with autocast:
+            visible = time_repeats(encoder_step(model, imgs, False), repeats, warmup=2, device=timing)
+            full = time_repeats(encoder_step(model, imgs, True), repeats, warmup=2, device=timing)
+            # On a CPU without the interpreter, "auto" already means the torch references.
+            with kernels_backend("auto" if gpu else "torch"):
+                ours = time_repeats(mae_step(model, imgs), repeats, warmup=2, device=timing)
+            with kernels_backend("torch"), sdpa_kernel(SDPBackend.MATH):
+                reference = time_repeats(mae_step(model, imgs), repeats, warmup=2, device=timing)
+        records.append(Record("model", f"encoder_visible_vs_mask_tokens.{name}", "img/s", rate(batch, visible),
+                              rate(batch, full), "encoder with mask tokens (all patches)", config))
+        records.append(Record("model", f"mae_step.{name}", "img/s", rate(batch, ours), rate(batch, reference),
+                              "reference formulation (repeat-gather, unfused loss, math attention)",
+                              {**config, "kernels": "triton" if gpu else "torch"}))
+        del model
+    return records

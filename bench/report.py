@@ -1,0 +1,170 @@
+"""bench/REPORT.md and PNG plots from the history: ours vs baseline per stage, projected epoch times.
+
+Numbers from different devices never share a table: each device (a CPU, each GPU model) gets its
+own section, and Triton-interpreter numbers are marked as such.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from bench.harness import load_history
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+EPOCHS = 1600
+GPU_COUNTS = (8, 64)
+SCALING = ("Projected times assume throughput scales linearly with the number of GPUs (data parallel, "
+           "gradient all-reduce overlapped with backward, every rank fed by its own DALI pipeline); "
+           "multi-node runs will fall short of this by their communication overhead.")
+
+
+def _device_of(run: dict[str, Any]) -> str:
+    machine = run["machine"]
+    return machine.get("gpu") or f"CPU: {machine['cpu']} ({machine['cores']} cores)"
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}g}" if abs(value) < 1e5 else f"{value:,.0f}"
+
+
+def _hours(h: float) -> str:
+    if h < 1:
+        return f"{h * 60:,.1f} min"
+    return f"{h:,.1f} h" if h < 48 else f"{h / 24:,.1f} d"
+
+
+def latest_records(runs: list[dict]) -> dict[tuple[str, str], tuple[dict, dict]]:
+    """(stage, name) -> (record, run) of the newest run that measured it."""
+    latest = {}
+    for run in runs:
+        for record in run["records"]:
+            latest[(record["stage"], record["name"])] = (record, run)
+    return latest
+
+
+def stage_tables(latest: dict) -> list[str]:
+    lines = []
+    by_stage = defaultdict(list)
+    for (stage, _), pair in sorted(latest.items()):
+        by_stage[stage].append(pair)
+    for stage, pairs in by_stage.items():
+        lines += [f"#### {stage}", "", "| measurement | ours | baseline | ours / baseline | commit |",
+                  "|---|---|---|---|---|"]
+        for record, run in pairs:
+            unit = record["unit"]
+            base = record["baseline"]
+            baseline = f"{_fmt(base['median'])} {unit} ({record['baseline_name']})" if base else "–"
+            ratio = f"**×{record['ratio']:.2f}**" if record["ratio"] else "–"
+            note = " (Triton interpreter: not a speed)" if record["interpreter"] else ""
+            spread = f" [{_fmt(record['ours']['min'])}–{_fmt(record['ours']['max'])}]"
+            lines.append(f"| {record['name']}{note} | {_fmt(record['ours']['median'])} {unit}{spread} | {baseline} | "
+                         f"{ratio} | {run['git_sha']} |")
+        lines.append("")
+    return lines
+
+
+def epoch_table(latest: dict) -> list[str]:
+    train = [(r, run) for (stage, _), (r, run) in sorted(latest.items()) if stage == "train"]
+    if not train:
+        return []
+    head = "| config | img/s per device | data stall | MFU | epoch, 1 device | " + " | ".join(
+        f"epoch, {n} devices | {EPOCHS} epochs, {n} devices" for n in GPU_COUNTS) + " | reference-style epoch | " \
+        "epoch speedup |"
+    lines = ["#### projected ImageNet-1k epoch time", "", SCALING, "", head, "|" + "---|" * (head.count("|") - 1)]
+    for record, _run in train:
+        per_gpu = record["ours"]["median"]
+        hours = IMAGENET_TRAIN_IMAGES / per_gpu / 3600
+        base_hours = IMAGENET_TRAIN_IMAGES / record["baseline"]["median"] / 3600
+        extra = record["extra"]
+        mfu = f"{100 * extra['mfu']:.1f}%" if extra.get("mfu") is not None else "–"
+        cells = [record["config"]["config"], _fmt(per_gpu), f"{extra['data_stall_pct']:.1f}%", mfu, _hours(hours)]
+        for n in GPU_COUNTS:
+            cells += [_hours(hours / n), _hours(hours * EPOCHS / n)]
+        cells += [_hours(base_hours), f"**×{base_hours / hours:.2f}**"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def history_table(runs: list[dict]) -> list[str]:
+    rows = []
+    for run in runs:
+        for record in run["records"]:
+            if record["stage"] == "train":
+                hours = IMAGENET_TRAIN_IMAGES / record["ours"]["median"] / 3600
+                rows.append(f"| {run['date'][:16]} | {run['git_sha']} | {record['name']} | "
+                            f"{_fmt(record['ours']['median'])} | {_hours(hours)} | ×{record['ratio']:.2f} |")
+    if not rows:
+        return []
+    return ["#### training throughput across commits", "",
+            "| date | commit | measurement | img/s per device | epoch, 1 device | vs reference-style |",
+            "|---|---|---|---|---|---|", *rows, ""]
+
+
+def plot_epoch_hours(runs: list[dict], path: Path, title: str) -> Path | None:
+    """Projected one-device epoch hours per commit, one line per training config."""
+    series: dict[str, list[float]] = defaultdict(list)
+    commits: list[str] = []
+    for run in runs:
+        train = [r for r in run["records"] if r["stage"] == "train"]
+        if not train:
+            continue
+        commits.append(run["git_sha"])
+        for record in train:
+            series[record["name"]].append(IMAGENET_TRAIN_IMAGES / record["ours"]["median"] / 3600)
+    if not commits:
+        return None
+    width, height, margin = 720, 360, 60
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    top = max(v for values in series.values() for v in values) * 1.1
+    draw.rectangle([margin, 30, width - 20, height - margin], outline="black")
+    draw.text((margin, 8), f"{title}: projected ImageNet epoch hours on 1 device (lower is better)", fill="black")
+    for i in range(5):
+        y = height - margin - i * (height - margin - 30) / 4
+        draw.text((4, y - 6), f"{top * i / 4:.3g}", fill="black")
+    step = (width - margin - 40) / max(1, len(commits) - 1)
+    for i, sha in enumerate(commits):
+        draw.text((margin + i * step - 12, height - margin + 6), sha[:7], fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    for (name, values), colour in zip(series.items(), colours * 4, strict=False):
+        points = [(margin + i * step, height - margin - v / top * (height - margin - 30))
+                  for i, v in enumerate(values)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        label_x = min(max(points[-1][0] + 6, margin + 4), width - 180)
+        draw.text((label_x, points[-1][1] - 16), name, fill=colour)
+    img.save(path)
+    return path
+
+
+def write_report(history: Path, out: Path) -> Path:
+    runs = load_history(history)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# maeflow benchmark report", "",
+             f"Generated by `python -m bench report` from {len(runs)} runs in `{history}`. Every ratio compares "
+             "numbers measured in the same run on the same machine; medians over repeats, [min–max] beside them.",
+             ""]
+    by_device = defaultdict(list)
+    for run in runs:
+        by_device[_device_of(run)].append(run)
+    for number, (device, device_runs) in enumerate(sorted(by_device.items())):
+        latest = latest_records(device_runs)
+        lines += [f"## {device}", ""]
+        if "CPU" in device:
+            lines += ["CPU numbers: the tiny preset and small shapes, for tracking changes on the development "
+                      "machine. They say nothing about GPU speed and are never compared with GPU numbers.", ""]
+        lines += stage_tables(latest) + epoch_table(latest) + history_table(device_runs)
+        plot = plot_epoch_hours(device_runs, out / f"epoch_hours_{number}.png", device)
+        if plot:
+            lines += [f"![epoch hours across commits on {device}]({plot.name})", ""]
+    report = out / "REPORT.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

@@ -1,0 +1,69 @@
+"""End-to-end training throughput with the real trainer (`deepspeed train/pretrain.py`, one rank):
+maeflow (DALI, fused kernels) against the reference-style setup (PIL DataLoader, torch reference
+ops) with the same model, precision and batch. Their ratio is the epoch speedup."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.context import BenchContext
+from bench.harness import REPO, Record, stat_of
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def trainer_run(config: str, shards: Path, steps: int, log_every: int, overrides: list[str],
+                env: dict[str, str]) -> list[dict]:
+    """Metrics records of one single-rank training run, the first (warm-up) window dropped."""
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    with tempfile.TemporaryDirectory(prefix="maeflow-bench-train-") as out:
+        cmd = [str(deepspeed), "--num_gpus", "1", "train/pretrain.py", "--config", config, "--data", str(shards),
+               "--output", out, "--max-steps", str(steps), "--log-every", str(log_every),
+               "--set", "checkpoint.every_minutes=0", "--set", "log.viz_every=1000000", *overrides]
+        run_env = dict(os.environ, PATH=f"{deepspeed.parent}:{os.environ['PATH']}", **env)
+        proc = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"training run failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return records[1:]
+
+
+def summarize(records: list[dict]) -> tuple:
+    mfu = [r["mfu"] for r in records if r["mfu"] is not None]
+    return (stat_of([r["img_per_s"] for r in records]), statistics.median(r["data_stall_pct"] for r in records),
+            statistics.median(mfu) if mfu else None)
+
+
+def run(ctx: BenchContext) -> list[Record]:
+    if ctx.device == "gpu":
+        shards = ctx.shards_of(ctx.imagenet_like_tree(1024 if ctx.quick else 4096), workers=os.cpu_count() or 1)
+        setups = [("configs/vit_b16_1600ep.toml", 256), ("configs/vit_h14_1600ep.toml", 64)]
+        steps, log_every = (30, 5) if ctx.quick else (100, 10)
+    else:
+        shards = ctx.shards_of(ctx.sample_tree())
+        setups = [("configs/tiny.toml", 16)]
+        steps, log_every = (25, 5) if ctx.quick else (60, 10)
+    records = []
+    for config, batch in setups:
+        common = ["--set", f"optim.batch_size={batch}", "--set", f"optim.micro_batch={batch}"]
+        ours = trainer_run(config, shards, steps, log_every, [*common, "--set", "data.backend=dali"], {})
+        base = trainer_run(config, shards, steps, log_every, [*common, "--set", "data.backend=pil"],
+                           {"MAE_KERNELS": "torch"})
+        (ours_rate, ours_stall, ours_mfu), (base_rate, base_stall, base_mfu) = summarize(ours), summarize(base)
+        name = Path(config).stem
+        records.append(Record(
+            "train", f"images_per_s.{name}", "img/s", ours_rate, base_rate,
+            "reference-style: PIL DataLoader + torch reference ops",
+            {"config": config, "micro_batch": batch, "ranks": 1, "steps": steps, "log_every": log_every},
+            extra={"data_stall_pct": ours_stall, "mfu": ours_mfu, "baseline_data_stall_pct": base_stall,
+                   "baseline_mfu": base_mfu,
+                   "epoch_hours_one_gpu": IMAGENET_TRAIN_IMAGES / ours_rate.median / 3600,
+                   "baseline_epoch_hours_one_gpu": IMAGENET_TRAIN_IMAGES / base_rate.median / 3600},
+        ))
+    return records
