@@ -20,12 +20,10 @@ def epoch_rate(shards: Path, backend: str, ctx: BenchContext, threads: int, batc
     def one_epoch() -> None:
         loader.set_epoch(state["epoch"])
         state["epoch"] += 1
-        last = None
-        for last, _ in loader:
-            pass
+        batches = sum(1 for _ in loader)
         if ctx.device == "gpu":
             torch.cuda.synchronize()
-        assert last is not None
+        assert batches == len(loader)
 
     return rate(len(loader) * batch, time_repeats(one_epoch, repeats, warmup=1))
 
