@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import token_tiles, use_triton
+from kernels.dispatch import use_triton
+from kernels.tiling import token_tile, token_tiles
 
 
 @triton.jit
@@ -23,11 +24,8 @@ def _decoder_tokens_fwd(
     x_ptr, mask_token_ptr, ids_restore_ptr, pos_ptr, out_ptr, L, K, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # output rows, 0 = cls
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < L + 1
-    tile_ok = row_ok[:, None] & (cols < D)[None, :]
+    n, rows, cols, row_ok, col_ok = token_tile(L + 1, D, BLOCK_T, BLOCK_D)  # output rows, 0 = cls
+    tile_ok = row_ok[:, None] & col_ok[None, :]
     slot = tl.load(ids_restore_ptr + n * L + rows - 1, mask=row_ok & (rows > 0), other=-1).to(tl.int64)
     visible = slot < K  # the cls row (slot -1) reads x[n, 0]
     x = tl.load(x_ptr + (n * (K + 1) + 1 + slot)[:, None] * D + cols[None, :],
@@ -43,12 +41,7 @@ def _decoder_tokens_bwd(
     grad_out_ptr, ids_restore_ptr, grad_x_ptr, grad_token_partial_ptr, L, K, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
-    rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < L + 1
-    col_ok = cols < D
+    n, rows, cols, row_ok, col_ok = token_tile(L + 1, D, BLOCK_T, BLOCK_D)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     slot = tl.load(ids_restore_ptr + n * L + rows - 1, mask=row_ok & (rows > 0), other=-1).to(tl.int64)
     visible = slot < K
@@ -56,8 +49,8 @@ def _decoder_tokens_bwd(
     tl.store(grad_x_ptr + (n * (K + 1) + 1 + slot)[:, None] * D + cols[None, :], grad,
              mask=tile_ok & visible[:, None])
     token_grad = tl.sum(tl.where(visible[:, None], 0.0, grad.to(tl.float32)), axis=0)
-    num_tiles = tl.num_programs(1)
-    tl.store(grad_token_partial_ptr + (n * num_tiles + tile) * D + cols, token_grad, mask=col_ok)
+    partial_row = n * tl.num_programs(1) + tl.program_id(1)
+    tl.store(grad_token_partial_ptr + partial_row * D + cols, token_grad, mask=col_ok)
 
 
 class DecoderTokens(torch.autograd.Function):

@@ -50,8 +50,3 @@ def _why_not_runnable(tensors: tuple[torch.Tensor, ...]) -> str | None:
         return f"dtype {', '.join(bad)} is not supported {where}"
     return None
 
-
-def token_tiles(width: int) -> tuple[int, int]:
-    """(rows, columns) of one program's tile for the token-copy kernels: ~4K elements per program."""
-    block_d = min(max(16, 1 << (width - 1).bit_length()), 512)
-    return max(1, min(64, 4096 // block_d)), block_d

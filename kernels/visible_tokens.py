@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import token_tiles, use_triton
+from kernels.dispatch import use_triton
+from kernels.tiling import token_tile, token_tiles
 
 
 @triton.jit
@@ -23,12 +24,9 @@ def _visible_tokens_fwd(
     x_ptr, pos_ptr, cls_ptr, ids_keep_ptr, out_ptr, L, K, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # output rows, 0 = cls
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < K + 1
+    n, rows, cols, row_ok, col_ok = token_tile(K + 1, D, BLOCK_T, BLOCK_D)  # output rows, 0 = cls
     is_patch = rows > 0
-    tile_ok = row_ok[:, None] & (cols < D)[None, :]
+    tile_ok = row_ok[:, None] & col_ok[None, :]
     patch = tl.load(ids_keep_ptr + n * K + rows - 1, mask=row_ok & is_patch, other=0).to(tl.int64)
     x = tl.load(x_ptr + (n * L + patch)[:, None] * D + cols[None, :],
                 mask=tile_ok & is_patch[:, None], other=0.0)
@@ -44,11 +42,9 @@ def _visible_tokens_bwd(
     grad_out_ptr, ids_restore_ptr, grad_x_ptr, L, K, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    patches = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    tile_ok = (patches < L)[:, None] & (cols < D)[None, :]
-    slot = tl.load(ids_restore_ptr + n * L + patches, mask=patches < L, other=K).to(tl.int64)
+    n, patches, cols, patch_ok, col_ok = token_tile(L, D, BLOCK_T, BLOCK_D)
+    tile_ok = patch_ok[:, None] & col_ok[None, :]
+    slot = tl.load(ids_restore_ptr + n * L + patches, mask=patch_ok, other=K).to(tl.int64)
     kept = slot < K
     grad = tl.load(grad_out_ptr + (n * (K + 1) + 1 + slot)[:, None] * D + cols[None, :],
                    mask=tile_ok & kept[:, None], other=0.0)

@@ -46,10 +46,7 @@ class LoaderSpec:
     device: str  # "gpu" or "cpu", resolved
     num_threads: int
     dtype: torch.dtype
-
-    @property
-    def num_samples(self) -> int:
-        return sum(shard_sample_counts(self.shards))
+    num_samples: int  # in the whole split, all shards together
 
     def block(self, epoch: int) -> tuple[int, int]:
         """[start, end) of the global sample order this rank reads in `epoch` (DALI's sharding rule)."""
@@ -201,8 +198,9 @@ def build_loader(
         backend = "pil"
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads = num_threads or max(1, (os.cpu_count() or 1) // local_ranks)
-    spec = LoaderSpec(resolve_shards(shards, split), split, batch_size, image_size, train, rank, world_size, seed,
-                      _resolve_device(device), threads, dtype)
+    shard_set = resolve_shards(shards, split)
+    spec = LoaderSpec(shard_set, split, batch_size, image_size, train, rank, world_size, seed,
+                      _resolve_device(device), threads, dtype, sum(shard_sample_counts(shard_set)))
     if spec.num_samples == 0:
         raise ValueError(f"{shards}: the {split} shards hold no samples")
     start, end = spec.block(0)

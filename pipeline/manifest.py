@@ -53,10 +53,6 @@ class ShardSet:
     indexes: list[Path]
     manifest: Manifest | None
 
-    @property
-    def samples(self) -> int | None:
-        return self.manifest.samples if self.manifest else None
-
 
 def resolve_shards(shards: str | Path, split: str = "train") -> ShardSet:
     """A shard folder (read `<split>.json`) or a brace pattern such as `out/train-{000000..000009}.tar`."""
