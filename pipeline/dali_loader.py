@@ -29,7 +29,10 @@ HW_DECODER_LOAD = 0.65
 DEVICE_MEMORY_PADDING = 211_025_920
 HOST_MEMORY_PADDING = 140_544_512
 PREFETCH_QUEUE_DEPTH = 2
-SHUFFLE_BUFFER = 4096
+# Shards are shuffled globally when built, so a small buffer suffices; it is filled at every epoch
+# start, because each epoch gets a fresh pipeline: a pipeline kept across epochs carries samples of
+# one rank's block into the next epoch, where another rank reads that block.
+SHUFFLE_BUFFER = 1024
 _DAMAGED_HINT = "the shards are damaged: find the bad shard with `python -m pipeline.build_shards --verify DIR`"
 
 

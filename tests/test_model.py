@@ -166,3 +166,17 @@ def test_reference_checkpoints_load(tmp_path):
         load_reference_checkpoint(small_model(), encoder_only, strict=True)
     with pytest.raises(ValueError, match=r"pos_embed: checkpoint \[1, 17, 32\] vs model \[1, 37, 32\]"):
         load_reference_checkpoint(small_model(img_size=(32, 72)), full)
+
+
+def test_activation_checkpointing_changes_memory_not_results():
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    results = []
+    for recompute in (False, True):
+        model = small_model()
+        model.grad_checkpointing = recompute
+        loss, _, _ = model(imgs, noise=noise)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b)

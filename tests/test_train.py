@@ -77,10 +77,11 @@ def exported_loss_matches_engine(shards: Path, output: Path, tmp_path: Path) -> 
     assert loss.item() == pytest.approx(engine_loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_logs_checkpoints_and_exports(shards, tmp_path, stage):
+@pytest.mark.parametrize("stage, recompute", [(1, False), (2, False), (3, True)])
+def test_zero_stage_trains_logs_checkpoints_and_exports(shards, tmp_path, stage, recompute):
     output = tmp_path / f"zero{stage}"
-    run(shards, output, "--max-steps", "24", "--log-every", "4", "--set", f"runtime.zero_stage={stage}")
+    run(shards, output, "--max-steps", "24", "--log-every", "4", "--set", f"runtime.zero_stage={stage}",
+        "--set", f"model.grad_checkpointing={recompute}")
     records = metrics(output)
     assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
     for r in records:
