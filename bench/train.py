@@ -26,7 +26,9 @@ def trainer_run(config: str, shards: Path, steps: int, log_every: int, overrides
         cmd = [str(deepspeed), "--num_gpus", "1", "train/pretrain.py", "--config", config, "--data", str(shards),
                "--output", out, "--max-steps", str(steps), "--log-every", str(log_every),
                "--set", "checkpoint.every_minutes=0", "--set", "log.viz_every=1000000", *overrides]
-        run_env = dict(os.environ, PATH=f"{deepspeed.parent}:{os.environ['PATH']}", **env)
+        # The CPU kernel stage turns the Triton interpreter on for this process; training must not inherit it.
+        inherited = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        run_env = {**inherited, "PATH": f"{deepspeed.parent}:{os.environ['PATH']}", **env}
         proc = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"training run failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
