@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import MaskedAutoencoderViT, build_mae
+from model import build_mae
 from model.flops import mae_train_flops, peak_flops
 from pipeline import build_loader
 from pipeline.manifest import resolve_shards
@@ -118,175 +118,195 @@ class MetricWindow:
         self.wait_at_start = loader_wait_s
 
 
-def train(cfg: TrainConfig, resume: bool) -> int:
-    deepspeed.utils.logger.setLevel(logging.WARNING)
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    is_main = rank == 0
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    control = dist.new_group(backend="gloo")  # CPU side-channel for stop/checkpoint votes: no GPU sync
-    output = Path(cfg.output)
-    ckpt_dir = output / "checkpoints"
+class Trainer:
+    """One run: set-up, the epoch loop, logging, checkpoints. Every rank builds one."""
 
-    plan = plan_batch(cfg.optim, world)
-    peak_lr = cfg.optim.lr or cfg.optim.blr * plan.batch_size / 256
-    if is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        print("\n".join(["resolved config:", *("  " + line for line in describe(cfg))]))
-        print(f"batch: {plan.batch_size} = {plan.micro_batch} micro x {plan.grad_accum} accum x {world} ranks "
-              f"({plan.note}); peak lr {peak_lr:.3g}")
-        (output / "config.json").write_text(cfg.to_json())
+    def __init__(self, cfg: TrainConfig, resume: bool) -> None:
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        deepspeed.init_distributed()
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.control = dist.new_group(backend="gloo")  # CPU side-channel for stop/checkpoint votes: no GPU sync
+        self.output = Path(cfg.output)
+        self.ckpt_dir = self.output / "checkpoints"
+        self.plan = plan_batch(cfg.optim, self.world)
+        self.peak_lr = cfg.optim.lr or cfg.optim.blr * self.plan.batch_size / 256
+        self.dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
+        self._announce()
 
-    torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
-    model = build_mae(cfg.model.name, img_size=cfg.model.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
-    model.grad_checkpointing = cfg.model.grad_checkpointing
-    dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
-    loader = build_loader(cfg.data.shards, "train", plan.micro_batch, cfg.model.img_size, True, rank, world,
-                          cfg.runtime.seed, "gpu" if device.type == "cuda" else "cpu", cfg.data.backend,
-                          cfg.data.num_threads or None, dtype, verbose=is_main)
-    steps_per_epoch = len(loader) // plan.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"an epoch has {len(loader)} micro-batches per rank, fewer than grad_accum "
-                          f"{plan.grad_accum}: use a smaller batch")
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-                                           config=deepspeed_config(cfg, plan, peak_lr))
-    # Mask noise gets its own generator so that resuming restores exactly the masks to come.
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.runtime.seed * 1000 + rank)
+        torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
+        self.model = build_mae(cfg.model.name, img_size=cfg.model.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+        self.model.grad_checkpointing = cfg.model.grad_checkpointing
+        self.loader = build_loader(cfg.data.shards, "train", self.plan.micro_batch, cfg.model.img_size, True,
+                                   self.rank, self.world, cfg.runtime.seed, "gpu" if self.device.type == "cuda"
+                                   else "cpu", cfg.data.backend, cfg.data.num_threads or None, self.dtype,
+                                   verbose=self.is_main)
+        self.steps_per_epoch = len(self.loader) // self.plan.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"an epoch has {len(self.loader)} micro-batches per rank, fewer than grad_accum "
+                              f"{self.plan.grad_accum}: use a smaller batch")
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, model_parameters=param_groups(self.model, cfg.optim.weight_decay),
+            config=deepspeed_config(cfg, self.plan, self.peak_lr))
+        # Mask noise has its own generator so that resuming restores exactly the masks to come.
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.runtime.seed * 1000 + self.rank)
+        self.state = TrainState(world_size=self.world)
+        self.saved_step = -1
+        if resume:
+            self._resume()
 
-    state = TrainState(world_size=world)
-    if resume:
-        restored = load_checkpoint(engine, ckpt_dir, cfg.optim.gradient_clipping)
+        total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self.stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+        self.flops_per_image = mae_train_flops(self.model, cfg.model.mask_ratio)
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        self.stop = StopRequest()
+        self.window = MetricWindow(self.device)
+        self.last_save = time.monotonic()
+        self.bar = tqdm(total=self.stop_at, initial=self.state.step, unit="step", disable=not self.is_main,
+                        dynamic_ncols=True)
+
+    def _announce(self) -> None:
+        if not self.is_main:
+            return
+        self.output.mkdir(parents=True, exist_ok=True)
+        print("\n".join(["resolved config:", *("  " + line for line in describe(self.cfg))]))
+        plan = self.plan
+        print(f"batch: {plan.batch_size} = {plan.micro_batch} micro x {plan.grad_accum} accum x {self.world} ranks "
+              f"({plan.note}); peak lr {self.peak_lr:.3g}")
+        (self.output / "config.json").write_text(self.cfg.to_json())
+
+    def _resume(self) -> None:
+        restored = load_checkpoint(self.engine, self.ckpt_dir, self.cfg.optim.gradient_clipping)
         if restored is None:
-            print(f"rank {rank}: --resume given but {ckpt_dir} holds no complete checkpoint; starting fresh")
-        else:
-            state, rank_state = restored
-            loader.load_state_dict(rank_state["loader"])
-            noise_gen.set_state(rank_state["noise_rng"])
-            if is_main:
-                print(f"resumed from {latest_tag(ckpt_dir)}: step {state.step}, epoch {state.epoch}, "
-                      f"{state.samples} samples seen")
+            print(f"rank {self.rank}: --resume given but {self.ckpt_dir} holds no complete checkpoint; starting fresh")
+            return
+        self.state, rank_state = restored
+        self.saved_step = self.state.step
+        self.loader.load_state_dict(rank_state["loader"])
+        self.noise_gen.set_state(rank_state["noise_rng"])
+        if self.is_main:
+            print(f"resumed from {latest_tag(self.ckpt_dir)}: step {self.state.step}, epoch {self.state.epoch}, "
+                  f"{self.state.samples} samples seen")
 
-    total_steps = steps_per_epoch * cfg.optim.epochs
-    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    flops_per_image = mae_train_flops(model, cfg.model.mask_ratio)
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    stop = StopRequest()
-    window = MetricWindow(device)
-    window.restart(loader.wait_s)
-    last_save = time.monotonic()
-    saved_step = state.step if resume else -1
+    def fit(self) -> int:
+        """Train to `stop_at` steps or a stop signal (exit 0), or until the loss is not finite (exit 1)."""
+        self.window.restart(self.loader.wait_s)
+        outcome = "epoch done"
+        while self.state.step < self.stop_at and outcome == "epoch done":
+            self.loader.set_epoch(self.state.epoch)
+            outcome = self.run_epoch()
+            if outcome == "epoch done":
+                self.state.epoch += 1
+                if self.state.epoch % self.cfg.log.viz_every == 0:
+                    self.write_reconstruction()
+        self.bar.close()
+        if outcome != "diverged":
+            if self.saved_step != self.state.step:
+                self.checkpoint()
+            self.write_reconstruction()
+        dist.destroy_process_group()
+        return 1 if outcome == "diverged" else 0
 
-    def checkpoint() -> None:
-        nonlocal last_save, saved_step
-        rank_state = {"loader": loader.state_dict(), "noise_rng": noise_gen.get_state()}
-        tag = save_checkpoint(engine, ckpt_dir, state, rank_state, cfg.checkpoint.keep_last)
-        last_save, saved_step = time.monotonic(), state.step
-        if is_main:
-            tqdm.write(f"checkpoint {ckpt_dir / tag}")
+    def run_epoch(self) -> str:
+        """'epoch done', or why the run ends: 'finished', 'stopped', 'diverged'."""
+        accum = self.plan.grad_accum
+        for images, _ in self.loader:
+            micro = self.loader.position - 1
+            if micro >= self.steps_per_epoch * accum:
+                break  # trailing micro-batches that cannot fill an optimizer step
+            if micro % accum == 0:
+                lr = lr_at(self.state.epoch + (micro // accum) / self.steps_per_epoch, self.peak_lr, self.cfg)
+                for group in self.engine.optimizer.param_groups:
+                    group["lr"] = lr
+            noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=self.noise_gen)
+            loss, _, _ = self.engine(images, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
+            self.engine.backward(loss)
+            self.engine.step()
+            self.window.add(loss, self.state.step + 1)
+            if (micro + 1) % accum == 0:
+                outcome = self.after_optimizer_step()
+                if outcome:
+                    return outcome
+        return "epoch done"
 
-    def log(loss: float) -> None:
+    def after_optimizer_step(self) -> str | None:
+        """Count the step; every rank votes on stopping and checkpointing; log, checkpoint when due."""
+        state, cfg = self.state, self.cfg
+        state.step += 1
+        state.samples += self.plan.batch_size
+        self.window.steps += 1
+        self.bar.update(1)
+        every_steps, every_minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
+        due = (every_steps and state.step % every_steps == 0) or (
+            every_minutes and time.monotonic() - self.last_save > 60 * every_minutes)
+        votes = torch.tensor([self.stop.signal_name is not None, bool(due)], dtype=torch.int32)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.control)
+        stopping, due = bool(votes[0]), bool(votes[1])
+        finished = state.step >= self.stop_at
+        if state.step % cfg.log.log_every == 0 or due or stopping or finished:
+            loss, bad_step = self.window.reduce()
+            if bad_step is not None:
+                if self.is_main:
+                    tqdm.write(f"non-finite loss at step {bad_step}: stopping. The last good checkpoint "
+                               f"({latest_tag(self.ckpt_dir) or 'none written yet'}) is left intact.")
+                return "diverged"
+            self.log(loss)
+        if due or stopping:
+            self.checkpoint()
+        if stopping:
+            if self.is_main:
+                tqdm.write(f"stopped by {self.stop.signal_name or 'a signal on another rank'} after step "
+                           f"{state.step}; resume with --resume")
+            return "stopped"
+        return "finished" if finished else None
+
+    def log(self, loss: float) -> None:
+        window = self.window
         elapsed = time.perf_counter() - window.started
-        images = window.steps * plan.batch_size
-        img_per_s = images / elapsed
-        grad_norm = engine.get_global_grad_norm()
+        img_per_s = window.steps * self.plan.batch_size / elapsed
+        grad_norm = self.engine.get_global_grad_norm()
         record = {
-            "step": state.step, "epoch": state.epoch, "samples": state.samples, "loss": loss,
-            "lr": engine.optimizer.param_groups[0]["lr"],
+            "step": self.state.step, "epoch": self.state.epoch, "samples": self.state.samples, "loss": loss,
+            "lr": self.engine.optimizer.param_groups[0]["lr"],
             "grad_norm": None if grad_norm is None else float(grad_norm),
-            "img_per_s": img_per_s, "data_stall_pct": 100 * (loader.wait_s - window.wait_at_start) / elapsed,
-            "mfu": None if peak is None else flops_per_image * img_per_s / (peak * world),
+            "img_per_s": img_per_s, "data_stall_pct": 100 * (self.loader.wait_s - window.wait_at_start) / elapsed,
+            "mfu": None if self.peak_flops is None else self.flops_per_image * img_per_s / self.peak_flops / self.world,
             "step_time_s": elapsed / window.steps,
         }
-        if is_main:
-            with open(output / "metrics.jsonl", "a") as f:
+        if self.is_main:
+            with open(self.output / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            bar.set_postfix(epoch=state.epoch, loss=f"{loss:.4f}", img_s=f"{img_per_s:.0f}")
+            self.bar.set_postfix(epoch=self.state.epoch, loss=f"{loss:.4f}", img_s=f"{img_per_s:.0f}")
+        window.restart(self.loader.wait_s)
 
-    bar = tqdm(total=stop_at, initial=state.step, unit="step", disable=not is_main, dynamic_ncols=True)
-    patches = model.num_patches
-    status = 0
-    while state.step < stop_at and stop.signal_name is None:
-        loader.set_epoch(state.epoch)
-        for images, _ in loader:
-            micro = loader.position - 1
-            if micro >= steps_per_epoch * plan.grad_accum:
-                break  # trailing micro-batches that cannot fill an optimizer step
-            if micro % plan.grad_accum == 0:
-                lr = lr_at(state.epoch + (micro // plan.grad_accum) / steps_per_epoch, peak_lr, cfg)
-                for group in engine.optimizer.param_groups:
-                    group["lr"] = lr
-            noise = torch.rand(images.shape[0], patches, device=device, generator=noise_gen)
-            loss, _, _ = engine(images, mask_ratio=cfg.model.mask_ratio, noise=noise)
-            engine.backward(loss)
-            engine.step()
-            window.add(loss, state.step + 1)
-            if (micro + 1) % plan.grad_accum:
-                continue
-            state.step += 1
-            state.samples += plan.batch_size
-            window.steps += 1
-            bar.update(1)
+    def checkpoint(self) -> None:
+        rank_state = {"loader": self.loader.state_dict(), "noise_rng": self.noise_gen.get_state()}
+        tag = save_checkpoint(self.engine, self.ckpt_dir, self.state, rank_state, self.cfg.checkpoint.keep_last)
+        self.last_save, self.saved_step = time.monotonic(), self.state.step
+        if self.is_main:
+            tqdm.write(f"checkpoint {self.ckpt_dir / tag}")
 
-            every_steps, every_minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
-            due = (every_steps and state.step % every_steps == 0) or (
-                every_minutes and time.monotonic() - last_save > 60 * every_minutes)
-            votes = torch.tensor([stop.signal_name is not None, bool(due)], dtype=torch.int32)
-            dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=control)
-            stopping, due = bool(votes[0]), bool(votes[1])
-            last = state.step >= stop_at
-            if state.step % cfg.log.log_every == 0 or due or stopping or last:
-                loss_mean, bad_step = window.reduce()
-                if bad_step is not None:
-                    if is_main:
-                        tqdm.write(f"non-finite loss at step {bad_step}: stopping. The last good checkpoint "
-                                   f"({latest_tag(ckpt_dir) or 'none written yet'}) is left intact.")
-                    status = 1
-                    break
-                log(loss_mean)
-                window.restart(loader.wait_s)
-            if due or stopping:
-                checkpoint()
-            if stopping:
-                if is_main:
-                    tqdm.write(f"stopped by {stop.signal_name or 'a signal on another rank'} after step "
-                               f"{state.step}; resume with --resume")
-                break
-            if last:
-                break
-        else:
-            state.epoch += 1
-            if state.epoch % cfg.log.viz_every == 0:
-                write_reconstruction(engine, model, cfg, device, output, state.step, is_main)
-            continue
-        if status or stopping or state.step >= stop_at:
-            break
-    bar.close()
-    if status == 0:
-        if saved_step != state.step:
-            checkpoint()
-        write_reconstruction(engine, model, cfg, device, output, state.step, is_main)
-    dist.destroy_process_group()
-    return status
-
-
-def write_reconstruction(engine: deepspeed.DeepSpeedEngine, model: MaskedAutoencoderViT, cfg: TrainConfig,
-                         device: torch.device, output: Path, step: int, is_main: bool) -> None:
-    """Every rank runs the forward (ZeRO-3 gathers weights collectively); rank 0 writes the PNG."""
-    images = fixed_images(cfg.data.shards, cfg.data.viz_split, cfg.log.viz_images, cfg.model.img_size, device)
-    noise = fixed_noise(images.shape[0], model.num_patches, device)
-    dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
-    engine.eval()
-    with torch.no_grad():
-        loss, pred, mask = engine(images.to(dtype), mask_ratio=cfg.model.mask_ratio, noise=noise)
-    engine.train()
-    if is_main:
-        path = save_reconstruction(reconstruction_grid(model, images, pred, mask), output / "viz", step)
-        with open(output / "viz" / "losses.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "loss": float(loss), "image": path.name}) + "\n")
-        tqdm.write(f"reconstruction {path} (loss {float(loss):.4f} on the fixed images)")
+    def write_reconstruction(self) -> None:
+        """Every rank runs the forward (ZeRO-3 gathers weights collectively); rank 0 writes the PNG."""
+        cfg = self.cfg
+        images = fixed_images(cfg.data.shards, cfg.data.viz_split, cfg.log.viz_images, cfg.model.img_size,
+                              self.device)
+        noise = fixed_noise(images.shape[0], self.model.num_patches, self.device)
+        self.engine.eval()
+        with torch.no_grad():
+            loss, pred, mask = self.engine(images.to(self.dtype), mask_ratio=cfg.model.mask_ratio, noise=noise)
+        self.engine.train()
+        if self.is_main:
+            picture = reconstruction_grid(self.model, images, pred, mask)
+            path = save_reconstruction(picture, self.output / "viz", self.state.step)
+            with open(self.output / "viz" / "losses.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.state.step, "loss": float(loss), "image": path.name}) + "\n")
+            tqdm.write(f"reconstruction {path} (loss {float(loss):.4f} on the fixed images)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -318,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.data.shards:
             raise ConfigError("no training data: pass --data SHARDS or set data.shards")
         resolve_shards(cfg.data.shards, "train")
-        return train(cfg, args.resume)
+        return Trainer(cfg, args.resume).fit()
     except (ConfigError, ResumeError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
