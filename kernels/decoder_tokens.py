@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import use_triton
-from kernels.tiling import token_tile, token_tiles
+from kernels.tiling import token_grid, token_tile
 
 
 @triton.jit
@@ -62,10 +62,8 @@ class DecoderTokens(torch.autograd.Function):
         keep, width = x.shape[1] - 1, x.shape[2]
         out_dtype = torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
         out = torch.empty(n, length + 1, width, device=x.device, dtype=out_dtype)
-        block_t, block_d = token_tiles(width)
-        grid = (n, triton.cdiv(length + 1, block_t), triton.cdiv(width, block_d))
-        _decoder_tokens_fwd[grid](x, mask_token, ids_restore, pos_embed, out, length, keep, width,
-                                  BLOCK_T=block_t, BLOCK_D=block_d)
+        grid, tiles = token_grid(n, length + 1, width)
+        _decoder_tokens_fwd[grid](x, mask_token, ids_restore, pos_embed, out, length, keep, width, **tiles)
         ctx.save_for_backward(ids_restore)
         ctx.dtypes = (x.dtype, mask_token.dtype, pos_embed.dtype)
         ctx.keep = keep
@@ -78,12 +76,10 @@ class DecoderTokens(torch.autograd.Function):
         n, length = ids_restore.shape
         keep, width = ctx.keep, grad_out.shape[2]
         grad_out = grad_out.contiguous()
-        block_t, block_d = token_tiles(width)
-        grid = (n, triton.cdiv(length + 1, block_t), triton.cdiv(width, block_d))
+        grid, tiles = token_grid(n, length + 1, width)
         grad_x = torch.empty(n, keep + 1, width, device=grad_out.device, dtype=x_dtype)
         partial = torch.empty(n, grid[1], width, device=grad_out.device, dtype=torch.float32)
-        _decoder_tokens_bwd[grid](grad_out, ids_restore, grad_x, partial, length, keep, width,
-                                  BLOCK_T=block_t, BLOCK_D=block_d)
+        _decoder_tokens_bwd[grid](grad_out, ids_restore, grad_x, partial, length, keep, width, **tiles)
         grad_token = partial.sum((0, 1)).view(1, 1, width).to(token_dtype) if ctx.needs_input_grad[1] else None
         grad_pos = grad_out.sum(0, keepdim=True, dtype=torch.float32).to(pos_dtype) if ctx.needs_input_grad[3] else None
         return grad_x, grad_token, None, grad_pos

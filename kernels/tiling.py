@@ -6,10 +6,13 @@ import triton
 import triton.language as tl
 
 
-def token_tiles(width: int) -> tuple[int, int]:
-    """(rows, columns) of one program's tile: about 4K elements, columns a power of two up to 512."""
+def token_grid(samples: int, rows: int, width: int) -> tuple[tuple[int, int, int], dict[str, int]]:
+    """Launch grid and tile sizes covering [samples, rows, width]: tiles of about 4K elements,
+    columns a power of two up to 512."""
     block_d = min(max(16, triton.next_power_of_2(width)), 512)
-    return max(1, min(64, 4096 // block_d)), block_d
+    block_t = max(1, min(64, 4096 // block_d))
+    grid = (samples, triton.cdiv(rows, block_t), triton.cdiv(width, block_d))
+    return grid, {"BLOCK_T": block_t, "BLOCK_D": block_d}
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import use_triton
-from kernels.tiling import token_tile, token_tiles
+from kernels.tiling import token_grid, token_tile
 
 
 @triton.jit
@@ -60,10 +60,8 @@ class VisibleTokens(torch.autograd.Function):
         keep = ids_keep.shape[1]
         out_dtype = torch.promote_types(torch.promote_types(x.dtype, pos_embed.dtype), cls_token.dtype)
         out = torch.empty(n, keep + 1, width, device=x.device, dtype=out_dtype)
-        block_t, block_d = token_tiles(width)
-        grid = (n, triton.cdiv(keep + 1, block_t), triton.cdiv(width, block_d))
-        _visible_tokens_fwd[grid](x, pos_embed, cls_token, ids_keep, out, length, keep, width,
-                                  BLOCK_T=block_t, BLOCK_D=block_d)
+        grid, tiles = token_grid(n, keep + 1, width)
+        _visible_tokens_fwd[grid](x, pos_embed, cls_token, ids_keep, out, length, keep, width, **tiles)
         ctx.save_for_backward(ids_restore)
         ctx.shape, ctx.dtypes = (n, length, width, keep), (x.dtype, pos_embed.dtype, cls_token.dtype)
         return out
@@ -75,10 +73,8 @@ class VisibleTokens(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         x_dtype, pos_dtype, cls_dtype = ctx.dtypes
         grad_x = torch.empty(n, length, width, device=grad_out.device, dtype=x_dtype)
-        block_t, block_d = token_tiles(width)
-        grid = (n, triton.cdiv(length, block_t), triton.cdiv(width, block_d))
-        _visible_tokens_bwd[grid](grad_out, ids_restore.contiguous(), grad_x, length, keep, width,
-                                  BLOCK_T=block_t, BLOCK_D=block_d)
+        grid, tiles = token_grid(n, length, width)
+        _visible_tokens_bwd[grid](grad_out, ids_restore.contiguous(), grad_x, length, keep, width, **tiles)
         grad_pos = grad_cls = None
         cls_rows = grad_out[:, :1].sum(0, keepdim=True, dtype=torch.float32)
         if ctx.needs_input_grad[1]:
