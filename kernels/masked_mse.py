@@ -54,7 +54,7 @@ def _masked_mse_fwd(
 ):
     pid = tl.program_id(0).to(tl.int64)
     weight = tl.load(mask_ptr + pid).to(tl.float32)
-    loss = weight * 0.0  # a float32 scalar like the branch's, as the compiler requires
+    loss = 0.0
     if weight != 0.0:
         err, _, _ = _patch_error(img_ptr, pred_ptr, pid, C, H, W, grid_w, L, P, stride_pn, stride_pl, eps,
                                  PATCH, NORM, BLOCK)
