@@ -43,14 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         # Triton kernels can only run on a CPU in the interpreter, which must be on before they are defined.
         os.environ["TRITON_INTERPRET"] = "1"
 
-    from bench.context import BenchContext
+    from bench.context import BenchContext, StageUnavailable
     from bench.harness import DEFAULT_HISTORY, History
 
     ctx = BenchContext(device, args.quick, Path(args.work))
     history = History(Path(args.out or DEFAULT_HISTORY), device, args.quick)
     for stage in stages:
         began = time.perf_counter()
-        records = importlib.import_module(f"bench.{stage}").run(ctx)
+        try:
+            records = importlib.import_module(f"bench.{stage}").run(ctx)
+        except StageUnavailable as why:
+            print(f"{stage}: skipped ({why})")
+            continue
         history.append(records)
         for r in records:
             base = f" vs {r.baseline.median:.4g} ({r.baseline_name}): x{r.ratio:.2f}" if r.baseline else ""

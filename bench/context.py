@@ -8,10 +8,22 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.build_shards import main as build_shards
-from pipeline.sample_data import class_name, synthetic_photo, write_split
+# pipeline/ is imported where data is needed, so that the kernel and model stages run on machines
+# that have torch and triton but not the data-path packages (DALI, webdataset).
 
 IMAGENET_SIZE = (500, 375)  # the typical ImageNet train JPEG: ~500x375, ~110 KB
+
+
+class StageUnavailable(RuntimeError):
+    """This machine lacks what the stage measures (DALI, DeepSpeed); the run goes on without it."""
+
+
+def require(*packages: str) -> None:
+    import importlib.util
+
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        raise StageUnavailable(f"not installed here: {', '.join(missing)}")
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,8 @@ class BenchContext:
 
     def sample_tree(self) -> Path:
         """The built-in sample data (8 classes x 24 images, 200-500 px)."""
+        from pipeline.sample_data import write_split
+
         root = self.work / "sample"
         if not (root / "train").is_dir():
             write_split(root / "train", 8, 24, 0)
@@ -33,6 +47,8 @@ class BenchContext:
 
     def imagenet_like_tree(self, count: int) -> Path:
         """`count` ImageNet-sized JPEGs (500x375, quality 95) for the GPU decoding benchmark."""
+        from pipeline.sample_data import class_name, synthetic_photo
+
         root = self.work / f"imagenet_like_{count}"
         done = root / ".done"
         if not done.is_file():
@@ -47,6 +63,8 @@ class BenchContext:
         return root
 
     def shards_of(self, tree: Path, workers: int = 2) -> Path:
+        from pipeline.build_shards import main as build_shards
+
         out = tree.parent / f"{tree.name}_shards"
         if not (out / "train.json").is_file():
             code = build_shards([str(tree), str(out), "--shard-size-mb", "64", "--workers", str(workers), "--quiet"])

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
-from bench.context import BenchContext
+from bench.context import BenchContext, require
 from bench.harness import Record, rate, time_repeats
-from pipeline import build_loader
 
 
 def epoch_rate(shards: Path, backend: str, ctx: BenchContext, threads: int, batch: int, repeats: int):
+    from pipeline import build_loader
+
     loader = build_loader(shards, batch_size=batch, image_size=224, backend=backend, device=ctx.device,
                           num_threads=threads)
     state = {"epoch": 0}
@@ -29,6 +30,7 @@ def epoch_rate(shards: Path, backend: str, ctx: BenchContext, threads: int, batc
 
 
 def run(ctx: BenchContext) -> list[Record]:
+    require("nvidia.dali", "webdataset", "braceexpand")
     if ctx.device == "gpu":
         tree = ctx.imagenet_like_tree(1024 if ctx.quick else 4096)
         dali_threads, pil_workers, batch = 8, 16, 256

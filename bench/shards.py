@@ -8,12 +8,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.context import BenchContext
+from bench.context import BenchContext, require
 from bench.harness import Record, rate, time_repeats
-from pipeline.build_shards import main as build_shards
 
 
 def run(ctx: BenchContext) -> list[Record]:
+    require("braceexpand")
+    from pipeline.build_shards import main as build_shards
+
     tree = ctx.sample_tree()
     files = [p for p in tree.rglob("*") if p.is_file()]
     megabytes = sum(p.stat().st_size for p in files) / 2**20

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.context import BenchContext
+from bench.context import BenchContext, require
 from bench.harness import REPO, Record, stat_of
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -43,6 +43,7 @@ def summarize(records: list[dict]) -> tuple:
 
 
 def run(ctx: BenchContext) -> list[Record]:
+    require("deepspeed", "nvidia.dali", "webdataset", "braceexpand")
     if ctx.device == "gpu":
         shards = ctx.shards_of(ctx.imagenet_like_tree(1024 if ctx.quick else 4096), workers=os.cpu_count() or 1)
         setups = [("configs/vit_b16_1600ep.toml", 256), ("configs/vit_h14_1600ep.toml", 64)]
