@@ -36,6 +36,7 @@ demo() {
     "$PY" -m pipeline.build_shards "$data/images/train" "$data/shards" --split train --shard-size-mb 2 --workers 2
     "$PY" -m pipeline.build_shards "$data/images/val" "$data/shards" --split val --shard-size-mb 2 --workers 2 \
         --classes "$data/shards/train.json"
+    rm -rf "$data/run"  # the demo starts over; a real run would pass --resume
     PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/deepspeed" --num_gpus "$ranks" train/pretrain.py \
         --config configs/tiny.toml --data "$data/shards" --output "$data/run" --max-steps 30 --log-every 5
     "$PY" -m bench train --quick --out "$data/bench"

@@ -148,7 +148,10 @@ def test_config_errors_are_one_line_before_any_work(shards, tmp_path, capsys):
         (["--set", "model.name=vit_giant"], "model.name 'vit_giant' is not one of"),
         (["--config", "configs/nope.toml"], "config preset configs/nope.toml not found"),
         (["--data", str(tmp_path / "none")], "shard folder"),
+        (["--output", str(tmp_path / "old")], "already holds a run (checkpoint step00000007): pass --resume"),
     ]
+    (tmp_path / "old" / "checkpoints" / "step00000007").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "latest").write_text("step00000007")
     for extra, message in cases:
         argv = ["--config", "configs/tiny.toml", "--data", str(shards), "--output", str(tmp_path / "x"), *extra]
         assert pretrain_main(argv) == 2

@@ -338,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.data.shards:
             raise ConfigError("no training data: pass --data SHARDS or set data.shards")
         resolve_shards(cfg.data.shards, "train")
+        existing = latest_tag(Path(cfg.output) / "checkpoints")
+        if existing and not args.resume:
+            raise ConfigError(f"{cfg.output} already holds a run (checkpoint {existing}): pass --resume to continue "
+                              "it, or choose another --output")
         return Trainer(cfg, args.resume).fit()
     except (ConfigError, ResumeError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
