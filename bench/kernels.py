@@ -8,7 +8,7 @@ run in the interpreter: those numbers check the harness, not the speed, and are 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +54,7 @@ def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], extra: tuple) -> Callable[
     return step
 
 
-def cases(shape: Shape, device: str, dtype: torch.dtype):
+def cases(shape: Shape, device: str, dtype: torch.dtype) -> Iterator[tuple]:
     """(kernel name, ours, reference, inputs, extra args, bytes moved by forward + backward)."""
     n, length, keep, d, dd, p = shape.n, shape.length, shape.keep, shape.width, shape.dec_width, shape.patch
     size = 2 if dtype != torch.float32 else 4

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -29,7 +29,7 @@ def kernels_backend(choice: str) -> Iterator[None]:
             os.environ["MAE_KERNELS"] = previous
 
 
-def encoder_step(model: MaskedAutoencoderViT, imgs: torch.Tensor, with_mask_tokens: bool):
+def encoder_step(model: MaskedAutoencoderViT, imgs: torch.Tensor, with_mask_tokens: bool) -> Callable[[], None]:
     """Forward+backward of patch embedding + encoder, on 1+K visible tokens or on all 1+L."""
     def step() -> None:
         x = model.patch_embed(imgs) + model.pos_embed[:, 1:]
@@ -43,7 +43,7 @@ def encoder_step(model: MaskedAutoencoderViT, imgs: torch.Tensor, with_mask_toke
     return step
 
 
-def mae_step(model: MaskedAutoencoderViT, imgs: torch.Tensor):
+def mae_step(model: MaskedAutoencoderViT, imgs: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
         loss, _, _ = model(imgs, 0.75)
         loss.backward()

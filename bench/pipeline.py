@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from bench.context import BenchContext, require
-from bench.harness import Record, rate, time_repeats
+from bench.harness import Record, Stat, rate, time_repeats
 
 
-def epoch_rate(shards: Path, backend: str, ctx: BenchContext, threads: int, batch: int, repeats: int):
+def epoch_rate(shards: Path, backend: str, ctx: BenchContext, threads: int, batch: int, repeats: int) -> Stat:
     from pipeline import build_loader
 
     loader = build_loader(shards, batch_size=batch, image_size=224, backend=backend, device=ctx.device,

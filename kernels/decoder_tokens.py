@@ -11,9 +11,12 @@ four passes. The kernel writes each output row once. Backward scatters the visib
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from kernels.dispatch import use_triton
 from kernels.tiling import token_grid, token_tile
@@ -55,7 +58,7 @@ def _decoder_tokens_bwd(
 
 class DecoderTokens(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mask_token, ids_restore, pos_embed):
+    def forward(ctx: Any, x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor) -> Tensor:
         x, mask_token, pos_embed = x.contiguous(), mask_token.contiguous(), pos_embed.contiguous()
         ids_restore = ids_restore.contiguous()
         n, length = ids_restore.shape
@@ -70,7 +73,7 @@ class DecoderTokens(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         (ids_restore,) = ctx.saved_tensors
         x_dtype, token_dtype, pos_dtype = ctx.dtypes
         n, length = ids_restore.shape

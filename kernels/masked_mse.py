@@ -10,10 +10,13 @@ and accumulates in float32; backward recomputes the target rather than storing i
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from einops import rearrange
+from torch import Tensor
 
 from kernels.dispatch import use_triton
 
@@ -80,7 +83,7 @@ def _masked_mse_bwd(
         tl.store(grad_ptr + pid * P + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < P)
 
 
-def _launch_args(imgs: torch.Tensor, pred: torch.Tensor, patch_size: int, norm_pix: bool):
+def _launch_args(imgs: Tensor, pred: Tensor, patch_size: int, norm_pix: bool) -> tuple[tuple, dict]:
     _n, chans, height, width = imgs.shape
     grid_w = width // patch_size
     values = patch_size * patch_size * chans
@@ -91,7 +94,7 @@ def _launch_args(imgs: torch.Tensor, pred: torch.Tensor, patch_size: int, norm_p
 
 class MaskedPatchMSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, imgs, pred, mask, patch_size, norm_pix):
+    def forward(ctx: Any, imgs: Tensor, pred: Tensor, mask: Tensor, patch_size: int, norm_pix: bool) -> Tensor:
         imgs, mask = imgs.contiguous(), mask.contiguous()
         if pred.stride(2) != 1:
             pred = pred.contiguous()
@@ -104,7 +107,7 @@ class MaskedPatchMSE(torch.autograd.Function):
         return per_patch.sum() / mask_sum
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         imgs, pred, mask, mask_sum = ctx.saved_tensors
         args, meta = _launch_args(imgs, pred, ctx.patch_size, ctx.norm_pix)
         scale = (grad_loss.float() / mask_sum).reshape(1)

@@ -11,9 +11,12 @@ permutation, so every grad_x row is written exactly once, with no atomics and no
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from kernels.dispatch import use_triton
 from kernels.tiling import token_grid, token_tile
@@ -53,7 +56,8 @@ def _visible_tokens_bwd(
 
 class VisibleTokens(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, pos_embed, cls_token, ids_keep, ids_restore):
+    def forward(ctx: Any, x: Tensor, pos_embed: Tensor, cls_token: Tensor, ids_keep: Tensor,
+                ids_restore: Tensor) -> Tensor:
         x, pos_embed, cls_token = x.contiguous(), pos_embed.contiguous(), cls_token.contiguous()
         ids_keep = ids_keep.contiguous()
         n, length, width = x.shape
@@ -67,7 +71,7 @@ class VisibleTokens(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         (ids_restore,) = ctx.saved_tensors
         n, length, width, keep = ctx.shape
         grad_out = grad_out.contiguous()
