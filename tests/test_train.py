@@ -77,7 +77,8 @@ def exported_loss_matches_engine(shards: Path, output: Path, tmp_path: Path, rel
     assert loss.item() == pytest.approx(engine_loss, rel=rel)
 
 
-@pytest.mark.parametrize("stage, recompute, precision", [(1, False, "fp32"), (2, False, "bf16"), (3, True, "fp32")])
+@pytest.mark.parametrize("stage, recompute, precision",
+                         [(0, False, "fp32"), (1, False, "fp32"), (2, False, "bf16"), (3, True, "fp32")])
 def test_zero_stage_trains_logs_checkpoints_and_exports(shards, tmp_path, stage, recompute, precision):
     output = tmp_path / f"zero{stage}"
     run(shards, output, "--max-steps", "24", "--log-every", "4", "--set", f"runtime.zero_stage={stage}",

@@ -4,7 +4,8 @@
 
 The file holds {"model": state_dict, "maeflow": {...}} with the reference parameter names, so the
 reference fine-tuning code (`checkpoint["model"]`) and timm's ViT load it. ZeRO shards are merged
-with DeepSpeed's zero_to_fp32 machinery; weights are written in float32.
+with DeepSpeed's zero_to_fp32 machinery (stage 0 has none: its module weights are taken as saved);
+weights are written in float32.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ def consolidated_state_dict(output: Path) -> tuple[dict[str, torch.Tensor], dict
     tag = latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint")
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    if list((ckpt_dir / tag).glob("*zero_pp_rank_*")):
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:  # ZeRO stage 0 in fp32: no optimizer shards, the module's own weights are the full ones
+        weights = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                             weights_only=False)["module"]
     model = build_mae(cfg.model.name, img_size=cfg.model.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
     # The sin-cos position embeddings are frozen and fixed by the config: rebuild any DeepSpeed omitted.
     fixed = {k: v for k, v in model.state_dict().items() if k not in weights and "pos_embed" in k}
