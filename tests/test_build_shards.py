@@ -121,6 +121,12 @@ def test_same_inputs_same_bytes_and_plain_ustar(tree, tmp_path):
         with tarfile.open(tar) as t:
             assert all(m.type == tarfile.REGTYPE and not m.pax_headers for m in t.getmembers())
         assert tar.read_bytes()[257:263] == b"ustar\x00"
+    # Parallel workers change nothing but the speed.
+    assert build_main([str(src), str(tmp_path / "d"), "--shard-size-mb", "0.03", "--workers", "2", "--quiet",
+                       "--max-pixels", str(MAX_PIXELS)]) == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").glob("*.tar")} == {
+        p.name: p.read_bytes() for p in (tmp_path / "d").glob("*.tar")}
+    assert (tmp_path / "a" / "train.json").read_text() == (tmp_path / "d" / "train.json").read_text()
     assert build(src, tmp_path / "c", "--seed", "1") == 0
     assert (tmp_path / "a" / "train-000000.tar").read_bytes() != (tmp_path / "c" / "train-000000.tar").read_bytes()
 
