@@ -22,8 +22,10 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -174,15 +176,26 @@ def plan_shards(
     return [ShardJob(i, str(out / f"{split}-{i:06d}.tar"), g, max_pixels) for i, g in enumerate(groups)]
 
 
-def build_shard(job: ShardJob) -> ShardResult:
-    """Write one shard (tar + idx) under temporary names, then rename both into place."""
+PROGRESS_EVERY = 32  # images between progress reports from a worker
+
+
+def build_shard(job: ShardJob, report: Callable[[int, int], None] | None = None) -> ShardResult:
+    """Write one shard (tar + idx) under temporary names, then rename both into place.
+
+    `report(images, bytes)` is called every few images so a progress bar can move within a shard.
+    """
     tar = Path(job.tar)
     tmp_tar, tmp_idx = tar.with_name(tar.name + ".tmp"), tar.with_name(tar.stem + ".idx.tmp")
     writer = ShardWriter(tmp_tar)
     rejected, converted, source_bytes, samples = [], [], 0, 0
+    unreported = [0, 0]
     try:
-        for key, image in job.samples:
+        for position, (key, image) in enumerate(job.samples, start=1):
             source_bytes += image.size
+            unreported = [unreported[0] + 1, unreported[1] + image.size]
+            if report and (position % PROGRESS_EVERY == 0 or position == len(job.samples)):
+                report(*unreported)
+                unreported = [0, 0]
             try:
                 prepared = prepare_image(Path(image.path), job.max_pixels)
             except RejectedImage as err:
@@ -265,12 +278,37 @@ def _save_progress(out: Path, split: str, plan: str, source: str, done: dict[int
     atomic_write_text(_progress_path(out, split), json.dumps(payload))
 
 
-def _run_jobs(jobs: list[ShardJob], workers: int):
+class _QueueReport:
+    """A picklable `report` for pool workers: sends (images, bytes) to the parent's queue."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def __call__(self, images: int, size: int) -> None:
+        self.queue.put((images, size))
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int, report: Callable[[int, int], None]) -> Iterator[ShardResult]:
+    """Results in completion order; progress reaches `report` in this process while shards are written."""
     if workers <= 1 or len(jobs) <= 1:
-        yield from map(build_shard, jobs)
+        for job in jobs:
+            yield build_shard(job, report)
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap_unordered(build_shard, jobs)
+    context = multiprocessing.get_context("fork")
+    with context.Manager() as manager, context.Pool(workers) as pool:
+        ticks = manager.Queue()
+        pending = [pool.apply_async(build_shard, (job, _QueueReport(ticks))) for job in jobs]
+        while pending:
+            while not ticks.empty():
+                report(*ticks.get())
+            finished = [p for p in pending if p.ready()]
+            pending = [p for p in pending if not p.ready()]
+            for result in finished:
+                yield result.get()  # re-raises a worker's exception here
+            if not finished:
+                time.sleep(0.1)
+        while not ticks.empty():
+            report(*ticks.get())
 
 
 def build(args: argparse.Namespace) -> int:
@@ -299,14 +337,22 @@ def build(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     total_images = sum(len(j.samples) for j in todo)
     with tqdm(total=total_images, unit="img", desc=f"{args.split} shards", disable=args.quiet) as bar:
-        source_bytes = 0
-        for result in _run_jobs(todo, args.workers):
+        read = [0]
+
+        def advance(images: int, size: int) -> None:
+            read[0] += size
+            show_rate()
+            bar.update(images)
+
+        def show_rate() -> None:
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(MBps=f"{read[0] / elapsed / 2**20:.1f}", shards=f"{len(done)}/{len(jobs)}",
+                            refresh=False)
+
+        for result in _run_jobs(todo, args.workers, advance):
             done[result.index] = result
             _save_progress(out, args.split, plan, source, done)
-            source_bytes += result.source_bytes
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(MBps=f"{source_bytes / elapsed / 2**20:.1f}", shards=f"{len(done)}/{len(jobs)}")
-            bar.update(len(jobs[result.index].samples))
+            show_rate()
 
     results = [done[j.index] for j in jobs]
     rejected = unlabeled + [r for res in results for r in res.rejected]
