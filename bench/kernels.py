@@ -55,29 +55,34 @@ def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], extra: tuple) -> Callable[
 
 
 def cases(shape: Shape, device: str, dtype: torch.dtype) -> Iterator[tuple]:
-    """(kernel name, ours, reference, inputs, extra args, bytes moved by forward + backward)."""
+    """(kernel name, ours, reference, inputs, extra args, bytes moved by forward + backward).
+
+    Every tensor is in `dtype`, as in the trainer (DeepSpeed bf16 keeps parameters and images in bf16).
+    """
     n, length, keep, d, dd, p = shape.n, shape.length, shape.keep, shape.width, shape.dec_width, shape.patch
-    size = 2 if dtype != torch.float32 else 4
-    noise = torch.rand(n, length, device=device)
-    ids_keep, ids_restore, mask = random_masking(noise, 1 - (keep + 0.5) / length)
-    x, pos, cls = (torch.randn(n, length, d, device=device, dtype=dtype),
-                   torch.randn(1, length + 1, d, device=device), torch.randn(1, 1, d, device=device))
-    gather_bytes = size * (n * keep * d + n * (keep + 1) * d) + size * (n * (keep + 1) * d + n * length * d)
-    yield ("visible_tokens", visible_tokens, lambda *a: visible_tokens_reference(*a[:4]), [x, pos, cls],
-           (ids_keep, ids_restore), gather_bytes)
-    y, token, dpos = (torch.randn(n, keep + 1, dd, device=device, dtype=dtype), torch.randn(1, 1, dd, device=device),
-                      torch.randn(1, length + 1, dd, device=device))
-    unshuffle_bytes = 2 * size * (n * (keep + 1) * dd + n * (length + 1) * dd)
+    size = torch.finfo(dtype).bits // 8
+
+    def randn(*dims: int) -> torch.Tensor:
+        return torch.randn(*dims, device=device, dtype=dtype)
+
+    ids_keep, ids_restore, mask = random_masking(torch.rand(n, length, device=device), 1 - (keep + 0.5) / length)
+    # forward reads the K kept rows and writes 1+K; backward reads 1+K and writes all L rows of grad_x
+    gather_bytes = size * n * d * ((2 * keep + 1) + (keep + 1 + length))
+    yield ("visible_tokens", visible_tokens, lambda *a: visible_tokens_reference(*a[:4]),
+           [randn(n, length, d), randn(1, length + 1, d), randn(1, 1, d)], (ids_keep, ids_restore), gather_bytes)
+    # forward reads 1+K rows and writes 1+L; backward the reverse
+    unshuffle_bytes = 2 * size * n * dd * ((keep + 1) + (length + 1))
     yield ("decoder_tokens", lambda a, t, q, ids: decoder_tokens(a, t, ids, q),
-           lambda a, t, q, ids: decoder_tokens_reference(a, t, ids, q), [y, token, dpos], (ids_restore,),
-           unshuffle_bytes)
+           lambda a, t, q, ids: decoder_tokens_reference(a, t, ids, q),
+           [randn(n, keep + 1, dd), randn(1, 1, dd), randn(1, length + 1, dd)], (ids_restore,), unshuffle_bytes)
     side = int(length**0.5) * p
-    imgs = torch.randn(n, 3, side, side, device=device)
-    pred = torch.randn(n, length, p * p * 3, device=device, dtype=dtype)
+    values = p * p * 3
     removed = int(mask.sum().item())
-    loss_bytes = 2 * removed * p * p * 3 * (4 + size) + n * length * p * p * 3 * size
+    # both passes read image and prediction of the removed patches only; backward writes the whole gradient
+    loss_bytes = 2 * removed * values * 2 * size + n * length * values * size
     yield ("masked_patch_mse", lambda q, i, m: masked_patch_mse(i, q, m, p, True),
-           lambda q, i, m: masked_patch_mse_reference(i, q, m, p, True), [pred], (imgs, mask), loss_bytes)
+           lambda q, i, m: masked_patch_mse_reference(i, q, m, p, True), [randn(n, length, values)],
+           (randn(n, 3, side, side), mask), loss_bytes)
 
 
 def copy_bandwidth(device: str, repeats: int) -> Record:
