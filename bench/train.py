@@ -25,7 +25,8 @@ def trainer_run(config: str, shards: Path, steps: int, log_every: int, overrides
     with tempfile.TemporaryDirectory(prefix="maeflow-bench-train-") as out:
         cmd = [str(deepspeed), "--num_gpus", "1", "train/pretrain.py", "--config", config, "--data", str(shards),
                "--output", out, "--max-steps", str(steps), "--log-every", str(log_every),
-               "--set", "checkpoint.every_minutes=0", "--set", "log.viz_every=1000000", *overrides]
+               "--set", "checkpoint.every_minutes=0", "--set", "checkpoint.at_end=false",
+               "--set", "log.viz_every=1000000", *overrides]
         # The CPU kernel stage turns the Triton interpreter on for this process; training must not inherit it.
         inherited = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         run_env = {**inherited, "PATH": f"{deepspeed.parent}:{os.environ['PATH']}", **env}

@@ -217,3 +217,14 @@ def test_clear_errors_and_nothing_written(built, tmp_path, capsys):
     (other / "n5").mkdir(parents=True)
     (other / "n5" / "x.JPEG").write_bytes((src / "n01000002" / "b_0.JPEG").read_bytes())
     _error_case(tmp_path, capsys, [str(other), str(out)], "already holds train shards built from", out)
+
+
+def test_sample_data_is_deterministic(tmp_path):
+    from pipeline.sample_data import main as sample_data
+
+    for name in ("a", "b"):
+        args = [str(tmp_path / name), "--classes", "2", "--train-per-class", "3", "--val-per-class", "1"]
+        assert sample_data(args) == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.JPEG"))
+    assert len(files) == 8
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)

@@ -98,6 +98,8 @@ class CheckpointConfig:
     """optimizer steps between checkpoints; 0 = off"""
     keep_last: int = 3
     """complete checkpoints to keep"""
+    at_end: bool = True
+    """write a checkpoint when the run ends (benchmarks turn it off)"""
 
 
 @dataclass

@@ -206,7 +206,7 @@ class Trainer:
                     self.write_reconstruction()
         self.bar.close()
         if outcome != "diverged":
-            if self.saved_step != self.state.step:
+            if self.saved_step != self.state.step and (self.cfg.checkpoint.at_end or outcome == "stopped"):
                 self.checkpoint()
             self.write_reconstruction()
         dist.destroy_process_group()
