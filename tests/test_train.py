@@ -112,6 +112,12 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(shards, tm
     # A different number of ranks cannot reuse the ZeRO shards and data positions: a clear refusal.
     out = run(shards, tmp_path / "split", "--max-steps", "14", "--resume", *common, ranks=1, expect=2)
     assert "was written by 2 ranks but this run has 1. Resume with 2 ranks" in out
+    # ... and the way out it names works: export, then a new one-rank run from those weights.
+    assert export_main([str(tmp_path / "split"), "--to", str(tmp_path / "weights.pth")]) == 0
+    out = run(shards, tmp_path / "one_rank", "--max-steps", "2", "--log-every", "1",
+              "--set", f"model.init={tmp_path / 'weights.pth'}", ranks=1)
+    assert f"initialised from {tmp_path / 'weights.pth'}: all weights loaded (encoder and decoder)" in out
+    assert metrics(tmp_path / "one_rank")[0]["loss"] < 0.9 * metrics(tmp_path / "whole")[0]["loss"]
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(shards, tmp_path):
@@ -148,6 +154,7 @@ def test_config_errors_are_one_line_before_any_work(shards, tmp_path, capsys):
         (["--set", "runtime.zero_stage=5"], "runtime.zero_stage must be 0-3"),
         (["--set", "model.name=vit_giant"], "model.name 'vit_giant' is not one of"),
         (["--config", "configs/nope.toml"], "config preset configs/nope.toml not found"),
+        (["--set", "model.init=/nope.pth"], "model.init /nope.pth: no such file"),
         (["--data", str(tmp_path / "none")], "shard folder"),
         (["--output", str(tmp_path / "old")], "already holds a run (checkpoint step00000007): pass --resume"),
     ]

@@ -94,7 +94,7 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, gradient_clipping: float) -> tu
             f"{ckpt_dir / tag} was written by {state.world_size} ranks but this run has {world}. Resume with "
             f"{state.world_size} ranks (ZeRO shards and per-rank data positions are tied to the rank count), or "
             f"consolidate the weights with `python -m train.export {ckpt_dir.parent} --to weights.pth` and start a "
-            f"new run from them; DeepSpeed's `ds_to_universal` converts the optimizer state if you need it too."
+            f"new run from them with --set model.init=weights.pth (the optimizer state and schedule start afresh)."
         )
     engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
     # ZeRO restores clip_grad from the optimizer state, which would silently override the config.

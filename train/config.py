@@ -40,6 +40,8 @@ class ModelConfig:
     """fraction of patches removed from each image"""
     grad_checkpointing: bool = False
     """recompute encoder blocks in backward: less activation memory, ~30% more encoder compute"""
+    init: str = ""
+    """start from these weights: a train.export file or a released MAE .pth (empty = random init)"""
 
 
 @dataclass
@@ -224,6 +226,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (cfg.log.log_every >= 1 and cfg.log.viz_every >= 1, "log.log_every and log.viz_every must be >= 1"),
         (cfg.max_steps >= 0, "max_steps must be >= 0"),
+        (not cfg.model.init or Path(cfg.model.init).is_file(), f"model.init {cfg.model.init}: no such file"),
     ]
     for ok, message in checks:
         if not ok:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import build_mae
+from model import build_mae, load_reference_checkpoint
 from model.flops import mae_train_flops, peak_flops
 from pipeline import build_loader
 from pipeline.manifest import resolve_shards
@@ -142,6 +142,10 @@ class Trainer:
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
         self.model = build_mae(cfg.model.name, img_size=cfg.model.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
         self.model.grad_checkpointing = cfg.model.grad_checkpointing
+        if cfg.model.init:
+            report = load_reference_checkpoint(self.model, cfg.model.init)
+            if self.is_main:
+                print(f"initialised from {cfg.model.init}: {report}")
         self.loader = build_loader(cfg.data.shards, "train", self.plan.micro_batch, cfg.model.img_size, True,
                                    self.rank, self.world, cfg.runtime.seed, "gpu" if self.device.type == "cuda"
                                    else "cpu", cfg.data.backend, cfg.data.num_threads or None, self.dtype,
@@ -209,6 +213,9 @@ class Trainer:
             if self.saved_step != self.state.step and (self.cfg.checkpoint.at_end or outcome == "stopped"):
                 self.checkpoint()
             self.write_reconstruction()
+        if self.is_main:
+            print(f"{outcome}: step {self.state.step} of {self.stop_at}, epoch {self.state.epoch}, "
+                  f"{self.state.samples} samples; outputs in {self.output}")
         dist.destroy_process_group()
         return 1 if outcome == "diverged" else 0
 
