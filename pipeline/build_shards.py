@@ -63,7 +63,6 @@ class ShardResult:
     record: ShardRecord
     rejected: list[dict]
     converted: list[dict]
-    source_bytes: int
 
 
 # ---------------------------------------------------------------- listing the source
@@ -187,11 +186,10 @@ def build_shard(job: ShardJob, report: Callable[[int, int], None] | None = None)
     tar = Path(job.tar)
     tmp_tar, tmp_idx = tar.with_name(tar.name + ".tmp"), tar.with_name(tar.stem + ".idx.tmp")
     writer = ShardWriter(tmp_tar)
-    rejected, converted, source_bytes, samples = [], [], 0, 0
+    rejected, converted, samples = [], [], 0
     unreported = [0, 0]
     try:
         for position, (key, image) in enumerate(job.samples, start=1):
-            source_bytes += image.size
             unreported = [unreported[0] + 1, unreported[1] + image.size]
             if report and (position % PROGRESS_EVERY == 0 or position == len(job.samples)):
                 report(*unreported)
@@ -213,12 +211,12 @@ def build_shard(job: ShardJob, report: Callable[[int, int], None] | None = None)
         writer.close()
     if not samples:  # every image rejected: an empty tar would stop DALI's reader, so write none
         tmp_tar.unlink()
-        return ShardResult(job.index, ShardRecord(tar.name, 0, 0, ""), rejected, converted, source_bytes)
+        return ShardResult(job.index, ShardRecord(tar.name, 0, 0, ""), rejected, converted)
     tmp_idx.write_text(writer.index_text())
     os.replace(tmp_tar, tar)
     os.replace(tmp_idx, tar.with_suffix(".idx"))
     record = ShardRecord(tar.name, samples, tar.stat().st_size, file_sha256(tar))
-    return ShardResult(job.index, record, rejected, converted, source_bytes)
+    return ShardResult(job.index, record, rejected, converted)
 
 
 def _plan_fingerprint(images: list[SourceImage], classes: list[str], args: argparse.Namespace) -> str:
@@ -269,7 +267,7 @@ def _finished_shards(out: Path, split: str, plan: str, source: str) -> dict[int,
             and file_sha256(tar) == record.sha256
         )
         if intact:
-            finished[index] = ShardResult(index, record, raw["rejected"], raw["converted"], raw["source_bytes"])
+            finished[index] = ShardResult(index, record, raw["rejected"], raw["converted"])
     return finished
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from pipeline.manifest import ShardSet, resolve_shards
+from pipeline.wds_format import index_sample_count
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,8 +74,7 @@ def shard_sample_counts(shards: ShardSet) -> list[int]:
     for idx in shards.indexes:
         if not idx.is_file():
             raise FileNotFoundError(f"index file {idx} is missing; rebuild the shards or run DALI's wds2idx on it")
-        with open(idx) as f:
-            counts.append(int(f.readline().split()[1]))
+        counts.append(index_sample_count(idx))
     if shards.manifest is not None:
         listed = {s.name: s.samples for s in shards.manifest.shards}
         for tar, count in zip(shards.tars, counts, strict=True):

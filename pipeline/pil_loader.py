@@ -27,21 +27,18 @@ from pipeline.loader import (
     Loader,
     LoaderSpec,
 )
+from pipeline.wds_format import read_index
 
 
 def read_sample_table(indexes: list[Path]) -> tuple[np.ndarray, list[str]]:
     """[N, 5] int64 rows (shard, jpg offset, jpg size, cls offset, cls size) and the sample keys."""
     rows, keys = [], []
     for shard, idx in enumerate(indexes):
-        with open(idx) as f:
-            f.readline()
-            for line in f:
-                parts = line.split()
-                members = {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)}
-                if "jpg" not in members or "cls" not in members:
-                    raise ValueError(f"{idx}: sample {parts[3].split('.')[0]} lacks a jpg or cls member")
-                rows.append((shard, *members["jpg"], *members["cls"]))
-                keys.append(parts[3].split(".")[0])
+        for key, members in read_index(idx):
+            if "jpg" not in members or "cls" not in members:
+                raise ValueError(f"{idx}: sample {key} lacks a jpg or cls member")
+            rows.append((shard, *members["jpg"], *members["cls"]))
+            keys.append(key)
     return np.asarray(rows, dtype=np.int64).reshape(-1, 5), keys
 
 

@@ -67,6 +67,22 @@ def index_text(entries: Iterable[tuple[str, str, int, int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def index_sample_count(path: Path) -> int:
+    """The sample count from an index file's header line (`v1.2 <count>`), without reading the rest."""
+    with open(path) as f:
+        return int(f.readline().split()[1])
+
+
+def read_index(path: Path) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    """(key, {ext: (data offset, size)}) for each sample of an index file, in tar order."""
+    with open(path) as f:
+        f.readline()
+        for line in f:
+            parts = line.split()
+            yield split_name(parts[3])[0], {parts[i]: (int(parts[i + 1]), int(parts[i + 2]))
+                                            for i in range(0, len(parts), 4)}
+
+
 def split_name(name: str) -> tuple[str, str]:
     """WebDataset's rule: the key runs to the first dot of the file name."""
     base = name.rsplit("/", 1)[-1]
