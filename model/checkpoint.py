@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -38,9 +41,28 @@ class LoadReport:
         return "; ".join(lines)
 
 
+# The only non-tensor, non-builtin type weight files in the wild hold: the reference training script
+# saves its command-line arguments (`args`) beside the weights. Everything else a pickle could name
+# (callables, arbitrary classes) is refused, because unpickling can run code on every rank.
+SAFE_CHECKPOINT_TYPES = [argparse.Namespace]
+
+
+def load_weights_file(path: str | os.PathLike) -> object:
+    """`torch.load` restricted to tensors, containers and `SAFE_CHECKPOINT_TYPES`; a clear error otherwise."""
+    try:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_TYPES):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a paragraph that ends advising to allow-list the object; name it instead.
+        named = re.search(r"GLOBAL (\S+)", str(err))
+        culprit = f"it names {named.group(1)}" if named else "it holds an object torch refuses"
+        raise ValueError(f"{path}: refused to load: {culprit}; weight files may hold only tensors and plain data, "
+                         "since unpickling anything else can run code") from None
+
+
 def read_state_dict(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
     """A state dict from a file or dict holding `{"model": state_dict, ...}` or a bare state dict."""
-    obj = torch.load(source, map_location="cpu", weights_only=False) if not isinstance(source, dict) else source
+    obj = source if isinstance(source, dict) else load_weights_file(source)
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source if not isinstance(source, dict) else 'checkpoint'}: "

@@ -180,3 +180,25 @@ def test_activation_checkpointing_changes_memory_not_results():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b)
+
+
+class _RunsCode:
+    """Unpickling this calls a function: what a malicious checkpoint would do."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_weight_files_holding_code_are_refused(tmp_path, capsys):
+    model = small_model()
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": model.state_dict(), "payload": _RunsCode()}, evil)
+    with pytest.raises(ValueError, match=r"evil.pth: refused to load: it names print;"):
+        load_reference_checkpoint(small_model(), evil)
+    assert "this ran while loading" not in capsys.readouterr().out
+    # What the reference training script saves beside the weights still loads.
+    import argparse
+    own = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": model.state_dict(), "optimizer": {"state": {}}, "epoch": 799, "scaler": {"scale": 1.0},
+                "args": argparse.Namespace(blr=1.5e-4, model="mae_vit_base_patch16")}, own)
+    assert str(load_reference_checkpoint(small_model(), own, strict=True)) == "all weights loaded (encoder and decoder)"

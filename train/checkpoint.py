@@ -100,5 +100,5 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, gradient_clipping: float) -> tu
     # ZeRO restores clip_grad from the optimizer state, which would silently override the config.
     if hasattr(engine.optimizer, "clip_grad"):
         engine.optimizer.clip_grad = gradient_clipping
-    rank_state = torch.load(ckpt_dir / tag / f"rank{dist.get_rank():05d}.pt", weights_only=False)
+    rank_state = torch.load(ckpt_dir / tag / f"rank{dist.get_rank():05d}.pt", weights_only=True)
     return state, rank_state

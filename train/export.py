@@ -20,6 +20,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from model import build_mae
+from model.checkpoint import load_weights_file
 from train.checkpoint import latest_tag
 from train.config import config_from_json
 
@@ -36,8 +37,7 @@ def consolidated_state_dict(output: Path) -> tuple[dict[str, torch.Tensor], dict
     if list((ckpt_dir / tag).glob("*zero_pp_rank_*")):
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:  # ZeRO stage 0 in fp32: no optimizer shards, the module's own weights are the full ones
-        weights = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                             weights_only=False)["module"]
+        weights = load_weights_file(ckpt_dir / tag / "mp_rank_00_model_states.pt")["module"]
     model = build_mae(cfg.model.name, img_size=cfg.model.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
     # The sin-cos position embeddings are frozen and fixed by the config: rebuild any DeepSpeed omitted.
     fixed = {k: v for k, v in model.state_dict().items() if k not in weights and "pos_embed" in k}
