@@ -299,8 +299,11 @@ def _run_jobs(jobs: list[ShardJob], workers: int, report: Callable[[int, int], N
         while pending:
             while not ticks.empty():
                 report(*ticks.get())
-            finished = [p for p in pending if p.ready()]
-            pending = [p for p in pending if not p.ready()]
+            # One look per job per poll: a job that completes between two looks must land in exactly one list.
+            finished, still_running = [], []
+            for job in pending:
+                (finished if job.ready() else still_running).append(job)
+            pending = still_running
             for result in finished:
                 yield result.get()  # re-raises a worker's exception here
             if not finished:

@@ -228,3 +228,26 @@ def test_sample_data_is_deterministic(tmp_path):
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.JPEG"))
     assert len(files) == 8
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def test_a_shard_finishing_between_two_polls_is_not_lost(tree, tmp_path, monkeypatch):
+    """A worker's shard can complete at any moment relative to the parent's polling of the pool."""
+    import multiprocessing.pool
+
+    real_ready = multiprocessing.pool.ApplyResult.ready
+    seen_done: set[int] = set()
+
+    def ready_one_poll_late(result):
+        # The first look after a job completes still says 'not yet', as if it completed just after that look.
+        done = real_ready(result)
+        if done and id(result) not in seen_done:
+            seen_done.add(id(result))
+            return False
+        return done
+
+    monkeypatch.setattr(multiprocessing.pool.ApplyResult, "ready", ready_one_poll_late)
+    src, expected = tree
+    out = tmp_path / "out"
+    assert build_main([str(src), str(out), "--shard-size-mb", "0.03", "--workers", "2", "--quiet",
+                       "--max-pixels", str(MAX_PIXELS)]) == 0
+    assert {path: s["label"] for path, s in read_all(out).items()} == expected
