@@ -14,7 +14,7 @@ from bench.harness import Record, Stat, rate, time_repeats
 def epoch_rate(shards: Path, backend: str, ctx: BenchContext, threads: int, batch: int, repeats: int) -> Stat:
     from pipeline import build_loader
 
-    loader = build_loader(shards, batch_size=batch, image_size=224, backend=backend, device=ctx.device,
+    loader = build_loader(shards, local_batch_size=batch, img_size=224, backend=backend, device=ctx.device,
                           num_threads=threads)
     state = {"epoch": 0}
 
@@ -43,7 +43,7 @@ def run(ctx: BenchContext) -> list[Record]:
     dali = epoch_rate(shards, "dali", ctx, dali_threads, batch, repeats)
     pil = epoch_rate(shards, "pil", ctx, pil_workers, batch, repeats)
     jpeg_kb = sum(p.stat().st_size for p in tree.rglob("*.JPEG")) / max(1, len(list(tree.rglob("*.JPEG")))) / 1024
-    config = {"image_size": 224, "batch": batch, "dali_threads": dali_threads, "pil_workers": pil_workers,
+    config = {"img_size": 224, "batch": batch, "dali_threads": dali_threads, "pil_workers": pil_workers,
               "decode": "mixed (nvJPEG + HW decoder)" if ctx.device == "gpu" else "cpu",
               "mean_jpeg_kb": round(jpeg_kb, 1), "train_augmentation": "random resized crop + flip"}
     return [Record("pipeline", "train_images_per_s", "img/s", dali, pil, "PIL + DataLoader workers", config)]

@@ -1,5 +1,6 @@
 """Data path: image tree -> WebDataset shards -> DALI (or PIL) decoding -> normalized batches."""
 
-from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, build_loader
+from pipeline.loader import build_loader
+from pipeline.loader_base import IMAGENET_MEAN, IMAGENET_STD, Loader
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Loader", "build_loader"]

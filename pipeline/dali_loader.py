@@ -11,7 +11,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipeline.loader import (
+from pipeline.loader_base import (
     CROP_RATIO,
     CROP_SCALE,
     EVAL_CROP_FRACTION,
@@ -19,9 +19,8 @@ from pipeline.loader import (
     IMAGENET_STD,
     Loader,
     LoaderSpec,
-    ascii_labels,
 )
-from pipeline.pil_loader import first_undecodable
+from pipeline.sample_table import SampleTable
 
 # GPU decoding settings, from NVIDIA's ResNet-50 DALI recipe: nvJPEG's scratch buffers sized once
 # for ImageNet-like JPEGs so they are not reallocated, and 65% of images on the hardware decoder.
@@ -36,6 +35,15 @@ SHUFFLE_BUFFER = 1024
 _DAMAGED_HINT = "the shards are damaged: find the bad shard with `python -m pipeline.build_shards --verify DIR`"
 
 
+def ascii_labels(padded: torch.Tensor) -> torch.Tensor:
+    """[B, W] uint8 ASCII digits, zero-padded on the right -> int64 [B]."""
+    digits = padded.long() - ord("0")
+    valid = (padded >= ord("0")) & (padded <= ord("9"))
+    lengths = valid.sum(1, keepdim=True)
+    place = lengths - 1 - torch.arange(padded.shape[1], device=padded.device)
+    return (digits * valid * torch.pow(10, place.clamp_min(0))).sum(1)
+
+
 @pipeline_def(enable_checkpointing=True)
 def mae_pipeline(spec: LoaderSpec, shard_id: int, initial_fill: int):
     jpegs, labels = fn.readers.webdataset(
@@ -47,7 +55,7 @@ def mae_pipeline(spec: LoaderSpec, shard_id: int, initial_fill: int):
     decode = "mixed" if spec.device == "gpu" else "cpu"
     gpu_options = dict(hw_decoder_load=HW_DECODER_LOAD, device_memory_padding=DEVICE_MEMORY_PADDING,
                        host_memory_padding=HOST_MEMORY_PADDING) if decode == "mixed" else {}
-    size = spec.image_size
+    size = spec.img_size
     if spec.train:
         # Only the random window is decoded (ROI decoding), then resized to size x size.
         images = fn.decoders.image_random_crop(
@@ -82,7 +90,7 @@ class DaliLoader(Loader):
         start, end = spec.block(epoch)
         pipe = mae_pipeline(
             spec, spec.shard_id(epoch), max(1, min(SHUFFLE_BUFFER, end - start)),
-            batch_size=spec.batch_size, num_threads=spec.num_threads,
+            batch_size=spec.local_batch_size, num_threads=spec.num_threads,
             device_id=torch.cuda.current_device() if spec.device == "gpu" else None,
             seed=spec.epoch_seed(epoch), prefetch_queue_depth=PREFETCH_QUEUE_DEPTH, checkpoint=self._checkpoint,
         )
@@ -105,7 +113,8 @@ class DaliLoader(Loader):
                 yield images, labels
         except RuntimeError as err:
             # DALI's decoder error does not say which sample failed: find it before reporting.
-            culprit = first_undecodable(self.spec, epoch) or "no undecodable image found in this rank's block"
+            culprit = (SampleTable(self.spec.shards).first_undecodable(range(*self.spec.block(epoch)))
+                       or "no undecodable image found in this rank's block")
             raise RuntimeError(f"DALI pipeline failed on {self.spec.split} shards ({culprit}): {err}\n"
                                f"{_DAMAGED_HINT}") from err
         finally:

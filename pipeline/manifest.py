@@ -8,6 +8,8 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+from pipeline.wds_format import index_path, index_sample_count
+
 
 @dataclass
 class ShardRecord:
@@ -53,6 +55,20 @@ class ShardSet:
     indexes: list[Path]
     manifest: Manifest | None
 
+    def sample_counts(self) -> list[int]:
+        """Samples per shard from the index headers (`v1.2 <count>`), checked against the manifest."""
+        counts = []
+        for idx in self.indexes:
+            if not idx.is_file():
+                raise FileNotFoundError(f"index file {idx} is missing; rebuild the shards or run DALI's wds2idx on it")
+            counts.append(index_sample_count(idx))
+        if self.manifest is not None:
+            listed = {s.name: s.samples for s in self.manifest.shards}
+            for tar, count in zip(self.tars, counts, strict=True):
+                if listed.get(tar.name) != count:
+                    raise ValueError(f"{tar}: index lists {count} samples, the manifest {listed.get(tar.name)}")
+        return counts
+
 
 def resolve_shards(shards: str | Path, split: str = "train") -> ShardSet:
     """A shard folder (read `<split>.json`) or a brace pattern such as `out/train-{000000..000009}.tar`."""
@@ -87,5 +103,5 @@ def resolve_shards(shards: str | Path, split: str = "train") -> ShardSet:
         strays = [p.name for p in tars if p.name not in listed]
         if strays:
             raise ValueError(f"shard {strays[0]} is not in {manifest_path}: the shard list and manifest disagree")
-    indexes = [p.with_suffix(".idx") for p in tars]
+    indexes = [index_path(p) for p in tars]
     return ShardSet(tars, indexes, manifest)

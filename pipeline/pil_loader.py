@@ -11,14 +11,13 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.loader import (
+from pipeline.loader_base import (
     CROP_RATIO,
     CROP_SCALE,
     EVAL_CROP_FRACTION,
@@ -27,19 +26,7 @@ from pipeline.loader import (
     Loader,
     LoaderSpec,
 )
-from pipeline.wds_format import read_index
-
-
-def read_sample_table(indexes: list[Path]) -> tuple[np.ndarray, list[str]]:
-    """[N, 5] int64 rows (shard, jpg offset, jpg size, cls offset, cls size) and the sample keys."""
-    rows, keys = [], []
-    for shard, idx in enumerate(indexes):
-        for key, members in read_index(idx):
-            if "jpg" not in members or "cls" not in members:
-                raise ValueError(f"{idx}: sample {key} lacks a jpg or cls member")
-            rows.append((shard, *members["jpg"], *members["cls"]))
-            keys.append(key)
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 5), keys
+from pipeline.sample_table import SampleTable
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -66,53 +53,33 @@ class ShardSamples(Dataset):
     """Map-style view of the shards: item (sample, epoch) -> (uint8 [3, S, S], label)."""
 
     def __init__(self, spec: LoaderSpec) -> None:
-        self.tars = [str(p) for p in spec.shards.tars]
-        self.table, self.keys = read_sample_table(spec.shards.indexes)
-        self.size, self.train, self.seed = spec.image_size, spec.train, spec.seed
+        self.table = SampleTable(spec.shards)
+        self.img_size, self.train, self.seed = spec.img_size, spec.train, spec.seed
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def read(self, shard: int, offset: int, size: int) -> bytes:
-        with open(self.tars[shard], "rb") as f:
-            f.seek(offset)
-            return f.read(size)
-
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         sample, epoch = item
-        shard, jpg_off, jpg_size, cls_off, cls_size = (int(v) for v in self.table[sample])
         try:
-            img = Image.open(io.BytesIO(self.read(shard, jpg_off, jpg_size))).convert("RGB")
+            img = Image.open(io.BytesIO(self.table.jpeg(sample))).convert("RGB")
         except Exception as err:
-            raise RuntimeError(f"{self.tars[shard]}: sample {self.keys[sample]} does not decode ({err}); find "
-                               "damaged shards with `python -m pipeline.build_shards --verify DIR`") from err
-        label = int(self.read(shard, cls_off, cls_size))
+            raise RuntimeError(f"{self.table.name(sample)} does not decode ({err}); find damaged shards with "
+                               "`python -m pipeline.build_shards --verify DIR`") from err
+        label = self.table.label(sample)
+        size = self.img_size
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, sample])
             left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
-            img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+            img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
             if rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
-            scale = int(self.size / EVAL_CROP_FRACTION) / min(img.width, img.height)
+            scale = int(size / EVAL_CROP_FRACTION) / min(img.width, img.height)
             img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
-            left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
-            img = img.crop((left, top, left + self.size, top + self.size))
+            left, top = (img.width - size) // 2, (img.height - size) // 2
+            img = img.crop((left, top, left + size, top + size))
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label
-
-
-def first_undecodable(spec: LoaderSpec, epoch: int) -> str | None:
-    """'<tar>: sample <key>' of the first image in this rank's block PIL cannot decode, if any."""
-    samples = ShardSamples(spec)
-    start, end = spec.block(epoch)
-    for sample in range(start, end):
-        shard, offset, size = (int(v) for v in samples.table[sample, :3])
-        try:
-            with Image.open(io.BytesIO(samples.read(shard, offset, size))) as img:
-                img.load()
-        except Exception:
-            return f"{samples.tars[shard]}: sample {samples.keys[sample]}"
-    return None
 
 
 def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +102,7 @@ class PilLoader(Loader):
         order = np.arange(start, end)
         if spec.train:
             order = start + np.random.default_rng(spec.epoch_seed(epoch)).permutation(end - start)
-        b = spec.batch_size
+        b = spec.local_batch_size
         return [[(int(s), epoch) for s in order[i * b:(i + 1) * b]] for i in range(len(self))]
 
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 INDEX_VERSION = "v1.2"
+
+
+def index_path(tar: Path) -> Path:
+    """Where a shard's DALI index lives: beside it, `train-000000.tar` -> `train-000000.idx`."""
+    return Path(tar).with_suffix(".idx")
 
 
 @dataclass(frozen=True)
@@ -111,9 +115,3 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

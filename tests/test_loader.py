@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, build_loader
 from pipeline.build_shards import main as build_shards
-from pipeline.loader import ascii_labels
+from pipeline.dali_loader import ascii_labels
 
 BACKENDS = ["dali", "pil"]
 
@@ -61,7 +61,7 @@ def epoch_labels(loader, epoch: int) -> list[int]:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("train", [True, False])
 def test_shapes_dtype_and_normalization(uniform_shards, backend, train):
-    loader = build_loader(uniform_shards, batch_size=2, image_size=32, train=train, backend=backend, device="cpu",
+    loader = build_loader(uniform_shards, local_batch_size=2, img_size=32, train=train, backend=backend, device="cpu",
                           num_threads=1)
     batches = list(loader)
     assert len(batches) == len(loader) == 2
@@ -76,14 +76,15 @@ def test_shapes_dtype_and_normalization(uniform_shards, backend, train):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bfloat16_output(uniform_shards, backend):
-    loader = build_loader(uniform_shards, batch_size=2, image_size=32, backend=backend, device="cpu",
+    loader = build_loader(uniform_shards, local_batch_size=2, img_size=32, backend=backend, device="cpu",
                           num_threads=1, dtype=torch.bfloat16)
     assert next(iter(loader))[0].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_crops_respect_scale_and_ratio_and_flip_half_the_time(gradient_shards, backend):
-    loader = build_loader(gradient_shards, batch_size=8, image_size=32, backend=backend, device="cpu", num_threads=1)
+    loader = build_loader(gradient_shards, local_batch_size=8, img_size=32, backend=backend, device="cpu",
+                          num_threads=1)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     areas, ratios, flips = [], [], 0
@@ -110,7 +111,7 @@ def test_train_crops_respect_scale_and_ratio_and_flip_half_the_time(gradient_sha
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_ranks_see_disjoint_samples_and_nearly_all(id_shards, backend):
     batch, world = 4, 2
-    loaders = [build_loader(id_shards, batch_size=batch, image_size=16, rank=r, world_size=world, backend=backend,
+    loaders = [build_loader(id_shards, local_batch_size=batch, img_size=16, rank=r, world_size=world, backend=backend,
                             device="cpu", num_threads=1) for r in range(world)]
     assert len(loaders[0]) == len(loaders[1]) == (41 // 2) // 4
     for epoch in range(2):
@@ -125,7 +126,7 @@ def test_two_ranks_see_disjoint_samples_and_nearly_all(id_shards, backend):
 def test_eval_yields_every_sample_exactly_once(id_shards, backend, world):
     labels = []
     for rank in range(world):
-        loader = build_loader(id_shards, batch_size=4, image_size=16, train=False, rank=rank, world_size=world,
+        loader = build_loader(id_shards, local_batch_size=4, img_size=16, train=False, rank=rank, world_size=world,
                               backend=backend, device="cpu", num_threads=1)
         labels += epoch_labels(loader, 0)
     assert sorted(labels) == list(range(41))
@@ -134,7 +135,7 @@ def test_eval_yields_every_sample_exactly_once(id_shards, backend, world):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_epochs_differ_and_a_seed_reproduces_the_stream(id_shards, backend):
     def stream(seed):
-        loader = build_loader(id_shards, batch_size=4, image_size=16, seed=seed, backend=backend, device="cpu",
+        loader = build_loader(id_shards, local_batch_size=4, img_size=16, seed=seed, backend=backend, device="cpu",
                               num_threads=1)
         return [epoch_labels(loader, e) for e in range(2)]
     first = stream(0)
@@ -146,7 +147,7 @@ def test_epochs_differ_and_a_seed_reproduces_the_stream(id_shards, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_mid_epoch_continues_with_the_same_batches(id_shards, backend):
     def make():
-        return build_loader(id_shards, batch_size=4, image_size=16, rank=1, world_size=2, backend=backend,
+        return build_loader(id_shards, local_batch_size=4, img_size=16, rank=1, world_size=2, backend=backend,
                             device="cpu", num_threads=1)
 
     whole = make()
@@ -178,16 +179,16 @@ def test_ascii_labels():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clear_errors(id_shards, tmp_path, backend):
-    opts = dict(image_size=16, backend=backend, device="cpu", num_threads=1)
+    opts = dict(img_size=16, backend=backend, device="cpu", num_threads=1)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        build_loader(tmp_path / "missing", batch_size=4, **opts)
+        build_loader(tmp_path / "missing", local_batch_size=4, **opts)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"train.json not found"):
-        build_loader(tmp_path / "empty", batch_size=4, **opts)
+        build_loader(tmp_path / "empty", local_batch_size=4, **opts)
     with pytest.raises(ValueError, match=r"batch size 32 is larger than rank 1's share of 21 samples"):
-        build_loader(id_shards, batch_size=32, rank=1, world_size=2, **opts)
+        build_loader(id_shards, local_batch_size=32, rank=1, world_size=2, **opts)
     with pytest.raises(FileNotFoundError, match=r"\d+ file\(s\) missing, first .*train-000099.tar"):
-        build_loader(str(id_shards / "train-{000099..000000}.tar"), batch_size=4, **opts)
+        build_loader(str(id_shards / "train-{000099..000000}.tar"), local_batch_size=4, **opts)
     copy = tmp_path / "copy"
     copy.mkdir()
     for p in id_shards.iterdir():
@@ -195,9 +196,9 @@ def test_clear_errors(id_shards, tmp_path, backend):
     (copy / "train-000000.tar").rename(copy / "train-000777.tar")
     (copy / "train-000000.idx").rename(copy / "train-000777.idx")
     with pytest.raises(ValueError, match=r"train-000777.tar is not in .*train.json: the shard list and manifest"):
-        build_loader(str(copy / "train-{000777,000001}.tar"), batch_size=4, **opts)
+        build_loader(str(copy / "train-{000777,000001}.tar"), local_batch_size=4, **opts)
     with pytest.raises(FileNotFoundError, match=r"lists 1 shard\(s\) that are missing"):
-        build_loader(copy, batch_size=4, **opts)
+        build_loader(copy, local_batch_size=4, **opts)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -211,7 +212,7 @@ def test_corrupt_image_in_a_shard_fails_naming_it(tmp_path, backend):
     first_jpg = int((out / "train-000000.idx").read_text().splitlines()[1].split()[1])
     data[first_jpg:first_jpg + 4] = b"GIF8"  # no longer a JPEG: no decoder accepts it
     tar.write_bytes(bytes(data))
-    loader = build_loader(out, batch_size=2, image_size=16, backend=backend, device="cpu", num_threads=1)
+    loader = build_loader(out, local_batch_size=2, img_size=16, backend=backend, device="cpu", num_threads=1)
     with pytest.raises(RuntimeError, match="build_shards --verify") as err:
         list(loader)
     assert "train-000000" in str(err.value)

@@ -1,0 +1,138 @@
+"""Cutting a shuffled image list into shards and writing them, in parallel worker processes.
+
+Each shard is a USTAR tar (`<key>.jpg`, `<key>.cls`, `<key>.json` per sample) plus its DALI index,
+written under a temporary name and renamed when complete. Workers report progress per few images
+through a queue, so the parent's progress bar moves within a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import atomic_write_text, temporary_name
+from pipeline.images import DEFAULT_MAX_PIXELS, RejectedImage, prepare_image
+from pipeline.manifest import ShardRecord
+from pipeline.shard_sources import SourceImage
+from pipeline.wds_format import Member, ShardWriter, file_sha256, index_path
+
+TAR_OVERHEAD_PER_SAMPLE = 3 * 1024  # three headers plus padding, for planning shard sizes
+PROGRESS_EVERY = 32  # images between progress reports from a worker
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    index: int
+    tar: str
+    samples: list[tuple[str, SourceImage]]  # (key, image)
+    max_pixels: int
+
+
+@dataclass
+class ShardResult:
+    index: int
+    record: ShardRecord
+    rejected: list[dict]
+    converted: list[dict]
+
+
+def plan_shards(
+    images: list[SourceImage], seed: int, shard_bytes: int, split: str, out: Path, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[ShardJob]:
+    """Shuffle globally, then cut into shards of about `shard_bytes` by source file size."""
+    order = list(images)
+    random.Random(seed).shuffle(order)
+    groups: list[list[tuple[str, SourceImage]]] = [[]]
+    filled = 0
+    for position, image in enumerate(order):
+        cost = image.size + TAR_OVERHEAD_PER_SAMPLE
+        if groups[-1] and filled + cost > shard_bytes:
+            groups.append([])
+            filled = 0
+        groups[-1].append((f"{position:08d}", image))
+        filled += cost
+    return [ShardJob(i, str(out / f"{split}-{i:06d}.tar"), g, max_pixels) for i, g in enumerate(groups)]
+
+
+def build_shard(job: ShardJob, report: Callable[[int, int], None] | None = None) -> ShardResult:
+    """Write one shard (tar + idx) under temporary names, then rename both into place.
+
+    `report(images, bytes)` is called every few images so a progress bar can move within a shard.
+    """
+    tar = Path(job.tar)
+    tmp_tar = temporary_name(tar)
+    writer = ShardWriter(tmp_tar)
+    rejected, converted, samples = [], [], 0
+    unreported = [0, 0]
+    try:
+        for position, (key, image) in enumerate(job.samples, start=1):
+            unreported = [unreported[0] + 1, unreported[1] + image.size]
+            if report and (position % PROGRESS_EVERY == 0 or position == len(job.samples)):
+                report(*unreported)
+                unreported = [0, 0]
+            try:
+                prepared = prepare_image(Path(image.path), job.max_pixels)
+            except RejectedImage as err:
+                rejected.append({"path": image.rel, "reason": str(err)})
+                continue
+            meta = {"path": image.rel, "class": image.class_name, "width": prepared.width, "height": prepared.height}
+            if prepared.conversion:
+                meta["converted"] = prepared.conversion
+                converted.append({"path": image.rel, "conversion": prepared.conversion})
+            writer.add(Member(key, "jpg", prepared.data))
+            writer.add(Member(key, "cls", str(image.label).encode()))
+            writer.add(Member(key, "json", json.dumps(meta, sort_keys=True).encode()))
+            samples += 1
+    finally:
+        writer.close()
+    if not samples:  # every image rejected: an empty tar would stop DALI's reader, so write none
+        tmp_tar.unlink()
+        return ShardResult(job.index, ShardRecord(tar.name, 0, 0, ""), rejected, converted)
+    # The index goes in place first, so that a tar in place always has its index beside it.
+    atomic_write_text(index_path(tar), writer.index_text())
+    os.replace(tmp_tar, tar)
+    record = ShardRecord(tar.name, samples, tar.stat().st_size, file_sha256(tar))
+    return ShardResult(job.index, record, rejected, converted)
+
+
+class _QueueReport:
+    """A picklable `report` for pool workers: sends (images, bytes) to the parent's queue."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def __call__(self, images: int, size: int) -> None:
+        self.queue.put((images, size))
+
+
+def run_jobs(jobs: list[ShardJob], workers: int, report: Callable[[int, int], None]) -> Iterator[ShardResult]:
+    """Results in completion order; progress reaches `report` in this process while shards are written."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield build_shard(job, report)
+        return
+    context = multiprocessing.get_context("fork")
+    with context.Manager() as manager, context.Pool(workers) as pool:
+        ticks = manager.Queue()
+        pending = [pool.apply_async(build_shard, (job, _QueueReport(ticks))) for job in jobs]
+        while pending:
+            while not ticks.empty():
+                report(*ticks.get())
+            # One look per job per poll: a job that completes between two looks must land in exactly one list.
+            finished, still_running = [], []
+            for job in pending:
+                (finished if job.ready() else still_running).append(job)
+            pending = still_running
+            for result in finished:
+                yield result.get()  # re-raises a worker's exception here
+            if not finished:
+                time.sleep(0.1)
+        while not ticks.empty():
+            report(*ticks.get())
