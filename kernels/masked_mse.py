@@ -15,12 +15,11 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from einops import rearrange
 from torch import Tensor
 
 from kernels.dispatch import use_triton
+from kernels.patches import NORM_PIX_EPS, patch_mean_std, patchify
 
-NORM_PIX_EPS = 1e-6
 MAX_PATCH_VALUES = 16384  # one program holds a whole patch in registers
 
 
@@ -120,11 +119,10 @@ def masked_patch_mse_reference(
     imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool
 ) -> torch.Tensor:
     """The reference MAE's formulation, op by op."""
-    target = rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=patch_size, q=patch_size)
+    target = patchify(imgs, patch_size)
     if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
+        mean, std = patch_mean_std(target)
+        target = (target - mean) / std
     loss = ((pred - target) ** 2).mean(dim=-1)
     return (loss * mask).sum() / mask.sum()
 

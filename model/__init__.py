@@ -1,7 +1,7 @@
 """MAE ViT models whose state dicts match the reference implementation's."""
 
-from model.checkpoint import LoadReport, load_reference_checkpoint, read_state_dict
-from model.mae import MaskedAutoencoderViT, patchify, random_masking, unpatchify
+from kernels.patches import patchify, unpatchify
+from model.mae import MaskedAutoencoderViT, random_masking
 from model.presets import (
     PRESETS,
     build_mae,
@@ -10,19 +10,20 @@ from model.presets import (
     mae_vit_large_patch16,
     mae_vit_tiny_patch16,
 )
+from model.weights import LoadReport, load_reference_weights, read_weights
 
 __all__ = [
     "PRESETS",
     "LoadReport",
     "MaskedAutoencoderViT",
     "build_mae",
-    "load_reference_checkpoint",
+    "load_reference_weights",
     "mae_vit_base_patch16",
     "mae_vit_huge_patch14",
     "mae_vit_large_patch16",
     "mae_vit_tiny_patch16",
     "patchify",
     "random_masking",
-    "read_state_dict",
+    "read_weights",
     "unpatchify",
 ]

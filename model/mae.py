@@ -19,28 +19,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from kernels.patches import patch_mean_std, patchify, unpatchify
 from model.pos_embed import sincos_2d
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """[N, C, H, W] -> [N, L, p*p*C], patch vectors in (p, q, c) order."""
-    return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=patch_size, q=patch_size)
-
-
-def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """[N, L, p*p*C] -> [N, C, H, W]; `grid` = (rows, cols) of patches, square when omitted."""
-    if grid is None:
-        side = round(patches.shape[1] ** 0.5)
-        if side * side != patches.shape[1]:
-            raise ValueError(f"{patches.shape[1]} patches do not form a square grid; pass grid=(rows, cols)")
-        grid = (side, side)
-    return rearrange(
-        patches, "n (h w) (p q c) -> n c (h p) (w q)", h=grid[0], w=grid[1], p=patch_size, q=patch_size
-    )
 
 
 def random_masking(noise: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,7 +121,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
-        self.grad_checkpointing = False  # recompute encoder blocks in backward to save memory
+        self.activation_recompute = False  # recompute encoder blocks in backward to save memory
 
         # Encoder: patch embedding, fixed position embedding, ViT blocks on visible tokens only.
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim)
@@ -188,6 +172,15 @@ class MaskedAutoencoderViT(nn.Module):
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         return unpatchify(patches, self.patch_size, self.patch_embed.grid)
 
+    def prediction_pixels(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Predictions as images [N, C, H, W]: with norm_pix_loss, each patch takes the mean and spread of
+        the image patch it replaces, since the model predicts normalized pixels."""
+        pred = pred.float()
+        if self.norm_pix_loss:
+            mean, std = patch_mean_std(self.patchify(imgs.float()))
+            pred = pred * std + mean
+        return self.unpatchify(pred)
+
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,7 +193,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.patch_embed(imgs)
         x = kernels.visible_tokens(x, self.pos_embed, self.cls_token, ids_keep, ids_restore)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if self.activation_recompute and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)

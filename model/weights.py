@@ -1,4 +1,8 @@
-"""Load checkpoints written by the reference MAE code (or by `train.export`)."""
+"""Weights in the reference MAE layout: read them safely, load them into a model, name the decoder part.
+
+The files are those the reference code released or saved (`mae_pretrain_vit_*.pth`, its training
+checkpoints) and those `train.export` writes: `{"model": state_dict, ...}` or a bare state dict.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +16,19 @@ import torch
 
 from model.mae import MaskedAutoencoderViT
 
-_DECODER_PREFIXES = ("decoder_", "mask_token")
+DECODER_PREFIXES = ("decoder_", "mask_token")  # state-dict keys of the decoder; the rest is the encoder
 
 
 @dataclass
 class LoadReport:
-    """What a checkpoint load found, in words a user can act on."""
+    """What loading a weight file found, in words a user can act on."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
 
     @property
     def encoder_only(self) -> bool:
-        return bool(self.missing) and all(key.startswith(_DECODER_PREFIXES) for key in self.missing)
+        return bool(self.missing) and all(key.startswith(DECODER_PREFIXES) for key in self.missing)
 
     def __str__(self) -> str:
         if not self.missing and not self.unexpected:
@@ -60,17 +64,17 @@ def load_weights_file(path: str | os.PathLike) -> object:
                          "since unpickling anything else can run code") from None
 
 
-def read_state_dict(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
-    """A state dict from a file or dict holding `{"model": state_dict, ...}` or a bare state dict."""
+def read_weights(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
+    """The state dict in a file (or dict) holding `{"model": state_dict, ...}` or a bare state dict."""
     obj = source if isinstance(source, dict) else load_weights_file(source)
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{source if not isinstance(source, dict) else 'checkpoint'}: "
+        raise ValueError(f"{source if not isinstance(source, dict) else 'weights'}: "
                          "expected {'model': state_dict} or a state dict of tensors")
     return state
 
 
-def load_reference_checkpoint(
+def load_reference_weights(
     model: MaskedAutoencoderViT, source: str | os.PathLike | dict, strict: bool = False
 ) -> LoadReport:
     """Copy reference-layout weights into `model`.
@@ -78,7 +82,7 @@ def load_reference_checkpoint(
     Encoder-only files (`mae_pretrain_vit_*.pth`) leave the decoder as initialised. Any shape
     mismatch is an error naming the tensor; with `strict`, so is any missing or unexpected key.
     """
-    state = read_state_dict(source)
+    state = read_weights(source)
     own = model.state_dict()
     mismatched = [
         f"{key}: checkpoint {list(value.shape)} vs model {list(own[key].shape)}"
@@ -86,7 +90,7 @@ def load_reference_checkpoint(
         if key in own and own[key].shape != value.shape
     ]
     if mismatched:
-        raise ValueError("checkpoint does not fit this model (wrong preset or image size?): " + "; ".join(mismatched))
+        raise ValueError("weights do not fit this model (wrong preset or image size?): " + "; ".join(mismatched))
     result = model.load_state_dict(state, strict=False)
     report = LoadReport(missing=list(result.missing_keys), unexpected=list(result.unexpected_keys))
     if strict and (report.missing or report.unexpected):

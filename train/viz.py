@@ -8,18 +8,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kernels.masked_mse import NORM_PIX_EPS
 from model import MaskedAutoencoderViT
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, build_loader
 
 MIN_CELL = 128  # small images are enlarged (nearest) so patches stay visible
 
 
-def fixed_images(shards: str, split: str, count: int, image_size: int, device: torch.device) -> torch.Tensor:
+def fixed_images(shards: str, split: str, count: int, img_size: int, device: torch.device) -> torch.Tensor:
     """The first `count` samples of `split` (or of train, if the split is absent), centre-cropped."""
     for candidate in (split, "train"):
         try:
-            loader = build_loader(shards, candidate, batch_size=count, image_size=image_size, train=False,
+            loader = build_loader(shards, split=candidate, local_batch_size=count, img_size=img_size, train=False,
                                   device="gpu" if device.type == "cuda" else "cpu", backend="pil", num_threads=1)
         except FileNotFoundError:
             continue
@@ -32,18 +31,9 @@ def fixed_noise(count: int, num_patches: int, device: torch.device) -> torch.Ten
     return torch.rand(count, num_patches, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def pixel_predictions(model: MaskedAutoencoderViT, images: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """Predictions back in image space (undo the per-patch normalization of norm_pix_loss targets)."""
-    if model.norm_pix_loss:
-        target = model.patchify(images.float())
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred.float() * (var + NORM_PIX_EPS) ** 0.5 + mean
-    return model.unpatchify(pred.float())
-
-
 def reconstruction_grid(model: MaskedAutoencoderViT, images: torch.Tensor, pred: torch.Tensor,
                         mask: torch.Tensor) -> Image.Image:
-    recon = pixel_predictions(model, images, pred)
+    recon = model.prediction_pixels(images, pred)
     p = model.patch_size
     pixel_mask = model.unpatchify(mask.float().unsqueeze(-1).repeat(1, 1, p * p * model.in_chans))
     images = images.float()
