@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from pipeline.atomic import atomic_write_text
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_HISTORY = REPO / "bench" / "history"
 
@@ -152,9 +154,7 @@ class History:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.loads(self.path.read_text()) if self.path.is_file() else {"runs": []}
         payload["runs"].append({**self.meta, "records": [r.to_json() for r in records]})
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
 
 
 def load_history(folder: Path) -> list[dict[str, Any]]:

@@ -53,7 +53,7 @@ def run(ctx: BenchContext) -> list[Record]:
         steps, log_every = (25, 5) if ctx.quick else (60, 10)
     records = []
     for config, batch in setups:
-        common = ["--set", f"optim.batch_size={batch}", "--set", f"optim.micro_batch={batch}"]
+        common = ["--set", f"optim.global_batch_size={batch}", "--set", f"optim.local_batch_size={batch}"]
         ours = trainer_run(config, shards, steps, log_every, [*common, "--set", "data.backend=dali"], {})
         base = trainer_run(config, shards, steps, log_every, [*common, "--set", "data.backend=pil"],
                            {"MAE_KERNELS": "torch"})
@@ -62,7 +62,7 @@ def run(ctx: BenchContext) -> list[Record]:
         records.append(Record(
             "train", f"images_per_s.{name}", "img/s", ours_rate, base_rate,
             "reference-style: PIL DataLoader + torch reference ops",
-            {"config": config, "micro_batch": batch, "ranks": 1, "steps": steps, "log_every": log_every},
+            {"config": config, "local_batch_size": batch, "ranks": 1, "steps": steps, "log_every": log_every},
             extra={"data_stall_pct": ours_stall, "mfu": ours_mfu, "baseline_data_stall_pct": base_stall,
                    "baseline_mfu": base_mfu},
         ))

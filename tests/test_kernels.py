@@ -12,7 +12,7 @@ from kernels import (
     visible_tokens_reference,
 )
 from model import random_masking
-from tests.test_model import small_model
+from tests.helpers import small_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

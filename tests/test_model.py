@@ -3,24 +3,15 @@ import torch
 
 from model import (
     MaskedAutoencoderViT,
-    load_reference_checkpoint,
+    load_reference_weights,
     mae_vit_base_patch16,
     mae_vit_huge_patch14,
     mae_vit_large_patch16,
     patchify,
     unpatchify,
 )
+from tests.helpers import SMALL, small_model
 from tests.independent_mae import mae_forward
-
-SMALL = dict(
-    img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
-    decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2, mlp_ratio=4.0,
-)
-
-
-def small_model(**overrides) -> MaskedAutoencoderViT:
-    torch.manual_seed(0)
-    return MaskedAutoencoderViT(**{**SMALL, **overrides})
 
 
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
@@ -152,20 +143,20 @@ def test_reference_checkpoints_load(tmp_path):
     full = tmp_path / "full.pth"
     torch.save({"model": trained.state_dict(), "epoch": 3}, full)
     fresh = small_model()
-    report = load_reference_checkpoint(fresh, full, strict=True)
+    report = load_reference_weights(fresh, full, strict=True)
     assert str(report) == "all weights loaded (encoder and decoder)"
     for key, value in trained.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
 
     encoder_only = {k: v for k, v in trained.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
     encoder_only["fc_norm.weight"] = torch.ones(32)
-    report = load_reference_checkpoint(small_model(), encoder_only)
+    report = load_reference_weights(small_model(), encoder_only)
     assert report.encoder_only and report.unexpected == ["fc_norm.weight"]
     assert "encoder-only checkpoint" in str(report) and "fc_norm.weight" in str(report)
     with pytest.raises(ValueError, match="strict load failed"):
-        load_reference_checkpoint(small_model(), encoder_only, strict=True)
+        load_reference_weights(small_model(), encoder_only, strict=True)
     with pytest.raises(ValueError, match=r"pos_embed: checkpoint \[1, 17, 32\] vs model \[1, 37, 32\]"):
-        load_reference_checkpoint(small_model(img_size=(32, 72)), full)
+        load_reference_weights(small_model(img_size=(32, 72)), full)
 
 
 def test_activation_checkpointing_changes_memory_not_results():
@@ -173,7 +164,7 @@ def test_activation_checkpointing_changes_memory_not_results():
     results = []
     for recompute in (False, True):
         model = small_model()
-        model.grad_checkpointing = recompute
+        model.activation_recompute = recompute
         loss, _, _ = model(imgs, noise=noise)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
@@ -194,11 +185,11 @@ def test_weight_files_holding_code_are_refused(tmp_path, capsys):
     evil = tmp_path / "evil.pth"
     torch.save({"model": model.state_dict(), "payload": _RunsCode()}, evil)
     with pytest.raises(ValueError, match=r"evil.pth: refused to load: it names print;"):
-        load_reference_checkpoint(small_model(), evil)
+        load_reference_weights(small_model(), evil)
     assert "this ran while loading" not in capsys.readouterr().out
     # What the reference training script saves beside the weights still loads.
     import argparse
     own = tmp_path / "checkpoint-799.pth"
     torch.save({"model": model.state_dict(), "optimizer": {"state": {}}, "epoch": 799, "scaler": {"scale": 1.0},
                 "args": argparse.Namespace(blr=1.5e-4, model="mae_vit_base_patch16")}, own)
-    assert str(load_reference_checkpoint(small_model(), own, strict=True)) == "all weights loaded (encoder and decoder)"
+    assert str(load_reference_weights(small_model(), own, strict=True)) == "all weights loaded (encoder and decoder)"

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import MaskedAutoencoderViT, load_reference_checkpoint
+from model import load_reference_weights
 from pipeline.build_shards import main as build_shards
 from pipeline.sample_data import main as sample_data
+from tests.helpers import REPO, tiny_preset_model
 from train.config import ConfigError, OptimConfig, TrainConfig, load_config, plan_batch
 from train.export import main as export_main
 from train.pretrain import lr_at
 from train.pretrain import main as pretrain_main
 from train.viz import fixed_images, fixed_noise
 
-REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 METRIC_FIELDS = {"step", "epoch", "samples", "loss", "lr", "grad_norm", "img_per_s", "data_stall_pct", "mfu",
                  "step_time_s"}
@@ -67,9 +67,8 @@ def exported_loss_matches_engine(shards: Path, output: Path, tmp_path: Path, rel
     target = tmp_path / f"{output.name}.pth"
     assert export_main([str(output), "--to", str(target)]) == 0
     cfg = json.loads((output / "config.json").read_text())
-    model = MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=192, depth=4, num_heads=3,
-                                 decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, norm_pix_loss=True)
-    assert str(load_reference_checkpoint(model, target, strict=True)) == "all weights loaded (encoder and decoder)"
+    model = tiny_preset_model()
+    assert str(load_reference_weights(model, target, strict=True)) == "all weights loaded (encoder and decoder)"
     images = fixed_images(str(shards), "val", cfg["log"]["viz_images"], 64, torch.device("cpu"))
     with torch.no_grad():
         loss, _, _ = model(images, 0.75, fixed_noise(images.shape[0], model.num_patches, torch.device("cpu")))
@@ -82,14 +81,14 @@ def exported_loss_matches_engine(shards: Path, output: Path, tmp_path: Path, rel
 def test_zero_stage_trains_logs_checkpoints_and_exports(shards, tmp_path, stage, recompute, precision):
     output = tmp_path / f"zero{stage}"
     run(shards, output, "--max-steps", "24", "--log-every", "4", "--set", f"runtime.zero_stage={stage}",
-        "--set", f"model.grad_checkpointing={recompute}", "--set", f"runtime.precision={precision}")
+        "--set", f"model.activation_recompute={recompute}", "--set", f"runtime.precision={precision}")
     records = metrics(output)
     assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
     for r in records:
         assert set(r) == METRIC_FIELDS
         assert r["samples"] == 16 * r["step"] and r["img_per_s"] > 0 and 0 <= r["data_stall_pct"] <= 100
         assert r["mfu"] is None  # no known peak on a CPU
-    # 2 ranks x 32 samples / 8 per micro-batch: 4 steps per epoch, warm-up 1 epoch, 40 epochs.
+    # 2 ranks x 32 samples / 8 per local batch: 4 steps per epoch, warm-up 1 epoch, 40 epochs.
     assert records[0]["lr"] == pytest.approx(lr_at(3 / 4, 2e-3, load_config("configs/tiny.toml")))
     assert records[-1]["epoch"] == 5
     assert records[-1]["loss"] < 0.85 * records[0]["loss"]
@@ -100,10 +99,10 @@ def test_zero_stage_trains_logs_checkpoints_and_exports(shards, tmp_path, stage,
 
 
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(shards, tmp_path):
-    common = ("--log-every", "1", "--set", "optim.micro_batch=4", "--set", "runtime.zero_stage=2")
+    common = ("--log-every", "1", "--set", "optim.local_batch_size=4", "--set", "runtime.zero_stage=2")
     run(shards, tmp_path / "whole", "--max-steps", "12", *common)
     out = run(shards, tmp_path / "split", "--max-steps", "6", *common)
-    assert "grad_accum = 16 / (4 x 2 ranks) = 2" in out
+    assert "grad_accum_steps = 16 / (4 x 2 ranks) = 2" in out
     out = run(shards, tmp_path / "split", "--max-steps", "12", "--resume", *common)
     assert "resumed from step00000006: step 6, epoch 1" in out
     whole = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "whole")]
@@ -151,7 +150,8 @@ def test_config_errors_are_one_line_before_any_work(shards, tmp_path, capsys):
     cases = [
         (["--set", "optim.bogus=1"], "unknown config key 'optim.bogus'"),
         (["--set", "optim.blr=fast"], "optim.blr: expected float, got 'fast'"),
-        (["--set", "runtime.zero_stage=5"], "runtime.zero_stage must be 0-3"),
+        (["--set", "runtime.zero_stage=5"], "runtime.zero_stage must be one of 0, 1, 2, 3, got '5'"),
+        (["--set", "data.backend=opencv"], "data.backend must be one of dali, pil, got 'opencv'"),
         (["--set", "model.name=vit_giant"], "model.name 'vit_giant' is not one of"),
         (["--config", "configs/nope.toml"], "config preset configs/nope.toml not found"),
         (["--set", "model.init=/nope.pth"], "model.init /nope.pth: no such file"),
@@ -174,20 +174,20 @@ def test_presets_follow_the_paper_recipe():
         cfg = load_config(REPO / "configs" / f"{name}.toml")
         assert cfg.model.name == model and cfg.model.norm_pix_loss and cfg.model.mask_ratio == 0.75
         o = cfg.optim
-        assert (o.batch_size, o.blr, o.betas, o.weight_decay, o.warmup_epochs, o.epochs, o.gradient_clipping) == (
-            4096, 1.5e-4, (0.9, 0.95), 0.05, 40, 1600, 0.0)
+        recipe = (o.global_batch_size, o.blr, o.betas, o.weight_decay, o.warmup_epochs, o.epochs, o.gradient_clipping)
+        assert recipe == (4096, 1.5e-4, (0.9, 0.95), 0.05, 40, 1600, 0.0)
         assert cfg.runtime.precision == "bf16" and cfg.runtime.zero_stage == 1
 
 
 def test_batch_plan_derives_the_missing_number():
-    assert plan_batch(OptimConfig(batch_size=4096), 64).micro_batch == 64
-    plan = plan_batch(OptimConfig(batch_size=4096, micro_batch=32), 64)
-    assert (plan.grad_accum, plan.batch_size) == (2, 4096)
-    assert plan_batch(OptimConfig(batch_size=4096, grad_accum=4), 8).micro_batch == 128
+    assert plan_batch(OptimConfig(global_batch_size=4096), 64).local_batch_size == 64
+    plan = plan_batch(OptimConfig(global_batch_size=4096, local_batch_size=32), 64)
+    assert (plan.grad_accum_steps, plan.global_batch_size) == (2, 4096)
+    assert plan_batch(OptimConfig(global_batch_size=4096, grad_accum_steps=4), 8).local_batch_size == 128
     with pytest.raises(ConfigError, match="does not split evenly over 3 ranks"):
-        plan_batch(OptimConfig(batch_size=4096), 3)
-    with pytest.raises(ConfigError, match="!= micro_batch 8 x grad_accum 2 x 4 ranks"):
-        plan_batch(OptimConfig(batch_size=100, micro_batch=8, grad_accum=2), 4)
+        plan_batch(OptimConfig(global_batch_size=4096), 3)
+    with pytest.raises(ConfigError, match="!= local_batch_size 8 x grad_accum_steps 2 x 4 ranks"):
+        plan_batch(OptimConfig(global_batch_size=100, local_batch_size=8, grad_accum_steps=2), 4)
 
 
 def test_learning_rate_schedule():

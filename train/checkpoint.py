@@ -13,7 +13,6 @@ directory is never loaded; it is removed at the next successful save.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from pipeline.atomic import atomic_path, atomic_write_text
 
 LATEST = "latest"
 
@@ -49,26 +50,19 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if (ckpt_dir / tag).is_dir() else None
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: dict, keep_last: int) -> str:
     """Collective: every rank calls it. Returns the tag written."""
     tag = f"step{state.step:08d}"
     rank = dist.get_rank()
     tag_dir = ckpt_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save(rank_state, tag_dir / f"rank{rank:05d}.pt")
+    with atomic_path(tag_dir / f"rank{rank:05d}.pt") as tmp:
+        torch.save(rank_state, tmp)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"train_state": asdict(state)}, save_latest=False)
     dist.barrier()
     if rank == 0:
         (tag_dir / "train_state.json").write_text(json.dumps(asdict(state)))
-        tmp = ckpt_dir / (LATEST + ".tmp")
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / LATEST)
+        atomic_write_text(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep_last, tag)
     dist.barrier()
     return tag

@@ -6,22 +6,24 @@ any process starts distributed work, so a typo costs one clear line rather than 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import itertools
 import json
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from model import PRESETS, MaskedAutoencoderViT, build_mae
+from pipeline.loader_base import Backend
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-import itertools
-
-from model import PRESETS
 
 
 class ConfigError(ValueError):
@@ -32,13 +34,11 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "mae_vit_huge_patch14"
     """model preset, one of model.PRESETS"""
-    img_size: int = 224
-    """input resolution (square); must be divisible by the patch size"""
     norm_pix_loss: bool = True
     """regress per-patch normalized pixels (the paper's best setting)"""
     mask_ratio: float = 0.75
     """fraction of patches removed from each image"""
-    grad_checkpointing: bool = False
+    activation_recompute: bool = False
     """recompute encoder blocks in backward: less activation memory, ~30% more encoder compute"""
     init: str = ""
     """start from these weights: a train.export file or a released MAE .pth (empty = random init)"""
@@ -48,7 +48,9 @@ class ModelConfig:
 class DataConfig:
     shards: str = ""
     """shard folder (with train.json) or brace pattern; --data sets it"""
-    backend: str = "dali"
+    img_size: int = 224
+    """side of the square crops the loader delivers; the model is built for it (divisible by the patch)"""
+    backend: Backend = "dali"
     """dali (GPU 'mixed' decoding, CPU without a GPU) or pil (the baseline)"""
     num_threads: int = 0
     """decoder threads (DALI) or workers (PIL) per rank; 0 = CPU cores per local rank"""
@@ -58,14 +60,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    batch_size: int = 4096
-    """effective batch: micro_batch x grad_accum x world size"""
-    micro_batch: int = 0
+    global_batch_size: int = 4096
+    """images per optimizer step, all ranks together: local_batch_size x grad_accum_steps x ranks"""
+    local_batch_size: int = 0
     """images per rank per forward pass; 0 = derived from the others"""
-    grad_accum: int = 0
-    """micro-batches per optimizer step; 0 = derived from the others"""
+    grad_accum_steps: int = 0
+    """forward passes per optimizer step; 0 = derived from the others"""
     blr: float = 1.5e-4
-    """base learning rate: lr = blr x batch_size / 256"""
+    """base learning rate: lr = blr x global_batch_size / 256"""
     lr: float = 0.0
     """absolute peak learning rate; 0 = from blr"""
     min_lr: float = 0.0
@@ -84,9 +86,9 @@ class OptimConfig:
 
 @dataclass
 class RuntimeConfig:
-    zero_stage: int = 1
+    zero_stage: Literal[0, 1, 2, 3] = 1
     """DeepSpeed ZeRO stage 0-3"""
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"
     """bf16 or fp32 (fp16 is not offered: MAE has produced NaNs with it)"""
     seed: int = 0
     """seeds model init, data order and masks"""
@@ -133,6 +135,12 @@ class TrainConfig:
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
     origin = typing.get_origin(kind)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        coerced = _coerce(value, type(choices[0]), key)
+        if coerced not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return coerced
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else list(value)
         args = typing.get_args(kind)
@@ -211,18 +219,15 @@ def validate(cfg: TrainConfig) -> None:
     checks = [
         (cfg.model.name in PRESETS, f"model.name {cfg.model.name!r} is not one of {', '.join(PRESETS)}"),
         (0 <= cfg.model.mask_ratio < 1, f"model.mask_ratio must be in [0, 1), got {cfg.model.mask_ratio}"),
-        (cfg.model.img_size % PRESETS.get(cfg.model.name, {}).get("patch_size", 1) == 0,
-         f"model.img_size {cfg.model.img_size} is not divisible by the patch size of {cfg.model.name}"),
-        (cfg.data.backend in ("dali", "pil"), f"data.backend must be dali or pil, got {cfg.data.backend!r}"),
-        (cfg.optim.batch_size > 0, "optim.batch_size must be positive"),
-        (cfg.optim.micro_batch >= 0 and cfg.optim.grad_accum >= 0, "micro_batch and grad_accum must be >= 0"),
+        (cfg.data.img_size % PRESETS.get(cfg.model.name, {}).get("patch_size", 1) == 0,
+         f"data.img_size {cfg.data.img_size} is not divisible by the patch size of {cfg.model.name}"),
+        (cfg.optim.global_batch_size > 0, "optim.global_batch_size must be positive"),
+        (cfg.optim.local_batch_size >= 0 and cfg.optim.grad_accum_steps >= 0,
+         "optim.local_batch_size and optim.grad_accum_steps must be >= 0"),
         (cfg.optim.epochs > 0 and 0 <= cfg.optim.warmup_epochs < cfg.optim.epochs,
          "optim.warmup_epochs must be in [0, epochs)"),
         (cfg.optim.blr > 0 or cfg.optim.lr > 0, "set optim.blr or optim.lr"),
         (cfg.optim.gradient_clipping >= 0, "optim.gradient_clipping must be >= 0"),
-        (cfg.runtime.zero_stage in (0, 1, 2, 3), f"runtime.zero_stage must be 0-3, got {cfg.runtime.zero_stage}"),
-        (cfg.runtime.precision in ("bf16", "fp32"), f"runtime.precision must be bf16 or fp32, got "
-                                                    f"{cfg.runtime.precision!r}"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (cfg.log.log_every >= 1 and cfg.log.viz_every >= 1, "log.log_every and log.viz_every must be >= 1"),
         (cfg.max_steps >= 0, "max_steps must be >= 0"),
@@ -235,35 +240,36 @@ def validate(cfg: TrainConfig) -> None:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    micro_batch: int
-    grad_accum: int
+    local_batch_size: int
+    grad_accum_steps: int
     world_size: int
     note: str  # how the missing numbers were derived, for the start-up log
 
     @property
-    def batch_size(self) -> int:
-        return self.micro_batch * self.grad_accum * self.world_size
+    def global_batch_size(self) -> int:
+        return self.local_batch_size * self.grad_accum_steps * self.world_size
 
 
 def plan_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
-    """Derive micro-batch or accumulation so that micro x accum x world = batch_size."""
-    batch, micro, accum = optim.batch_size, optim.micro_batch, optim.grad_accum
-    if micro and accum:
-        if micro * accum * world_size != batch:
-            raise ConfigError(f"optim.batch_size {batch} != micro_batch {micro} x grad_accum {accum} x "
-                              f"{world_size} ranks; fix one or set it to 0 to derive it")
-        return BatchPlan(micro, accum, world_size, "as configured")
-    if micro:
-        accum, rest = divmod(batch, micro * world_size)
-        note = f"grad_accum = {batch} / ({micro} x {world_size} ranks) = {accum}"
+    """Derive the local batch or the accumulation so that local x accumulation x ranks = global batch."""
+    batch, local, accum = optim.global_batch_size, optim.local_batch_size, optim.grad_accum_steps
+    if local and accum:
+        if local * accum * world_size != batch:
+            raise ConfigError(f"optim.global_batch_size {batch} != local_batch_size {local} x grad_accum_steps "
+                              f"{accum} x {world_size} ranks; fix one or set it to 0 to derive it")
+        return BatchPlan(local, accum, world_size, "as configured")
+    if local:
+        accum, rest = divmod(batch, local * world_size)
+        note = f"grad_accum_steps = {batch} / ({local} x {world_size} ranks) = {accum}"
     else:
         accum = accum or 1
-        micro, rest = divmod(batch, accum * world_size)
-        note = f"micro_batch = {batch} / ({accum} accumulation x {world_size} ranks) = {micro}"
-    if rest or not micro or not accum:
-        raise ConfigError(f"optim.batch_size {batch} does not split evenly over {world_size} ranks "
-                          f"(micro_batch {optim.micro_batch or '?'}, grad_accum {optim.grad_accum or '?'})")
-    return BatchPlan(micro, accum, world_size, note)
+        local, rest = divmod(batch, accum * world_size)
+        note = f"local_batch_size = {batch} / ({accum} accumulation x {world_size} ranks) = {local}"
+    if rest or not local or not accum:
+        raise ConfigError(f"optim.global_batch_size {batch} does not split evenly over {world_size} ranks "
+                          f"(local_batch_size {optim.local_batch_size or '?'}, "
+                          f"grad_accum_steps {optim.grad_accum_steps or '?'})")
+    return BatchPlan(local, accum, world_size, note)
 
 
 def describe(cfg: Any = None, prefix: str = "") -> list[str]:
@@ -281,9 +287,6 @@ def describe(cfg: Any = None, prefix: str = "") -> list[str]:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    import ast
-    import inspect
-
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}
@@ -300,3 +303,10 @@ def config_from_json(path: Path) -> TrainConfig:
         _set(cfg, key, value)
     validate(cfg)
     return cfg
+
+
+def model_from_config(cfg: TrainConfig) -> MaskedAutoencoderViT:
+    """The MAE a run trains: its preset at the loader's resolution, with its loss and recompute settings."""
+    model = build_mae(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+    model.activation_recompute = cfg.model.activation_recompute
+    return model

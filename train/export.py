@@ -11,7 +11,6 @@ weights are written in float32.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -19,12 +18,10 @@ from pathlib import Path
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from model import build_mae
-from model.checkpoint import load_weights_file
+from model.weights import DECODER_PREFIXES, load_weights_file
+from pipeline.atomic import atomic_path
 from train.checkpoint import latest_tag
-from train.config import config_from_json
-
-DECODER_PREFIXES = ("decoder_", "mask_token")
+from train.config import config_from_json, model_from_config
 
 
 def consolidated_state_dict(output: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -38,7 +35,7 @@ def consolidated_state_dict(output: Path) -> tuple[dict[str, torch.Tensor], dict
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:  # ZeRO stage 0 in fp32: no optimizer shards, the module's own weights are the full ones
         weights = load_weights_file(ckpt_dir / tag / "mp_rank_00_model_states.pt")["module"]
-    model = build_mae(cfg.model.name, img_size=cfg.model.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+    model = model_from_config(cfg)
     # The sin-cos position embeddings are frozen and fixed by the config: rebuild any DeepSpeed omitted.
     fixed = {k: v for k, v in model.state_dict().items() if k not in weights and "pos_embed" in k}
     model.load_state_dict({**weights, **fixed}, strict=True)
@@ -61,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.encoder_only:
         state = {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES)}
     target = Path(args.to)
-    tmp = target.with_name(target.name + ".tmp")
-    torch.save({"model": state, "maeflow": provenance}, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        torch.save({"model": state, "maeflow": provenance}, tmp)
     params = sum(v.numel() for v in state.values())
     print(f"wrote {target}: {len(state)} tensors, {params / 1e6:.1f}M values"
           f"{' (encoder only)' if args.encoder_only else ''} from {provenance['checkpoint']}")

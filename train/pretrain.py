@@ -1,7 +1,7 @@
 """MAE pre-training with DeepSpeed ZeRO.
 
     deepspeed --num_gpus 8 train/pretrain.py --config configs/vit_h14_1600ep.toml --data /data/shards \
-        --output runs/vit_h [--max-steps N] [--log-every K] [--resume] [--set optim.micro_batch=64 ...]
+        --output runs/vit_h [--max-steps N] [--log-every K] [--resume] [--set optim.local_batch_size=64 ...]
 
 One step: DALI batch -> MAE forward (fused Triton masking and loss) -> engine.backward/step, with
 the learning rate set from `epoch + step / steps_per_epoch` before every optimizer step. The loop
@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the repo importable
@@ -28,12 +29,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import build_mae, load_reference_checkpoint
+from model import load_reference_weights
 from model.flops import mae_train_flops, peak_flops
 from pipeline import build_loader
 from pipeline.manifest import resolve_shards
 from train.checkpoint import ResumeError, TrainState, latest_tag, load_checkpoint, save_checkpoint
-from train.config import BatchPlan, ConfigError, TrainConfig, describe, load_config, plan_batch
+from train.config import BatchPlan, ConfigError, TrainConfig, describe, load_config, model_from_config, plan_batch
 from train.viz import fixed_images, fixed_noise, reconstruction_grid, save_reconstruction
 
 
@@ -57,9 +58,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def deepspeed_config(cfg: TrainConfig, plan: BatchPlan, peak_lr: float) -> dict:
     return {
-        "train_batch_size": plan.batch_size,
-        "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.local_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
         "optimizer": {"type": "AdamW", "params": {"lr": peak_lr, "betas": list(cfg.optim.betas), "eps": 1e-8,
                                                   "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
         "bf16": {"enabled": cfg.runtime.precision == "bf16"},
@@ -68,6 +69,15 @@ def deepspeed_config(cfg: TrainConfig, plan: BatchPlan, peak_lr: float) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+class Outcome(Enum):
+    """How an epoch, and then the run, ended."""
+
+    EPOCH_DONE = "epoch done"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+    DIVERGED = "diverged"
 
 
 class StopRequest:
@@ -90,7 +100,7 @@ class MetricWindow:
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.first_bad_step = torch.full((), self.NO_BAD_STEP, device=device, dtype=torch.int64)
-        self.micro_batches = 0
+        self.forward_passes = 0
         self.steps = 0
         self.started = time.perf_counter()
         self.wait_at_start = 0.0
@@ -99,7 +109,7 @@ class MetricWindow:
         self.loss_sum += loss.detach().double()
         bad = ~torch.isfinite(loss.detach())
         self.first_bad_step = torch.where(bad, torch.clamp(self.first_bad_step, max=step), self.first_bad_step)
-        self.micro_batches += 1
+        self.forward_passes += 1
 
     def reduce(self) -> tuple[float, int | None]:
         """(mean loss over all ranks, first non-finite step or None). A host sync and two all-reduces."""
@@ -107,13 +117,13 @@ class MetricWindow:
         bad = self.first_bad_step.clone()
         dist.all_reduce(loss)
         dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-        mean = loss.item() / max(1, self.micro_batches * dist.get_world_size())
+        mean = loss.item() / max(1, self.forward_passes * dist.get_world_size())
         bad_step = int(bad.item())
         return mean, None if bad_step == self.NO_BAD_STEP else bad_step
 
     def restart(self, loader_wait_s: float) -> None:
         self.loss_sum.zero_()
-        self.micro_batches = self.steps = 0
+        self.forward_passes = self.steps = 0
         self.started = time.perf_counter()
         self.wait_at_start = loader_wait_s
 
@@ -135,25 +145,25 @@ class Trainer:
         self.output = Path(cfg.output)
         self.ckpt_dir = self.output / "checkpoints"
         self.plan = plan_batch(cfg.optim, self.world)
-        self.peak_lr = cfg.optim.lr or cfg.optim.blr * self.plan.batch_size / 256
+        self.peak_lr = cfg.optim.lr or cfg.optim.blr * self.plan.global_batch_size / 256
         self.dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
         self._announce()
 
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
-        self.model = build_mae(cfg.model.name, img_size=cfg.model.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
-        self.model.grad_checkpointing = cfg.model.grad_checkpointing
+        self.model = model_from_config(cfg)
         if cfg.model.init:
-            report = load_reference_checkpoint(self.model, cfg.model.init)
+            report = load_reference_weights(self.model, cfg.model.init)
             if self.is_main:
                 print(f"initialised from {cfg.model.init}: {report}")
-        self.loader = build_loader(cfg.data.shards, "train", self.plan.micro_batch, cfg.model.img_size, True,
-                                   self.rank, self.world, cfg.runtime.seed, "gpu" if self.device.type == "cuda"
-                                   else "cpu", cfg.data.backend, cfg.data.num_threads or None, self.dtype,
-                                   verbose=self.is_main)
-        self.steps_per_epoch = len(self.loader) // self.plan.grad_accum
+        self.loader = build_loader(
+            cfg.data.shards, split="train", local_batch_size=self.plan.local_batch_size, img_size=cfg.data.img_size,
+            train=True, rank=self.rank, world_size=self.world, seed=cfg.runtime.seed,
+            device="gpu" if self.device.type == "cuda" else "cpu", backend=cfg.data.backend,
+            num_threads=cfg.data.num_threads or None, dtype=self.dtype, verbose=self.is_main)
+        self.steps_per_epoch = len(self.loader) // self.plan.grad_accum_steps
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"an epoch has {len(self.loader)} micro-batches per rank, fewer than grad_accum "
-                              f"{self.plan.grad_accum}: use a smaller batch")
+            raise ConfigError(f"an epoch has {len(self.loader)} local batches per rank, fewer than grad_accum_steps "
+                              f"{self.plan.grad_accum_steps}: use a smaller batch")
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, model_parameters=param_groups(self.model, cfg.optim.weight_decay),
             config=deepspeed_config(cfg, self.plan, self.peak_lr))
@@ -180,8 +190,8 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         print("\n".join(["resolved config:", *("  " + line for line in describe(self.cfg))]))
         plan = self.plan
-        print(f"batch: {plan.batch_size} = {plan.micro_batch} micro x {plan.grad_accum} accum x {self.world} ranks "
-              f"({plan.note}); peak lr {self.peak_lr:.3g}")
+        print(f"batch: {plan.global_batch_size} = {plan.local_batch_size} local x {plan.grad_accum_steps} accumulation "
+              f"x {self.world} ranks ({plan.note}); peak lr {self.peak_lr:.3g}")
         (self.output / "config.json").write_text(self.cfg.to_json())
 
     def _resume(self) -> None:
@@ -200,34 +210,34 @@ class Trainer:
     def fit(self) -> int:
         """Train to `stop_at` steps or a stop signal (exit 0), or until the loss is not finite (exit 1)."""
         self.window.restart(self.loader.wait_s)
-        outcome = "epoch done"
-        while self.state.step < self.stop_at and outcome == "epoch done":
+        outcome = Outcome.EPOCH_DONE
+        while self.state.step < self.stop_at and outcome is Outcome.EPOCH_DONE:
             self.loader.set_epoch(self.state.epoch)
             outcome = self.run_epoch()
-            if outcome == "epoch done":
+            if outcome is Outcome.EPOCH_DONE:
                 self.state.epoch += 1
                 if self.state.epoch % self.cfg.log.viz_every == 0:
                     self.write_reconstruction()
         self.bar.close()
-        if outcome != "diverged":
-            if self.saved_step != self.state.step and (self.cfg.checkpoint.at_end or outcome == "stopped"):
+        if outcome is not Outcome.DIVERGED:
+            if self.saved_step != self.state.step and (self.cfg.checkpoint.at_end or outcome is Outcome.STOPPED):
                 self.checkpoint()
             self.write_reconstruction()
         if self.is_main:
-            print(f"{outcome}: step {self.state.step} of {self.stop_at}, epoch {self.state.epoch}, "
+            print(f"{outcome.value}: step {self.state.step} of {self.stop_at}, epoch {self.state.epoch}, "
                   f"{self.state.samples} samples; outputs in {self.output}")
         dist.destroy_process_group()
-        return 1 if outcome == "diverged" else 0
+        return 1 if outcome is Outcome.DIVERGED else 0
 
-    def run_epoch(self) -> str:
-        """'epoch done', or why the run ends: 'finished', 'stopped', 'diverged'."""
-        accum = self.plan.grad_accum
+    def run_epoch(self) -> Outcome:
+        """EPOCH_DONE, or why the run ends."""
+        accum = self.plan.grad_accum_steps
         for images, _ in self.loader:
-            micro = self.loader.position - 1
-            if micro >= self.steps_per_epoch * accum:
-                break  # trailing micro-batches that cannot fill an optimizer step
-            if micro % accum == 0:
-                lr = lr_at(self.state.epoch + (micro // accum) / self.steps_per_epoch, self.peak_lr, self.cfg)
+            batch_index = self.loader.position - 1
+            if batch_index >= self.steps_per_epoch * accum:
+                break  # trailing local batches that cannot fill an optimizer step
+            if batch_index % accum == 0:
+                lr = lr_at(self.state.epoch + (batch_index // accum) / self.steps_per_epoch, self.peak_lr, self.cfg)
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = lr
             noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=self.noise_gen)
@@ -235,17 +245,17 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             self.window.add(loss, self.state.step + 1)
-            if (micro + 1) % accum == 0:
+            if (batch_index + 1) % accum == 0:
                 outcome = self.after_optimizer_step()
                 if outcome:
                     return outcome
-        return "epoch done"
+        return Outcome.EPOCH_DONE
 
-    def after_optimizer_step(self) -> str | None:
+    def after_optimizer_step(self) -> Outcome | None:
         """Count the step; every rank votes on stopping and checkpointing; log, checkpoint when due."""
         state, cfg = self.state, self.cfg
         state.step += 1
-        state.samples += self.plan.batch_size
+        state.samples += self.plan.global_batch_size
         self.window.steps += 1
         self.bar.update(1)
         every_steps, every_minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
@@ -261,7 +271,7 @@ class Trainer:
                 if self.is_main:
                     tqdm.write(f"non-finite loss at step {bad_step}: stopping. The last good checkpoint "
                                f"({latest_tag(self.ckpt_dir) or 'none written yet'}) is left intact.")
-                return "diverged"
+                return Outcome.DIVERGED
             self.log(loss)
         if due or stopping:
             self.checkpoint()
@@ -269,13 +279,13 @@ class Trainer:
             if self.is_main:
                 tqdm.write(f"stopped by {self.stop.signal_name or 'a signal on another rank'} after step "
                            f"{state.step}; resume with --resume")
-            return "stopped"
-        return "finished" if finished else None
+            return Outcome.STOPPED
+        return Outcome.FINISHED if finished else None
 
     def log(self, loss: float) -> None:
         window = self.window
         elapsed = time.perf_counter() - window.started
-        img_per_s = window.steps * self.plan.batch_size / elapsed
+        img_per_s = window.steps * self.plan.global_batch_size / elapsed
         grad_norm = self.engine.get_global_grad_norm()
         record = {
             "step": self.state.step, "epoch": self.state.epoch, "samples": self.state.samples, "loss": loss,
@@ -301,7 +311,7 @@ class Trainer:
     def write_reconstruction(self) -> None:
         """Every rank runs the forward (ZeRO-3 gathers weights collectively); rank 0 writes the PNG."""
         cfg = self.cfg
-        images = fixed_images(cfg.data.shards, cfg.data.viz_split, cfg.log.viz_images, cfg.model.img_size,
+        images = fixed_images(cfg.data.shards, cfg.data.viz_split, cfg.log.viz_images, cfg.data.img_size,
                               self.device)
         noise = fixed_noise(images.shape[0], self.model.num_patches, self.device)
         self.engine.eval()

@@ -1,0 +1,28 @@
+"""What several test modules share: a small model, the tiny training preset's model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model import MaskedAutoencoderViT
+from train.config import load_config, model_from_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+SMALL = dict(
+    img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+    decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2, mlp_ratio=4.0,
+)
+
+
+def small_model(**overrides) -> MaskedAutoencoderViT:
+    """A two-block MAE on 32x32 images (16 patches of 8x8), seeded so every call builds the same weights."""
+    torch.manual_seed(0)
+    return MaskedAutoencoderViT(**{**SMALL, **overrides})
+
+
+def tiny_preset_model() -> MaskedAutoencoderViT:
+    """The model `configs/tiny.toml` trains (what the demo and the training tests run)."""
+    return model_from_config(load_config(REPO / "configs" / "tiny.toml"))
