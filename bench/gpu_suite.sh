@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check a session with a lent GPU runs in one call (< 8 minutes on one H100):
-# GPU-marked tests (bf16 kernels vs torch, flash-attention error rule), then every bench stage at real
-# shapes (ViT-B/16 and ViT-H/14, bf16, mixed DALI decoding). Installs nothing from the network.
-# Leaves its history file in bench/history/ (and a copy plus logs in $OUT when that is set) to commit.
-# The lent GPU machine has torch and triton but not DALI, DeepSpeed, webdataset or braceexpand: stages
-# needing them say "skipped". They travel as wheels for Python 3.12 (see the device tool's README);
-# nvidia-dali-cuda130 alone is ~200 MB, over one call's 64 MiB, so it must go in parts over several
-# calls to a warm machine (split -b 60M; cat the parts there; pip install --no-deps --target).
+# The GPU check, on any machine with a CUDA GPU and maeflow's packages installed (`bash run.sh setup`, or
+# PYTHON=... pointing at an interpreter that has them): the GPU-marked tests (bf16 kernels against torch
+# under the flash-attention error rule), then every bench stage at real shapes (ViT-B/16 and ViT-H/14, bf16,
+# mixed DALI decoding), then the report. Installs nothing. A stage whose packages are missing (DALI,
+# DeepSpeed) says "skipped" and the rest still run. Writes its history file to bench/history/ (commit it)
+# and copies it, the report and the logs to $OUT (default /tmp/maeflow-gpu-suite). About 8 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

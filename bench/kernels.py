@@ -68,7 +68,8 @@ def cases(shape: Shape, device: str, dtype: torch.dtype) -> Iterator[tuple]:
     ids_keep, ids_restore, mask = random_masking(torch.rand(n, length, device=device), 1 - (keep + 0.5) / length)
     # forward reads the K kept rows and writes 1+K; backward reads 1+K and writes all L rows of grad_x
     gather_bytes = size * n * d * ((2 * keep + 1) + (keep + 1 + length))
-    yield ("visible_tokens", visible_tokens, lambda *a: visible_tokens_reference(*a[:4]),
+    yield ("visible_tokens", visible_tokens,
+           lambda x, pos, cls, keep, _restore: visible_tokens_reference(x, pos, cls, keep),
            [randn(n, length, d), randn(1, length + 1, d), randn(1, 1, d)], (ids_keep, ids_restore), gather_bytes)
     # forward reads 1+K rows and writes 1+L; backward the reverse
     unshuffle_bytes = 2 * size * n * dd * ((keep + 1) + (length + 1))

@@ -30,7 +30,7 @@ def epoch_rate(shards: Path, backend: str, ctx: BenchContext, threads: int, batc
 
 
 def run(ctx: BenchContext) -> list[Record]:
-    require("nvidia.dali", "webdataset", "braceexpand")
+    require("nvidia.dali", "braceexpand")
     if ctx.device == "gpu":
         tree = ctx.imagenet_like_tree(1024 if ctx.quick else 4096)
         dali_threads, pil_workers, batch = 8, 16, 256

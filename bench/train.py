@@ -42,7 +42,7 @@ def summarize(records: list[dict]) -> tuple:
 
 
 def run(ctx: BenchContext) -> list[Record]:
-    require("deepspeed", "nvidia.dali", "webdataset", "braceexpand")
+    require("deepspeed", "nvidia.dali", "braceexpand")
     if ctx.device == "gpu":
         shards = ctx.shards_of(ctx.imagenet_like_tree(1024 if ctx.quick else 4096), workers=os.cpu_count() or 1)
         setups = [("configs/vit_b16_1600ep.toml", 256), ("configs/vit_h14_1600ep.toml", 64)]

@@ -7,7 +7,6 @@ insists on Triton and raises if it cannot run the given tensors.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
@@ -38,8 +37,6 @@ def use_triton(op: str, *tensors: torch.Tensor, unsupported: str | None = None) 
 
 
 def _why_not_runnable(tensors: tuple[torch.Tensor, ...]) -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed"
     on_cuda = all(t.is_cuda for t in tensors)
     if not on_cuda and not interpreter_enabled():
         return "tensors are not on a CUDA device and TRITON_INTERPRET=1 is not set"

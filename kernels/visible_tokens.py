@@ -90,8 +90,7 @@ class VisibleTokens(torch.autograd.Function):
 
 
 def visible_tokens_reference(
-    x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor, ids_keep: torch.Tensor,
-    ids_restore: torch.Tensor | None = None,
+    x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor, ids_keep: torch.Tensor
 ) -> torch.Tensor:
     """The reference MAE's formulation: add pos to all tokens, repeat-index gather, prepend cls."""
     x = x + pos_embed[:, 1:, :]

@@ -1,4 +1,4 @@
-"""Fixed 2-D sine-cosine position embeddings (MAE paper, REFERENCE §1)."""
+"""Fixed 2-D sine-cosine position embeddings (MAE paper, appendix A.1; as in MoCo v3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The paper's model sizes (REFERENCE §1) and a tiny one for tests and the CPU demo."""
+"""The paper's model sizes (He et al. 2021, Table 1 and appendix A.1: ViT-B/16, L/16, H/14 with a 512-d,
+8-block decoder) and a tiny one for tests and the CPU demo."""
 
 from __future__ import annotations
 

@@ -62,7 +62,8 @@ def test_visible_tokens_match_reference(n, length, keep, width):
     x = torch.randn(n, length, width, device=DEVICE)
     pos, cls = torch.randn(1, length + 1, width, device=DEVICE), torch.randn(1, 1, width, device=DEVICE)
     (out, grads), (ref_out, ref_grads) = run_both(
-        visible_tokens, visible_tokens_reference, [x, pos, cls], (ids_keep, ids_restore)
+        lambda *a: visible_tokens(*a, ids_keep, ids_restore), lambda *a: visible_tokens_reference(*a, ids_keep),
+        [x, pos, cls], (),
     )
     assert out.shape == (n, keep + 1, width)
     assert rel_err(out, ref_out) <= 1e-6
@@ -148,15 +149,14 @@ def test_whole_model_triton_matches_torch(norm_pix_loss, monkeypatch):
 def test_dispatch_rules(monkeypatch):
     x64 = torch.randn(1, 4, 8, dtype=torch.float64)
     ids_keep, ids_restore, _ = masking(1, 4, 2)
-    args = (torch.zeros(1, 5, 8, dtype=torch.float64), torch.zeros(1, 1, 8, dtype=torch.float64), ids_keep.cpu(),
-            ids_restore.cpu())
+    args = (torch.zeros(1, 5, 8, dtype=torch.float64), torch.zeros(1, 1, 8, dtype=torch.float64), ids_keep.cpu())
     with pytest.raises(RuntimeError, match="MAE_KERNELS=triton but visible_tokens cannot run in Triton"):
-        visible_tokens(x64, *args)
+        visible_tokens(x64, *args, ids_restore.cpu())
     monkeypatch.setenv("MAE_KERNELS", "auto")  # float64: falls back to the reference
-    assert torch.equal(visible_tokens(x64, *args), visible_tokens_reference(x64, *args))
+    assert torch.equal(visible_tokens(x64, *args, ids_restore.cpu()), visible_tokens_reference(x64, *args))
     monkeypatch.setenv("MAE_KERNELS", "cuda")
     with pytest.raises(ValueError, match="MAE_KERNELS must be auto, torch or triton"):
-        visible_tokens(x64, *args)
+        visible_tokens(x64, *args, ids_restore.cpu())
 
 
 def flash_rule(out_fn, ref_fn, inputs_fp32):
