@@ -11,6 +11,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from bench.context import BenchContext, StageUnavailable
+from bench.harness import DEFAULT_HISTORY, REPO, History
+from bench.report import write_report
+
+# The stage modules are imported one by one below: the kernel stage's Triton kernels must see
+# TRITON_INTERPRET before they are defined, and a stage's packages may be missing on this machine.
 STAGES = ["shards", "pipeline", "kernels", "model", "train"]
 
 
@@ -26,14 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.stage == "report":
-        from bench.harness import DEFAULT_HISTORY, REPO
-        from bench.report import write_report
-
         report = write_report(Path(args.history or DEFAULT_HISTORY), Path(args.out or REPO / "bench"))
         print(f"wrote {report}")
         return 0
-
-    import torch
 
     device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
     if device == "gpu" and not torch.cuda.is_available():
@@ -42,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu" and "kernels" in stages:
         # Triton kernels can only run on a CPU in the interpreter, which must be on before they are defined.
         os.environ["TRITON_INTERPRET"] = "1"
-
-    from bench.context import BenchContext, StageUnavailable
-    from bench.harness import DEFAULT_HISTORY, History
 
     ctx = BenchContext(device, args.quick, Path(args.work))
     history = History(Path(args.out or DEFAULT_HISTORY), device, args.quick)

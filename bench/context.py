@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-# pipeline/ is imported where data is needed, so that the kernel and model stages run on machines
-# that have torch and triton but not the data-path packages (DALI, webdataset).
+from pipeline.sample_data import class_name, synthetic_photo, write_split
+
+# The shard builder is imported where shards are built: it needs braceexpand, which a GPU machine
+# with only torch and triton lacks, and the kernel and model stages must still run there.
 
 IMAGENET_SIZE = (500, 375)  # the typical ImageNet train JPEG: ~500x375, ~110 KB
 
@@ -19,8 +22,6 @@ class StageUnavailable(RuntimeError):
 
 
 def require(*packages: str) -> None:
-    import importlib.util
-
     missing = [p for p in packages if importlib.util.find_spec(p) is None]
     if missing:
         raise StageUnavailable(f"not installed here: {', '.join(missing)}")
@@ -38,8 +39,6 @@ class BenchContext:
 
     def sample_tree(self) -> Path:
         """The built-in sample data (8 classes x 24 images, 200-500 px)."""
-        from pipeline.sample_data import write_split
-
         root = self.work / "sample"
         if not (root / "train").is_dir():
             write_split(root / "train", 8, 24, 0)
@@ -47,8 +46,6 @@ class BenchContext:
 
     def imagenet_like_tree(self, count: int) -> Path:
         """`count` ImageNet-sized JPEGs (500x375, quality 95) for the GPU decoding benchmark."""
-        from pipeline.sample_data import class_name, synthetic_photo
-
         root = self.work / f"imagenet_like_{count}"
         done = root / ".done"
         if not done.is_file():

@@ -12,7 +12,7 @@ from bench.harness import Record, Stat, rate, time_repeats
 
 
 def epoch_rate(shards: Path, backend: str, ctx: BenchContext, threads: int, batch: int, repeats: int) -> Stat:
-    from pipeline import build_loader
+    from pipeline import build_loader  # after run()'s check: it needs braceexpand
 
     loader = build_loader(shards, local_batch_size=batch, img_size=224, backend=backend, device=ctx.device,
                           num_threads=threads)

@@ -14,7 +14,7 @@ from bench.harness import Record, rate, time_repeats
 
 def run(ctx: BenchContext) -> list[Record]:
     require("braceexpand")
-    from pipeline.build_shards import main as build_shards
+    from pipeline.build_shards import main as build_shards  # after the check: it needs braceexpand
 
     tree = ctx.sample_tree()
     files = [p for p in tree.rglob("*") if p.is_file()]
