@@ -60,6 +60,25 @@ def time_repeats(fn: Callable[[], Any], repeats: int, warmup: int = 1, device: s
     return seconds
 
 
+def device_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> list[float]:
+    """GPU busy time per call of `fn`: the summed durations of the kernels (and copies) it launched, read
+    from the profiler. This is what the op costs inside a training step, where the CPU runs ahead of the
+    GPU; wall time around a single small op also counts its Python and launch overhead."""
+    from torch.profiler import ProfilerActivity, profile  # only GPU runs profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    seconds = []
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        micros = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+        seconds.append(micros / 1e6)
+    return seconds
+
+
 def rate(work: float, seconds: list[float]) -> Stat:
     """Throughput `work / seconds` over the repeats (the slowest repeat is the min)."""
     rates = [work / s for s in seconds]

@@ -53,6 +53,13 @@ def uniform_shards(tmp_path_factory):
     return shards_from(root / "tree", root / "shards")
 
 
+def loader_of(shards, backend: str, **options):
+    """build_loader on the CPU with one thread, checking the backend asked for is the one that runs."""
+    loader = build_loader(shards, backend=backend, device="cpu", num_threads=1, **options)
+    assert loader.backend == backend, f"asked for the {backend} backend, got {loader.backend}"
+    return loader
+
+
 def epoch_labels(loader, epoch: int) -> list[int]:
     loader.set_epoch(epoch)
     return [label for _, labels in loader for label in labels.tolist()]
@@ -61,8 +68,7 @@ def epoch_labels(loader, epoch: int) -> list[int]:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("train", [True, False])
 def test_shapes_dtype_and_normalization(uniform_shards, backend, train):
-    loader = build_loader(uniform_shards, local_batch_size=2, img_size=32, train=train, backend=backend, device="cpu",
-                          num_threads=1)
+    loader = loader_of(uniform_shards, backend, local_batch_size=2, img_size=32, train=train)
     batches = list(loader)
     assert len(batches) == len(loader) == 2
     images, labels = batches[0]
@@ -76,15 +82,13 @@ def test_shapes_dtype_and_normalization(uniform_shards, backend, train):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bfloat16_output(uniform_shards, backend):
-    loader = build_loader(uniform_shards, local_batch_size=2, img_size=32, backend=backend, device="cpu",
-                          num_threads=1, dtype=torch.bfloat16)
+    loader = loader_of(uniform_shards, backend, local_batch_size=2, img_size=32, dtype=torch.bfloat16)
     assert next(iter(loader))[0].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_crops_respect_scale_and_ratio_and_flip_half_the_time(gradient_shards, backend):
-    loader = build_loader(gradient_shards, local_batch_size=8, img_size=32, backend=backend, device="cpu",
-                          num_threads=1)
+    loader = loader_of(gradient_shards, backend, local_batch_size=8, img_size=32)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     areas, ratios, flips = [], [], 0
@@ -111,8 +115,8 @@ def test_train_crops_respect_scale_and_ratio_and_flip_half_the_time(gradient_sha
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_ranks_see_disjoint_samples_and_nearly_all(id_shards, backend):
     batch, world = 4, 2
-    loaders = [build_loader(id_shards, local_batch_size=batch, img_size=16, rank=r, world_size=world, backend=backend,
-                            device="cpu", num_threads=1) for r in range(world)]
+    loaders = [loader_of(id_shards, backend, local_batch_size=batch, img_size=16, rank=r, world_size=world)
+               for r in range(world)]
     assert len(loaders[0]) == len(loaders[1]) == (41 // 2) // 4
     for epoch in range(2):
         seen = [epoch_labels(loader, epoch) for loader in loaders]
@@ -122,12 +126,33 @@ def test_two_ranks_see_disjoint_samples_and_nearly_all(id_shards, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rank_reads_different_samples_in_different_epochs(id_shards, backend):
+    """Each rank must move through the data set over epochs, not train on one fixed share of it."""
+    loader = loader_of(id_shards, backend, local_batch_size=4, img_size=16, rank=0, world_size=2)
+    first, second = set(epoch_labels(loader, 0)), set(epoch_labels(loader, 1))
+    assert len(first) == len(second) == len(loader) * 4
+    assert len(first & second) <= 0.75 * len(first), (first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_crop_is_centred(gradient_shards, backend):
+    """Evaluation resizes the shorter side to S/0.875 and takes the central S x S: on a gradient image
+    (red = 2x, green = 2y over 128 px) the crop's mean colour is the image centre's, 128."""
+    loader = loader_of(gradient_shards, backend, local_batch_size=8, img_size=32, train=False)
+    images, _ = next(iter(loader))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    red, green = ((images * std + mean) * 255)[:, :2].mean((0, 2, 3)).tolist()
+    assert abs(red - 128) < 4 and abs(green - 128) < 4, (red, green)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world", [2, 3])
 def test_eval_yields_every_sample_exactly_once(id_shards, backend, world):
     labels = []
     for rank in range(world):
-        loader = build_loader(id_shards, local_batch_size=4, img_size=16, train=False, rank=rank, world_size=world,
-                              backend=backend, device="cpu", num_threads=1)
+        loader = loader_of(id_shards, backend, local_batch_size=4, img_size=16, train=False, rank=rank,
+                           world_size=world)
         labels += epoch_labels(loader, 0)
     assert sorted(labels) == list(range(41))
 
@@ -135,8 +160,7 @@ def test_eval_yields_every_sample_exactly_once(id_shards, backend, world):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_epochs_differ_and_a_seed_reproduces_the_stream(id_shards, backend):
     def stream(seed):
-        loader = build_loader(id_shards, local_batch_size=4, img_size=16, seed=seed, backend=backend, device="cpu",
-                              num_threads=1)
+        loader = loader_of(id_shards, backend, local_batch_size=4, img_size=16, seed=seed)
         return [epoch_labels(loader, e) for e in range(2)]
     first = stream(0)
     assert first == stream(0)
@@ -147,8 +171,7 @@ def test_epochs_differ_and_a_seed_reproduces_the_stream(id_shards, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_mid_epoch_continues_with_the_same_batches(id_shards, backend):
     def make():
-        return build_loader(id_shards, local_batch_size=4, img_size=16, rank=1, world_size=2, backend=backend,
-                            device="cpu", num_threads=1)
+        return loader_of(id_shards, backend, local_batch_size=4, img_size=16, rank=1, world_size=2)
 
     whole = make()
     whole.set_epoch(3)
@@ -212,7 +235,7 @@ def test_corrupt_image_in_a_shard_fails_naming_it(tmp_path, backend):
     first_jpg = int((out / "train-000000.idx").read_text().splitlines()[1].split()[1])
     data[first_jpg:first_jpg + 4] = b"GIF8"  # no longer a JPEG: no decoder accepts it
     tar.write_bytes(bytes(data))
-    loader = build_loader(out, local_batch_size=2, img_size=16, backend=backend, device="cpu", num_threads=1)
+    loader = loader_of(out, backend, local_batch_size=2, img_size=16)
     with pytest.raises(RuntimeError, match="build_shards --verify") as err:
         list(loader)
     assert "train-000000" in str(err.value)
