@@ -31,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history", help="report: history folder to read (default bench/history)")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "maeflow-bench"),
                         help="where generated bench data is cached")
+    parser.add_argument("--data", help="pipeline: measure the loader on these shards (a folder with train.json)")
+    parser.add_argument("--local-batch-size", type=int, help="pipeline --data: images per batch (256 GPU, 32 CPU)")
+    parser.add_argument("--preset", default="vit_b16_1600ep",
+                        help="pipeline --data: the training preset whose speed the loader must keep up with")
     args = parser.parse_args(argv)
+    if args.data and args.stage != "pipeline":
+        parser.error("--data goes with the pipeline stage")
 
     if args.stage == "report":
         report = write_report(Path(args.history or DEFAULT_HISTORY), Path(args.out or REPO / "bench"))
@@ -46,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         # Triton kernels can only run on a CPU in the interpreter, which must be on before they are defined.
         os.environ["TRITON_INTERPRET"] = "1"
 
-    ctx = BenchContext(device, args.quick, Path(args.work))
+    ctx = BenchContext(device, args.quick, Path(args.work), Path(args.data) if args.data else None,
+                       args.local_batch_size, args.preset)
     history = History(Path(args.out or DEFAULT_HISTORY), device, args.quick)
     for stage in stages:
         began = time.perf_counter()

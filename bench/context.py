@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from pipeline.sample_data import class_name, synthetic_photo, write_split
@@ -15,6 +18,20 @@ from pipeline.sample_data import class_name, synthetic_photo, write_split
 # with only torch and triton lacks, and the kernel and model stages must still run there.
 
 IMAGENET_SIZE = (500, 375)  # the typical ImageNet train JPEG: ~500x375, ~110 KB
+
+
+def imagenet_like_jpeg(index: int) -> bytes:
+    """One deterministic photo-like JPEG; see `BenchContext.imagenet_like_tree`."""
+    rng = np.random.default_rng([index, 7])
+    kind = index % 10
+    size = (160, 120) if kind == 0 else (1024, 768) if kind == 1 else IMAGENET_SIZE
+    if rng.random() < 0.25:
+        size = size[::-1]  # portrait
+    img = synthetic_photo(index % 10, index, 7).resize(size, Image.BICUBIC)
+    pixels = np.asarray(img).astype(np.int16) + rng.normal(0, 16, (size[1], size[0], 3)).astype(np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=92)
+    return buf.getvalue()
 
 
 class StageUnavailable(RuntimeError):
@@ -32,6 +49,9 @@ class BenchContext:
     device: str  # "cpu" or "gpu"
     quick: bool
     work: Path  # cached bench data (image trees and shards)
+    data: Path | None = None  # the user's shards, for `bench pipeline --data`
+    local_batch_size: int | None = None  # for `--data`; default 256 on a GPU, 32 on a CPU
+    preset: str = "vit_b16_1600ep"  # whose training speed `--data` is held against
 
     @property
     def torch_device(self) -> str:
@@ -45,17 +65,16 @@ class BenchContext:
         return root / "train"
 
     def imagenet_like_tree(self, count: int) -> Path:
-        """`count` ImageNet-sized JPEGs (500x375, quality 95) for the GPU decoding benchmark."""
+        """`count` JPEGs shaped like ImageNet's train set: mostly ~500x375 (either orientation), a tenth
+        small and a tenth large, noisy enough to average ~110 KB, as real photographs do."""
         root = self.work / f"imagenet_like_{count}"
         done = root / ".done"
         if not done.is_file():
-            for i in range(count):
-                folder = root / class_name(i % 10)
-                folder.mkdir(parents=True, exist_ok=True)
-                img = synthetic_photo(i % 10, i, 7).resize(IMAGENET_SIZE, Image.BICUBIC)
-                buf = io.BytesIO()
-                img.save(buf, "JPEG", quality=95)
-                (folder / f"{i}.JPEG").write_bytes(buf.getvalue())
+            with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+                for i, data in enumerate(pool.imap(imagenet_like_jpeg, range(count), chunksize=16)):
+                    folder = root / class_name(i % 10)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / f"{i}.JPEG").write_bytes(data)
             done.touch()
         return root
 

@@ -1,11 +1,25 @@
 """The DALI backend: webdataset reader -> fused decode+random-crop (GPU "mixed" or CPU) -> resize,
-flip, normalize, all inside one DALI pipeline per epoch, checkpointable mid-epoch."""
+flip, normalize, all inside one DALI pipeline per epoch, checkpointable mid-epoch.
+
+The reader is given index files written for this rank and epoch: they list exactly the samples the
+epoch plan gives this rank, in its order (DALI reads the members at the offsets an index names, in
+the index's order), so no shuffle buffer is needed and nothing leaks from one epoch into the next.
+While an epoch runs, the next epoch's pipeline is built and starts decoding in a background thread:
+at the boundary its first batches are ready.
+"""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
@@ -20,7 +34,7 @@ from pipeline.loader_base import (
     Loader,
     LoaderSpec,
 )
-from pipeline.sample_table import SampleTable
+from pipeline.wds_format import INDEX_VERSION
 
 # GPU decoding settings, from NVIDIA's ResNet-50 DALI recipe: nvJPEG's scratch buffers sized once
 # for ImageNet-like JPEGs so they are not reallocated, and 65% of images on the hardware decoder.
@@ -28,10 +42,6 @@ HW_DECODER_LOAD = 0.65
 DEVICE_MEMORY_PADDING = 211_025_920
 HOST_MEMORY_PADDING = 140_544_512
 PREFETCH_QUEUE_DEPTH = 2
-# Shards are shuffled globally when built, so a small buffer suffices; it is filled at every epoch
-# start, because each epoch gets a fresh pipeline: a pipeline kept across epochs carries samples of
-# one rank's block into the next epoch, where another rank reads that block.
-SHUFFLE_BUFFER = 1024
 _DAMAGED_HINT = "the shards are damaged: find the bad shard with `python -m pipeline.build_shards --verify DIR`"
 
 
@@ -45,15 +55,13 @@ def ascii_labels(padded: torch.Tensor) -> torch.Tensor:
 
 
 @pipeline_def(enable_checkpointing=True)
-def mae_pipeline(spec: LoaderSpec, shard_id: int, initial_fill: int):
+def mae_pipeline(spec: LoaderSpec, tars: list[str], indexes: list[str], hw_decoder_load: float):
     jpegs, labels = fn.readers.webdataset(
-        paths=[str(p) for p in spec.shards.tars], index_paths=[str(p) for p in spec.shards.indexes],
-        ext=["jpg", "cls"], missing_component_behavior="error", random_shuffle=spec.train,
-        initial_fill=initial_fill, shard_id=shard_id, num_shards=spec.world_size, pad_last_batch=not spec.train,
-        stick_to_shard=True, name="reader",
+        paths=tars, index_paths=indexes, ext=["jpg", "cls"], missing_component_behavior="error",
+        random_shuffle=False, pad_last_batch=True, name="reader",
     )
     decode = "mixed" if spec.device == "gpu" else "cpu"
-    gpu_options = dict(hw_decoder_load=HW_DECODER_LOAD, device_memory_padding=DEVICE_MEMORY_PADDING,
+    gpu_options = dict(hw_decoder_load=hw_decoder_load, device_memory_padding=DEVICE_MEMORY_PADDING,
                        host_memory_padding=HOST_MEMORY_PADDING) if decode == "mixed" else {}
     size = spec.img_size
     if spec.train:
@@ -69,66 +77,134 @@ def mae_pipeline(spec: LoaderSpec, shard_id: int, initial_fill: int):
         images = fn.resize(images, resize_shorter=int(size / EVAL_CROP_FRACTION), interp_type=types.INTERP_CUBIC,
                            antialias=True)
         mirror = 0
+    # DALI has no bfloat16: half precision halves what leaves the pipeline, and the cast to bf16 is one
+    # cheap pass on the device.
+    low_precision = spec.dtype in (torch.float16, torch.bfloat16)
     images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT16 if spec.dtype == torch.float16 else types.FLOAT, output_layout="CHW",
+        images, dtype=types.FLOAT16 if low_precision else types.FLOAT, output_layout="CHW",
         crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, mean=[255 * m for m in IMAGENET_MEAN],
         std=[255 * s for s in IMAGENET_STD], mirror=mirror,
     )
     return images, fn.pad(labels, fill_value=0)
 
 
+@dataclass
+class _Reading:
+    """One pipeline reading a run of samples, and the index files it reads them through."""
+
+    epoch: int
+    start: int  # first batch of the epoch's samples for this rank that it reads
+    iterator: DALIGenericIterator
+    folder: Path
+    consumed: int = 0  # batches handed out so far
+
+    @property
+    def position(self) -> int:
+        """The epoch position (in batches) it continues from."""
+        return self.start + self.consumed
+
+    def close(self) -> None:
+        del self.iterator
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class DaliLoader(Loader):
     backend = "dali"
 
-    def __init__(self, spec: LoaderSpec) -> None:
+    def __init__(self, spec: LoaderSpec, hw_decoder_load: float = HW_DECODER_LOAD) -> None:
         super().__init__(spec)
-        self._checkpoint: str | None = None  # restored position, consumed by the next epoch start
-        self._iterator: DALIGenericIterator | None = None
+        self.hw_decoder_load = hw_decoder_load
+        # Fixed here, in the caller's thread: CUDA's current device is per thread, and the next epoch
+        # is built in another one.
+        self._device_id = torch.cuda.current_device() if spec.device == "gpu" else None
+        self._scratch = Path(tempfile.mkdtemp(prefix="maeflow-dali-"))
+        weakref.finalize(self, shutil.rmtree, self._scratch, True)
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maeflow-next-epoch")
+        weakref.finalize(self, self._background.shutdown, wait=False, cancel_futures=True)
+        self._restored: dict[str, Any] | None = None  # DALI state of an exact mid-epoch position
+        self._reading: _Reading | None = None
+        self._next_epoch: Future[_Reading] | None = None
 
-    def _build(self, epoch: int) -> DALIGenericIterator:
+    def _open(self, epoch: int, start: int, checkpoint: str | None = None) -> _Reading:
+        """A pipeline over this rank's samples of `epoch` from batch `start`, its first batches decoding."""
         spec = self.spec
-        start, end = spec.block(epoch)
+        samples = self.samples(epoch)[start * spec.local_batch_size:]
+        folder = Path(tempfile.mkdtemp(prefix=f"epoch{epoch:05d}-", dir=self._scratch))
+        tars, indexes = self._write_indexes(samples, folder)
         pipe = mae_pipeline(
-            spec, spec.shard_id(epoch), max(1, min(SHUFFLE_BUFFER, end - start)),
-            batch_size=spec.local_batch_size, num_threads=spec.num_threads,
-            device_id=torch.cuda.current_device() if spec.device == "gpu" else None,
-            seed=spec.epoch_seed(epoch), prefetch_queue_depth=PREFETCH_QUEUE_DEPTH, checkpoint=self._checkpoint,
+            spec, tars, indexes, self.hw_decoder_load, batch_size=spec.local_batch_size,
+            num_threads=spec.num_threads, device_id=self._device_id, seed=self.augmentation_seed(epoch, start),
+            prefetch_queue_depth=PREFETCH_QUEUE_DEPTH, checkpoint=checkpoint,
         )
-        policy = LastBatchPolicy.DROP if spec.train else LastBatchPolicy.PARTIAL
-        return DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader", last_batch_policy=policy)
+        iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
+                                       last_batch_policy=LastBatchPolicy.PARTIAL)
+        return _Reading(epoch, start, iterator, folder)
+
+    def _write_indexes(self, samples: np.ndarray, folder: Path) -> tuple[list[str], list[str]]:
+        """One (tar, index) pair per run of consecutive samples from the same shard."""
+        shards = self.table.rows[samples, 0]
+        cuts = np.flatnonzero(np.diff(shards)) + 1
+        tars, indexes = [], []
+        for number, run in enumerate(np.split(np.arange(len(samples)), cuts)):
+            lines = self.table.index_lines(samples[run])
+            index = folder / f"{number:06d}.idx"
+            index.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
+            tars.append(self.table.tars[int(shards[run[0]])])
+            indexes.append(str(index))
+        return tars, indexes
+
+    def _reading_for(self, epoch: int, start: int) -> _Reading:
+        current, self._reading = self._reading, None
+        if current is not None:  # a loop that stopped mid-epoch and now goes on: same pipeline, same place
+            if (current.epoch, current.position) == (epoch, start) and self._restored is None:
+                return current
+            current.close()
+        prepared, self._next_epoch = self._next_epoch, None
+        if prepared is not None:
+            reading = prepared.result()
+            if (reading.epoch, reading.start, self.segments) == (epoch, start, []) and self._restored is None:
+                return reading
+            reading.close()
+        restored, self._restored = self._restored, None
+        if restored is not None:  # the exact position: the same reading, its DALI state restored
+            reading = self._open(epoch, restored["dali_start"], restored["dali"])
+            reading.consumed = start - restored["dali_start"]
+            return reading
+        return self._open(epoch, start)
 
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        restoring = self._checkpoint is not None
+        # The reading outlives this generator when a consumer stops mid-epoch (a training loop that ends
+        # or checkpoints): its DALI state is what makes the position exactly resumable.
         try:
-            self._iterator = self._build(epoch)
-            self._checkpoint = None
-            if start and not restoring:  # a position without a DALI checkpoint: replay up to it
-                for _ in range(start):
-                    next(self._iterator)
-            for outputs in self._iterator:
+            reading = self._reading = self._reading_for(epoch, start)
+            if self.spec.train and self._next_epoch is None:  # build and fill the next epoch's pipeline now
+                self._next_epoch = self._background.submit(self._open, epoch + 1, 0)
+            for outputs in reading.iterator:
                 images, labels = outputs[0]["images"], outputs[0]["labels"]
                 labels = ascii_labels(labels).to(images.device, non_blocking=True)
-                if images.dtype != self.spec.dtype:
-                    images = images.to(self.spec.dtype)
-                yield images, labels
+                reading.consumed += 1
+                yield images.to(self.spec.dtype), labels
         except RuntimeError as err:
+            self._forget_position()
             # DALI's decoder error does not say which sample failed: find it before reporting.
-            culprit = (SampleTable(self.spec.shards).first_undecodable(range(*self.spec.block(epoch)))
-                       or "no undecodable image found in this rank's block")
+            culprit = (self.table.first_undecodable(self.samples(epoch))
+                       or "no undecodable image found in this rank's samples")
             raise RuntimeError(f"DALI pipeline failed on {self.spec.split} shards ({culprit}): {err}\n"
                                f"{_DAMAGED_HINT}") from err
-        finally:
-            self._iterator = None
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if self._iterator is not None and self.position:
-            state["dali"] = self._iterator.checkpoints()[0]
+        reading = self._reading
+        if reading is not None and self.position and (reading.epoch, reading.position) == (self.epoch, self.position):
+            state["dali"] = reading.iterator.checkpoints()[0]
+            state["dali_start"] = reading.start
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._checkpoint = state.get("dali")
+    def _restore_exactly(self, state: dict[str, Any]) -> None:
+        self._restored = state if "dali" in state else None
 
     def _forget_position(self) -> None:
-        self._checkpoint = None
+        self._restored = None
+        if self._reading is not None:
+            self._reading.close()
+            self._reading = None

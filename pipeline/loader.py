@@ -28,6 +28,28 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
 
+# How launchers tell a process how many ranks share its node: torchrun, the deepspeed launcher,
+# SLURM's srun (with --ntasks-per-node), Open MPI's and MPICH's mpirun.
+LOCAL_RANK_COUNT_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                              "MPI_LOCALNRANKS")
+
+
+def local_rank_count() -> int:
+    """Ranks on this node, as the launcher says (1 when started without one)."""
+    for name in LOCAL_RANK_COUNT_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def default_threads() -> int:
+    """CPU threads for one rank's decoding: the cores this process may use (affinity, which honours
+    SLURM's --cpus-per-task and cgroups) shared evenly by the ranks on the node."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable // local_rank_count())
+
+
 def build_loader(
     shards: str | Path,
     *,
@@ -50,7 +72,8 @@ def build_loader(
     RandomResizedCrop(img_size, scale (0.2, 1), ratio (3/4, 4/3), bicubic) + flip p=0.5; else resize
     the shorter side to img_size/0.875 (bicubic) and centre-crop. Images come normalized with the
     ImageNet mean/std, on the GPU when device="gpu". backend "dali" falls back to "pil" (with a
-    message) where DALI is not installed. `num_threads` defaults to the CPU cores per local rank.
+    message) where DALI is not installed. `num_threads` (DALI threads or PIL worker processes)
+    defaults to the CPU cores this process may use over the ranks on this node.
     """
     if local_batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need local_batch_size >= 1 and 0 <= rank < world_size, got {local_batch_size}, {rank}, "
@@ -60,17 +83,16 @@ def build_loader(
     if backend == "dali" and not dali_available():
         print("maeflow: DALI is not installed here; using the PIL backend")
         backend = "pil"
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = num_threads or max(1, (os.cpu_count() or 1) // local_ranks)
+    threads = num_threads or default_threads()
     shard_set = resolve_shards(shards, split)
-    spec = LoaderSpec(shard_set, split, local_batch_size, img_size, train, rank, world_size, seed,
-                      _resolve_device(device), threads, dtype, sum(shard_set.sample_counts()))
-    if spec.num_samples == 0:
+    samples = sum(shard_set.sample_counts())
+    if samples == 0:
         raise ValueError(f"{shards}: the {split} shards hold no samples")
-    start, end = spec.block(0)
-    if train and spec.batches_per_epoch() == 0:
-        raise ValueError(f"local batch size {local_batch_size} is larger than rank {rank}'s share of {end - start} "
-                         f"samples ({spec.num_samples} samples over {world_size} ranks)")
+    if train and samples // world_size < local_batch_size:
+        raise ValueError(f"local batch size {local_batch_size} is larger than a rank's share of "
+                         f"{samples // world_size} samples ({samples} samples over {world_size} ranks)")
+    spec = LoaderSpec(shard_set, split, local_batch_size, img_size, train, rank, world_size, seed,
+                      _resolve_device(device), threads, dtype)
     if backend == "dali":
         from pipeline.dali_loader import DaliLoader  # imports DALI, which only this backend needs
 

@@ -1,12 +1,13 @@
 """What both loader backends share: the augmentation recipe, the loader spec and the `Loader` contract.
 
-Both backends share one contract, so training and benchmarks can swap them:
-- rank r of W reads a contiguous block of the global sample order (DALI's `shard_id/num_shards`
-  rule); in training the block rotates with the epoch so ranks see different samples each epoch;
-- training drops the last partial batch and gives every rank the same number of batches;
-  evaluation yields every sample of the split exactly once across ranks (last batch partial);
-- a fixed seed reproduces the stream; `set_epoch` changes it; `state_dict` captures the position
-  mid-epoch so a resumed run continues with exactly the batches an uninterrupted one would see;
+Both backends read the same samples in the same order (`pipeline.epoch_plan`), so training and
+benchmarks can swap them:
+- every epoch each rank reads its block of a fresh shard-then-sample shuffle of the split; training
+  drops what does not fill a batch and gives every rank the same number of batches; evaluation
+  yields every sample of the split exactly once across ranks (the last batch partial);
+- a fixed seed reproduces the stream; `set_epoch` moves on; `state_dict` captures the position
+  mid-epoch, and `load_state_dict` continues exactly there, or, on another number of ranks or another
+  local batch size, continues the epoch with the samples not yet read, split over the new ranks;
 - `wait_s` / `last_wait_s` tell how long the consumer waited for data (the data stall).
 """
 
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
+from pipeline.epoch_plan import Segment, epoch_order, rank_samples, remaining_after, train_batches_per_rank
 from pipeline.manifest import ShardSet
+from pipeline.sample_table import SampleTable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,25 +50,6 @@ class LoaderSpec:
     device: Device  # resolved: never "auto"
     num_threads: int
     dtype: torch.dtype
-    num_samples: int  # in the whole split, all shards together
-
-    def block(self, epoch: int) -> tuple[int, int]:
-        """[start, end) of the global sample order this rank reads in `epoch` (DALI's sharding rule)."""
-        shard = self.shard_id(epoch)
-        n, w = self.num_samples, self.world_size
-        return n * shard // w, n * (shard + 1) // w
-
-    def shard_id(self, epoch: int) -> int:
-        return (self.rank + epoch) % self.world_size if self.train else self.rank
-
-    def batches_per_epoch(self) -> int:
-        if self.train:  # the smallest block decides, so all ranks stay in step
-            return (self.num_samples // self.world_size) // self.local_batch_size
-        start, end = self.block(0)
-        return -(-(end - start) // self.local_batch_size)
-
-    def epoch_seed(self, epoch: int) -> int:
-        return (self.seed * 1_000_003 + epoch * 7919 + 1) % (2**31 - 1)
 
 
 class Loader:
@@ -74,29 +59,68 @@ class Loader:
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
+        self.table = SampleTable(spec.shards)
         self.epoch = 0
-        self.position = 0  # batches of the current epoch already handed out
+        self.position = 0  # batches of the current epoch (since its last change of hands) already handed out
+        self.segments: list[Segment] = []  # earlier parts of the current epoch, read at another rank count
         self.wait_s = 0.0
         self.last_wait_s = 0.0
-        self._length = spec.batches_per_epoch()
+        self._samples_cache: tuple[tuple, np.ndarray] | None = None
+
+    # ---------------------------------------------------------------- what this rank reads
+
+    def samples(self, epoch: int | None = None) -> np.ndarray:
+        """Sample ids this rank reads in `epoch` (default: the current one, after its earlier segments)."""
+        epoch = self.epoch if epoch is None else epoch
+        segments = self._segments_of(epoch)
+        key = (epoch, segments)
+        if self._samples_cache is None or self._samples_cache[0] != key:
+            spec = self.spec
+            order = epoch_order(self.table.shard_sizes, spec.seed, epoch, shuffle=spec.train)
+            for segment in segments:
+                order = remaining_after(order, segment)
+            mine = rank_samples(order, spec.rank, spec.world_size, spec.local_batch_size, spec.train)
+            self._samples_cache = (key, mine)
+        return self._samples_cache[1]
 
     def __len__(self) -> int:
-        return self._length
+        """Batches this rank reads in the current epoch (since its last change of hands)."""
+        return -(-len(self.samples()) // self.spec.local_batch_size)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of a whole epoch read at this rank count (what schedules count in)."""
+        spec = self.spec
+        if spec.train:
+            return train_batches_per_rank(len(self.table), spec.world_size, spec.local_batch_size)
+        return -(-len(self.samples(self.epoch + 1)) // spec.local_batch_size)
+
+    def augmentation_seed(self, epoch: int, start: int) -> int:
+        """Seeds one reading's random crops and flips: different per rank, epoch, hand-over and start batch."""
+        handovers = [v for s in self._segments_of(epoch) for v in asdict(s).values()]
+        parts = [self.spec.seed, epoch, self.spec.rank, start, *handovers]
+        return int(np.random.default_rng(parts).integers(2**31 - 1))
+
+    def _segments_of(self, epoch: int) -> tuple[Segment, ...]:
+        return tuple(self.segments) if epoch == self.epoch else ()
+
+    # ---------------------------------------------------------------- iteration and position
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch, unless a restored state already points into it."""
         if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
+            self.epoch, self.position, self.segments = epoch, 0, []
             self._forget_position()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        length = len(self)
         batches = self._epoch_batches(self.epoch, self.position)
-        while self.position < self._length:
+        while self.position < length:
             started = time.perf_counter()
             try:
                 images, labels = next(batches)
             except StopIteration:
-                ended = f"{self.backend} reader ended after {self.position} of {self._length} batches"
+                ended = f"{self.backend} reader ended after {self.position} of {length} batches"
                 raise RuntimeError(ended) from None
             self.last_wait_s = time.perf_counter() - started
             self.wait_s += self.last_wait_s
@@ -109,19 +133,36 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         spec = self.spec
         return {"backend": self.backend, "epoch": self.epoch, "position": self.position, "seed": spec.seed,
-                "rank": spec.rank, "world_size": spec.world_size, "local_batch_size": spec.local_batch_size}
+                "rank": spec.rank, "world_size": spec.world_size, "local_batch_size": spec.local_batch_size,
+                "segments": [asdict(s) for s in self.segments]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` was taken: exactly, at the same rank count and local batch size (the
+        same crops too, where the backend and rank match); otherwise with the rest of that epoch."""
         spec = self.spec
-        mine = (self.backend, spec.seed, spec.rank, spec.world_size, spec.local_batch_size)
-        theirs = (state["backend"], state["seed"], state["rank"], state["world_size"], state["local_batch_size"])
-        if mine != theirs:
-            raise ValueError(f"loader state is for (backend, seed, rank, world size, local batch) = {theirs}, "
-                             f"this loader is {mine}")
-        self.epoch, self.position = state["epoch"], state["position"]
+        if state["seed"] != spec.seed:
+            raise ValueError(f"loader state is for data seed {state['seed']}, this loader has {spec.seed}: the "
+                             "epoch's sample order would differ")
+        self.epoch = state["epoch"]
+        self.segments = [Segment(**s) for s in state["segments"]]
+        self._forget_position()
+        if (state["world_size"], state["local_batch_size"]) == (spec.world_size, spec.local_batch_size):
+            self.position = state["position"]
+            if (state["backend"], state["rank"]) == (self.backend, spec.rank):
+                self._restore_exactly(state)
+        else:
+            self.position = 0
+            if state["position"]:
+                self.segments.append(Segment(state["world_size"], state["local_batch_size"], state["position"]))
+
+    # ---------------------------------------------------------------- what a backend provides
 
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of this rank's `samples(epoch)` from batch `start` on."""
         raise NotImplementedError
+
+    def _restore_exactly(self, state: dict[str, Any]) -> None:
+        """Take backend state that reproduces the rest of the epoch exactly (DALI's random generators)."""
 
     def _forget_position(self) -> None:
         """Drop backend state that only applies to the position being left."""

@@ -52,8 +52,8 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator) -
 class ShardSamples(Dataset):
     """Map-style view of the shards: item (sample, epoch) -> (uint8 [3, S, S], label)."""
 
-    def __init__(self, spec: LoaderSpec) -> None:
-        self.table = SampleTable(spec.shards)
+    def __init__(self, spec: LoaderSpec, table: SampleTable) -> None:
+        self.table = table
         self.img_size, self.train, self.seed = spec.img_size, spec.train, spec.seed
 
     def __len__(self) -> int:
@@ -91,22 +91,15 @@ class PilLoader(Loader):
 
     def __init__(self, spec: LoaderSpec) -> None:
         super().__init__(spec)
-        self.dataset = ShardSamples(spec)
+        self.dataset = ShardSamples(spec, self.table)
         device = "cuda" if spec.device == "gpu" else "cpu"
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
-    def _batch_plan(self, epoch: int) -> list[list[tuple[int, int]]]:
-        spec = self.spec
-        start, end = spec.block(epoch)
-        order = np.arange(start, end)
-        if spec.train:
-            order = start + np.random.default_rng(spec.epoch_seed(epoch)).permutation(end - start)
-        b = spec.local_batch_size
-        return [[(int(s), epoch) for s in order[i * b:(i + 1) * b]] for i in range(len(self))]
-
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plan = self._batch_plan(epoch)[start:]
+        b = self.spec.local_batch_size
+        samples = self.samples(epoch)[start * b:]
+        plan = [[(int(s), epoch) for s in samples[i:i + b]] for i in range(0, len(samples), b)]
         loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.spec.num_threads,
                             collate_fn=_collate, pin_memory=self.spec.device == "gpu")
         for images, labels in loader:

@@ -4,6 +4,7 @@ of every member): what the PIL backend reads with, and how a DALI error is trace
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
@@ -17,15 +18,20 @@ class SampleTable:
 
     def __init__(self, shards: ShardSet) -> None:
         self.tars = [str(p) for p in shards.tars]
-        rows, self.keys = [], []
-        for shard, idx in enumerate(shards.indexes):
+        rows, keys, self.shard_sizes = [], [], []
+        for shard, (idx, count) in enumerate(zip(shards.indexes, shards.sample_counts(), strict=True)):
             for key, members in read_index(idx):
                 if "jpg" not in members or "cls" not in members:
                     raise ValueError(f"{idx}: sample {key} lacks a jpg or cls member")
                 rows.append((shard, *members["jpg"], *members["cls"]))
-                self.keys.append(key)
+                keys.append(key)
+            if len(rows) != sum(self.shard_sizes) + count:
+                raise ValueError(f"{idx}: the header says {count} samples, the file lists "
+                                 f"{len(rows) - sum(self.shard_sizes)}")
+            self.shard_sizes.append(count)
         # (shard, jpg offset, jpg size, cls offset, cls size)
         self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
+        self.keys = np.asarray(keys, dtype=np.bytes_)  # compact: an ImageNet split has 1.28M of them
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -45,9 +51,15 @@ class SampleTable:
 
     def name(self, sample: int) -> str:
         """'<tar>: sample <key>', how errors name a sample."""
-        return f"{self.tars[int(self.rows[sample, 0])]}: sample {self.keys[sample]}"
+        return f"{self.tars[int(self.rows[sample, 0])]}: sample {self.keys[sample].decode()}"
 
-    def first_undecodable(self, samples: range) -> str | None:
+    def index_lines(self, samples: np.ndarray) -> list[str]:
+        """DALI index lines (jpg and cls members) for `samples`, in that order."""
+        rows, keys = self.rows[samples], self.keys[samples]
+        return [f"jpg {r[1]} {r[2]} {k.decode()}.jpg cls {r[3]} {r[4]} {k.decode()}.cls" for r, k in zip(rows, keys,
+                                                                                                     strict=True)]
+
+    def first_undecodable(self, samples: Iterable[int]) -> str | None:
         """The name of the first of `samples` PIL cannot decode, if any."""
         for sample in samples:
             try:

@@ -1,5 +1,6 @@
 """Both loader backends over real shards from the builder, with real DALI CPU pipelines."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -169,11 +170,16 @@ def test_epochs_differ_and_a_seed_reproduces_the_stream(id_shards, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_mid_epoch_continues_with_the_same_batches(id_shards, backend):
+@pytest.mark.parametrize("loop_ended", [False, True])
+def test_resume_mid_epoch_continues_with_the_same_batches(id_shards, backend, loop_ended):
+    """Bitwise: the state taken mid-epoch (while the loop runs, as a periodic checkpoint does, or after
+    it stopped, as at the end of a run) reproduces the rest of the stream, crops included."""
     def make():
         return loader_of(id_shards, backend, local_batch_size=4, img_size=16, rank=1, world_size=2)
 
     whole = make()
+    whole.set_epoch(2)
+    list(whole)  # so that epoch 3, as in a training run, is the one built ahead in the background
     whole.set_epoch(3)
     expected = list(whole)
     whole.set_epoch(4)
@@ -183,6 +189,8 @@ def test_resume_mid_epoch_continues_with_the_same_batches(id_shards, backend):
     first.set_epoch(3)
     batches = iter(first)
     head = [next(batches) for _ in range(2)]
+    if loop_ended:
+        batches.close()
     state = first.state_dict()
     del batches, first
 
@@ -208,7 +216,7 @@ def test_clear_errors(id_shards, tmp_path, backend):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"train.json not found"):
         build_loader(tmp_path / "empty", local_batch_size=4, **opts)
-    with pytest.raises(ValueError, match=r"batch size 32 is larger than rank 1's share of 21 samples"):
+    with pytest.raises(ValueError, match=r"batch size 32 is larger than a rank's share of 20 samples \(41"):
         build_loader(id_shards, local_batch_size=32, rank=1, world_size=2, **opts)
     with pytest.raises(FileNotFoundError, match=r"\d+ file\(s\) missing, first .*train-000099.tar"):
         build_loader(str(id_shards / "train-{000099..000000}.tar"), local_batch_size=4, **opts)
@@ -239,3 +247,58 @@ def test_corrupt_image_in_a_shard_fails_naming_it(tmp_path, backend):
     with pytest.raises(RuntimeError, match="build_shards --verify") as err:
         list(loader)
     assert "train-000000" in str(err.value)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_both_backends_read_the_same_samples_in_the_same_order(id_shards, train):
+    streams = []
+    for backend in BACKENDS:
+        loader = loader_of(id_shards, backend, local_batch_size=4, img_size=16, rank=1, world_size=2, train=train)
+        streams.append([epoch_labels(loader, epoch) for epoch in range(2)])
+    assert streams[0] == streams[1]
+
+
+def read_batches(loader, count: int) -> list[int]:
+    """Labels of the next `count` batches of the loader's current epoch."""
+    batches = iter(loader)
+    return [label for _ in range(count) for label in next(batches)[1].tolist()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_an_epoch_interrupted_on_two_ranks_finishes_on_another_count(id_shards, backend, new_world):
+    """The rest of an interrupted epoch is read exactly once by the new ranks, in equal batch counts;
+    the epochs after it are whole epochs at the new rank count."""
+    old = [loader_of(id_shards, backend, local_batch_size=4, img_size=16, rank=r, world_size=2) for r in range(2)]
+    before = []
+    for loader in old:
+        loader.set_epoch(5)
+        before += read_batches(loader, 2)
+    state = old[0].state_dict()
+    new = [loader_of(id_shards, backend, local_batch_size=3, img_size=16, rank=r, world_size=new_world)
+           for r in range(new_world)]
+    after = []
+    for loader in new:
+        loader.load_state_dict(state)
+        loader.set_epoch(5)  # the trainer calls this on resume: it must not restart the epoch
+        assert len(loader) == len(new[0]) > 0
+        after += epoch_labels(loader, 5)
+    assert len(before) == len(set(before)) == 16 and len(after) == len(set(after))
+    assert not set(before) & set(after)
+    assert 41 - len(before) - len(after) < new_world * (3 + 1)  # only what cannot fill a batch on every rank
+    following = [label for loader in new for label in epoch_labels(loader, 6)]
+    assert len(following) == len(set(following)) == new_world * (41 // new_world // 3) * 3
+
+
+def test_threads_default_to_the_usable_cores_over_the_ranks_on_the_node(monkeypatch):
+    from pipeline.loader import LOCAL_RANK_COUNT_VARIABLES, default_threads
+
+    usable = len(os.sched_getaffinity(0))
+    for name in LOCAL_RANK_COUNT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert default_threads() == usable
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # what the deepspeed launcher sets
+    assert default_threads() == max(1, usable // 2)
+    monkeypatch.delenv("LOCAL_SIZE")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", str(4 * usable))
+    assert default_threads() == 1

@@ -4,7 +4,7 @@
         --output runs/vit_h [--max-steps N] [--log-every K] [--resume] [--set optim.local_batch_size=64 ...]
 
 One step: DALI batch -> MAE forward (fused Triton masking and loss) -> engine.backward/step, with
-the learning rate set from `epoch + step / steps_per_epoch` before every optimizer step. The loop
+the learning rate set from `step / steps_per_epoch` (progress in epochs) before every optimizer step. The loop
 never waits on the GPU except every `log_every` steps, when losses are reduced across ranks.
 """
 
@@ -160,9 +160,10 @@ class Trainer:
             train=True, rank=self.rank, world_size=self.world, seed=cfg.runtime.seed,
             device="gpu" if self.device.type == "cuda" else "cpu", backend=cfg.data.backend,
             num_threads=cfg.data.num_threads or None, dtype=self.dtype, verbose=self.is_main)
-        self.steps_per_epoch = len(self.loader) // self.plan.grad_accum_steps
+        self.steps_per_epoch = self.loader.batches_per_epoch // self.plan.grad_accum_steps
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"an epoch has {len(self.loader)} local batches per rank, fewer than grad_accum_steps "
+            raise ConfigError(f"an epoch has {self.loader.batches_per_epoch} local batches per rank, fewer than "
+                              f"grad_accum_steps "
                               f"{self.plan.grad_accum_steps}: use a smaller batch")
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, model_parameters=param_groups(self.model, cfg.optim.weight_decay),
@@ -232,12 +233,15 @@ class Trainer:
     def run_epoch(self) -> Outcome:
         """EPOCH_DONE, or why the run ends."""
         accum = self.plan.grad_accum_steps
+        usable = len(self.loader) // accum * accum  # batches that fill whole optimizer steps
         for images, _ in self.loader:
             batch_index = self.loader.position - 1
-            if batch_index >= self.steps_per_epoch * accum:
+            if batch_index >= usable:
                 break  # trailing local batches that cannot fill an optimizer step
             if batch_index % accum == 0:
-                lr = lr_at(self.state.epoch + (batch_index // accum) / self.steps_per_epoch, self.peak_lr, self.cfg)
+                # Progress counted in steps, so that an epoch finished on another rank count (a resume on a
+                # new allocation) continues the schedule where it was.
+                lr = lr_at(self.state.step / self.steps_per_epoch, self.peak_lr, self.cfg)
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = lr
             noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=self.noise_gen)
