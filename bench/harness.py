@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import time
@@ -111,6 +112,13 @@ class Record:
         out = asdict(self)
         out["ratio"] = self.ratio
         return out
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for one more rendezvous on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _git(*args: str) -> str:

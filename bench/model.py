@@ -1,6 +1,8 @@
-"""Model step time: MAE's encoder on visible tokens vs with mask tokens (the paper's Table 2), and
-maeflow's forward+backward (fused kernels, SDPA) vs the reference formulation (repeat-gather,
-unfused loss, eager math attention), as images/s."""
+"""Model step time, as images/s and MFU: MAE's encoder on visible tokens vs with mask tokens (the
+paper's Table 2); maeflow's forward+backward (fused kernels, SDPA) vs the reference formulation
+(repeat-gather, unfused loss, eager math attention); and, on a GPU, the fused kernels against their
+torch references inside a full step with the same attention, with the kernels' share of the step's
+device time."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench.context import BenchContext
 from bench.harness import Record, rate, time_repeats
 from model import MaskedAutoencoderViT, build_mae
+from model.flops import mae_train_flops, peak_flops
 
 
 @contextlib.contextmanager
@@ -47,6 +50,22 @@ def mae_step(model: MaskedAutoencoderViT, imgs: torch.Tensor) -> Callable[[], No
     return step
 
 
+OUR_KERNELS = ("_visible_tokens_", "_decoder_tokens_", "_masked_mse_")
+
+
+def kernel_share(step: Callable[[], None]) -> float:
+    """Fraction of one step's GPU time spent in the fused masking and loss kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    times = {e.key: getattr(e, "self_device_time_total", 0) for e in prof.key_averages()}
+    return sum(t for key, t in times.items() if any(k in key for k in OUR_KERNELS)) / max(1, sum(times.values()))
+
+
 def run(ctx: BenchContext) -> list[Record]:
     gpu = ctx.device == "gpu"
     setups = [("mae_vit_base_patch16", 224, 128), ("mae_vit_huge_patch14", 224, 32)] if gpu else \
@@ -54,6 +73,7 @@ def run(ctx: BenchContext) -> list[Record]:
     repeats = (10 if ctx.quick else 30) if gpu else 3
     device = ctx.torch_device
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=gpu)
+    peak = peak_flops(torch.cuda.get_device_name()) if gpu else None
     records = []
     for name, size, batch in setups:
         model = build_mae(name, img_size=size, norm_pix_loss=True).to(device)
@@ -67,10 +87,22 @@ def run(ctx: BenchContext) -> list[Record]:
             ours = time_repeats(mae_step(model, imgs), repeats, warmup=2, device=timing)
         with autocast, kernels_backend("torch"), sdpa_kernel(SDPBackend.MATH):
             reference = time_repeats(mae_step(model, imgs), repeats, warmup=2, device=timing)
+        flops = mae_train_flops(model)
+        ours_rate = rate(batch, ours)
         records.append(Record("model", f"encoder_visible_vs_mask_tokens.{name}", "img/s", rate(batch, visible),
                               rate(batch, full), "encoder with mask tokens (all patches)", config))
-        records.append(Record("model", f"mae_step.{name}", "img/s", rate(batch, ours), rate(batch, reference),
+        records.append(Record("model", f"mae_step.{name}", "img/s", ours_rate, rate(batch, reference),
                               "reference formulation (repeat-gather, unfused loss, math attention)",
-                              {**config, "kernels": "triton" if gpu else "torch"}))
+                              {**config, "kernels": "triton" if gpu else "torch"},
+                              extra={"mfu": flops * ours_rate.median / peak if peak else None}))
+        if gpu:  # the kernels against their references in a whole step, attention the same
+            with autocast, kernels_backend("torch"):
+                torch_ops = time_repeats(mae_step(model, imgs), repeats, warmup=2, device=timing)
+            with autocast, kernels_backend("triton"):
+                share = kernel_share(mae_step(model, imgs))
+            records.append(Record("model", f"mae_step_kernels.{name}", "img/s", ours_rate, rate(batch, torch_ops),
+                                  "the same step with the torch references of the three ops",
+                                  {**config, "attention": "SDPA auto in both"},
+                                  extra={"kernels_share_of_step_device_time": share}))
         del model
     return records

@@ -76,36 +76,47 @@ def stage_tables(latest: dict) -> list[str]:
     return lines
 
 
-def epoch_table(latest: dict) -> list[str]:
+def epoch_table(latest: dict, on_gpu: bool) -> list[str]:
+    """Per training preset: the trainer, its bare model step and the reference-style trainer, and, from GPU
+    records only, the projected ImageNet-1k epoch and run times."""
     train = [(r, run) for (stage, _), (r, run) in sorted(latest.items()) if stage == "train"]
     if not train:
         return []
-    head = "| config | img/s per device | data stall | MFU | epoch, 1 device | " + " | ".join(
-        f"epoch, {n} devices | {EPOCHS} epochs, {n} devices" for n in GPU_COUNTS) + " | reference-style epoch | " \
-        "epoch speedup |"
-    lines = ["#### projected ImageNet-1k epoch time", "", SCALING, "", head, "|" + "---|" * (head.count("|") - 1)]
+    head = ("| config | trainer img/s per device | bare model step | trainer efficiency | reference-style trainer "
+            "| epoch speedup | data stall | MFU |")
+    if on_gpu:
+        head += " epoch, 1 device | " + " | ".join(f"epoch, {n} devices | {EPOCHS} epochs, {n} devices"
+                                                 for n in GPU_COUNTS) + " |"
+    title = "#### training: trainer, bare step, reference-style" + (
+        " and projected ImageNet-1k epoch time" if on_gpu else "")
+    lines = [title, ""] + ([SCALING, ""] if on_gpu else [
+        "CPU runs: no epoch times are projected from them."]) + ["", head, "|" + "---|" * (head.count("|") - 1)]
     for record, _run in train:
-        per_gpu = record["ours"]["median"]
-        hours = IMAGENET_TRAIN_IMAGES / per_gpu / 3600
-        base_hours = IMAGENET_TRAIN_IMAGES / record["baseline"]["median"] / 3600
+        per_device = record["ours"]["median"]
         extra = record["extra"]
+        bare = extra.get("bare_step_img_per_s")
         mfu = f"{100 * extra['mfu']:.1f}%" if extra.get("mfu") is not None else "–"
-        cells = [record["config"]["config"], _fmt(per_gpu), f"{extra['data_stall_pct']:.1f}%", mfu, _hours(hours)]
-        for n in GPU_COUNTS:
-            cells += [_hours(hours / n), _hours(hours * EPOCHS / n)]
-        cells += [_hours(base_hours), f"**×{base_hours / hours:.2f}**"]
+        cells = [record["config"]["config"], _fmt(per_device), _fmt(bare),
+                 f"{per_device / bare:.2f}" if bare else "–", _fmt(record["baseline"]["median"]),
+                 f"**×{record['ratio']:.2f}**", f"{extra['data_stall_pct']:.1f}%", mfu]
+        if on_gpu:
+            hours = IMAGENET_TRAIN_IMAGES / per_device / 3600
+            cells.append(_hours(hours))
+            for n in GPU_COUNTS:
+                cells += [_hours(hours / n), _hours(hours * EPOCHS / n)]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
-def history_table(runs: list[dict]) -> list[str]:
+def history_table(runs: list[dict], on_gpu: bool) -> list[str]:
     rows = []
     for run in runs:
         for record in run["records"]:
             if record["stage"] == "train":
-                hours = IMAGENET_TRAIN_IMAGES / record["ours"]["median"] / 3600
-                rows.append(f"| {run['date'][:16]} | {run['git_sha']} | {record['name']} | "
-                            f"{_fmt(record['ours']['median'])} | {_hours(hours)} | ×{record['ratio']:.2f} |")
+                per_device = record["ours"]["median"]
+                epoch = _hours(IMAGENET_TRAIN_IMAGES / per_device / 3600) if on_gpu else "–"
+                rows.append(f"| {run['date'][:16]} | {run['git_sha']} | {record['name']} | {_fmt(per_device)} | "
+                            f"{epoch} | ×{record['ratio']:.2f} |")
     if not rows:
         return []
     return ["#### training throughput across commits", "",
@@ -169,8 +180,9 @@ def write_report(history: Path, out: Path) -> Path:
         if "CPU" in device:
             lines += ["CPU numbers: the tiny preset and small shapes, for tracking changes on the development "
                       "machine. They say nothing about GPU speed and are never compared with GPU numbers.", ""]
-        lines += stage_tables(latest) + epoch_table(latest) + history_table(device_runs)
-        plot = plot_epoch_hours(device_runs, out / f"epoch_hours_{number}.png", device)
+        on_gpu = "CPU" not in device
+        lines += stage_tables(latest) + epoch_table(latest, on_gpu) + history_table(device_runs, on_gpu)
+        plot = plot_epoch_hours(device_runs, out / f"epoch_hours_{number}.png", device) if on_gpu else None
         if plot:
             lines += [f"![epoch hours across commits on {device}]({plot.name})", ""]
     report = out / "REPORT.md"

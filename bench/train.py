@@ -1,69 +1,128 @@
-"""End-to-end training throughput with the real trainer (`deepspeed train/pretrain.py`, one rank):
-maeflow (DALI, fused kernels) against the reference-style setup (PIL DataLoader, torch reference
-ops) with the same model, precision and batch. Their ratio is the epoch speedup."""
+"""End-to-end training throughput, three numbers per preset, measured in one run on one device:
+
+- maeflow's trainer: `train/pretrain.py` under the deepspeed launcher, one rank, DALI, fused kernels;
+- maeflow's bare model step: the same model, precision and optimizer in a plain loop on images already
+  in memory, the ceiling the trainer is held against (trainer / bare step = the trainer's efficiency);
+- the reference-style trainer (`bench/reference_trainer.py`: DDP, autocast, fused AdamW, PIL DataLoader,
+  the reference formulation of the model); trainer / reference-style = the epoch speedup.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from bench.context import BenchContext, require
-from bench.harness import REPO, Record, stat_of
+from bench.harness import REPO, Record, Stat, free_port, rate, stat_of, time_repeats
+from model.flops import mae_train_flops, peak_flops
+from train.config import load_config, model_from_config
+from train.engine import attention_backend
+from train.recipe import build_optimizer
 
 
-def trainer_run(config: str, shards: Path, steps: int, log_every: int, overrides: list[str],
-                env: dict[str, str]) -> list[dict]:
-    """Metrics records of one single-rank training run, the first (warm-up) window dropped."""
-    deepspeed = Path(sys.executable).with_name("deepspeed")
+def deepspeed_launcher() -> list[str]:
+    """The deepspeed launcher: beside this Python, on PATH, or as a module (a bundle installed with
+    `pip --target` has the package but no script)."""
+    beside = Path(sys.executable).with_name("deepspeed")
+    if beside.is_file():
+        return [str(beside)]
+    on_path = shutil.which("deepspeed")
+    return [on_path] if on_path else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def _clean_env(extra: dict[str, str]) -> dict[str, str]:
+    # The CPU kernel stage turns the Triton interpreter on for this process; training must not inherit it.
+    inherited = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**inherited, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
+
+
+def _metrics(cmd: list[str], out: Path, env: dict[str, str]) -> list[dict]:
+    proc = subprocess.run(cmd, cwd=REPO, env=_clean_env(env), capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"training run failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return records[1:]  # the first window holds the warm-up (and any compilation)
+
+
+def trainer_run(config: str, shards: Path, steps: int, log_every: int, batch: int) -> list[dict]:
+    """Metrics windows of maeflow's trainer on one rank."""
     with tempfile.TemporaryDirectory(prefix="maeflow-bench-train-") as out:
-        cmd = [str(deepspeed), "--num_gpus", "1", "train/pretrain.py", "--config", config, "--data", str(shards),
-               "--output", out, "--max-steps", str(steps), "--log-every", str(log_every),
+        cmd = [*deepspeed_launcher(), "--num_gpus", "1", "train/pretrain.py", "--config", config, "--data",
+               str(shards), "--output", out, "--max-steps", str(steps), "--log-every", str(log_every),
+               "--set", f"optim.global_batch_size={batch}", "--set", f"optim.local_batch_size={batch}",
                "--set", "checkpoint.every_minutes=0", "--set", "checkpoint.at_end=false",
-               "--set", "log.viz_every=1000000", *overrides]
-        # The CPU kernel stage turns the Triton interpreter on for this process; training must not inherit it.
-        inherited = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        run_env = {**inherited, "PATH": f"{deepspeed.parent}:{os.environ['PATH']}", **env}
-        proc = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"training run failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return records[1:]
+               "--set", "log.viz_every=1000000"]
+        return _metrics(cmd, Path(out), {})
+
+
+def reference_run(config: str, shards: Path, steps: int, log_every: int, batch: int) -> list[dict]:
+    """Metrics windows of the reference-style trainer on one rank."""
+    with tempfile.TemporaryDirectory(prefix="maeflow-bench-reference-") as out:
+        cmd = [sys.executable, "-m", "bench.reference_trainer", "--config", config, "--data", str(shards),
+               "--output", out, "--steps", str(steps), "--log-every", str(log_every), "--local-batch-size", str(batch)]
+        env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port())}
+        return _metrics(cmd, Path(out), env)
+
+
+def bare_step_rate(config: str, batch: int, device: str, repeats: int) -> tuple[Stat, int]:
+    """img/s of forward + backward + optimizer step of the trainer's model, precision and optimizer (both
+    bf16 modes timed as autocast bf16), and its FLOPs per image."""
+    cfg = load_config(config)
+    model = model_from_config(cfg).to(device)
+    optimizer = build_optimizer(model, cfg.optim, 1e-4)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.runtime.precision != "fp32")
+    images = torch.randn(batch, 3, cfg.data.img_size, cfg.data.img_size, device=device)
+
+    def step() -> None:
+        with autocast, attention_backend(cfg.runtime.attention):
+            loss, _, _ = model(images, mask_ratio=cfg.model.mask_ratio)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = time_repeats(step, repeats, warmup=3, device="cuda" if device == "cuda" else "cpu")
+    return rate(batch, seconds), mae_train_flops(model, cfg.model.mask_ratio)
 
 
 def summarize(records: list[dict]) -> tuple:
-    mfu = [r["mfu"] for r in records if r["mfu"] is not None]
+    mfu = [r["mfu"] for r in records if r.get("mfu") is not None]
     return (stat_of([r["img_per_s"] for r in records]), statistics.median(r["data_stall_pct"] for r in records),
             statistics.median(mfu) if mfu else None)
 
 
 def run(ctx: BenchContext) -> list[Record]:
     require("deepspeed", "nvidia.dali", "braceexpand")
-    if ctx.device == "gpu":
-        shards = ctx.shards_of(ctx.imagenet_like_tree(1024 if ctx.quick else 4096), workers=os.cpu_count() or 1)
-        setups = [("configs/vit_b16_1600ep.toml", 256), ("configs/vit_h14_1600ep.toml", 64)]
+    gpu = ctx.device == "gpu"
+    if gpu:
+        shards = ctx.shards_of(ctx.imagenet_like_tree(10_240), workers=os.cpu_count() or 1)
+        setups = [("configs/vit_b16_1600ep.toml", 256), ("configs/vit_h14_1600ep.toml", 128)]
         steps, log_every = (30, 5) if ctx.quick else (100, 10)
     else:
         shards = ctx.shards_of(ctx.sample_tree())
         setups = [("configs/tiny.toml", 16)]
         steps, log_every = (25, 5) if ctx.quick else (60, 10)
+    peak = peak_flops(torch.cuda.get_device_name()) if gpu else None
     records = []
     for config, batch in setups:
-        common = ["--set", f"optim.global_batch_size={batch}", "--set", f"optim.local_batch_size={batch}"]
-        ours = trainer_run(config, shards, steps, log_every, [*common, "--set", "data.backend=dali"], {})
-        base = trainer_run(config, shards, steps, log_every, [*common, "--set", "data.backend=pil"],
-                           {"MAE_KERNELS": "torch"})
-        (ours_rate, ours_stall, ours_mfu), (base_rate, base_stall, base_mfu) = summarize(ours), summarize(base)
-        name = Path(config).stem
+        ours, ours_stall, ours_mfu = summarize(trainer_run(config, shards, steps, log_every, batch))
+        bare, flops = bare_step_rate(config, batch, ctx.torch_device, 10 if gpu else 5)
+        base, base_stall, base_mfu = summarize(reference_run(config, shards, steps, log_every, batch))
         records.append(Record(
-            "train", f"images_per_s.{name}", "img/s", ours_rate, base_rate,
-            "reference-style: PIL DataLoader + torch reference ops",
+            "train", f"images_per_s.{Path(config).stem}", "img/s", ours, base,
+            "reference-style trainer: DDP, autocast, fused AdamW, PIL DataLoader, reference formulation",
             {"config": config, "local_batch_size": batch, "ranks": 1, "steps": steps, "log_every": log_every},
-            extra={"data_stall_pct": ours_stall, "mfu": ours_mfu, "baseline_data_stall_pct": base_stall,
+            extra={"data_stall_pct": ours_stall, "mfu": ours_mfu, "bare_step_img_per_s": bare.median,
+                   "bare_step_mfu": flops * bare.median / peak if peak else None,
+                   "trainer_efficiency": ours.median / bare.median, "baseline_data_stall_pct": base_stall,
                    "baseline_mfu": base_mfu},
         ))
     return records

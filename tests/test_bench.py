@@ -48,12 +48,13 @@ def fixture_run(date, sha, machine, records):
     return {"date": date, "git_sha": sha, "dirty": False, "quick": False, "machine": machine, "records": records}
 
 
-def train_record(img_per_s, base, mfu):
-    return {"stage": "train", "name": "images_per_s.vit_h14_1600ep", "unit": "img/s",
+def train_record(img_per_s, base, mfu, config="vit_h14_1600ep"):
+    return {"stage": "train", "name": f"images_per_s.{config}", "unit": "img/s",
             "ours": {"median": img_per_s, "min": img_per_s, "max": img_per_s, "repeats": 3},
             "baseline": {"median": base, "min": base, "max": base, "repeats": 3}, "baseline_name": "reference-style",
-            "config": {"config": "configs/vit_h14_1600ep.toml"}, "interpreter": False,
-            "extra": {"data_stall_pct": 1.0, "mfu": mfu}, "ratio": img_per_s / base}
+            "config": {"config": f"configs/{config}.toml"}, "interpreter": False,
+            "extra": {"data_stall_pct": 1.0, "mfu": mfu, "bare_step_img_per_s": 1.25 * img_per_s},
+            "ratio": img_per_s / base}
 
 
 def test_report_builds_from_a_fixture_history_and_keeps_devices_apart(tmp_path):
@@ -70,14 +71,19 @@ def test_report_builds_from_a_fixture_history_and_keeps_devices_apart(tmp_path):
     (history / "2026-11-02-bbbbbbb-gpu-h100.json").write_text(json.dumps({"runs": [
         fixture_run("2026-11-02T10:00:00+00:00", "bbbbbbb", gpu, [train_record(1000.0, 400.0, 0.52)])]}))
     (history / "2026-11-02-bbbbbbb-cpu.json").write_text(json.dumps({"runs": [
-        fixture_run("2026-11-02T11:00:00+00:00", "bbbbbbb", cpu, [kernel])]}))
+        fixture_run("2026-11-02T11:00:00+00:00", "bbbbbbb", cpu, [kernel, train_record(400.0, 250.0, None, "tiny")])]}))
     report = write_report(history, tmp_path / "out").read_text()
     gpu_part, cpu_part = report.split("\n## NVIDIA H100")[1], report.split("\n## CPU: AMD EPYC")[1].split("\n## ")[0]
-    # Newest GPU run: 1000 img/s -> 1,281,167 / 1000 s = 21.4 min per epoch on one GPU, 2.5x the baseline.
-    assert "| configs/vit_h14_1600ep.toml | 1,000 | 1.0% | 52.0% | 21.4 min |" in gpu_part
+    # Newest GPU run: 1000 img/s -> 1,281,167 / 1000 s = 21.4 min per epoch on one GPU, 2.5x the baseline,
+    # 0.8 of its bare step.
+    assert "| configs/vit_h14_1600ep.toml | 1,000 | 1,250 | 0.80 | 400 | **×2.50** | 1.0% | 52.0% | 21.4 min |" \
+        in gpu_part
     assert "**×2.50**" in gpu_part and "linearly with the number of GPUs" in gpu_part
     assert "| 2026-11-01T10:00 | aaaaaaa |" in gpu_part and "| 2026-11-02T10:00 | bbbbbbb |" in gpu_part
     assert "Triton interpreter: not a speed" in cpu_part and "vit_h14" not in cpu_part
+    # CPU runs are reported, never projected to cluster epoch times.
+    assert "| configs/tiny.toml | 400 | 500 | 0.80 | 250 | **×1.60** | 1.0% | – |" in cpu_part
+    assert "no epoch times are projected" in cpu_part and " min |" not in cpu_part and " h |" not in cpu_part
     assert "visible_tokens" not in gpu_part
     plots = sorted((tmp_path / "out").glob("epoch_hours_*.png"))
     assert len(plots) == 1 and Image.open(plots[0]).size == (720, 360)

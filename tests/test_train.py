@@ -17,9 +17,10 @@ from pipeline.build_shards import main as build_shards
 from pipeline.sample_data import main as sample_data
 from tests.helpers import REPO, tiny_preset_model
 from train.config import ConfigError, OptimConfig, TrainConfig, load_config, plan_batch
+from train.engine import compile_blocks, deepspeed_config
 from train.export import main as export_main
-from train.pretrain import lr_at
 from train.pretrain import main as pretrain_main
+from train.recipe import build_optimizer, lr_at
 from train.viz import fixed_images, fixed_noise
 
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
@@ -77,7 +78,7 @@ def exported_loss_matches_engine(shards: Path, output: Path, tmp_path: Path, rel
 
 
 @pytest.mark.parametrize("stage, recompute, precision",
-                         [(0, False, "fp32"), (1, False, "fp32"), (2, False, "bf16"), (3, True, "fp32")])
+                         [(0, False, "fp32"), (1, False, "autocast_bf16"), (2, False, "bf16"), (3, True, "fp32")])
 def test_zero_stage_trains_logs_checkpoints_and_exports(shards, tmp_path, stage, recompute, precision):
     output = tmp_path / f"zero{stage}"
     run(shards, output, "--max-steps", "24", "--log-every", "4", "--set", f"runtime.zero_stage={stage}",
@@ -89,13 +90,15 @@ def test_zero_stage_trains_logs_checkpoints_and_exports(shards, tmp_path, stage,
         assert r["samples"] == 16 * r["step"] and r["img_per_s"] > 0 and 0 <= r["data_stall_pct"] <= 100
         assert r["mfu"] is None  # no known peak on a CPU
     # 2 ranks x 32 samples / 8 per local batch: 4 steps per epoch, warm-up 1 epoch, 40 epochs.
-    assert records[0]["lr"] == pytest.approx(lr_at(3 / 4, 2e-3, load_config("configs/tiny.toml")))
+    assert records[0]["lr"] == pytest.approx(lr_at(3 / 4, 2e-3, load_config("configs/tiny.toml").optim))
     assert records[-1]["epoch"] == 5
     assert records[-1]["loss"] < 0.85 * records[0]["loss"]
     assert (output / "checkpoints" / "latest").read_text() == "step00000024"
     assert list((output / "viz").glob("reconstruction_step00000024.png"))
-    # The export holds the float32 master weights; a bf16 engine computed its loss in bf16.
+    # The export holds the float32 weights; a bf16 engine computed its loss in bf16.
     exported_loss_matches_engine(shards, output, tmp_path, rel=1e-5 if precision == "fp32" else 3e-2)
+    saved = json.loads((output / "deepspeed_config.json").read_text())
+    assert saved["zero_optimization"]["stage"] == stage and saved["train_batch_size"] == 16
 
 
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(shards, tmp_path):
@@ -176,7 +179,11 @@ def test_presets_follow_the_paper_recipe():
         o = cfg.optim
         recipe = (o.global_batch_size, o.blr, o.betas, o.weight_decay, o.warmup_epochs, o.epochs, o.gradient_clipping)
         assert recipe == (4096, 1.5e-4, (0.9, 0.95), 0.05, 40, 1600, 0.0)
-        assert cfg.runtime.precision == "bf16" and cfg.runtime.zero_stage == 1
+        assert cfg.runtime.precision == "autocast_bf16" and cfg.runtime.zero_stage == 0
+        # Runs as shipped on any power-of-two allocation up to 4096 GPUs, within its memory limit.
+        for ranks in (1, 8, 64, 512):
+            plan = plan_batch(o, ranks)
+            assert plan.global_batch_size == 4096 and plan.local_batch_size <= o.max_local_batch_size
 
 
 def test_batch_plan_derives_the_missing_number():
@@ -188,12 +195,78 @@ def test_batch_plan_derives_the_missing_number():
         plan_batch(OptimConfig(global_batch_size=4096), 3)
     with pytest.raises(ConfigError, match="!= local_batch_size 8 x grad_accum_steps 2 x 4 ranks"):
         plan_batch(OptimConfig(global_batch_size=100, local_batch_size=8, grad_accum_steps=2), 4)
+    # A memory limit: the fewest accumulation steps that keep the local batch within it.
+    limited = OptimConfig(global_batch_size=4096, max_local_batch_size=128)
+    assert [(p.local_batch_size, p.grad_accum_steps) for p in (plan_batch(limited, w) for w in (1, 8, 64))] == [
+        (128, 32), (128, 4), (64, 1)]
+    assert plan_batch(OptimConfig(global_batch_size=96, max_local_batch_size=40), 1).local_batch_size == 32
 
 
 def test_learning_rate_schedule():
-    cfg = TrainConfig()
+    cfg = TrainConfig().optim
     peak = 1.5e-4 * 4096 / 256
     assert lr_at(0, peak, cfg) == 0 and lr_at(20, peak, cfg) == pytest.approx(peak / 2)
     assert lr_at(40, peak, cfg) == pytest.approx(peak)
     assert lr_at(820, peak, cfg) == pytest.approx(peak / 2)
     assert lr_at(1600, peak, cfg) == pytest.approx(0, abs=1e-12)
+
+
+def test_the_optimizer_decays_weights_but_not_biases_and_norms():
+    """The recipe's groups, on the optimizer the trainer builds (the one DeepSpeed then wraps)."""
+    cfg = load_config("configs/tiny.toml")
+    model = tiny_preset_model()
+    optimizer = build_optimizer(model, cfg.optim, 1e-3)
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert len(decay_of) == len(trained)  # every trained parameter once, the frozen position embeddings not at all
+    for name, param in trained.items():
+        no_decay = param.ndim <= 1 or name.endswith(".bias")
+        assert decay_of[id(param)] == (0.0 if no_decay else cfg.optim.weight_decay), name
+    assert decay_of[id(model.blocks[0].norm1.weight)] == 0.0 and decay_of[id(model.blocks[0].attn.qkv.bias)] == 0.0
+    assert decay_of[id(model.blocks[0].attn.qkv.weight)] == cfg.optim.weight_decay
+    assert decay_of[id(model.cls_token)] == cfg.optim.weight_decay  # [1, 1, D]: decayed, as in the reference
+
+
+def test_a_users_deepspeed_json_is_merged_and_may_not_contradict_the_config(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 5e7, "overlap_comm": True},
+                                "comms_logger": {"enabled": True}}))
+    cfg = load_config("configs/tiny.toml", [f"runtime.deepspeed_config={user}", "runtime.zero_stage=2"])
+    merged = deepspeed_config(cfg, plan_batch(cfg.optim, 2))
+    assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 5e7, "overlap_comm": True}
+    assert merged["comms_logger"] == {"enabled": True} and merged["train_batch_size"] == 16
+    for clash, message in (({"train_batch_size": 32}, "set optim.global_batch_size instead"),
+                           ({"zero_optimization": {"stage": 3}}, "set runtime.zero_stage"),
+                           ({"optimizer": {"type": "Adam"}}, "maeflow builds a fused torch AdamW")):
+        user.write_text(json.dumps(clash))
+        with pytest.raises(ConfigError, match=message):
+            deepspeed_config(cfg, plan_batch(cfg.optim, 2))
+
+
+def test_print_config_plans_the_batch_for_a_rank_count_and_checks_the_data(shards, tmp_path, capsys):
+    assert pretrain_main(["--config", "configs/vit_h14_1600ep.toml", "--data", str(shards), "--print-config",
+                          "--ranks", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "batch on 8 ranks: 4096 = 128 local x 4 accumulation x 8 ranks" in out
+    assert "peak lr: 0.0024" in out and "data: 64 training samples" in out and '"stage": 0' in out
+    assert pretrain_main(["--config", "configs/vit_h14_1600ep.toml", "--data", str(tmp_path / "nowhere"),
+                          "--print-config"]) == 2
+    assert "shard folder" in capsys.readouterr().err
+
+
+def test_compiled_blocks_keep_names_and_results():
+    imgs, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 16)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = tiny_preset_model()
+        if compiled:
+            compile_blocks(model)
+        loss, _, _ = model(imgs, noise=noise)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad},
+                        list(model.state_dict())))
+    assert results[0][2] == results[1][2]  # checkpoints and exports see the same parameter names
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -66,6 +66,8 @@ class OptimConfig:
     """images per rank per forward pass; 0 = derived from the others"""
     grad_accum_steps: int = 0
     """forward passes per optimizer step; 0 = derived from the others"""
+    max_local_batch_size: int = 0
+    """most images per forward pass that fit in a GPU's memory (0 = no limit); bounds a derived local batch"""
     blr: float = 1.5e-4
     """base learning rate: lr = blr x global_batch_size / 256"""
     lr: float = 0.0
@@ -88,8 +90,14 @@ class OptimConfig:
 class RuntimeConfig:
     zero_stage: Literal[0, 1, 2, 3] = 1
     """DeepSpeed ZeRO stage 0-3"""
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16 or fp32 (fp16 is not offered: MAE has produced NaNs with it)"""
+    precision: Literal["bf16", "autocast_bf16", "fp32"] = "bf16"
+    """bf16 (bf16 weights, fp32 master copies), autocast_bf16 (fp32 weights, bf16 matmuls) or fp32; no fp16 (NaNs)"""
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    """scaled-dot-product attention backend; auto lets torch choose"""
+    compile: bool = False
+    """torch.compile each transformer block (the first steps compile; not with ZeRO-3)"""
+    deepspeed_config: str = ""
+    """a DeepSpeed JSON merged over the derived config (bucket sizes, overlap, monitors...)"""
     seed: int = 0
     """seeds model init, data order and masks"""
 
@@ -222,8 +230,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.data.img_size % PRESETS.get(cfg.model.name, {}).get("patch_size", 1) == 0,
          f"data.img_size {cfg.data.img_size} is not divisible by the patch size of {cfg.model.name}"),
         (cfg.optim.global_batch_size > 0, "optim.global_batch_size must be positive"),
-        (cfg.optim.local_batch_size >= 0 and cfg.optim.grad_accum_steps >= 0,
-         "optim.local_batch_size and optim.grad_accum_steps must be >= 0"),
+        (min(cfg.optim.local_batch_size, cfg.optim.grad_accum_steps, cfg.optim.max_local_batch_size) >= 0,
+         "optim.local_batch_size, optim.grad_accum_steps and optim.max_local_batch_size must be >= 0"),
         (cfg.optim.epochs > 0 and 0 <= cfg.optim.warmup_epochs < cfg.optim.epochs,
          "optim.warmup_epochs must be in [0, epochs)"),
         (cfg.optim.blr > 0 or cfg.optim.lr > 0, "set optim.blr or optim.lr"),
@@ -232,6 +240,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.log.log_every >= 1 and cfg.log.viz_every >= 1, "log.log_every and log.viz_every must be >= 1"),
         (cfg.max_steps >= 0, "max_steps must be >= 0"),
         (not cfg.model.init or Path(cfg.model.init).is_file(), f"model.init {cfg.model.init}: no such file"),
+        (not cfg.runtime.deepspeed_config or Path(cfg.runtime.deepspeed_config).is_file(),
+         f"runtime.deepspeed_config {cfg.runtime.deepspeed_config}: no such file"),
+        (not (cfg.runtime.compile and cfg.runtime.zero_stage == 3),
+         "runtime.compile does not work with ZeRO-3 (its parameter gathering hooks break the graphs)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -251,8 +263,12 @@ class BatchPlan:
 
 
 def plan_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
-    """Derive the local batch or the accumulation so that local x accumulation x ranks = global batch."""
-    batch, local, accum = optim.global_batch_size, optim.local_batch_size, optim.grad_accum_steps
+    """Derive the local batch or the accumulation so that local x accumulation x ranks = global batch.
+
+    With neither given, the plan takes the fewest accumulation steps whose local batch is at most
+    `max_local_batch_size`: the presets set that limit from memory, and the rank count does the rest."""
+    batch, local, accum, limit = optim.global_batch_size, optim.local_batch_size, optim.grad_accum_steps, \
+        optim.max_local_batch_size
     if local and accum:
         if local * accum * world_size != batch:
             raise ConfigError(f"optim.global_batch_size {batch} != local_batch_size {local} x grad_accum_steps "
@@ -261,10 +277,16 @@ def plan_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
     if local:
         accum, rest = divmod(batch, local * world_size)
         note = f"grad_accum_steps = {batch} / ({local} x {world_size} ranks) = {accum}"
-    else:
-        accum = accum or 1
+    elif accum:
         local, rest = divmod(batch, accum * world_size)
         note = f"local_batch_size = {batch} / ({accum} accumulation x {world_size} ranks) = {local}"
+    else:
+        fitting = [a for a in range(1, batch + 1) if batch % (a * world_size) == 0
+                   and (not limit or batch // (a * world_size) <= limit)]
+        accum = fitting[0] if fitting else 0
+        local, rest = (batch // (accum * world_size), 0) if accum else (0, 1)
+        bound = f", the fewest steps keeping it <= max_local_batch_size {limit}" if limit else ""
+        note = f"local_batch_size {local}, grad_accum_steps {accum}{bound}"
     if rest or not local or not accum:
         raise ConfigError(f"optim.global_batch_size {batch} does not split evenly over {world_size} ranks "
                           f"(local_batch_size {optim.local_batch_size or '?'}, "

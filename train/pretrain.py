@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -34,41 +33,10 @@ from model.flops import mae_train_flops, peak_flops
 from pipeline import build_loader
 from pipeline.manifest import resolve_shards
 from train.checkpoint import ResumeError, TrainState, latest_tag, load_checkpoint, save_checkpoint
-from train.config import BatchPlan, ConfigError, TrainConfig, describe, load_config, model_from_config, plan_batch
+from train.config import ConfigError, TrainConfig, describe, load_config, model_from_config, plan_batch
+from train.engine import attention_backend, compile_blocks, deepspeed_config
+from train.recipe import build_optimizer, lr_at, peak_lr
 from train.viz import fixed_images, fixed_noise, reconstruction_grid, save_reconstruction
-
-
-def lr_at(progress_epochs: float, peak: float, cfg: TrainConfig) -> float:
-    """Linear warm-up from 0, then half-cycle cosine to min_lr (the paper's per-iteration schedule)."""
-    optim = cfg.optim
-    if progress_epochs < optim.warmup_epochs:
-        return peak * progress_epochs / optim.warmup_epochs
-    done = (progress_epochs - optim.warmup_epochs) / (optim.epochs - optim.warmup_epochs)
-    return optim.min_lr + (peak - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on 1-D parameters (norms) and biases; frozen position embeddings left out."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def deepspeed_config(cfg: TrainConfig, plan: BatchPlan, peak_lr: float) -> dict:
-    return {
-        "train_batch_size": plan.global_batch_size,
-        "train_micro_batch_size_per_gpu": plan.local_batch_size,
-        "gradient_accumulation_steps": plan.grad_accum_steps,
-        "optimizer": {"type": "AdamW", "params": {"lr": peak_lr, "betas": list(cfg.optim.betas), "eps": 1e-8,
-                                                  "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
-        "bf16": {"enabled": cfg.runtime.precision == "bf16"},
-        "zero_optimization": {"stage": cfg.runtime.zero_stage},
-        "gradient_clipping": cfg.optim.gradient_clipping,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
 
 
 class Outcome(Enum):
@@ -145,8 +113,10 @@ class Trainer:
         self.output = Path(cfg.output)
         self.ckpt_dir = self.output / "checkpoints"
         self.plan = plan_batch(cfg.optim, self.world)
-        self.peak_lr = cfg.optim.lr or cfg.optim.blr * self.plan.global_batch_size / 256
+        self.peak_lr = peak_lr(cfg.optim, self.plan.global_batch_size)
+        # bf16 weights take bf16 images; under autocast the images stay fp32, as in the reference code.
         self.dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
+        self.ds_config = deepspeed_config(cfg, self.plan)
         self._announce()
 
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
@@ -165,9 +135,10 @@ class Trainer:
             raise ConfigError(f"an epoch has {self.loader.batches_per_epoch} local batches per rank, fewer than "
                               f"grad_accum_steps "
                               f"{self.plan.grad_accum_steps}: use a smaller batch")
+        if cfg.runtime.compile:
+            compile_blocks(self.model)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model, model_parameters=param_groups(self.model, cfg.optim.weight_decay),
-            config=deepspeed_config(cfg, self.plan, self.peak_lr))
+            model=self.model, optimizer=build_optimizer(self.model, cfg.optim, self.peak_lr), config=self.ds_config)
         # Mask noise has its own generator so that resuming restores exactly the masks to come.
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.runtime.seed * 1000 + self.rank)
         self.state = TrainState(world_size=self.world)
@@ -194,6 +165,7 @@ class Trainer:
         print(f"batch: {plan.global_batch_size} = {plan.local_batch_size} local x {plan.grad_accum_steps} accumulation "
               f"x {self.world} ranks ({plan.note}); peak lr {self.peak_lr:.3g}")
         (self.output / "config.json").write_text(self.cfg.to_json())
+        (self.output / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1))
 
     def _resume(self) -> None:
         restored = load_checkpoint(self.engine, self.ckpt_dir, self.cfg.optim.gradient_clipping)
@@ -241,11 +213,12 @@ class Trainer:
             if batch_index % accum == 0:
                 # Progress counted in steps, so that an epoch finished on another rank count (a resume on a
                 # new allocation) continues the schedule where it was.
-                lr = lr_at(self.state.step / self.steps_per_epoch, self.peak_lr, self.cfg)
+                lr = lr_at(self.state.step / self.steps_per_epoch, self.peak_lr, self.cfg.optim)
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = lr
             noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=self.noise_gen)
-            loss, _, _ = self.engine(images, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
+            with attention_backend(self.cfg.runtime.attention):
+                loss, _, _ = self.engine(images, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
             self.engine.backward(loss)
             self.engine.step()
             self.window.add(loss, self.state.step + 1)
@@ -330,6 +303,21 @@ class Trainer:
             tqdm.write(f"reconstruction {path} (loss {float(loss):.4f} on the fixed images)")
 
 
+def print_plan(cfg: TrainConfig, ranks: int) -> None:
+    """--print-config: what a run of `cfg` on `ranks` ranks would do, checked as far as it can be without them."""
+    plan = plan_batch(cfg.optim, ranks)
+    lines = [*describe(cfg), "",
+             f"batch on {ranks} ranks: {plan.global_batch_size} = {plan.local_batch_size} local x "
+             f"{plan.grad_accum_steps} accumulation x {ranks} ranks ({plan.note})",
+             f"peak lr: {peak_lr(cfg.optim, plan.global_batch_size):.4g}"]
+    if cfg.data.shards:
+        samples = sum(resolve_shards(cfg.data.shards, "train").sample_counts())
+        steps = samples // ranks // plan.local_batch_size // plan.grad_accum_steps
+        lines.append(f"data: {samples} training samples in {cfg.data.shards}: {steps} optimizer steps per epoch")
+    lines += ["deepspeed config:", json.dumps(deepspeed_config(cfg, plan), indent=1)]
+    print("\n".join(lines))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="MAE pre-training with DeepSpeed ZeRO")
     parser.add_argument("--config", help="preset file, or a name in configs/ (e.g. vit_h14_1600ep)")
@@ -339,7 +327,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, help="steps between metric reductions (sets log.log_every)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    parser.add_argument("--print-config", action="store_true", help="print every config field with its doc and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="dry run: print every config field with its doc, the batch plan for --ranks, the lr and "
+                             "the DeepSpeed config, check --data, and exit")
+    parser.add_argument("--ranks", type=int, help="with --print-config: the number of ranks to plan for (default: "
+                                                  "WORLD_SIZE, or 1)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -354,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
-            print("\n".join(describe(cfg)))
+            print_plan(cfg, args.ranks or int(os.environ.get("WORLD_SIZE", "1")))
             return 0
         if not cfg.data.shards:
             raise ConfigError("no training data: pass --data SHARDS or set data.shards")

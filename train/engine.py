@@ -1,0 +1,90 @@
+"""What DeepSpeed is asked for, and the model-speed switches around it (attention backend, compile).
+
+The DeepSpeed config is derived from maeflow's own; a user's DeepSpeed JSON (`runtime.deepspeed_config`)
+is merged over it for everything maeflow does not decide itself (bucket sizes, overlap, monitors...).
+The merged config is saved beside config.json as deepspeed_config.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from model import MaskedAutoencoderViT
+from train.config import BatchPlan, ConfigError, TrainConfig
+
+# Keys maeflow derives from its own config; a user's DeepSpeed JSON may not set them, since a second
+# source for the batch, the precision or the optimizer would make the run differ from its config.json.
+DERIVED_KEYS = {
+    "train_batch_size": "optim.global_batch_size",
+    "train_micro_batch_size_per_gpu": "optim.local_batch_size",
+    "gradient_accumulation_steps": "optim.grad_accum_steps",
+    "optimizer": "optim.* (maeflow builds a fused torch AdamW)",
+    "scheduler": "optim.* (maeflow sets the lr every iteration)",
+    "bf16": "runtime.precision",
+    "fp16": "runtime.precision",
+    "torch_autocast": "runtime.precision",
+    "gradient_clipping": "optim.gradient_clipping",
+}
+ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> dict[str, Any]:
+    """The DeepSpeed config for this run: maeflow's derived keys, then the user's file merged over the rest."""
+    ours: dict[str, Any] = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.local_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "zero_optimization": {"stage": cfg.runtime.zero_stage},
+        "gradient_clipping": cfg.optim.gradient_clipping,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.runtime.precision == "bf16":
+        ours["bf16"] = {"enabled": True}
+    elif cfg.runtime.precision == "autocast_bf16":
+        ours["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if not cfg.runtime.deepspeed_config:
+        return ours
+    path = Path(cfg.runtime.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"runtime.deepspeed_config {path}: {err}") from None
+    clashes = sorted(set(user) & set(DERIVED_KEYS))
+    if clashes:
+        raise ConfigError(f"runtime.deepspeed_config {path} sets {clashes[0]}, which maeflow derives: set "
+                          f"{DERIVED_KEYS[clashes[0]]} instead")
+    if "stage" in user.get("zero_optimization", {}):
+        raise ConfigError(f"runtime.deepspeed_config {path} sets zero_optimization.stage: set runtime.zero_stage")
+    return _merged(ours, user)
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """SDPA restricted to one backend ("auto": torch's own choice, which on an H100 in bf16 is flash)."""
+    if name == "auto":
+        yield
+        return
+    with sdpa_kernel(ATTENTION_BACKENDS[name]):
+        yield
+
+
+def compile_blocks(model: MaskedAutoencoderViT) -> None:
+    """torch.compile every transformer block in place: the model keeps its parameter names (checkpoints and
+    exports are unchanged) and the masking and loss kernels stay outside the compiled graphs."""
+    for block in [*model.blocks, *model.decoder_blocks]:
+        block.compile()
