@@ -95,6 +95,11 @@ class Loader:
             return train_batches_per_rank(len(self.table), spec.world_size, spec.local_batch_size)
         return -(-len(self.samples(self.epoch + 1)) // spec.local_batch_size)
 
+    def batch_keys(self, batch: int) -> list[str]:
+        """Sample keys of batch `batch` of the current epoch (since its last change of hands)."""
+        b = self.spec.local_batch_size
+        return [key.decode() for key in self.table.keys[self.samples()[batch * b:(batch + 1) * b]]]
+
     def augmentation_seed(self, epoch: int, start: int) -> int:
         """Seeds one reading's random crops and flips: different per rank, epoch, hand-over and start batch."""
         handovers = [v for s in self._segments_of(epoch) for v in asdict(s).values()]
@@ -134,7 +139,7 @@ class Loader:
         spec = self.spec
         return {"backend": self.backend, "epoch": self.epoch, "position": self.position, "seed": spec.seed,
                 "rank": spec.rank, "world_size": spec.world_size, "local_batch_size": spec.local_batch_size,
-                "segments": [asdict(s) for s in self.segments]}
+                "segments": [asdict(s) for s in self.segments], "shard_sizes": list(self.table.shard_sizes)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` was taken: exactly, at the same rank count and local batch size (the
@@ -143,6 +148,10 @@ class Loader:
         if state["seed"] != spec.seed:
             raise ValueError(f"loader state is for data seed {state['seed']}, this loader has {spec.seed}: the "
                              "epoch's sample order would differ")
+        if state["shard_sizes"] != list(self.table.shard_sizes):
+            raise ValueError(f"loader state was taken on {sum(state['shard_sizes'])} samples in "
+                             f"{len(state['shard_sizes'])} shards, these shards hold {len(self.table)} in "
+                             f"{len(self.table.shard_sizes)}: a position in one data set means nothing in another")
         self.epoch = state["epoch"]
         self.segments = [Segment(**s) for s in state["segments"]]
         self._forget_position()

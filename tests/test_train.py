@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,15 +113,63 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(shards, tm
     whole = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "whole")]
     split = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "split")]
     assert len(whole) == 12 and split == whole
-    # A different number of ranks cannot reuse the ZeRO shards and data positions: a clear refusal.
-    out = run(shards, tmp_path / "split", "--max-steps", "14", "--resume", *common, ranks=1, expect=2)
-    assert "was written by 2 ranks but this run has 1. Resume with 2 ranks" in out
-    # ... and the way out it names works: export, then a new one-rank run from those weights.
+    # Weights exported from a run start another one (the way to a new model size or recipe).
     assert export_main([str(tmp_path / "split"), "--to", str(tmp_path / "weights.pth")]) == 0
     out = run(shards, tmp_path / "one_rank", "--max-steps", "2", "--log-every", "1",
               "--set", f"model.init={tmp_path / 'weights.pth'}", ranks=1)
     assert f"initialised from {tmp_path / 'weights.pth'}: all weights loaded (encoder and decoder)" in out
     assert metrics(tmp_path / "one_rank")[0]["loss"] < 0.9 * metrics(tmp_path / "whole")[0]["loss"]
+
+
+ADAMW_NORMS = re.compile(r"AdamW state \|exp_avg\| ([0-9.e+-]+), \|exp_avg_sq\| ([0-9.e+-]+)")
+
+
+def adamw_norms(text: str, start: str) -> tuple[float, float]:
+    """The AdamW fingerprint printed on the first line that starts with `start`."""
+    line = next(line for line in text.splitlines() if line.startswith(start) and ADAMW_NORMS.search(line))
+    return tuple(float(v) for v in ADAMW_NORMS.search(line).groups())
+
+
+def samples_read(output: Path, steps: range) -> list[str]:
+    """Keys of the samples every rank read in the optimizer steps `steps` (from log.sample_ids)."""
+    keys = []
+    for path in sorted((output / "samples").glob("rank*.txt")):
+        for line in path.read_text().splitlines():
+            step, *batch = line.split()
+            if int(step) in steps:
+                keys += batch
+    return keys
+
+
+@pytest.mark.parametrize("stage, precision, new_rank_counts",
+                         [(1, "fp32", (1, 3)), (0, "autocast_bf16", (3,)), (2, "bf16", (1,)), (3, "fp32", (3,))],
+                         ids=["zero1", "zero0-autocast", "zero2-bf16", "zero3"])
+def test_a_run_resumes_on_another_rank_count(shards, tmp_path, stage, precision, new_rank_counts):
+    """2 ranks stop mid-epoch; the run goes on with fewer or more: AdamW's state comes back unchanged, and the
+    interrupted epoch's samples are read exactly once over the two runs."""
+    common = ("--log-every", "1", "--set", f"runtime.zero_stage={stage}", "--set", f"runtime.precision={precision}",
+              "--set", "optim.local_batch_size=4", "--set", "log.sample_ids=true")
+    first = tmp_path / "two_ranks"
+    out = run(shards, first, "--max-steps", "6", *common)  # 4 steps an epoch: stops in epoch 1 after 2 of them
+    saved = adamw_norms(out, "checkpoint ")
+    for ranks in new_rank_counts:
+        extra = ["--set", "optim.global_batch_size=12"] if ranks == 3 else []
+        output = tmp_path / f"{ranks}_ranks"
+        shutil.copytree(first, output)
+        out = run(shards, output, "--max-steps", "10", "--resume", *common, *extra, ranks=ranks)
+        assert f"resumed from step00000006 on {ranks} ranks instead of 2" in out
+        partitioned = stage > 0 or precision == "bf16"  # the bf16 optimizer shards its master copies too
+        assert ("through DeepSpeed's universal checkpoint" in out) == partitioned
+        assert adamw_norms(out, "resumed from") == pytest.approx(saved, rel=1e-6)
+        if extra:
+            assert "optim.global_batch_size: 16 -> 12" in out and (output / "config.step00000006.json").is_file()
+        # Epoch 1 is steps 5-8 wherever it was read: 32 samples before the stop, the rest after.
+        epoch_one = samples_read(output, range(5, 9))
+        assert len(epoch_one) == len(set(epoch_one))
+        assert 64 - len(epoch_one) < ranks * (4 + 1)  # only what could not fill a batch on every rank
+        records = metrics(output)
+        assert [r["step"] for r in records][-4:] == [7, 8, 9, 10] and records[-1]["epoch"] == 2
+        assert export_main([str(output), "--to", str(tmp_path / f"{ranks}.pth")]) == 0
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(shards, tmp_path):

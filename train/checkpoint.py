@@ -1,10 +1,14 @@
-"""Complete-or-absent DeepSpeed checkpoints with per-rank loader and RNG state.
+"""Complete-or-absent DeepSpeed checkpoints with per-rank loader and RNG state, resumable on any rank count.
 
 Layout under OUTPUT/checkpoints/:
     step00001200/               DeepSpeed's files (ZeRO shards, client state) + our per-rank files
         rank00000.pt            loader position and mask-noise generator of rank 0, ...
-        train_state.json        step, epoch, samples seen, world size (read before DeepSpeed loads)
+        train_state.json        step, epoch, samples seen, world size (read before DeepSpeed starts)
+        milestone               present when the checkpoint is a milestone: kept apart from keep_last
     latest                      name of the newest complete checkpoint, replaced atomically last
+    universal/step00001200/     DeepSpeed's universal form of a checkpoint, made when a run resumes it on
+                                another rank count (per-parameter fp32 weights and AdamW moments)
+    abandoned/                  checkpoints newer than the one a run went back to with --resume TAG
 
 A crash while saving leaves `latest` pointing at the previous checkpoint, so a half-written
 directory is never loaded; it is removed at the next successful save.
@@ -13,7 +17,11 @@ directory is never loaded; it is removed at the next successful save.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,7 @@ import torch.distributed as dist
 from pipeline.atomic import atomic_path, atomic_write_text
 
 LATEST = "latest"
+MILESTONE = "milestone"
 
 
 @dataclass
@@ -42,6 +51,10 @@ class ResumeError(RuntimeError):
     """The checkpoint cannot be resumed as asked; the message says what to do."""
 
 
+def tag_of(step: int) -> str:
+    return f"step{step:08d}"
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
     pointer = ckpt_dir / LATEST
     if not pointer.is_file():
@@ -50,9 +63,33 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if (ckpt_dir / tag).is_dir() else None
 
 
-def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: dict, keep_last: int) -> str:
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Checkpoints every rank finished writing, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir()
+                  if p.name.startswith("step") and (p / "train_state.json").is_file())
+
+
+def read_train_state(ckpt_dir: Path, tag: str) -> TrainState:
+    return TrainState(**json.loads((ckpt_dir / tag / "train_state.json").read_text()))
+
+
+def resume_tag(ckpt_dir: Path, wanted: str) -> str | None:
+    """The checkpoint `--resume` means: "latest", or a tag such as step00001200 (or just 1200)."""
+    if wanted == LATEST:
+        return latest_tag(ckpt_dir)
+    tag = tag_of(int(wanted)) if wanted.isdigit() else wanted
+    if tag not in complete_tags(ckpt_dir):
+        raise ResumeError(f"{ckpt_dir} holds no complete checkpoint {tag}; complete ones: "
+                          f"{', '.join(complete_tags(ckpt_dir)) or 'none'}")
+    return tag
+
+
+def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: dict, keep_last: int,
+                    milestone: bool = False) -> str:
     """Collective: every rank calls it. Returns the tag written."""
-    tag = f"step{state.step:08d}"
+    tag = tag_of(state.step)
     rank = dist.get_rank()
     tag_dir = ckpt_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
@@ -61,6 +98,8 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: 
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"train_state": asdict(state)}, save_latest=False)
     dist.barrier()
     if rank == 0:
+        if milestone:
+            (tag_dir / MILESTONE).write_text(json.dumps({"epoch": state.epoch}))
         (tag_dir / "train_state.json").write_text(json.dumps(asdict(state)))
         atomic_write_text(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep_last, tag)
@@ -70,29 +109,100 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: 
 
 def _prune(ckpt_dir: Path, keep_last: int, newest: str) -> None:
     tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
-    complete = [t for t in tags if (ckpt_dir / t / "train_state.json").is_file()]
-    doomed = set(complete[:-keep_last]) | {t for t in tags if t not in complete and t < newest}
+    complete = complete_tags(ckpt_dir)
+    rolling = [t for t in complete if not (ckpt_dir / t / MILESTONE).is_file()]
+    doomed = set(rolling[:-keep_last]) | {t for t in tags if t not in complete and t < newest}
     for tag in doomed:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / "universal" / tag, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path, gradient_clipping: float) -> tuple[TrainState, dict] | None:
-    """Collective. The newest complete checkpoint's state and this rank's loader/RNG state, or None."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return None
-    state = TrainState(**json.loads((ckpt_dir / tag / "train_state.json").read_text()))
+def set_aside_newer(ckpt_dir: Path, tag: str) -> list[str]:
+    """Going back to `tag`: move the newer checkpoints to abandoned/ (kept, never loaded, never pruned)."""
+    newer = [t for t in complete_tags(ckpt_dir) if t > tag]
+    for name in newer:
+        (ckpt_dir / "abandoned").mkdir(exist_ok=True)
+        os.replace(ckpt_dir / name, ckpt_dir / "abandoned" / name)
+    atomic_write_text(ckpt_dir / LATEST, tag)
+    return newer
+
+
+def needs_universal(ckpt_dir: Path, tag: str, world_size: int) -> bool:
+    """Whether resuming `tag` on `world_size` ranks goes through DeepSpeed's universal checkpoint: the rank
+    count changed and the optimizer state is partitioned (ZeRO 1-3, or the bf16 optimizer's shards)."""
+    partitioned = any((ckpt_dir / tag).glob("*zero_pp_rank_*optim_states.pt"))
+    return partitioned and read_train_state(ckpt_dir, tag).world_size != world_size
+
+
+def make_universal(ckpt_dir: Path, tag: str) -> Path:
+    """Collective: rank 0 converts `tag` to DeepSpeed's universal form once (kept beside it); returns its parent
+    folder, which `engine.load_checkpoint` takes with `load_universal`. The conversion runs in a fresh
+    process: its worker pool must not fork a process that holds loader and communication threads."""
+    target = ckpt_dir / "universal" / tag
+    failure = [None]
+    if dist.get_rank() == 0 and not (target / "zero").is_dir():
+        shutil.rmtree(target, ignore_errors=True)
+        workers = max(1, min(4, len(os.sched_getaffinity(0))))
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
+               "--output_folder", str(target), "--num_extract_workers", str(workers), "--num_merge_workers", "1",
+               "--inject_missing_state"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            failure = [f"converting {ckpt_dir / tag} to DeepSpeed's universal checkpoint failed:\n"
+                       f"{done.stdout[-2000:]}{done.stderr[-2000:]}"]
+    dist.broadcast_object_list(failure, src=0)  # every rank stops, not only the one that saw it fail
+    if failure[0]:
+        raise ResumeError(failure[0])
+    return target.parent
+
+
+def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, universal: bool, gradient_clipping: float) -> dict:
+    """Collective: model and optimizer state of `tag` into `engine`. Returns rank 0's loader state and this
+    rank's own noise state where the rank count is unchanged (None where it changed)."""
     world = dist.get_world_size()
-    if state.world_size != world:
-        raise ResumeError(
-            f"{ckpt_dir / tag} was written by {state.world_size} ranks but this run has {world}. Resume with "
-            f"{state.world_size} ranks (ZeRO shards and per-rank data positions are tied to the rank count), or "
-            f"consolidate the weights with `python -m train.export {ckpt_dir.parent} --to weights.pth` and start a "
-            f"new run from them with --set model.init=weights.pth (the optimizer state and schedule start afresh)."
-        )
-    engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
+    same_ranks = read_train_state(ckpt_dir, tag).world_size == world
+    folder = make_universal(ckpt_dir, tag) if universal else ckpt_dir
+    engine.load_checkpoint(str(folder), tag=tag, load_lr_scheduler_states=False)
     # ZeRO restores clip_grad from the optimizer state, which would silently override the config.
     if hasattr(engine.optimizer, "clip_grad"):
         engine.optimizer.clip_grad = gradient_clipping
-    rank_state = torch.load(ckpt_dir / tag / f"rank{dist.get_rank():05d}.pt", weights_only=True)
-    return state, rank_state
+    if same_ranks:
+        return torch.load(ckpt_dir / tag / f"rank{dist.get_rank():05d}.pt", weights_only=True)
+    # Every rank was at the same data position; the new ranks' noise generators start afresh.
+    first = torch.load(ckpt_dir / tag / "rank00000.pt", weights_only=True)
+    return {"loader": first["loader"], "noise_rng": None}
+
+
+def check_shared_folder(folder: Path, group: Any = None) -> None:
+    """Collective: stop, on every rank, unless every rank sees the files the others write in `folder`
+    (checkpoints written to node-local disks could not be resumed)."""
+    probe = folder / ".shared-check"
+    probe.mkdir(parents=True, exist_ok=True)
+    run = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(run, src=0, group=group)
+    mine = probe / f"{run[0]}-rank{dist.get_rank():05d}"
+    mine.touch()
+    dist.barrier(group=group)
+    seen = torch.tensor([len(list(probe.glob(f"{run[0]}-rank*")))])
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN, group=group)
+    dist.barrier(group=group)
+    mine.unlink()
+    if int(seen) < dist.get_world_size():
+        raise ResumeError(f"{folder} is not shared by all ranks (a rank saw {int(seen)} of {dist.get_world_size()} "
+                          "ranks' files there): put --output on a file system every node mounts")
+
+
+def optimizer_state_norms(engine: Any, replicated: bool, group: Any = None) -> str:
+    """The L2 norms of AdamW's two moments over the whole model: a fingerprint a resume must reproduce, on
+    any rank count. `replicated`: every rank holds all of it (ZeRO-0 without DeepSpeed's bf16 shards)."""
+    inner = engine.optimizer
+    while not isinstance(inner, torch.optim.Optimizer):  # DeepSpeed's ZeRO and bf16 wrappers hold the torch one
+        inner = inner.optimizer
+    sums = torch.zeros(2, dtype=torch.float64)
+    for state in inner.state.values():
+        for i, name in enumerate(("exp_avg", "exp_avg_sq")):
+            if name in state:
+                sums[i] += state[name].double().pow(2).sum().cpu()
+    if not replicated:
+        dist.all_reduce(sums, group=group)
+    return f"AdamW state |exp_avg| {sums[0].sqrt().item():.9g}, |exp_avg_sq| {sums[1].sqrt().item():.9g}"

@@ -99,7 +99,9 @@ class RuntimeConfig:
     deepspeed_config: str = ""
     """a DeepSpeed JSON merged over the derived config (bucket sizes, overlap, monitors...)"""
     seed: int = 0
-    """seeds model init, data order and masks"""
+    """seeds model init and data order (fixed for a run)"""
+    mask_seed: int = 0
+    """seeds the masks; a --resume with another value draws other masks from there on (a loss-spike remedy)"""
 
 
 @dataclass
@@ -112,6 +114,8 @@ class CheckpointConfig:
     """complete checkpoints to keep"""
     at_end: bool = True
     """write a checkpoint when the run ends (benchmarks turn it off)"""
+    milestone_every_epochs: int = 0
+    """also checkpoint every N epochs and keep those apart from keep_last (0 = none)"""
 
 
 @dataclass
@@ -122,6 +126,8 @@ class LogConfig:
     """epochs between reconstruction images (one is always written at the end)"""
     viz_images: int = 4
     """images in the reconstruction grid"""
+    sample_ids: bool = False
+    """append the key of every sample each rank reads to OUTPUT/samples/rank<r>.txt (audits, loss spikes)"""
 
 
 @dataclass
@@ -237,6 +243,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optim.blr > 0 or cfg.optim.lr > 0, "set optim.blr or optim.lr"),
         (cfg.optim.gradient_clipping >= 0, "optim.gradient_clipping must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
+        (cfg.checkpoint.milestone_every_epochs >= 0, "checkpoint.milestone_every_epochs must be >= 0"),
         (cfg.log.log_every >= 1 and cfg.log.viz_every >= 1, "log.log_every and log.viz_every must be >= 1"),
         (cfg.max_steps >= 0, "max_steps must be >= 0"),
         (not cfg.model.init or Path(cfg.model.init).is_file(), f"model.init {cfg.model.init}: no such file"),
@@ -318,13 +325,28 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+# What a resumed run may not change: the model's shape, and the data order its checkpoint is a position in.
+FIXED_ON_RESUME = ("model.name", "data.img_size", "runtime.seed")
+
+
+def config_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """`key: old -> new` for every field `new` changes; a ConfigError if it changes one of FIXED_ON_RESUME."""
+    before, after = _flatten(dataclasses.asdict(saved)), _flatten(dataclasses.asdict(new))
+    changed = [key for key in after if before.get(key) != after[key]]
+    fixed = [key for key in changed if key in FIXED_ON_RESUME]
+    if fixed:
+        raise ConfigError(f"--resume cannot change {fixed[0]} ({before[fixed[0]]!r} -> {after[fixed[0]]!r}): the "
+                          "checkpoint holds a model of that shape at a position in that data order; to change masks "
+                          "instead, set runtime.mask_seed")
+    return [f"{key}: {before.get(key)!r} -> {after[key]!r}" for key in changed]
+
+
 def config_from_json(path: Path) -> TrainConfig:
     """The resolved config a run saved as config.json."""
     cfg = TrainConfig()
     for key, value in _flatten(json.loads(Path(path).read_text())).items():
         _set(cfg, key, value)
-    validate(cfg)
-    return cfg
+    return cfg  # validated when the run started; files it named (model.init) may since have moved
 
 
 def model_from_config(cfg: TrainConfig) -> MaskedAutoencoderViT:

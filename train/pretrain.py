@@ -17,8 +17,9 @@ import os
 import signal
 import sys
 import time
-from enum import Enum
+from enum import Enum, IntEnum
 from pathlib import Path
+from typing import TextIO
 
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,11 +33,42 @@ from model import load_reference_weights
 from model.flops import mae_train_flops, peak_flops
 from pipeline import build_loader
 from pipeline.manifest import resolve_shards
-from train.checkpoint import ResumeError, TrainState, latest_tag, load_checkpoint, save_checkpoint
-from train.config import ConfigError, TrainConfig, describe, load_config, model_from_config, plan_batch
+from train.checkpoint import (
+    ResumeError,
+    TrainState,
+    check_shared_folder,
+    latest_tag,
+    load_checkpoint,
+    needs_universal,
+    optimizer_state_norms,
+    read_train_state,
+    resume_tag,
+    save_checkpoint,
+    set_aside_newer,
+)
+from train.config import (
+    ConfigError,
+    TrainConfig,
+    config_changes,
+    config_from_json,
+    describe,
+    load_config,
+    model_from_config,
+    plan_batch,
+)
+from train.distributed import JoinError, join_process_group
 from train.engine import attention_backend, compile_blocks, deepspeed_config
 from train.recipe import build_optimizer, lr_at, peak_lr
 from train.viz import fixed_images, fixed_noise, reconstruction_grid, save_reconstruction
+
+
+class ExitCode(IntEnum):
+    """What a rank's exit status tells a scheduler (train/slurm.sbatch requeues on STOPPED)."""
+
+    FINISHED = 0  # the schedule or --max-steps is done
+    DIVERGED = 1  # a non-finite loss; the last good checkpoint is intact
+    USAGE = 2  # a bad config, data path, checkpoint or launch; nothing was trained
+    STOPPED = 3  # a signal stopped the run after a checkpoint: resume it
 
 
 class Outcome(Enum):
@@ -49,7 +81,7 @@ class Outcome(Enum):
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and exits 0."""
+    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and exits with ExitCode.STOPPED."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -99,29 +131,29 @@ class MetricWindow:
 class Trainer:
     """One run: set-up, the epoch loop, logging, checkpoints. Every rank builds one."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool) -> None:
+    def __init__(self, cfg: TrainConfig, resume: str | None) -> None:
         deepspeed.utils.logger.setLevel(logging.WARNING)
-        deepspeed.init_distributed()
+        self.device = join_process_group()
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         self.control = dist.new_group(backend="gloo")  # CPU side-channel for stop/checkpoint votes: no GPU sync
         self.output = Path(cfg.output)
         self.ckpt_dir = self.output / "checkpoints"
+        check_shared_folder(self.output, self.control)
         self.plan = plan_batch(cfg.optim, self.world)
         self.peak_lr = peak_lr(cfg.optim, self.plan.global_batch_size)
         # bf16 weights take bf16 images; under autocast the images stay fp32, as in the reference code.
         self.dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
         self.ds_config = deepspeed_config(cfg, self.plan)
+        self.replicated_optimizer = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
+        self.masks_changed = False
+        self.resume_from = self._prepare_resume(resume) if resume else None
         self._announce()
 
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
         self.model = model_from_config(cfg)
-        if cfg.model.init:
+        if cfg.model.init and not self.resume_from:
             report = load_reference_weights(self.model, cfg.model.init)
             if self.is_main:
                 print(f"initialised from {cfg.model.init}: {report}")
@@ -133,28 +165,64 @@ class Trainer:
         self.steps_per_epoch = self.loader.batches_per_epoch // self.plan.grad_accum_steps
         if self.steps_per_epoch == 0:
             raise ConfigError(f"an epoch has {self.loader.batches_per_epoch} local batches per rank, fewer than "
-                              f"grad_accum_steps "
-                              f"{self.plan.grad_accum_steps}: use a smaller batch")
+                              f"grad_accum_steps {self.plan.grad_accum_steps}: use a smaller batch")
         if cfg.runtime.compile:
             compile_blocks(self.model)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=build_optimizer(self.model, cfg.optim, self.peak_lr), config=self.ds_config)
         # Mask noise has its own generator so that resuming restores exactly the masks to come.
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.runtime.seed * 1000 + self.rank)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(self._noise_seed(step=0))
         self.state = TrainState(world_size=self.world)
         self.saved_step = -1
-        if resume:
-            self._resume()
+        if self.resume_from:
+            self._resume(self.resume_from)
 
         total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
         self.flops_per_image = mae_train_flops(self.model, cfg.model.mask_ratio)
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        self.sample_log = self._open_sample_log() if cfg.log.sample_ids else None
         self.stop = StopRequest()
         self.window = MetricWindow(self.device)
         self.last_save = time.monotonic()
         self.bar = tqdm(total=self.stop_at, initial=self.state.step, unit="step", disable=not self.is_main,
                         dynamic_ncols=True)
+
+    def _open_sample_log(self) -> TextIO:
+        """OUTPUT/samples/rank<r>.txt: one line per local batch, `<optimizer step> <sample keys...>`."""
+        folder = self.output / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        return open(folder / f"rank{self.rank:05d}.txt", "a")
+
+    def _noise_seed(self, step: int) -> int:
+        """Seeds a rank's mask noise: a fresh run's, or one that continues on other ranks or other masks."""
+        return hash((self.cfg.runtime.seed, self.cfg.runtime.mask_seed, self.rank, step)) % (2**63)
+
+    def _prepare_resume(self, wanted: str) -> str | None:
+        """Before anything is built: which checkpoint, what the resume changes, how DeepSpeed must load it."""
+        tag = resume_tag(self.ckpt_dir, wanted)
+        if tag is None:
+            if self.is_main:
+                print(f"--resume given but {self.ckpt_dir} holds no complete checkpoint; starting fresh")
+            return None
+        saved_cfg = config_from_json(self.output / "config.json")
+        changes = config_changes(saved_cfg, self.cfg)
+        self.masks_changed = saved_cfg.runtime.mask_seed != self.cfg.runtime.mask_seed
+        if needs_universal(self.ckpt_dir, tag, self.world):
+            self.ds_config["checkpoint"] = {"load_universal": True}
+        dist.barrier()  # every rank has read the saved config and the checkpoint list
+        if self.is_main:
+            newer = set_aside_newer(self.ckpt_dir, tag) if wanted != "latest" else []
+            if newer:
+                print(f"going back to {tag}: newer checkpoints moved to {self.ckpt_dir / 'abandoned'}: "
+                      f"{', '.join(newer)}")
+            if changes:
+                saved = read_train_state(self.ckpt_dir, tag)
+                os.replace(self.output / "config.json", self.output / f"config.step{saved.step:08d}.json")
+                print("resuming with a changed config (the old one is kept as "
+                      f"config.step{saved.step:08d}.json):\n  " + "\n  ".join(changes))
+        dist.barrier()
+        return tag
 
     def _announce(self) -> None:
         if not self.is_main:
@@ -167,28 +235,40 @@ class Trainer:
         (self.output / "config.json").write_text(self.cfg.to_json())
         (self.output / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1))
 
-    def _resume(self) -> None:
-        restored = load_checkpoint(self.engine, self.ckpt_dir, self.cfg.optim.gradient_clipping)
-        if restored is None:
-            print(f"rank {self.rank}: --resume given but {self.ckpt_dir} holds no complete checkpoint; starting fresh")
-            return
-        self.state, rank_state = restored
+    def _resume(self, tag: str) -> None:
+        saved = read_train_state(self.ckpt_dir, tag)
+        began = time.perf_counter()
+        universal = "checkpoint" in self.ds_config
+        rank_state = load_checkpoint(self.engine, self.ckpt_dir, tag, universal, self.cfg.optim.gradient_clipping)
+        self.state = TrainState(saved.step, saved.epoch, saved.samples, self.world)
         self.saved_step = self.state.step
         self.loader.load_state_dict(rank_state["loader"])
-        self.noise_gen.set_state(rank_state["noise_rng"])
+        if rank_state["noise_rng"] is not None and not self.masks_changed:
+            self.noise_gen.set_state(rank_state["noise_rng"])
+        else:  # another rank count or another mask seed: masks drawn afresh from here
+            self.noise_gen.manual_seed(self._noise_seed(self.state.step))
+        norms = optimizer_state_norms(self.engine, self.replicated_optimizer, self.control)
         if self.is_main:
-            print(f"resumed from {latest_tag(self.ckpt_dir)}: step {self.state.step}, epoch {self.state.epoch}, "
-                  f"{self.state.samples} samples seen")
+            how = f"on {self.world} ranks"
+            if saved.world_size != self.world:
+                how += f" instead of {saved.world_size}"
+            if universal:
+                how += f", through DeepSpeed's universal checkpoint ({time.perf_counter() - began:.1f} s)"
+            print(f"resumed from {tag} {how}: step {self.state.step}, epoch {self.state.epoch}, "
+                  f"{self.state.samples} samples seen; {norms}")
 
-    def fit(self) -> int:
-        """Train to `stop_at` steps or a stop signal (exit 0), or until the loss is not finite (exit 1)."""
+    def fit(self) -> ExitCode:
+        """Train to `stop_at` steps, to a stop signal, or until the loss is not finite."""
         self.window.restart(self.loader.wait_s)
         outcome = Outcome.EPOCH_DONE
+        milestones = self.cfg.checkpoint.milestone_every_epochs
         while self.state.step < self.stop_at and outcome is Outcome.EPOCH_DONE:
             self.loader.set_epoch(self.state.epoch)
             outcome = self.run_epoch()
             if outcome is Outcome.EPOCH_DONE:
                 self.state.epoch += 1
+                if milestones and self.state.epoch % milestones == 0:
+                    self.checkpoint(milestone=True)
                 if self.state.epoch % self.cfg.log.viz_every == 0:
                     self.write_reconstruction()
         self.bar.close()
@@ -199,8 +279,11 @@ class Trainer:
         if self.is_main:
             print(f"{outcome.value}: step {self.state.step} of {self.stop_at}, epoch {self.state.epoch}, "
                   f"{self.state.samples} samples; outputs in {self.output}")
+        if self.sample_log is not None:
+            self.sample_log.close()
         dist.destroy_process_group()
-        return 1 if outcome is Outcome.DIVERGED else 0
+        return {Outcome.DIVERGED: ExitCode.DIVERGED, Outcome.STOPPED: ExitCode.STOPPED}.get(outcome,
+                                                                                              ExitCode.FINISHED)
 
     def run_epoch(self) -> Outcome:
         """EPOCH_DONE, or why the run ends."""
@@ -216,6 +299,8 @@ class Trainer:
                 lr = lr_at(self.state.step / self.steps_per_epoch, self.peak_lr, self.cfg.optim)
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = lr
+            if self.sample_log is not None:
+                self.sample_log.write(f"{self.state.step + 1} {' '.join(self.loader.batch_keys(batch_index))}\n")
             noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=self.noise_gen)
             with attention_backend(self.cfg.runtime.attention):
                 loss, _, _ = self.engine(images, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
@@ -278,12 +363,16 @@ class Trainer:
             self.bar.set_postfix(epoch=self.state.epoch, loss=f"{loss:.4f}", img_s=f"{img_per_s:.0f}")
         window.restart(self.loader.wait_s)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, milestone: bool = False) -> None:
         rank_state = {"loader": self.loader.state_dict(), "noise_rng": self.noise_gen.get_state()}
-        tag = save_checkpoint(self.engine, self.ckpt_dir, self.state, rank_state, self.cfg.checkpoint.keep_last)
+        if self.sample_log is not None:
+            self.sample_log.flush()
+        tag = save_checkpoint(self.engine, self.ckpt_dir, self.state, rank_state, self.cfg.checkpoint.keep_last,
+                              milestone)
         self.last_save, self.saved_step = time.monotonic(), self.state.step
+        norms = optimizer_state_norms(self.engine, self.replicated_optimizer, self.control)
         if self.is_main:
-            tqdm.write(f"checkpoint {self.ckpt_dir / tag}")
+            tqdm.write(f"{'milestone ' if milestone else ''}checkpoint {self.ckpt_dir / tag}; {norms}")
 
     def write_reconstruction(self) -> None:
         """Every rank runs the forward (ZeRO-3 gathers weights collectively); rank 0 writes the PNG."""
@@ -325,7 +414,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", help="output folder (sets output)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
     parser.add_argument("--log-every", type=int, help="steps between metric reductions (sets log.log_every)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="TAG",
+                        help="continue from the newest checkpoint in the output, or from TAG (e.g. step00001200; "
+                             "newer ones are set aside), on any number of ranks")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     parser.add_argument("--print-config", action="store_true",
                         help="dry run: print every config field with its doc, the batch plan for --ranks, the lr and "
@@ -337,6 +428,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: see ExitCode (0 finished, 1 diverged, 2 usage error, 3 stopped by a signal: resume)."""
     args = parse_args(argv)
     overrides = list(args.set)
     for flag, key in ((args.data, "data.shards"), (args.output, "output"), (args.max_steps, "max_steps"),
@@ -356,9 +448,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{cfg.output} already holds a run (checkpoint {existing}): pass --resume to continue "
                               "it, or choose another --output")
         return Trainer(cfg, args.resume).fit()
-    except (ConfigError, ResumeError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, ResumeError, JoinError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
 
 
 if __name__ == "__main__":

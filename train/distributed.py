@@ -1,0 +1,32 @@
+"""Joining the job's process group, wherever the launcher (deepspeed, torchrun, srun, mpirun) put us.
+
+Global rank and world size place a rank in the data; the local rank picks its GPU (and DALI's).
+"""
+
+from __future__ import annotations
+
+import os
+
+import deepspeed
+import torch
+
+
+class JoinError(RuntimeError):
+    """The process group could not be formed; the message names the address and the flag to change."""
+
+
+def join_process_group() -> torch.device:
+    """Join the group (gloo on CPUs, NCCL on GPUs) and return this rank's device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        deepspeed.init_distributed()
+    except (RuntimeError, ValueError, OSError) as err:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise JoinError(
+            f"could not form the process group at {where} ({str(err).splitlines()[0]}); if another run on this "
+            "machine uses that port, pick a free one: deepspeed --master_port N, or torchrun --master-port N "
+            "(--rdzv-endpoint HOST:N)") from err
+    return device
