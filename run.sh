@@ -37,7 +37,10 @@ demo() {
     "$PY" -m pipeline.build_shards "$data/images/val" "$data/shards" --split val --shard-size-mb 2 --workers 2 \
         --classes "$data/shards/train.json"
     rm -rf "$data/run"  # the demo starts over; a real run would pass --resume
-    PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/deepspeed" --num_gpus "$ranks" train/pretrain.py \
+    # A free port, so that the demo never meets another run on this machine at DeepSpeed's default 29500.
+    local port
+    port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/deepspeed" --num_gpus "$ranks" --master_port "$port" train/pretrain.py \
         --config configs/tiny.toml --data "$data/shards" --output "$data/run" --max-steps 30 --log-every 5
     "$PY" -m bench train --quick --out "$data/bench"
     "$PY" -m bench report --history "$data/bench" --out "$data/bench"

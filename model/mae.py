@@ -192,12 +192,22 @@ class MaskedAutoencoderViT(nn.Module):
 
         x = self.patch_embed(imgs)
         x = kernels.visible_tokens(x, self.pos_embed, self.cls_token, ids_keep, ids_restore)
+        return self._transform(x), mask, ids_restore
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The encoder on every patch, unmasked and in order: [N, 1+L, D], cls token first (for evaluation)."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        return self._transform(torch.cat([cls, x], dim=1))
+
+    def _transform(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's blocks and final norm."""
         for block in self.blocks:
             if self.activation_recompute and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.norm(x), mask, ids_restore
+        return self.norm(x)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Predict every patch's pixels from the latent; returns [N, L, p*p*C]."""

@@ -64,6 +64,7 @@ def build_loader(
     backend: Backend = "dali",
     num_threads: int | None = None,
     dtype: torch.dtype = torch.float32,
+    limit: int | None = None,
     verbose: bool = False,
 ) -> Loader:
     """A loader over `shards` (a shard folder with `<split>.json`, or a brace pattern of tars).
@@ -73,7 +74,8 @@ def build_loader(
     the shorter side to img_size/0.875 (bicubic) and centre-crop. Images come normalized with the
     ImageNet mean/std, on the GPU when device="gpu". backend "dali" falls back to "pil" (with a
     message) where DALI is not installed. `num_threads` (DALI threads or PIL worker processes)
-    defaults to the CPU cores this process may use over the ranks on this node.
+    defaults to the CPU cores this process may use over the ranks on this node. `limit` reads only the
+    first `limit` samples of the split (the builder shuffled it, so they are a random subset).
     """
     if local_batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need local_batch_size >= 1 and 0 <= rank < world_size, got {local_batch_size}, {rank}, "
@@ -86,13 +88,17 @@ def build_loader(
     threads = num_threads or default_threads()
     shard_set = resolve_shards(shards, split)
     samples = sum(shard_set.sample_counts())
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        samples = min(samples, limit)
     if samples == 0:
         raise ValueError(f"{shards}: the {split} shards hold no samples")
     if train and samples // world_size < local_batch_size:
         raise ValueError(f"local batch size {local_batch_size} is larger than a rank's share of "
                          f"{samples // world_size} samples ({samples} samples over {world_size} ranks)")
     spec = LoaderSpec(shard_set, split, local_batch_size, img_size, train, rank, world_size, seed,
-                      _resolve_device(device), threads, dtype)
+                      _resolve_device(device), threads, dtype, limit)
     if backend == "dali":
         from pipeline.dali_loader import DaliLoader  # imports DALI, which only this backend needs
 

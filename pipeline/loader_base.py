@@ -50,6 +50,7 @@ class LoaderSpec:
     device: Device  # resolved: never "auto"
     num_threads: int
     dtype: torch.dtype
+    limit: int | None = None  # read only the first `limit` samples of the split's stored order
 
 
 class Loader:
@@ -76,7 +77,7 @@ class Loader:
         key = (epoch, segments)
         if self._samples_cache is None or self._samples_cache[0] != key:
             spec = self.spec
-            order = epoch_order(self.table.shard_sizes, spec.seed, epoch, shuffle=spec.train)
+            order = epoch_order(self.table.shard_sizes, spec.seed, epoch, shuffle=spec.train)[:spec.limit]
             for segment in segments:
                 order = remaining_after(order, segment)
             mine = rank_samples(order, spec.rank, spec.world_size, spec.local_batch_size, spec.train)
@@ -92,7 +93,8 @@ class Loader:
         """Batches of a whole epoch read at this rank count (what schedules count in)."""
         spec = self.spec
         if spec.train:
-            return train_batches_per_rank(len(self.table), spec.world_size, spec.local_batch_size)
+            samples = len(self.table) if spec.limit is None else min(spec.limit, len(self.table))
+            return train_batches_per_rank(samples, spec.world_size, spec.local_batch_size)
         return -(-len(self.samples(self.epoch + 1)) // spec.local_batch_size)
 
     def batch_keys(self, batch: int) -> list[str]:

@@ -62,7 +62,14 @@ def run(shards: Path, output: Path, *extra: str, ranks: int = 2, expect: int = 0
 
 
 def metrics(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    """The training records of metrics.jsonl (k-NN evaluations are in it too: `knn_records`)."""
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "loss" in r]
+
+
+def knn_records(output: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "knn_top1_cls" in r]
 
 
 def exported_loss_matches_engine(shards: Path, output: Path, tmp_path: Path, rel: float) -> None:
@@ -87,6 +94,11 @@ def test_zero_stage_trains_logs_checkpoints_and_exports(shards, tmp_path, stage,
         "--set", f"model.activation_recompute={recompute}", "--set", f"runtime.precision={precision}")
     records = metrics(output)
     assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
+    # k-NN every 5 epochs (step 20) and at the end: the mean patch token well above the 25% of chance with
+    # 4 classes (MAE's class token learns little: nothing in the loss asks it to summarise the image).
+    evaluations = knn_records(output)
+    assert [r["step"] for r in evaluations] == [20, 24]
+    assert all(r["knn_top1_patch_mean"] > 0.5 and r["knn_val_samples"] == 8 for r in evaluations), evaluations
     for r in records:
         assert set(r) == METRIC_FIELDS
         assert r["samples"] == 16 * r["step"] and r["img_per_s"] > 0 and 0 <= r["data_stall_pct"] <= 100
@@ -101,6 +113,14 @@ def test_zero_stage_trains_logs_checkpoints_and_exports(shards, tmp_path, stage,
     exported_loss_matches_engine(shards, output, tmp_path, rel=1e-5 if precision == "fp32" else 3e-2)
     saved = json.loads((output / "deepspeed_config.json").read_text())
     assert saved["zero_optimization"]["stage"] == stage and saved["train_batch_size"] == 16
+    # TensorBoard: every metric as a scalar, the reconstructions as images.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(output / "tb"), size_guidance={"images": 0})
+    board.Reload()
+    assert {"loss", "lr", "img_per_s", "knn_top1_cls"} <= set(board.Tags()["scalars"])
+    assert [e.step for e in board.Scalars("loss")] == [4, 8, 12, 16, 20, 24]
+    assert "reconstruction" in board.Tags()["images"]
 
 
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(shards, tmp_path):
@@ -170,6 +190,78 @@ def test_a_run_resumes_on_another_rank_count(shards, tmp_path, stage, precision,
         records = metrics(output)
         assert [r["step"] for r in records][-4:] == [7, 8, 9, 10] and records[-1]["epoch"] == 2
         assert export_main([str(output), "--to", str(tmp_path / f"{ranks}.pth")]) == 0
+
+
+def test_milestones_and_going_back_to_a_checkpoint_with_other_masks_and_lr(shards, tmp_path):
+    output = tmp_path / "run"
+    run(shards, output, "--max-steps", "10", "--log-every", "2", "--set", "checkpoint.milestone_every_epochs=1",
+        "--set", "checkpoint.keep_last=1", "--set", "checkpoint.every_steps=3")
+    # 4 steps an epoch: milestones at steps 4 and 8 stay; of the rolling ones (3, 6, 9, 10) only the newest.
+    checkpoints = output / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step*")) == ["step00000004", "step00000008", "step00000010"]
+    out = run(shards, output, "--max-steps", "6", "--log-every", "1", "--resume", "step00000004",
+              "--set", "runtime.mask_seed=1", "--set", "optim.lr=0.001")
+    assert "going back to step00000004: newer checkpoints moved to" in out
+    assert sorted(p.name for p in (checkpoints / "abandoned").iterdir()) == ["step00000008", "step00000010"]
+    assert "runtime.mask_seed: 0 -> 1" in out and "optim.lr: 0.002 -> 0.001" in out
+    assert "resumed from step00000004 on 2 ranks: step 4, epoch 1" in out
+    assert metrics(output)[-2]["lr"] == pytest.approx(lr_at(4 / 4, 0.001, load_config("configs/tiny.toml").optim))
+    assert (checkpoints / "latest").read_text() == "step00000006"
+    out = run(shards, output, "--max-steps", "8", "--resume", "--set", "runtime.seed=5", expect=2)
+    assert "--resume cannot change runtime.seed (0 -> 5)" in out
+    assert export_main([str(output), "--to", str(tmp_path / "m.pth"), "--tag", "step00000004"]) == 0
+    assert export_main([str(output), "--to", str(tmp_path / "m.pth"), "--tag", "step00000005"]) == 2
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """What srun's variables become in a task: every rank its own process, one per node here."""
+    return dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+
+
+def test_two_nodes_by_torchrun_then_by_srun_variables_then_stopped_by_a_signal(shards, tmp_path):
+    output = tmp_path / "two_nodes"
+    args = ["train/pretrain.py", "--config", "configs/tiny.toml", "--data", str(shards), "--output", str(output),
+            "--log-every", "1"]
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               *args, "--max-steps", "4"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    outs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert (output / "checkpoints" / "latest").read_text() == "step00000004"
+    # The same job continued with each rank started directly, as srun does, then preempted.
+    port = free_port()
+    ranks = [subprocess.Popen([sys.executable, *args, "--max-steps", "100000", "--resume"], cwd=REPO,
+                              env=rank_env(r, 2, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    deadline = time.monotonic() + 300
+    while len(metrics(output)) < 7:
+        assert all(p.poll() is None for p in ranks) and time.monotonic() < deadline
+        time.sleep(0.2)
+    for p in ranks:
+        p.send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [3, 3], outs[0][-3000:]  # stopped: a scheduler requeues on this
+    assert "resumed from step00000004 on 2 ranks: step 4, epoch 0" in outs[0], outs[0][-6000:]
+    assert "stopped by SIGTERM" in outs[0]
+    stopped_at = int((output / "checkpoints" / "latest").read_text().removeprefix("step"))
+    assert stopped_at >= 7 and [r["step"] for r in metrics(output)] == list(range(1, stopped_at + 1))
+
+
+def test_an_output_folder_the_ranks_do_not_share_stops_the_run(tmp_path):
+    script = Path(__file__).parent / "scripts" / "shared_folder_check.py"
+    env = {"PYTHONPATH": str(REPO)}
+    for folders, expect in (([tmp_path / "shared"] * 2, 0), ([tmp_path / "node0", tmp_path / "node1"], 2)):
+        port = free_port()
+        ranks = [subprocess.Popen([sys.executable, str(script), str(folder)], env={**rank_env(r, 2, port), **env},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for r, folder in enumerate(folders)]
+        outs = [p.communicate(timeout=120)[0] for p in ranks]
+        assert [p.returncode for p in ranks] == [expect, expect], outs
+        if expect:
+            assert all("is not shared by all ranks" in out and "every node mounts" in out for out in outs)
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(shards, tmp_path):

@@ -126,8 +126,26 @@ class LogConfig:
     """epochs between reconstruction images (one is always written at the end)"""
     viz_images: int = 4
     """images in the reconstruction grid"""
+    tensorboard: bool = True
+    """write scalars and reconstructions for TensorBoard under OUTPUT/tb/ (when it is installed)"""
     sample_ids: bool = False
     """append the key of every sample each rank reads to OUTPUT/samples/rank<r>.txt (audits, loss spikes)"""
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 0
+    """epochs between k-NN evaluations of the encoder, plus one at the end (0 = off)"""
+    train_samples: int = 100_000
+    """train-split samples embedded as the k-NN memory (0 = all)"""
+    val_samples: int = 0
+    """held-out samples classified (0 = all)"""
+    split: str = "val"
+    """the held-out split"""
+    k: int = 20
+    """neighbours voting"""
+    temperature: float = 0.07
+    """votes are weighted exp(cosine similarity / temperature)"""
 
 
 @dataclass
@@ -138,6 +156,7 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output: str = "runs/mae"
     """folder for checkpoints, metrics.jsonl, config.json and viz/"""
     max_steps: int = 0
@@ -244,6 +263,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optim.gradient_clipping >= 0, "optim.gradient_clipping must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (cfg.checkpoint.milestone_every_epochs >= 0, "checkpoint.milestone_every_epochs must be >= 0"),
+        (min(cfg.eval.every_epochs, cfg.eval.train_samples, cfg.eval.val_samples) >= 0 and cfg.eval.k >= 1
+         and cfg.eval.temperature > 0, "eval.every_epochs, train_samples and val_samples must be >= 0, eval.k >= 1 "
+                                       "and eval.temperature > 0"),
         (cfg.log.log_every >= 1 and cfg.log.viz_every >= 1, "log.log_every and log.viz_every must be >= 1"),
         (cfg.max_steps >= 0, "max_steps must be >= 0"),
         (not cfg.model.init or Path(cfg.model.init).is_file(), f"model.init {cfg.model.init}: no such file"),
@@ -341,12 +363,17 @@ def config_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
     return [f"{key}: {before.get(key)!r} -> {after[key]!r}" for key in changed]
 
 
-def config_from_json(path: Path) -> TrainConfig:
-    """The resolved config a run saved as config.json."""
+def config_from_dict(saved: dict[str, Any]) -> TrainConfig:
+    """A resolved config as a run saved it (config.json, or the provenance of an exported file)."""
     cfg = TrainConfig()
-    for key, value in _flatten(json.loads(Path(path).read_text())).items():
+    for key, value in _flatten(saved).items():
         _set(cfg, key, value)
     return cfg  # validated when the run started; files it named (model.init) may since have moved
+
+
+def config_from_json(path: Path) -> TrainConfig:
+    """The resolved config a run saved as config.json."""
+    return config_from_dict(json.loads(Path(path).read_text()))
 
 
 def model_from_config(cfg: TrainConfig) -> MaskedAutoencoderViT:

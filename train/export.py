@@ -1,6 +1,6 @@
 """Consolidate a run's newest checkpoint into one file in the reference MAE layout.
 
-    python -m train.export OUTPUT --to mae_vit_h.pth [--encoder-only]
+    python -m train.export OUTPUT --to mae_vit_h.pth [--encoder-only] [--tag step00001200]
 
 The file holds {"model": state_dict, "maeflow": {...}} with the reference parameter names, so the
 reference fine-tuning code (`checkpoint["model"]`) and timm's ViT load it. ZeRO shards are merged
@@ -20,15 +20,15 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from model.weights import DECODER_PREFIXES, load_weights_file
 from pipeline.atomic import atomic_path
-from train.checkpoint import latest_tag
+from train.checkpoint import LATEST, resume_tag
 from train.config import config_from_json, model_from_config
 
 
-def consolidated_state_dict(output: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """float32 reference-layout weights of the newest complete checkpoint, and provenance."""
+def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[str, torch.Tensor], dict]:
+    """float32 reference-layout weights of a complete checkpoint (the newest by default), and provenance."""
     cfg = config_from_json(output / "config.json")
     ckpt_dir = output / "checkpoints"
-    tag = latest_tag(ckpt_dir)
+    tag = resume_tag(ckpt_dir, wanted)
     if tag is None:
         raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint")
     if list((ckpt_dir / tag).glob("*zero_pp_rank_*")):
@@ -47,12 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="maeflow-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("output", help="a training output folder (holds config.json and checkpoints/)")
     parser.add_argument("--to", required=True, help="file to write")
+    parser.add_argument("--tag", default=LATEST, help="which checkpoint (e.g. step00001200; default: the newest)")
     parser.add_argument("--encoder-only", action="store_true", help="drop the decoder, as the released "
                         "mae_pretrain_vit_*.pth files do")
     args = parser.parse_args(argv)
     try:
-        state, provenance = consolidated_state_dict(Path(args.output))
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        state, provenance = consolidated_state_dict(Path(args.output), args.tag)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:  # ResumeError is a RuntimeError
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.encoder_only:

@@ -21,8 +21,9 @@ from enum import Enum, IntEnum
 from pathlib import Path
 from typing import TextIO
 
-if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script by a launcher: import from the repo, not from train/ itself,
+    # whose module names (tensorboard, distributed, evaluate) would shadow packages of the same names.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import deepspeed
 import torch
@@ -56,8 +57,10 @@ from train.config import (
     model_from_config,
     plan_batch,
 )
+from train.dashboard import Board
 from train.distributed import JoinError, join_process_group
 from train.engine import attention_backend, compile_blocks, deepspeed_config
+from train.knn import KnnMonitor
 from train.recipe import build_optimizer, lr_at, peak_lr
 from train.viz import fixed_images, fixed_noise, reconstruction_grid, save_reconstruction
 
@@ -174,6 +177,7 @@ class Trainer:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(self._noise_seed(step=0))
         self.state = TrainState(world_size=self.world)
         self.saved_step = -1
+        self.evaluated_step = -1
         if self.resume_from:
             self._resume(self.resume_from)
 
@@ -182,11 +186,26 @@ class Trainer:
         self.flops_per_image = mae_train_flops(self.model, cfg.model.mask_ratio)
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.sample_log = self._open_sample_log() if cfg.log.sample_ids else None
+        self.board = Board(self.output / "tb", cfg.log.tensorboard and self.is_main)
+        self.knn = self._knn_monitor() if cfg.eval.every_epochs else None
         self.stop = StopRequest()
         self.window = MetricWindow(self.device)
         self.last_save = time.monotonic()
         self.bar = tqdm(total=self.stop_at, initial=self.state.step, unit="step", disable=not self.is_main,
                         dynamic_ncols=True)
+
+    def _knn_monitor(self) -> KnnMonitor | None:
+        cfg = self.cfg
+        try:
+            return KnnMonitor(cfg.data.shards, cfg.eval.split, cfg.eval.train_samples, cfg.eval.val_samples,
+                              local_batch_size=self.plan.local_batch_size, img_size=cfg.data.img_size,
+                              rank=self.rank, world_size=self.world,
+                              device="gpu" if self.device.type == "cuda" else "cpu", backend=cfg.data.backend,
+                              num_threads=cfg.data.num_threads or None, dtype=self.dtype)
+        except FileNotFoundError as err:
+            if self.is_main:
+                print(f"k-NN evaluation off: {str(err).splitlines()[0]}")
+            return None
 
     def _open_sample_log(self) -> TextIO:
         """OUTPUT/samples/rank<r>.txt: one line per local batch, `<optimizer step> <sample keys...>`."""
@@ -269,6 +288,8 @@ class Trainer:
                 self.state.epoch += 1
                 if milestones and self.state.epoch % milestones == 0:
                     self.checkpoint(milestone=True)
+                if self.knn and self.state.epoch % self.cfg.eval.every_epochs == 0:
+                    self.evaluate()
                 if self.state.epoch % self.cfg.log.viz_every == 0:
                     self.write_reconstruction()
         self.bar.close()
@@ -276,11 +297,14 @@ class Trainer:
             if self.saved_step != self.state.step and (self.cfg.checkpoint.at_end or outcome is Outcome.STOPPED):
                 self.checkpoint()
             self.write_reconstruction()
+            if self.knn and outcome is Outcome.FINISHED and self.evaluated_step != self.state.step:
+                self.evaluate()
         if self.is_main:
             print(f"{outcome.value}: step {self.state.step} of {self.stop_at}, epoch {self.state.epoch}, "
                   f"{self.state.samples} samples; outputs in {self.output}")
         if self.sample_log is not None:
             self.sample_log.close()
+        self.board.close()
         dist.destroy_process_group()
         return {Outcome.DIVERGED: ExitCode.DIVERGED, Outcome.STOPPED: ExitCode.STOPPED}.get(outcome,
                                                                                               ExitCode.FINISHED)
@@ -357,11 +381,38 @@ class Trainer:
             "mfu": None if self.peak_flops is None else self.flops_per_image * img_per_s / self.peak_flops / self.world,
             "step_time_s": elapsed / window.steps,
         }
+        self.record(record)
+        if self.is_main:
+            self.bar.set_postfix(epoch=self.state.epoch, loss=f"{loss:.4f}", img_s=f"{img_per_s:.0f}")
+        window.restart(self.loader.wait_s)
+
+    def record(self, record: dict) -> None:
+        """Rank 0 appends a record to metrics.jsonl and TensorBoard."""
         if self.is_main:
             with open(self.output / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            self.bar.set_postfix(epoch=self.state.epoch, loss=f"{loss:.4f}", img_s=f"{img_per_s:.0f}")
-        window.restart(self.loader.wait_s)
+            self.board.scalars(record, record["step"])
+
+    def evaluate(self) -> None:
+        """Every rank embeds its share; rank 0 records the k-NN top-1 of both feature kinds."""
+        began, cfg = time.perf_counter(), self.cfg
+        # ZeRO-3 holds a slice of each parameter per rank: gather them for the evaluation forward.
+        gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()), enabled=cfg.runtime.zero_stage == 3)
+        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.runtime.precision == "autocast_bf16")
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            with autocast, attention_backend(cfg.runtime.attention):
+                return self.model.forward_features(images.to(self.dtype))
+
+        with gathered, torch.no_grad():
+            result = self.knn(encode, self.device, cfg.eval.k, cfg.eval.temperature)
+        self.evaluated_step = self.state.step
+        self.record({"step": self.state.step, "epoch": self.state.epoch, **result,
+                     "eval_s": time.perf_counter() - began})
+        if self.is_main:
+            tqdm.write(f"k-NN top-1 at step {self.state.step}: {100 * result['knn_top1_cls']:.1f}% (cls token), "
+                       f"{100 * result['knn_top1_patch_mean']:.1f}% (mean patch token); {result['knn_train_samples']} "
+                       f"train / {result['knn_val_samples']} {cfg.eval.split} samples")
 
     def checkpoint(self, milestone: bool = False) -> None:
         rank_state = {"loader": self.loader.state_dict(), "noise_rng": self.noise_gen.get_state()}
@@ -389,6 +440,7 @@ class Trainer:
             path = save_reconstruction(picture, self.output / "viz", self.state.step)
             with open(self.output / "viz" / "losses.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.state.step, "loss": float(loss), "image": path.name}) + "\n")
+            self.board.image("reconstruction", picture, self.state.step)
             tqdm.write(f"reconstruction {path} (loss {float(loss):.4f} on the fixed images)")
 
 
