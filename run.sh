@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # maeflow's two entry points, each setting up .venv first:
-#   bash run.sh demo   sample data -> shards -> 2-rank CPU/GPU training -> reconstruction + bench report
+#   bash run.sh demo   sample data -> shards -> 2-rank CPU/GPU training -> reconstruction, k-NN, bench report
 #   bash run.sh test   the test suite (what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -49,6 +49,10 @@ demo() {
     echo "  shards          $data/shards"
     echo "  metrics         $data/run/metrics.jsonl"
     echo "  reconstruction  $(ls "$data"/run/viz/*.png | tail -n 1)"
+    echo "  k-NN top-1      $("$PY" -c 'import json, sys
+r = [json.loads(line) for line in open(sys.argv[1]) if "knn_top1_cls" in line][-1]
+patch, cls = 100 * r["knn_top1_patch_mean"], 100 * r["knn_top1_cls"]
+print(f"{patch:.1f}% (mean patch token), {cls:.1f}% (cls token); chance is 12.5%")' "$data/run/metrics.jsonl")"
     echo "  bench report    $data/bench/REPORT.md"
 }
 

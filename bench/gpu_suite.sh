@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check, on any machine with a CUDA GPU and maeflow's packages installed (`bash run.sh setup`, or
-# PYTHON=... pointing at an interpreter that has them): the kernel and model tests (compiled kernels; bf16 at
-# the ViT-B/H shapes under the flash-attention error rule), then every bench stage at real shapes (ViT-B/16 and ViT-H/14, bf16,
-# mixed DALI decoding), then the report. Installs nothing. A stage whose packages are missing (DALI,
-# DeepSpeed) says "skipped" and the rest still run. Writes its history file to bench/history/ (commit it)
-# and copies it, the report and the logs to $OUT (default /tmp/maeflow-gpu-suite). About 8 minutes on an H100.
+# The GPU check, on any machine with a CUDA GPU and maeflow's packages installed (`bash run.sh setup`,
+# or PYTHON=... naming an interpreter that has them): the kernel and model tests (compiled kernels; bf16
+# at the ViT-B/H shapes under the flash-attention error rule), then every bench stage at real shapes
+# (ViT-B/16 and ViT-H/14, bf16, mixed DALI decoding), then the report. Installs nothing. A stage whose
+# packages are missing (DALI, DeepSpeed) says "skipped" and the rest still run. Writes its history file
+# to bench/history/ (commit it) and copies it, the report and the logs to $OUT (default
+# /tmp/maeflow-gpu-suite). About 8 minutes on an H100; kernels/NOTES.md says how to carry the packages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -129,7 +129,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(shards, tm
     out = run(shards, tmp_path / "split", "--max-steps", "6", *common)
     assert "grad_accum_steps = 16 / (4 x 2 ranks) = 2" in out
     out = run(shards, tmp_path / "split", "--max-steps", "12", "--resume", *common)
-    assert "resumed from step00000006: step 6, epoch 1" in out
+    assert "resumed from step00000006 on 2 ranks: step 6, epoch 1" in out
     whole = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "whole")]
     split = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "split")]
     assert len(whole) == 12 and split == whole
