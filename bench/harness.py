@@ -8,6 +8,7 @@ puts them in one table with GPU numbers.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -16,7 +17,7 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -112,6 +113,20 @@ class Record:
         out = asdict(self)
         out["ratio"] = self.ratio
         return out
+
+
+@contextlib.contextmanager
+def kernels_backend(choice: str) -> Iterator[None]:
+    """MAE_KERNELS=choice for the block (torch, triton or auto), restored after."""
+    previous = os.environ.get("MAE_KERNELS")
+    os.environ["MAE_KERNELS"] = choice
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MAE_KERNELS")
+        else:
+            os.environ["MAE_KERNELS"] = previous
 
 
 def free_port() -> int:

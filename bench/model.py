@@ -6,30 +6,15 @@ device time."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.context import BenchContext
-from bench.harness import Record, rate, time_repeats
+from bench.harness import Record, kernels_backend, rate, time_repeats
 from model import MaskedAutoencoderViT, build_mae
 from model.flops import mae_train_flops, peak_flops
-
-
-@contextlib.contextmanager
-def kernels_backend(choice: str) -> Iterator[None]:
-    previous = os.environ.get("MAE_KERNELS")
-    os.environ["MAE_KERNELS"] = choice
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("MAE_KERNELS")
-        else:
-            os.environ["MAE_KERNELS"] = previous
 
 
 def encoder_step(model: MaskedAutoencoderViT, imgs: torch.Tensor, with_mask_tokens: bool) -> Callable[[], None]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.context import BenchContext, require
-from bench.harness import REPO, Record, Stat, free_port, rate, stat_of, time_repeats
+from bench.harness import REPO, Record, Stat, free_port, kernels_backend, rate, stat_of, time_repeats
 from model.flops import mae_train_flops, peak_flops
 from train.config import load_config, model_from_config
 from train.engine import attention_backend
@@ -89,7 +89,10 @@ def bare_step_rate(config: str, batch: int, device: str, repeats: int) -> tuple[
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = time_repeats(step, repeats, warmup=3, device="cuda" if device == "cuda" else "cpu")
+    # The kernels the trainer runs: Triton on a GPU, the torch references on a CPU (where the Triton
+    # interpreter a kernel stage may have switched on is for correctness, not speed).
+    with kernels_backend("auto" if device == "cuda" else "torch"):
+        seconds = time_repeats(step, repeats, warmup=3, device="cuda" if device == "cuda" else "cpu")
     return rate(batch, seconds), mae_train_flops(model, cfg.model.mask_ratio)
 
 
