@@ -10,6 +10,8 @@ import os
 import deepspeed
 import torch
 
+from pipeline.loader import default_threads
+
 
 class JoinError(RuntimeError):
     """The process group could not be formed; the message names the address and the flag to change."""
@@ -21,6 +23,10 @@ def join_process_group() -> torch.device:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        # Each rank computes on its share of the cores: ranks that each spread over all of them spin-wait
+        # on each other's threads, and two CPU ranks ran 5-10x slower that way.
+        torch.set_num_threads(default_threads())
     try:
         deepspeed.init_distributed()
     except (RuntimeError, ValueError, OSError) as err:
