@@ -10,6 +10,7 @@ at the boundary its first batches are ready.
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 import weakref
@@ -105,6 +106,9 @@ class _Reading:
 
     def close(self) -> None:
         del self.iterator
+        # DALI's iterator and pipeline refer to each other: collect them now, so that each epoch's buffers
+        # are freed before the next ones are allocated, not whenever the collector next runs.
+        gc.collect()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
