@@ -177,7 +177,7 @@ def test_a_run_resumes_on_another_rank_count(shards, tmp_path, stage, precision,
         output = tmp_path / f"{ranks}_ranks"
         shutil.copytree(first, output)
         out = run(shards, output, "--max-steps", "10", "--resume", *common, *extra, ranks=ranks)
-        assert f"resumed from step00000006 on {ranks} ranks instead of 2" in out
+        assert f"resumed from step00000006 on {ranks} rank{'s' if ranks > 1 else ''} instead of 2" in out
         partitioned = stage > 0 or precision == "bf16"  # the bf16 optimizer shards its master copies too
         assert ("through DeepSpeed's universal checkpoint" in out) == partitioned
         assert adamw_norms(out, "resumed from") == pytest.approx(saved, rel=1e-6)

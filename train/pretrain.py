@@ -268,7 +268,7 @@ class Trainer:
             self.noise_gen.manual_seed(self._noise_seed(self.state.step))
         norms = optimizer_state_norms(self.engine, self.replicated_optimizer, self.control)
         if self.is_main:
-            how = f"on {self.world} ranks"
+            how = f"on {self.world} rank{'s' if self.world > 1 else ''}"
             if saved.world_size != self.world:
                 how += f" instead of {saved.world_size}"
             if universal:
