@@ -150,7 +150,7 @@ class Trainer:
         self.dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
         self.ds_config = deepspeed_config(cfg, self.plan)
         self.replicated_optimizer = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
-        self.masks_changed = False
+        self.masks_changed = self.universal_resume = False
         self.resume_from = self._prepare_resume(resume) if resume else None
         self._announce()
 
@@ -228,7 +228,8 @@ class Trainer:
         changes = config_changes(saved_cfg, self.cfg)
         self.masks_changed = saved_cfg.runtime.mask_seed != self.cfg.runtime.mask_seed
         if needs_universal(self.ckpt_dir, tag, self.world):
-            self.ds_config["checkpoint"] = {"load_universal": True}
+            self.universal_resume = True
+            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
         dist.barrier()  # every rank has read the saved config and the checkpoint list
         if self.is_main:
             newer = set_aside_newer(self.ckpt_dir, tag) if wanted != "latest" else []
@@ -257,7 +258,7 @@ class Trainer:
     def _resume(self, tag: str) -> None:
         saved = read_train_state(self.ckpt_dir, tag)
         began = time.perf_counter()
-        universal = "checkpoint" in self.ds_config
+        universal = self.universal_resume
         rank_state = load_checkpoint(self.engine, self.ckpt_dir, tag, universal, self.cfg.optim.gradient_clipping)
         self.state = TrainState(saved.step, saved.epoch, saved.samples, self.world)
         self.saved_step = self.state.step
