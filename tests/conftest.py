@@ -24,11 +24,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def no_process_outlives_its_test():
-    """A test that fails or times out must not leave training ranks running into the next ones."""
+def no_job_outlives_its_test():
+    """A test that fails or times out must not leave training ranks running into the next ones.
+
+    Tests start their jobs in sessions of their own, as a scheduler does. The test process's own workers
+    (forked DataLoader workers, pools) share its session and are left to their owner, which raises if they die.
+    """
     yield
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    psutil.wait_procs(children, timeout=30)
+    ours = os.getsid(0)
+    jobs = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
+            if os.getsid(child.pid) != ours:
+                child.kill()
+                jobs.append(child)
+    psutil.wait_procs(jobs, timeout=30)

@@ -50,7 +50,8 @@ def test_two_ranks_give_the_one_rank_result(tmp_path):
         ranks = [subprocess.Popen([sys.executable, str(script), str(root / "shards")], cwd=REPO,
                                   env={"PYTHONPATH": str(REPO), "RANK": str(r), "WORLD_SIZE": str(world),
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PATH": ""},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                 for r in range(world)]
         outs = [p.communicate(timeout=300) for p in ranks]
         assert all(p.returncode == 0 for p in ranks), outs
         results.append(json.loads(outs[0][0].strip().splitlines()[-1]))

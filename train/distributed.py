@@ -9,6 +9,7 @@ import os
 
 import deepspeed
 import torch
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
 from pipeline.loader import default_threads
 
@@ -27,6 +28,7 @@ def join_process_group() -> torch.device:
         # Each rank computes on its share of the cores: ranks that each spread over all of them spin-wait
         # on each other's threads, and two CPU ranks ran 5-10x slower that way.
         torch.set_num_threads(default_threads())
+        skip_shared_memory_op()
     try:
         deepspeed.init_distributed()
     except (RuntimeError, ValueError, OSError) as err:
@@ -36,3 +38,13 @@ def join_process_group() -> torch.device:
             "machine uses that port, pick a free one: deepspeed --master_port N, or torchrun --master-port N "
             "(--rdzv-endpoint HOST:N)") from err
     return device
+
+
+def skip_shared_memory_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce, which only its inference path uses.
+
+    Every CPU rank would otherwise compile C++ on a machine's first run (a minute on 2 cores) under a lock
+    file in ~/.cache/torch_extensions; a rank killed while holding it leaves the lock behind, and every
+    later run on that machine then waits on it forever.
+    """
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
