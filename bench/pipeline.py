@@ -36,7 +36,7 @@ def batch_times(loader, epochs: range, sync: bool) -> list[list[float]]:
     return timeline
 
 
-def steady_and_boundary(timeline: list[list[float]], batch: int) -> tuple[Stat, float, float]:
+def delivered_and_boundary(timeline: list[list[float]], batch: int) -> tuple[Stat, float, float]:
     """(delivered images/s, median epoch-boundary cost in s, median batch time in s), the first epoch
     left out as warm-up.
 
@@ -51,6 +51,12 @@ def steady_and_boundary(timeline: list[list[float]], batch: int) -> tuple[Stat, 
     batch_s = statistics.median(intervals)
     gaps = [later[0] - earlier[-1] - batch_s for earlier, later in itertools.pairwise(timeline)]
     return stat_of(rates), statistics.median(gaps), batch_s
+
+
+def within_epoch_rate(timeline: list[list[float]], batch: int) -> Stat:
+    """Images/s from each epoch's first batch to its last, the first epoch left out: the steady state, with
+    no boundary in it (that cost is reported on its own)."""
+    return stat_of([(len(t) - 1) * batch / (t[-1] - t[0]) for t in timeline[1:]])
 
 
 def memory_mb(device: str) -> float:
@@ -74,8 +80,9 @@ def loader_run(shards: Path, backend: str, device: str, threads: int, batch: int
     timeline = batch_times(loader, range(1), device == "gpu")
     after_first_epoch = memory_mb(device)
     timeline += batch_times(loader, range(1, epochs), device == "gpu")
-    steady, boundary_s, batch_s = steady_and_boundary(timeline, batch)
-    return {"steady": steady, "boundary_s": boundary_s, "batch_s": batch_s, "batches": len(loader), "loader": loader,
+    delivered, boundary_s, batch_s = delivered_and_boundary(timeline, batch)
+    return {"delivered": delivered, "within_epoch": within_epoch_rate(timeline, batch), "boundary_s": boundary_s,
+            "batch_s": batch_s, "batches": len(loader), "loader": loader,
             "memory_growth_mb": memory_mb(device) - after_first_epoch}
 
 
@@ -117,13 +124,13 @@ def preset_speed(preset: str) -> float | None:
 
 
 def user_shards(ctx: BenchContext) -> list[Record]:
-    """The loader on the user's shards: steady rate, boundary, and whether it feeds a preset's GPU."""
+    """The loader on the user's shards: delivered rate, boundary, and whether it feeds a preset's GPU."""
     from pipeline.loader import default_threads
 
     batch = ctx.local_batch_size or (256 if ctx.device == "gpu" else 32)
     run = loader_run(ctx.data, "dali", ctx.device, default_threads(), batch, 3 if ctx.quick else 5)
     need = preset_speed(ctx.preset)
-    rate = run["steady"].median
+    rate = run["delivered"].median
     if need is None:
         verdict = f"no GPU training record of {ctx.preset} in bench/history yet: run `python -m bench train` on a GPU"
     elif rate >= need:
@@ -132,7 +139,7 @@ def user_shards(ctx: BenchContext) -> list[Record]:
         verdict = (f"would starve {ctx.preset}: {rate:,.0f} of the {need:,.0f} img/s per GPU it consumes "
                    f"({rate / need:.0%})")
     print(f"pipeline: {ctx.data}: {rate:,.0f} img/s per rank; {verdict}")
-    return [Record("pipeline", "user_shards_img_per_s", "img/s", run["steady"],
+    return [Record("pipeline", "user_shards_img_per_s", "img/s", run["delivered"],
                    config={"shards": str(ctx.data), "local_batch_size": batch, "threads": default_threads(),
                            "preset": ctx.preset},
                    extra={"epoch_boundary_ms": 1e3 * run["boundary_s"], "batch_ms": 1e3 * run["batch_s"],
@@ -164,9 +171,11 @@ def run(ctx: BenchContext) -> list[Record]:
                 "memory_growth_mb_over_epochs": dali["memory_growth_mb"]}
     decode = "mixed (nvJPEG + HW decoder 0.65)" if gpu else "cpu"
     records = [
-        Record("pipeline", "loader_vs_raw_graph", "img/s", dali["steady"], ceiling,
+        Record("pipeline", "loader_vs_raw_graph", "img/s", dali["delivered"], ceiling,
                "the same DALI graph driven directly", {**config, "decode": decode}, extra=boundary),
-        Record("pipeline", "dali_vs_pil", "img/s", dali["steady"], pil["steady"],
+        Record("pipeline", "loader_within_epoch_vs_raw_graph", "img/s", dali["within_epoch"], ceiling,
+               "the same DALI graph driven directly", {**config, "decode": decode}),
+        Record("pipeline", "dali_vs_pil", "img/s", dali["delivered"], pil["delivered"],
                f"PIL + DataLoader, {cores} workers", {**config, "decode": decode},
                extra={**boundary, "pil_epoch_boundary_ms": 1e3 * pil["boundary_s"]}),
     ]
@@ -177,7 +186,7 @@ def run(ctx: BenchContext) -> list[Record]:
         records += [
             Record("pipeline", "raw_graph_hw_decoder", "img/s", ceiling, no_hw, "hw_decoder_load 0 (nvJPEG on SMs)",
                    config),
-            Record("pipeline", "dali_gpu_vs_dali_cpu", "img/s", dali["steady"], cpu_decoding["steady"],
+            Record("pipeline", "dali_gpu_vs_dali_cpu", "img/s", dali["delivered"], cpu_decoding["delivered"],
                    f"DALI CPU decoding, {cores} threads", config),
         ]
     return records
