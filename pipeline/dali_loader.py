@@ -10,7 +10,6 @@ at the boundary its first batches are ready.
 
 from __future__ import annotations
 
-import gc
 import shutil
 import tempfile
 import weakref
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
@@ -96,6 +95,7 @@ class _Reading:
     epoch: int
     start: int  # first batch of the epoch's samples for this rank that it reads
     iterator: DALIGenericIterator
+    pipeline: Pipeline
     folder: Path
     consumed: int = 0  # batches handed out so far
 
@@ -105,10 +105,11 @@ class _Reading:
         return self.start + self.consumed
 
     def close(self) -> None:
-        del self.iterator
-        # DALI's iterator and pipeline refer to each other: collect them now, so that each epoch's buffers
-        # are freed before the next ones are allocated, not whenever the collector next runs.
-        gc.collect()
+        # DALI's iterator and pipeline refer to each other, so dropping them frees nothing until the cycle
+        # collector runs. Shutting the pipeline down frees its threads and buffers now, before the next
+        # epoch allocates its own; a gc.collect() here cost about 100 ms at every epoch boundary.
+        self.pipeline._shutdown()
+        del self.iterator, self.pipeline
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -142,7 +143,7 @@ class DaliLoader(Loader):
         )
         iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
                                        last_batch_policy=LastBatchPolicy.PARTIAL)
-        return _Reading(epoch, start, iterator, folder)
+        return _Reading(epoch, start, iterator, pipe, folder)
 
     def _write_indexes(self, samples: np.ndarray, folder: Path) -> tuple[list[str], list[str]]:
         """One (tar, index) pair per run of consecutive samples from the same shard."""
