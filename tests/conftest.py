@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 def no_job_outlives_its_test():
     """A test that fails or times out must not leave training ranks running into the next ones.
 
-    Tests start their jobs in sessions of their own, as a scheduler does. The test process's own workers
+    Tests start their jobs with `helpers.start_job`, in sessions of their own. The test process's own workers
     (forked DataLoader workers, pools) share its session and are left to their owner, which raises if they die.
     """
     yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import torch
@@ -26,3 +27,10 @@ def small_model(**overrides) -> MaskedAutoencoderViT:
 def tiny_preset_model() -> MaskedAutoencoderViT:
     """The model `configs/tiny.toml` trains (what the demo and the training tests run)."""
     return model_from_config(load_config(REPO / "configs" / "tiny.toml"))
+
+
+def start_job(cmd: list[str], **popen) -> subprocess.Popen:
+    """A job (launcher or rank) in a session of its own, as a scheduler starts one, its output captured:
+    conftest kills whatever of it a failed or timed-out test leaves running."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **popen}
+    return subprocess.Popen(cmd, text=True, start_new_session=True, **popen)

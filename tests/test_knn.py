@@ -12,7 +12,7 @@ from bench.harness import free_port
 from model import build_mae
 from pipeline.build_shards import main as build_shards
 from pipeline.sample_data import main as sample_data
-from tests.helpers import REPO, tiny_preset_model
+from tests.helpers import REPO, start_job, tiny_preset_model
 from train.evaluate import linear_probe
 from train.evaluate import main as evaluate_main
 from train.knn import Embedded, knn_top1
@@ -47,11 +47,10 @@ def test_two_ranks_give_the_one_rank_result(tmp_path):
     results = []
     for world in (1, 2):
         port = free_port()
-        ranks = [subprocess.Popen([sys.executable, str(script), str(root / "shards")], cwd=REPO,
-                                  env={"PYTHONPATH": str(REPO), "RANK": str(r), "WORLD_SIZE": str(world),
-                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PATH": ""},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-                 for r in range(world)]
+        ranks = [start_job([sys.executable, str(script), str(root / "shards")], cwd=REPO,
+                           env={"PYTHONPATH": str(REPO), "RANK": str(r), "WORLD_SIZE": str(world),
+                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PATH": ""},
+                           stderr=subprocess.PIPE) for r in range(world)]
         outs = [p.communicate(timeout=300) for p in ranks]
         assert all(p.returncode == 0 for p in ranks), outs
         results.append(json.loads(outs[0][0].strip().splitlines()[-1]))

@@ -17,7 +17,7 @@ import torch
 from model import load_reference_weights
 from pipeline.build_shards import main as build_shards
 from pipeline.sample_data import main as sample_data
-from tests.helpers import REPO, tiny_preset_model
+from tests.helpers import REPO, start_job, tiny_preset_model
 from train.config import ConfigError, OptimConfig, TrainConfig, load_config, plan_batch
 from train.engine import compile_blocks, deepspeed_config
 from train.export import main as export_main
@@ -51,8 +51,7 @@ def launch(shards: Path, output: Path, *extra: str, ranks: int = 2) -> subproces
            "--config", "configs/tiny.toml", "--data", str(shards), "--output", str(output), *extra]
     env = dict(os.environ, PATH=f"{DEEPSPEED.parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1",
                TORCH_EXTENSIONS_DIR=str(output.parent / "torch_extensions"))
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return start_job(cmd, cwd=REPO, env=env)
 
 
 def run(shards: Path, output: Path, *extra: str, ranks: int = 2, expect: int = 0) -> str:
@@ -227,18 +226,16 @@ def test_two_nodes_by_torchrun_then_by_srun_variables_then_stopped_by_a_signal(s
     args = ["train/pretrain.py", "--config", "configs/tiny.toml", "--data", str(shards), "--output", str(output),
             "--log-every", "1"]
     port = free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
-                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               *args, "--max-steps", "4"], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for n in (0, 1)]
+    nodes = [start_job([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
+                        "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                        *args, "--max-steps", "4"], cwd=REPO) for n in (0, 1)]
     outs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert (output / "checkpoints" / "latest").read_text() == "step00000004"
     # The same job continued with each rank started directly, as srun does, then preempted.
     port = free_port()
-    ranks = [subprocess.Popen([sys.executable, *args, "--max-steps", "100000", "--resume"], cwd=REPO,
-                              env=rank_env(r, 2, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for r in (0, 1)]
+    ranks = [start_job([sys.executable, *args, "--max-steps", "100000", "--resume"], cwd=REPO,
+                       env=rank_env(r, 2, port)) for r in (0, 1)]
     deadline = time.monotonic() + 300
     while len(metrics(output)) < 7:
         assert all(p.poll() is None for p in ranks) and time.monotonic() < deadline
@@ -258,8 +255,7 @@ def test_an_output_folder_the_ranks_do_not_share_stops_the_run(tmp_path):
     env = {"PYTHONPATH": str(REPO)}
     for folders, expect in (([tmp_path / "shared"] * 2, 0), ([tmp_path / "node0", tmp_path / "node1"], 2)):
         port = free_port()
-        ranks = [subprocess.Popen([sys.executable, str(script), str(folder)], env={**rank_env(r, 2, port), **env},
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        ranks = [start_job([sys.executable, str(script), str(folder)], env={**rank_env(r, 2, port), **env})
                  for r, folder in enumerate(folders)]
         outs = [p.communicate(timeout=120)[0] for p in ranks]
         assert [p.returncode for p in ranks] == [expect, expect], outs
