@@ -74,14 +74,12 @@ def cases(shape: Shape, device: str, dtype: torch.dtype) -> Iterator[tuple]:
     ids_keep, ids_restore, mask = random_masking(torch.rand(n, length, device=device), 1 - (keep + 0.5) / length)
     # forward reads the K kept rows and writes 1+K; backward reads 1+K and writes all L rows of grad_x
     gather_bytes = size * n * d * ((2 * keep + 1) + (keep + 1 + length))
-    yield ("visible_tokens", visible_tokens,
-           lambda x, pos, cls, keep, _restore: visible_tokens_reference(x, pos, cls, keep),
+    yield ("visible_tokens", visible_tokens, visible_tokens_reference,
            [randn(n, length, d), randn(1, length + 1, d), randn(1, 1, d)], [True, False, True], (ids_keep, ids_restore),
            gather_bytes)
     # forward reads 1+K rows and writes 1+L; backward the reverse
     unshuffle_bytes = 2 * size * n * dd * ((keep + 1) + (length + 1))
-    yield ("decoder_tokens", lambda a, t, q, ids: decoder_tokens(a, t, ids, q),
-           lambda a, t, q, ids: decoder_tokens_reference(a, t, ids, q),
+    yield ("decoder_tokens", decoder_tokens, decoder_tokens_reference,
            [randn(n, keep + 1, dd), randn(1, 1, dd), randn(1, length + 1, dd)], [True, True, False], (ids_restore,),
            unshuffle_bytes)
     side = int(length**0.5) * p
@@ -89,9 +87,8 @@ def cases(shape: Shape, device: str, dtype: torch.dtype) -> Iterator[tuple]:
     removed = int(mask.sum().item())
     # both passes read image and prediction of the removed patches only; backward writes the whole gradient
     loss_bytes = 2 * removed * values * 2 * size + n * length * values * size
-    yield ("masked_patch_mse", lambda q, i, m: masked_patch_mse(i, q, m, p, True),
-           lambda q, i, m: masked_patch_mse_reference(i, q, m, p, True), [randn(n, length, values)], [True],
-           (randn(n, 3, side, side), mask), loss_bytes)
+    yield ("masked_patch_mse", masked_patch_mse, masked_patch_mse_reference, [randn(n, length, values)], [True],
+           (randn(n, 3, side, side), mask, p, True), loss_bytes)
 
 
 def copy_bandwidth(device: str, repeats: int) -> Record:

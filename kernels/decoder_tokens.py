@@ -58,7 +58,7 @@ def _decoder_tokens_bwd(
 
 class DecoderTokens(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, mask_token: Tensor, pos_embed: Tensor, ids_restore: Tensor) -> Tensor:
         x, mask_token, pos_embed = x.contiguous(), mask_token.contiguous(), pos_embed.contiguous()
         ids_restore = ids_restore.contiguous()
         n, length = ids_restore.shape
@@ -84,12 +84,12 @@ class DecoderTokens(torch.autograd.Function):
         partial = torch.empty(n, grid[1], width, device=grad_out.device, dtype=torch.float32)
         _decoder_tokens_bwd[grid](grad_out, ids_restore, grad_x, partial, length, keep, width, **tiles)
         grad_token = partial.sum((0, 1)).view(1, 1, width).to(token_dtype) if ctx.needs_input_grad[1] else None
-        grad_pos = grad_out.sum(0, keepdim=True, dtype=torch.float32).to(pos_dtype) if ctx.needs_input_grad[3] else None
-        return grad_x, grad_token, None, grad_pos
+        grad_pos = grad_out.sum(0, keepdim=True, dtype=torch.float32).to(pos_dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_token, grad_pos, None
 
 
 def decoder_tokens_reference(
-    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos_embed: torch.Tensor
+    x: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor, ids_restore: torch.Tensor
 ) -> torch.Tensor:
     """The reference MAE's formulation: append mask tokens, repeat-index unshuffle, re-attach cls, add pos."""
     n, length = ids_restore.shape
@@ -100,9 +100,9 @@ def decoder_tokens_reference(
 
 
 def decoder_tokens(
-    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos_embed: torch.Tensor
+    x: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor, ids_restore: torch.Tensor
 ) -> torch.Tensor:
     """[N, 1+L, Dd] decoder input from x [N, 1+K, Dd]; mask_token [1, 1, Dd], pos_embed [1, 1+L, Dd]."""
     if use_triton("decoder_tokens", x, mask_token, pos_embed):
-        return DecoderTokens.apply(x, mask_token, ids_restore, pos_embed)
-    return decoder_tokens_reference(x, mask_token, ids_restore, pos_embed)
+        return DecoderTokens.apply(x, mask_token, pos_embed, ids_restore)
+    return decoder_tokens_reference(x, mask_token, pos_embed, ids_restore)

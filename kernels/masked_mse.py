@@ -93,7 +93,7 @@ def _launch_args(imgs: Tensor, pred: Tensor, patch_size: int, norm_pix: bool) ->
 
 class MaskedPatchMSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, imgs: Tensor, pred: Tensor, mask: Tensor, patch_size: int, norm_pix: bool) -> Tensor:
+    def forward(ctx: Any, pred: Tensor, imgs: Tensor, mask: Tensor, patch_size: int, norm_pix: bool) -> Tensor:
         imgs, mask = imgs.contiguous(), mask.contiguous()
         if pred.stride(2) != 1:
             pred = pred.contiguous()
@@ -112,11 +112,11 @@ class MaskedPatchMSE(torch.autograd.Function):
         scale = (grad_loss.float() / mask_sum).reshape(1)
         grad_pred = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype)
         _masked_mse_bwd[(mask.numel(),)](imgs, pred, mask, scale, grad_pred, *args, **meta)
-        return None, grad_pred, None, None, None
+        return grad_pred, None, None, None, None
 
 
 def masked_patch_mse_reference(
-    imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool
+    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool
 ) -> torch.Tensor:
     """The reference MAE's formulation, op by op."""
     target = patchify(imgs, patch_size)
@@ -128,13 +128,13 @@ def masked_patch_mse_reference(
 
 
 def masked_patch_mse(
-    imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool
+    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool
 ) -> torch.Tensor:
-    """Scalar loss from imgs [N, C, H, W], pred [N, L, p*p*C] and mask [N, L] (1 = removed)."""
+    """Scalar loss from pred [N, L, p*p*C], imgs [N, C, H, W] and mask [N, L] (1 = removed)."""
     values = patch_size * patch_size * imgs.shape[1]
     too_big = None
     if values > MAX_PATCH_VALUES:
         too_big = f"a patch of {values} values exceeds the kernel's {MAX_PATCH_VALUES}"
     if use_triton("masked_patch_mse", imgs, pred, mask, unsupported=too_big):
-        return MaskedPatchMSE.apply(imgs, pred, mask, patch_size, norm_pix)
-    return masked_patch_mse_reference(imgs, pred, mask, patch_size, norm_pix)
+        return MaskedPatchMSE.apply(pred, imgs, mask, patch_size, norm_pix)
+    return masked_patch_mse_reference(pred, imgs, mask, patch_size, norm_pix)

@@ -90,9 +90,11 @@ class VisibleTokens(torch.autograd.Function):
 
 
 def visible_tokens_reference(
-    x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor, ids_keep: torch.Tensor
+    x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor, ids_keep: torch.Tensor,
+    ids_restore: torch.Tensor,
 ) -> torch.Tensor:
-    """The reference MAE's formulation: add pos to all tokens, repeat-index gather, prepend cls."""
+    """The reference MAE's formulation: add pos to all tokens, repeat-index gather, prepend cls. It takes the
+    kernel's arguments; only the kernel's backward needs `ids_restore` (torch's autograd keeps the gather)."""
     x = x + pos_embed[:, 1:, :]
     x = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, x.shape[-1]))
     cls = (cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
@@ -106,4 +108,4 @@ def visible_tokens(
     """[N, 1+K, D] encoder input from patch tokens x [N, L, D]; pos_embed [1, 1+L, D], cls [1, 1, D]."""
     if use_triton("visible_tokens", x, pos_embed, cls_token):
         return VisibleTokens.apply(x, pos_embed, cls_token, ids_keep, ids_restore)
-    return visible_tokens_reference(x, pos_embed, cls_token, ids_keep)
+    return visible_tokens_reference(x, pos_embed, cls_token, ids_keep, ids_restore)

@@ -212,14 +212,14 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Predict every patch's pixels from the latent; returns [N, L, p*p*C]."""
         x = self.decoder_embed(latent)
-        x = kernels.decoder_tokens(x, self.mask_token, ids_restore, self.decoder_pos_embed)
+        x = kernels.decoder_tokens(x, self.mask_token, self.decoder_pos_embed, ids_restore)
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error over the removed patches only (per-patch normalized targets if norm_pix_loss)."""
-        return kernels.masked_patch_mse(imgs, pred, mask, self.patch_size, self.norm_pix_loss)
+        return kernels.masked_patch_mse(pred, imgs, mask, self.patch_size, self.norm_pix_loss)
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None

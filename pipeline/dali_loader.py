@@ -15,7 +15,7 @@ import tempfile
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from pipeline.epoch_plan import ReadPosition
 from pipeline.loader_base import (
     CROP_RATIO,
     CROP_SCALE,
@@ -90,27 +91,39 @@ def mae_pipeline(spec: LoaderSpec, tars: list[str], indexes: list[str], hw_decod
 
 @dataclass
 class _Reading:
-    """One pipeline reading a run of samples, and the index files it reads them through."""
+    """One pipeline reading this rank's samples of an epoch from `start` on, and the index files it reads."""
 
-    epoch: int
-    start: int  # first batch of the epoch's samples for this rank that it reads
+    start: ReadPosition
     iterator: DALIGenericIterator
     pipeline: Pipeline
     folder: Path
     consumed: int = 0  # batches handed out so far
 
     @property
-    def position(self) -> int:
-        """The epoch position (in batches) it continues from."""
-        return self.start + self.consumed
+    def position(self) -> ReadPosition:
+        """The position its next batch continues from."""
+        return replace(self.start, batch=self.start.batch + self.consumed)
 
     def close(self) -> None:
         # DALI's iterator and pipeline refer to each other, so dropping them frees nothing until the cycle
         # collector runs. Shutting the pipeline down frees its threads and buffers now, before the next
-        # epoch allocates its own; a gc.collect() here cost about 100 ms at every epoch boundary.
-        self.pipeline._shutdown()
+        # epoch allocates its own; a gc.collect() here cost about 100 ms at every epoch boundary. DALI has
+        # no public call for this; where a version lacks the private one, the collector frees it later.
+        shutdown = getattr(self.pipeline, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
         del self.iterator, self.pipeline
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _ExactState:
+    """DALI's own state at `position` (its random generators mid-epoch), from a checkpoint: it reproduces the
+    rest of the epoch's crops exactly when the pipeline that started at `reading_start` is rebuilt with it."""
+
+    position: ReadPosition
+    reading_start: ReadPosition
+    dali: str
 
 
 class DaliLoader(Loader):
@@ -126,24 +139,25 @@ class DaliLoader(Loader):
         weakref.finalize(self, shutil.rmtree, self._scratch, True)
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maeflow-next-epoch")
         weakref.finalize(self, self._background.shutdown, wait=False, cancel_futures=True)
-        self._restored: dict[str, Any] | None = None  # DALI state of an exact mid-epoch position
-        self._reading: _Reading | None = None
-        self._next_epoch: Future[_Reading] | None = None
+        # Pipelines, not position: each knows the position it continues from, and is used only there.
+        self._reading: _Reading | None = None  # the pipeline the last loop read from
+        self._next_epoch: Future[_Reading] | None = None  # the next epoch's, being built in the background
+        self._exact: _ExactState | None = None  # a checkpoint's DALI state, for the position it was taken at
 
-    def _open(self, epoch: int, start: int, checkpoint: str | None = None) -> _Reading:
-        """A pipeline over this rank's samples of `epoch` from batch `start`, its first batches decoding."""
+    def _open(self, start: ReadPosition, checkpoint: str | None = None) -> _Reading:
+        """A pipeline over this rank's samples from `start` on, its first batches decoding."""
         spec = self.spec
-        samples = self.samples(epoch)[start * spec.local_batch_size:]
-        folder = Path(tempfile.mkdtemp(prefix=f"epoch{epoch:05d}-", dir=self._scratch))
+        samples = self.samples(start)[start.batch * spec.local_batch_size:]
+        folder = Path(tempfile.mkdtemp(prefix=f"epoch{start.epoch:05d}-", dir=self._scratch))
         tars, indexes = self._write_indexes(samples, folder)
         pipe = mae_pipeline(
             spec, tars, indexes, self.hw_decoder_load, batch_size=spec.local_batch_size,
-            num_threads=spec.num_threads, device_id=self._device_id, seed=self.augmentation_seed(epoch, start),
+            num_threads=spec.num_threads, device_id=self._device_id, seed=self.augmentation_seed(start),
             prefetch_queue_depth=PREFETCH_QUEUE_DEPTH, checkpoint=checkpoint,
         )
         iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
                                        last_batch_policy=LastBatchPolicy.PARTIAL)
-        return _Reading(epoch, start, iterator, pipe, folder)
+        return _Reading(start, iterator, pipe, folder)
 
     def _write_indexes(self, samples: np.ndarray, folder: Path) -> tuple[list[str], list[str]]:
         """One (tar, index) pair per run of consecutive samples from the same shard."""
@@ -158,41 +172,41 @@ class DaliLoader(Loader):
             indexes.append(str(index))
         return tars, indexes
 
-    def _reading_for(self, epoch: int, start: int) -> _Reading:
-        current, self._reading = self._reading, None
-        if current is not None:  # a loop that stopped mid-epoch and now goes on: same pipeline, same place
-            if (current.epoch, current.position) == (epoch, start) and self._restored is None:
-                return current
-            current.close()
-        prepared, self._next_epoch = self._next_epoch, None
-        if prepared is not None:
-            reading = prepared.result()
-            if (reading.epoch, reading.start, self.segments) == (epoch, start, []) and self._restored is None:
-                return reading
-            reading.close()
-        restored, self._restored = self._restored, None
-        if restored is not None:  # the exact position: the same reading, its DALI state restored
-            reading = self._open(epoch, restored["dali_start"], restored["dali"])
-            reading.consumed = start - restored["dali_start"]
-            return reading
-        return self._open(epoch, start)
+    def _reading_for(self, position: ReadPosition) -> _Reading:
+        """The pipeline that continues at `position`; every other one is closed. The cases, in order:
+        1. a checkpoint's DALI state for exactly this position: the interrupted reading, rebuilt with it;
+        2. the pipeline the last loop stopped in mid-epoch, when it stopped here;
+        3. the next epoch's, built ahead, at the start of that epoch;
+        4. a new pipeline."""
+        exact, self._exact = self._exact, None
+        held = [r for r in (self._reading, self._next_epoch.result() if self._next_epoch else None) if r]
+        self._reading = self._next_epoch = None
+        if exact is not None and exact.position == position:
+            chosen = self._open(exact.reading_start, exact.dali)
+            chosen.consumed = position.batch - exact.reading_start.batch
+        else:
+            chosen = next((r for r in held if r.position == position), None) or self._open(position)
+        for reading in held:
+            if reading is not chosen:
+                reading.close()
+        return chosen
 
-    def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epoch_batches(self, position: ReadPosition) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # The reading outlives this generator when a consumer stops mid-epoch (a training loop that ends
         # or checkpoints): its DALI state is what makes the position exactly resumable.
         try:
-            reading = self._reading = self._reading_for(epoch, start)
-            if self.spec.train and self._next_epoch is None:  # build and fill the next epoch's pipeline now
-                self._next_epoch = self._background.submit(self._open, epoch + 1, 0)
+            reading = self._reading = self._reading_for(position)
+            if self.spec.train:  # build and fill the next epoch's pipeline now
+                self._next_epoch = self._background.submit(self._open, ReadPosition(position.epoch + 1))
             for outputs in reading.iterator:
                 images, labels = outputs[0]["images"], outputs[0]["labels"]
                 labels = ascii_labels(labels).to(images.device, non_blocking=True)
                 reading.consumed += 1
                 yield images.to(self.spec.dtype), labels
         except RuntimeError as err:
-            self._forget_position()
+            self._epoch_read()
             # DALI's decoder error does not say which sample failed: find it before reporting.
-            culprit = (self.table.first_undecodable(self.samples(epoch))
+            culprit = (self.table.first_undecodable(self.samples(position))
                        or "no undecodable image found in this rank's samples")
             raise RuntimeError(f"DALI pipeline failed on {self.spec.split} shards ({culprit}): {err}\n"
                                f"{_DAMAGED_HINT}") from err
@@ -200,16 +214,16 @@ class DaliLoader(Loader):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         reading = self._reading
-        if reading is not None and self.position and (reading.epoch, reading.position) == (self.epoch, self.position):
+        if reading is not None and self.position.batch and reading.position == self.position:
             state["dali"] = reading.iterator.checkpoints()[0]
-            state["dali_start"] = reading.start
+            state["dali_start"] = reading.start.batch
         return state
 
-    def _restore_exactly(self, state: dict[str, Any]) -> None:
-        self._restored = state if "dali" in state else None
+    def _restore_exactly(self, position: ReadPosition, state: dict[str, Any]) -> None:
+        if "dali" in state:
+            self._exact = _ExactState(position, replace(position, batch=state["dali_start"]), state["dali"])
 
-    def _forget_position(self) -> None:
-        self._restored = None
+    def _epoch_read(self) -> None:
         if self._reading is not None:
             self._reading.close()
             self._reading = None

@@ -9,11 +9,12 @@ order, every sample exactly once across ranks.
 
 An epoch can change hands: a run stopped after every rank of W read b batches of B, and resumed on
 W' ranks, continues with what the first segment left, split into W' blocks (`remaining_after`).
+A loader's place in all this is one value, its `ReadPosition`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -26,6 +27,35 @@ class Segment:
     world_size: int
     local_batch_size: int
     batches: int
+
+
+@dataclass(frozen=True)
+class ReadPosition:
+    """Where a rank is in the data: `batch` batches of `epoch` read since the epoch last changed hands, after
+    the `handed_over` segments read at other rank counts or local batch sizes."""
+
+    epoch: int = 0
+    batch: int = 0
+    handed_over: tuple[Segment, ...] = ()
+
+    def at_epoch(self, epoch: int) -> ReadPosition:
+        """Where reading `epoch` starts: here, if this is already a place in it; else its first batch."""
+        return self if epoch == self.epoch else ReadPosition(epoch)
+
+    def after_batch(self) -> ReadPosition:
+        return replace(self, batch=self.batch + 1)
+
+    def rewound(self) -> ReadPosition:
+        """The epoch from its start again (at the hand-over, if it changed hands): an epoch read to its end
+        and iterated again replays."""
+        return replace(self, batch=0)
+
+    def handed_to_new_ranks(self, world_size: int, local_batch_size: int) -> ReadPosition:
+        """Where the new ranks start when a position taken on `world_size` ranks of `local_batch_size` moves to
+        another rank count or batch size: the same epoch, after one more segment."""
+        if not self.batch:
+            return self
+        return ReadPosition(self.epoch, 0, (*self.handed_over, Segment(world_size, local_batch_size, self.batch)))
 
 
 def epoch_order(shard_sizes: list[int], seed: int, epoch: int, shuffle: bool) -> np.ndarray:

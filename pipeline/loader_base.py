@@ -21,7 +21,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.epoch_plan import Segment, epoch_order, rank_samples, remaining_after, train_batches_per_rank
+from pipeline.epoch_plan import (
+    ReadPosition,
+    Segment,
+    epoch_order,
+    rank_samples,
+    remaining_after,
+    train_batches_per_rank,
+)
 from pipeline.manifest import ShardSet
 from pipeline.sample_table import SampleTable
 
@@ -54,31 +61,36 @@ class LoaderSpec:
 
 
 class Loader:
-    """Iterable over (images [B, 3, S, S], labels [B]) for the current epoch; subclasses yield batches."""
+    """Iterable over (images [B, 3, S, S], labels [B]) for the current epoch; subclasses yield batches.
+
+    Its place in the data is one value, `position` (a `ReadPosition`): set_epoch, each batch handed out,
+    the end of an epoch and load_state_dict each move it by a named transition.
+    """
 
     backend = "base"
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
         self.table = SampleTable(spec.shards)
-        self.epoch = 0
-        self.position = 0  # batches of the current epoch (since its last change of hands) already handed out
-        self.segments: list[Segment] = []  # earlier parts of the current epoch, read at another rank count
+        self.position = ReadPosition()
         self.wait_s = 0.0
         self.last_wait_s = 0.0
         self._samples_cache: tuple[tuple, np.ndarray] | None = None
 
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
     # ---------------------------------------------------------------- what this rank reads
 
-    def samples(self, epoch: int | None = None) -> np.ndarray:
-        """Sample ids this rank reads in `epoch` (default: the current one, after its earlier segments)."""
-        epoch = self.epoch if epoch is None else epoch
-        segments = self._segments_of(epoch)
-        key = (epoch, segments)
+    def samples(self, position: ReadPosition | None = None) -> np.ndarray:
+        """Sample ids this rank reads from the hand-over of `position`'s epoch on (default: the current one)."""
+        position = self.position if position is None else position
+        key = (position.epoch, position.handed_over)
         if self._samples_cache is None or self._samples_cache[0] != key:
             spec = self.spec
-            order = epoch_order(self.table.shard_sizes, spec.seed, epoch, shuffle=spec.train)[:spec.limit]
-            for segment in segments:
+            order = epoch_order(self.table.shard_sizes, spec.seed, position.epoch, shuffle=spec.train)[:spec.limit]
+            for segment in position.handed_over:
                 order = remaining_after(order, segment)
             mine = rank_samples(order, spec.rank, spec.world_size, spec.local_batch_size, spec.train)
             self._samples_cache = (key, mine)
@@ -95,85 +107,85 @@ class Loader:
         if spec.train:
             samples = len(self.table) if spec.limit is None else min(spec.limit, len(self.table))
             return train_batches_per_rank(samples, spec.world_size, spec.local_batch_size)
-        return -(-len(self.samples(self.epoch + 1)) // spec.local_batch_size)
+        return -(-len(self.samples(ReadPosition(self.epoch + 1))) // spec.local_batch_size)
 
     def batch_keys(self, batch: int) -> list[str]:
         """Sample keys of batch `batch` of the current epoch (since its last change of hands)."""
         b = self.spec.local_batch_size
         return [key.decode() for key in self.table.keys[self.samples()[batch * b:(batch + 1) * b]]]
 
-    def augmentation_seed(self, epoch: int, start: int) -> int:
+    def augmentation_seed(self, position: ReadPosition) -> int:
         """Seeds one reading's random crops and flips: different per rank, epoch, hand-over and start batch."""
-        handovers = [v for s in self._segments_of(epoch) for v in asdict(s).values()]
-        parts = [self.spec.seed, epoch, self.spec.rank, start, *handovers]
+        handovers = [v for s in position.handed_over for v in asdict(s).values()]
+        parts = [self.spec.seed, position.epoch, self.spec.rank, position.batch, *handovers]
         return int(np.random.default_rng(parts).integers(2**31 - 1))
-
-    def _segments_of(self, epoch: int) -> tuple[Segment, ...]:
-        return tuple(self.segments) if epoch == self.epoch else ()
 
     # ---------------------------------------------------------------- iteration and position
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch, unless a restored state already points into it."""
-        if epoch != self.epoch:
-            self.epoch, self.position, self.segments = epoch, 0, []
-            self._forget_position()
+        self.position = self.position.at_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         length = len(self)
-        batches = self._epoch_batches(self.epoch, self.position)
-        while self.position < length:
+        batches = self._epoch_batches(self.position)
+        while self.position.batch < length:
             started = time.perf_counter()
             try:
                 images, labels = next(batches)
             except StopIteration:
-                ended = f"{self.backend} reader ended after {self.position} of {length} batches"
+                ended = f"{self.backend} reader ended after {self.position.batch} of {length} batches"
                 raise RuntimeError(ended) from None
             self.last_wait_s = time.perf_counter() - started
             self.wait_s += self.last_wait_s
-            self.position += 1
+            self.position = self.position.after_batch()
             yield images, labels
         batches.close()
-        self.position = 0  # iterating again replays this epoch; set_epoch moves on
-        self._forget_position()
+        self._epoch_read()
+        self.position = self.position.rewound()  # iterating again replays this epoch; set_epoch moves on
 
     def state_dict(self) -> dict[str, Any]:
-        spec = self.spec
-        return {"backend": self.backend, "epoch": self.epoch, "position": self.position, "seed": spec.seed,
+        spec, position = self.spec, self.position
+        return {"backend": self.backend, "epoch": position.epoch, "position": position.batch, "seed": spec.seed,
                 "rank": spec.rank, "world_size": spec.world_size, "local_batch_size": spec.local_batch_size,
-                "segments": [asdict(s) for s in self.segments], "shard_sizes": list(self.table.shard_sizes)}
+                "segments": [asdict(s) for s in position.handed_over], "shard_sizes": list(self.table.shard_sizes)}
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """A ValueError unless `state` is a position in this loader's data (the same shards and data seed)."""
+        check_loader_state(state, self.spec.seed, self.table.shard_sizes)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` was taken: exactly, at the same rank count and local batch size (the
         same crops too, where the backend and rank match); otherwise with the rest of that epoch."""
+        self.check_state(state)
+        saved = ReadPosition(state["epoch"], state["position"], tuple(Segment(**s) for s in state["segments"]))
         spec = self.spec
-        if state["seed"] != spec.seed:
-            raise ValueError(f"loader state is for data seed {state['seed']}, this loader has {spec.seed}: the "
-                             "epoch's sample order would differ")
-        if state["shard_sizes"] != list(self.table.shard_sizes):
-            raise ValueError(f"loader state was taken on {sum(state['shard_sizes'])} samples in "
-                             f"{len(state['shard_sizes'])} shards, these shards hold {len(self.table)} in "
-                             f"{len(self.table.shard_sizes)}: a position in one data set means nothing in another")
-        self.epoch = state["epoch"]
-        self.segments = [Segment(**s) for s in state["segments"]]
-        self._forget_position()
         if (state["world_size"], state["local_batch_size"]) == (spec.world_size, spec.local_batch_size):
-            self.position = state["position"]
+            self.position = saved
             if (state["backend"], state["rank"]) == (self.backend, spec.rank):
-                self._restore_exactly(state)
+                self._restore_exactly(saved, state)
         else:
-            self.position = 0
-            if state["position"]:
-                self.segments.append(Segment(state["world_size"], state["local_batch_size"], state["position"]))
+            self.position = saved.handed_to_new_ranks(state["world_size"], state["local_batch_size"])
 
     # ---------------------------------------------------------------- what a backend provides
 
-    def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of this rank's `samples(epoch)` from batch `start` on."""
+    def _epoch_batches(self, position: ReadPosition) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of this rank's `samples(position)` from batch `position.batch` on."""
         raise NotImplementedError
 
-    def _restore_exactly(self, state: dict[str, Any]) -> None:
-        """Take backend state that reproduces the rest of the epoch exactly (DALI's random generators)."""
+    def _restore_exactly(self, position: ReadPosition, state: dict[str, Any]) -> None:
+        """Backends whose augmentation has state (DALI's random generators) take it here, for `position`."""
 
-    def _forget_position(self) -> None:
-        """Drop backend state that only applies to the position being left."""
+    def _epoch_read(self) -> None:
+        """The epoch was read to its end: backends free what they held for it."""
+
+
+def check_loader_state(state: dict[str, Any], seed: int, shard_sizes: list[int]) -> None:
+    """A ValueError unless a saved loader state is a position in data of these shard sizes and this data seed."""
+    if state["seed"] != seed:
+        raise ValueError(f"loader state is for data seed {state['seed']}, this loader has {seed}: the "
+                         "epoch's sample order would differ")
+    if state["shard_sizes"] != list(shard_sizes):
+        raise ValueError(f"loader state was taken on {sum(state['shard_sizes'])} samples in "
+                         f"{len(state['shard_sizes'])} shards, these shards hold {sum(shard_sizes)} in "
+                         f"{len(shard_sizes)}: a position in one data set means nothing in another")

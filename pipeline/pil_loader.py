@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.epoch_plan import ReadPosition
 from pipeline.loader_base import (
     CROP_RATIO,
     CROP_SCALE,
@@ -96,10 +97,10 @@ class PilLoader(Loader):
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
-    def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epoch_batches(self, position: ReadPosition) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         b = self.spec.local_batch_size
-        samples = self.samples(epoch)[start * b:]
-        plan = [[(int(s), epoch) for s in samples[i:i + b]] for i in range(0, len(samples), b)]
+        samples = self.samples(position)[position.batch * b:]
+        plan = [[(int(s), position.epoch) for s in samples[i:i + b]] for i in range(0, len(samples), b)]
         loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.spec.num_threads,
                             collate_fn=_collate, pin_memory=self.spec.device == "gpu")
         for images, labels in loader:

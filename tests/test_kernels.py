@@ -63,10 +63,8 @@ def test_visible_tokens_match_reference(n, length, keep, width):
     assert ids_keep.shape[1] == keep
     x = torch.randn(n, length, width, device=DEVICE)
     pos, cls = torch.randn(1, length + 1, width, device=DEVICE), torch.randn(1, 1, width, device=DEVICE)
-    (out, grads), (ref_out, ref_grads) = run_both(
-        lambda *a: visible_tokens(*a, ids_keep, ids_restore), lambda *a: visible_tokens_reference(*a, ids_keep),
-        [x, pos, cls], (),
-    )
+    (out, grads), (ref_out, ref_grads) = run_both(visible_tokens, visible_tokens_reference, [x, pos, cls],
+                                                  (ids_keep, ids_restore))
     assert out.shape == (n, keep + 1, width)
     assert rel_err(out, ref_out) <= 1e-6
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
@@ -78,11 +76,8 @@ def test_decoder_tokens_match_reference(n, length, keep, width):
     _, ids_restore, _ = masking(n, length, keep)
     x = torch.randn(n, keep + 1, width, device=DEVICE)
     token, pos = torch.randn(1, 1, width, device=DEVICE), torch.randn(1, length + 1, width, device=DEVICE)
-    (out, grads), (ref_out, ref_grads) = run_both(
-        lambda x, t, p, ids: decoder_tokens(x, t, ids, p),
-        lambda x, t, p, ids: decoder_tokens_reference(x, t, ids, p),
-        [x, token, pos], (ids_restore,),
-    )
+    (out, grads), (ref_out, ref_grads) = run_both(decoder_tokens, decoder_tokens_reference, [x, token, pos],
+                                                  (ids_restore,))
     assert out.shape == (n, length + 1, width)
     assert rel_err(out, ref_out) <= 1e-6
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
@@ -106,27 +101,24 @@ def test_masked_mse_matches_reference(n, chans, height, width, patch, norm_pix):
     pred = torch.randn(n, length + 1, patch * patch * chans, device=DEVICE)[:, 1:]
     mask = (torch.rand(n, length, device=DEVICE) < 0.7).float()
     mask[0, 0] = 1.0
-    (loss, grads), (ref_loss, ref_grads) = run_both(
-        lambda i, p: masked_patch_mse(i, p, mask, patch, norm_pix),
-        lambda i, p: masked_patch_mse_reference(i, p, mask, patch, norm_pix),
-        [imgs, pred], (),
-    )
+    (loss, grads), (ref_loss, ref_grads) = run_both(masked_patch_mse, masked_patch_mse_reference, [pred, imgs],
+                                                    (mask, patch, norm_pix))
     assert rel_err(loss, ref_loss) <= 1e-5
-    assert grads[0] is None  # images are data: the fused loss does not differentiate them
-    assert rel_err(grads[1], ref_grads[1]) <= 1e-5
+    assert grads[1] is None  # images are data: the fused loss does not differentiate them
+    assert rel_err(grads[0], ref_grads[0]) <= 1e-5
     # Gradient is exactly zero on the patches the loss ignores.
-    assert torch.all(grads[1][mask == 0] == 0)
+    assert torch.all(grads[0][mask == 0] == 0)
 
 
 def test_masked_mse_skips_unmasked_patches_and_weights_masked_ones():
     imgs = torch.randn(1, 3, 16, 16, device=DEVICE)
     pred = torch.randn(1, 4, 192, device=DEVICE)
     weights = torch.tensor([[0.0, 2.0, 0.5, 0.0]], device=DEVICE)
-    loss = masked_patch_mse(imgs, pred, weights, 8, True)
-    assert rel_err(loss, masked_patch_mse_reference(imgs, pred, weights, 8, True)) <= 1e-6
+    loss = masked_patch_mse(pred, imgs, weights, 8, True)
+    assert rel_err(loss, masked_patch_mse_reference(pred, imgs, weights, 8, True)) <= 1e-6
     pred_changed = pred.clone()
     pred_changed[0, 0] += 100.0  # an unmasked patch: no effect
-    assert masked_patch_mse(imgs, pred_changed, weights, 8, True).item() == loss.item()
+    assert masked_patch_mse(pred_changed, imgs, weights, 8, True).item() == loss.item()
 
 
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
@@ -151,14 +143,15 @@ def test_whole_model_triton_matches_torch(norm_pix_loss, monkeypatch):
 def test_dispatch_rules(monkeypatch):
     x64 = torch.randn(1, 4, 8, dtype=torch.float64)
     ids_keep, ids_restore, _ = masking(1, 4, 2)
-    args = (torch.zeros(1, 5, 8, dtype=torch.float64), torch.zeros(1, 1, 8, dtype=torch.float64), ids_keep.cpu())
+    args = (x64, torch.zeros(1, 5, 8, dtype=torch.float64), torch.zeros(1, 1, 8, dtype=torch.float64), ids_keep.cpu(),
+            ids_restore.cpu())
     with pytest.raises(RuntimeError, match="MAE_KERNELS=triton but visible_tokens cannot run in Triton"):
-        visible_tokens(x64, *args, ids_restore.cpu())
+        visible_tokens(*args)
     monkeypatch.setenv("MAE_KERNELS", "auto")  # float64: falls back to the reference
-    assert torch.equal(visible_tokens(x64, *args, ids_restore.cpu()), visible_tokens_reference(x64, *args))
+    assert torch.equal(visible_tokens(*args), visible_tokens_reference(*args))
     monkeypatch.setenv("MAE_KERNELS", "cuda")
     with pytest.raises(ValueError, match="MAE_KERNELS must be auto, torch or triton"):
-        visible_tokens(x64, *args, ids_restore.cpu())
+        visible_tokens(*args)
 
 
 def flash_rule_errors(op, reference, inputs: list[torch.Tensor], extra: tuple,
@@ -176,27 +169,25 @@ def flash_rule_errors(op, reference, inputs: list[torch.Tensor], extra: tuple,
 
 
 def flash_rule_cases(op: str, n: int, length: int, keep: int, width: int, patch: int) -> tuple:
-    """(op, reference, fp32 inputs) for one kernel at one shape."""
+    """(op, reference, fp32 inputs, the arguments after them) for one kernel at one shape."""
     ids_keep, ids_restore, mask = masking(n, length, keep)
     if op == "visible_tokens":
-        return (lambda *a: visible_tokens(*a, ids_keep, ids_restore),
-                lambda *a: visible_tokens_reference(*a, ids_keep),
+        return (visible_tokens, visible_tokens_reference,
                 [torch.randn(n, length, width, device=DEVICE), torch.randn(1, length + 1, width, device=DEVICE),
-                 torch.randn(1, 1, width, device=DEVICE)])
+                 torch.randn(1, 1, width, device=DEVICE)], (ids_keep, ids_restore))
     if op == "decoder_tokens":
-        return (lambda x, t, p: decoder_tokens(x, t, ids_restore, p),
-                lambda x, t, p: decoder_tokens_reference(x, t, ids_restore, p),
+        return (decoder_tokens, decoder_tokens_reference,
                 [torch.randn(n, keep + 1, width, device=DEVICE), torch.randn(1, 1, width, device=DEVICE),
-                 torch.randn(1, length + 1, width, device=DEVICE)])
+                 torch.randn(1, length + 1, width, device=DEVICE)], (ids_restore,))
     side = int(length**0.5) * patch
-    return (lambda i, p: masked_patch_mse(i, p, mask, patch, True),
-            lambda i, p: masked_patch_mse_reference(i, p, mask, patch, True),
-            [torch.randn(n, 3, side, side, device=DEVICE), torch.randn(n, length, patch * patch * 3, device=DEVICE)])
+    return (masked_patch_mse, masked_patch_mse_reference,
+            [torch.randn(n, length, patch * patch * 3, device=DEVICE), torch.randn(n, 3, side, side, device=DEVICE)],
+            (mask, patch, True))
 
 
 def assert_flash_rule(op: str, shape: tuple, dtype: torch.dtype) -> None:
-    kernel, reference, inputs = flash_rule_cases(op, *shape)
-    rows = flash_rule_errors(kernel, reference, inputs, (), dtype)
+    kernel, reference, inputs, extra = flash_rule_cases(op, *shape)
+    rows = flash_rule_errors(kernel, reference, inputs, extra, dtype)
     assert len(rows) >= 2  # the output and at least one gradient
     for what, ours, torch_err in rows:
         assert ours <= 2 * torch_err + 1e-6, f"{op} {shape} {what}: kernel {ours:.3g} vs torch {torch_err:.3g}"

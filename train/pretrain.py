@@ -315,7 +315,7 @@ class Trainer:
         accum = self.plan.grad_accum_steps
         usable = len(self.loader) // accum * accum  # batches that fill whole optimizer steps
         for images, _ in self.loader:
-            batch_index = self.loader.position - 1
+            batch_index = self.loader.position.batch - 1
             if batch_index >= usable:
                 break  # trailing local batches that cannot fill an optimizer step
             if batch_index % accum == 0:
