@@ -23,8 +23,8 @@ import torch
 from bench.context import BenchContext, require
 from bench.harness import REPO, Record, Stat, free_port, kernels_backend, rate, stat_of, time_repeats
 from model.flops import mae_train_flops, peak_flops
-from train.config import load_config, model_from_config
-from train.engine import attention_backend
+from train.config import load_config
+from train.engine import attention_backend, build_model
 from train.recipe import build_optimizer
 
 
@@ -77,7 +77,7 @@ def bare_step_rate(config: str, batch: int, device: str, repeats: int) -> tuple[
     """img/s of forward + backward + optimizer step of the trainer's model, precision and optimizer (both
     bf16 modes timed as autocast bf16), and its FLOPs per image."""
     cfg = load_config(config)
-    model = model_from_config(cfg).to(device)
+    model = build_model(cfg).to(device)
     optimizer = build_optimizer(model, cfg.optim, 1e-4)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.runtime.precision != "fp32")
     images = torch.randn(batch, 3, cfg.data.img_size, cfg.data.img_size, device=device)

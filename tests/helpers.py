@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from model import MaskedAutoencoderViT
-from train.config import load_config, model_from_config
+from train.config import load_config
+from train.engine import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,7 +27,7 @@ def small_model(**overrides) -> MaskedAutoencoderViT:
 
 def tiny_preset_model() -> MaskedAutoencoderViT:
     """The model `configs/tiny.toml` trains (what the demo and the training tests run)."""
-    return model_from_config(load_config(REPO / "configs" / "tiny.toml"))
+    return build_model(load_config(REPO / "configs" / "tiny.toml"))
 
 
 def start_job(cmd: list[str], **popen) -> subprocess.Popen:

@@ -3,12 +3,14 @@
 Layout under OUTPUT/checkpoints/:
     step00001200/               DeepSpeed's files (ZeRO shards, client state) + our per-rank files
         rank00000.pt            loader position and mask-noise generator of rank 0, ...
-        train_state.json        step, epoch, samples seen, world size (read before DeepSpeed starts)
+        train_state.json        step, epoch, samples seen, world size (read before DeepSpeed starts); written
+                                last, so its presence marks the checkpoint complete
+        adamw_norms.json        the L2 norms of AdamW's two moments: what a resume must reproduce
         milestone               present when the checkpoint is a milestone: kept apart from keep_last
     latest                      name of the newest complete checkpoint, replaced atomically last
     universal/step00001200/     DeepSpeed's universal form of a checkpoint, made when a run resumes it on
                                 another rank count (per-parameter fp32 weights and AdamW moments)
-    abandoned/                  checkpoints newer than the one a run went back to with --resume TAG
+    (a run that goes back to an older checkpoint moves the newer ones to OUTPUT/abandoned/: train.run_folder)
 
 A crash while saving leaves `latest` pointing at the previous checkpoint, so a half-written
 directory is never loaded; it is removed at the next successful save.
@@ -33,6 +35,7 @@ from pipeline.atomic import atomic_path, atomic_write_text
 
 LATEST = "latest"
 MILESTONE = "milestone"
+ADAMW_NORMS = "adamw_norms.json"
 
 
 @dataclass
@@ -53,6 +56,10 @@ class ResumeError(RuntimeError):
 
 def tag_of(step: int) -> str:
     return f"step{step:08d}"
+
+
+def step_of_tag(tag: str) -> int:
+    return int(tag.removeprefix("step"))
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
@@ -87,8 +94,9 @@ def resume_tag(ckpt_dir: Path, wanted: str) -> str | None:
 
 
 def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: dict, keep_last: int,
-                    milestone: bool = False) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+                    adamw_norms: tuple[float, float], milestone: bool = False) -> str:
+    """Collective: every rank calls it. Returns the tag written. `adamw_norms` (optimizer_state_norms) is kept
+    beside it: a resume on any rank count must reproduce it."""
     tag = tag_of(state.step)
     rank = dist.get_rank()
     tag_dir = ckpt_dir / tag
@@ -99,9 +107,10 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: 
     dist.barrier()
     if rank == 0:
         if milestone:
-            (tag_dir / MILESTONE).write_text(json.dumps({"epoch": state.epoch}))
-        (tag_dir / "train_state.json").write_text(json.dumps(asdict(state)))
-        atomic_write_text(ckpt_dir / LATEST, tag)
+            atomic_write_text(tag_dir / MILESTONE, json.dumps({"epoch": state.epoch}))
+        atomic_write_text(tag_dir / ADAMW_NORMS, json.dumps(list(adamw_norms)))
+        atomic_write_text(tag_dir / "train_state.json", json.dumps(asdict(state)))  # marks the checkpoint complete
+        point_latest_at(ckpt_dir, tag)
         _prune(ckpt_dir, keep_last, tag)
     dist.barrier()
     return tag
@@ -117,14 +126,9 @@ def _prune(ckpt_dir: Path, keep_last: int, newest: str) -> None:
         shutil.rmtree(ckpt_dir / "universal" / tag, ignore_errors=True)
 
 
-def set_aside_newer(ckpt_dir: Path, tag: str) -> list[str]:
-    """Going back to `tag`: move the newer checkpoints to abandoned/ (kept, never loaded, never pruned)."""
-    newer = [t for t in complete_tags(ckpt_dir) if t > tag]
-    for name in newer:
-        (ckpt_dir / "abandoned").mkdir(exist_ok=True)
-        os.replace(ckpt_dir / name, ckpt_dir / "abandoned" / name)
+def point_latest_at(ckpt_dir: Path, tag: str) -> None:
+    """Make `tag` the checkpoint a plain --resume continues from."""
     atomic_write_text(ckpt_dir / LATEST, tag)
-    return newer
 
 
 def needs_universal(ckpt_dir: Path, tag: str, world_size: int) -> bool:
@@ -192,7 +196,11 @@ def check_shared_folder(folder: Path, group: Any = None) -> None:
                           "ranks' files there): put --output on a file system every node mounts")
 
 
-def optimizer_state_norms(engine: Any, replicated: bool, group: Any = None) -> str:
+def read_adamw_norms(ckpt_dir: Path, tag: str) -> tuple[float, float]:
+    return tuple(json.loads((ckpt_dir / tag / ADAMW_NORMS).read_text()))
+
+
+def optimizer_state_norms(engine: Any, replicated: bool, group: Any = None) -> tuple[float, float]:
     """The L2 norms of AdamW's two moments over the whole model: a fingerprint a resume must reproduce, on
     any rank count. `replicated`: every rank holds all of it (ZeRO-0 without DeepSpeed's bf16 shards)."""
     inner = engine.optimizer
@@ -205,4 +213,8 @@ def optimizer_state_norms(engine: Any, replicated: bool, group: Any = None) -> s
                 sums[i] += state[name].double().pow(2).sum().cpu()
     if not replicated:
         dist.all_reduce(sums, group=group)
-    return f"AdamW state |exp_avg| {sums[0].sqrt().item():.9g}, |exp_avg_sq| {sums[1].sqrt().item():.9g}"
+    return sums[0].sqrt().item(), sums[1].sqrt().item()
+
+
+def describe_norms(norms: tuple[float, float]) -> str:
+    return f"AdamW state |exp_avg| {norms[0]:.9g}, |exp_avg_sq| {norms[1]:.9g}"

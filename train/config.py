@@ -1,7 +1,10 @@
 """Typed training configuration: a preset file from configs/ plus `--set section.key=value` overrides.
 
-Every field has a one-line docstring; `describe()` prints them. Validation happens here, before
-any process starts distributed work, so a typo costs one clear line rather than a cluster job.
+This module holds the config types and their parsing only: every field has a one-line docstring
+(`describe()` prints them), and values are checked here, before any process starts distributed work,
+so a typo costs one clear line rather than a cluster job. The defaults are the presets' choices.
+What a config implies lives where it is used: the batch plan and lr in `train.recipe`, the model and
+DeepSpeed's config in `train.engine`, what a resume may change in `train.resume`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from model import PRESETS, MaskedAutoencoderViT, build_mae
+from model import PRESETS
 from pipeline.loader_base import Backend
 
 if sys.version_info >= (3, 11):
@@ -88,9 +91,9 @@ class OptimConfig:
 
 @dataclass
 class RuntimeConfig:
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    """DeepSpeed ZeRO stage 0-3"""
-    precision: Literal["bf16", "autocast_bf16", "fp32"] = "bf16"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage 0-3 (0: replicated optimizer, fastest where the model fits)"""
+    precision: Literal["bf16", "autocast_bf16", "fp32"] = "autocast_bf16"
     """bf16 (bf16 weights, fp32 master copies), autocast_bf16 (fp32 weights, bf16 matmuls) or fp32; no fp16 (NaNs)"""
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     """scaled-dot-product attention backend; auto lets torch choose"""
@@ -134,8 +137,8 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = 0
-    """epochs between k-NN evaluations of the encoder, plus one at the end (0 = off)"""
+    every_epochs: int = 20
+    """epochs between k-NN evaluations of the encoder, plus one at the end (0 = off; off without a held-out split)"""
     train_samples: int = 100_000
     """train-split samples embedded as the k-NN memory (0 = all)"""
     val_samples: int = 0
@@ -260,6 +263,15 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optim.epochs > 0 and 0 <= cfg.optim.warmup_epochs < cfg.optim.epochs,
          "optim.warmup_epochs must be in [0, epochs)"),
         (cfg.optim.blr > 0 or cfg.optim.lr > 0, "set optim.blr or optim.lr"),
+        (min(cfg.optim.blr, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) >= 0,
+         "optim.blr, optim.lr, optim.min_lr and optim.weight_decay must be >= 0"),
+        (all(0 <= beta < 1 for beta in cfg.optim.betas), f"optim.betas must be in [0, 1), got {cfg.optim.betas}"),
+        (cfg.data.img_size > 0, f"data.img_size must be positive, got {cfg.data.img_size}"),
+        (cfg.data.num_threads >= 0, f"data.num_threads must be >= 0 (0 = the cores per local rank), got "
+                                    f"{cfg.data.num_threads}"),
+        (cfg.checkpoint.every_minutes >= 0 and cfg.checkpoint.every_steps >= 0,
+         "checkpoint.every_minutes and checkpoint.every_steps must be >= 0 (0 = off)"),
+        (cfg.log.viz_images >= 1, "log.viz_images must be >= 1"),
         (cfg.optim.gradient_clipping >= 0, "optim.gradient_clipping must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (cfg.checkpoint.milestone_every_epochs >= 0, "checkpoint.milestone_every_epochs must be >= 0"),
@@ -277,50 +289,6 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    local_batch_size: int
-    grad_accum_steps: int
-    world_size: int
-    note: str  # how the missing numbers were derived, for the start-up log
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.local_batch_size * self.grad_accum_steps * self.world_size
-
-
-def plan_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
-    """Derive the local batch or the accumulation so that local x accumulation x ranks = global batch.
-
-    With neither given, the plan takes the fewest accumulation steps whose local batch is at most
-    `max_local_batch_size`: the presets set that limit from memory, and the rank count does the rest."""
-    batch, local, accum, limit = optim.global_batch_size, optim.local_batch_size, optim.grad_accum_steps, \
-        optim.max_local_batch_size
-    if local and accum:
-        if local * accum * world_size != batch:
-            raise ConfigError(f"optim.global_batch_size {batch} != local_batch_size {local} x grad_accum_steps "
-                              f"{accum} x {world_size} ranks; fix one or set it to 0 to derive it")
-        return BatchPlan(local, accum, world_size, "as configured")
-    if local:
-        accum, rest = divmod(batch, local * world_size)
-        note = f"grad_accum_steps = {batch} / ({local} x {world_size} ranks) = {accum}"
-    elif accum:
-        local, rest = divmod(batch, accum * world_size)
-        note = f"local_batch_size = {batch} / ({accum} accumulation x {world_size} ranks) = {local}"
-    else:
-        fitting = [a for a in range(1, batch + 1) if batch % (a * world_size) == 0
-                   and (not limit or batch // (a * world_size) <= limit)]
-        accum = fitting[0] if fitting else 0
-        local, rest = (batch // (accum * world_size), 0) if accum else (0, 1)
-        bound = f", the fewest steps keeping it <= max_local_batch_size {limit}" if limit else ""
-        note = f"local_batch_size {local}, grad_accum_steps {accum}{bound}"
-    if rest or not local or not accum:
-        raise ConfigError(f"optim.global_batch_size {batch} does not split evenly over {world_size} ranks "
-                          f"(local_batch_size {optim.local_batch_size or '?'}, "
-                          f"grad_accum_steps {optim.grad_accum_steps or '?'})")
-    return BatchPlan(local, accum, world_size, note)
 
 
 def describe(cfg: Any = None, prefix: str = "") -> list[str]:
@@ -347,20 +315,9 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-# What a resumed run may not change: the model's shape, and the data order its checkpoint is a position in.
-FIXED_ON_RESUME = ("model.name", "data.img_size", "runtime.seed")
-
-
-def config_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
-    """`key: old -> new` for every field `new` changes; a ConfigError if it changes one of FIXED_ON_RESUME."""
-    before, after = _flatten(dataclasses.asdict(saved)), _flatten(dataclasses.asdict(new))
-    changed = [key for key in after if before.get(key) != after[key]]
-    fixed = [key for key in changed if key in FIXED_ON_RESUME]
-    if fixed:
-        raise ConfigError(f"--resume cannot change {fixed[0]} ({before[fixed[0]]!r} -> {after[fixed[0]]!r}): the "
-                          "checkpoint holds a model of that shape at a position in that data order; to change masks "
-                          "instead, set runtime.mask_seed")
-    return [f"{key}: {before.get(key)!r} -> {after[key]!r}" for key in changed]
+def flat_fields(cfg: TrainConfig) -> dict[str, Any]:
+    """{"section.key": value} for every field."""
+    return _flatten(dataclasses.asdict(cfg))
 
 
 def config_from_dict(saved: dict[str, Any]) -> TrainConfig:
@@ -373,11 +330,7 @@ def config_from_dict(saved: dict[str, Any]) -> TrainConfig:
 
 def config_from_json(path: Path) -> TrainConfig:
     """The resolved config a run saved as config.json."""
-    return config_from_dict(json.loads(Path(path).read_text()))
-
-
-def model_from_config(cfg: TrainConfig) -> MaskedAutoencoderViT:
-    """The MAE a run trains: its preset at the loader's resolution, with its loss and recompute settings."""
-    model = build_mae(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
-    model.activation_recompute = cfg.model.activation_recompute
-    return model
+    try:
+        return config_from_dict(json.loads(Path(path).read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ConfigError(f"{path} is not a saved maeflow config ({err})") from None

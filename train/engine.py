@@ -1,4 +1,5 @@
-"""What DeepSpeed is asked for, and the model-speed switches around it (attention backend, compile).
+"""The model a run trains, what DeepSpeed is asked for, and the model-speed switches around it (attention
+backend, compile).
 
 The DeepSpeed config is derived from maeflow's own; a user's DeepSpeed JSON (`runtime.deepspeed_config`)
 is merged over it for everything maeflow does not decide itself (bucket sizes, overlap, monitors...).
@@ -15,8 +16,9 @@ from typing import Any
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import MaskedAutoencoderViT
-from train.config import BatchPlan, ConfigError, TrainConfig
+from model import MaskedAutoencoderViT, build_mae
+from train.config import ConfigError, TrainConfig
+from train.recipe import BatchPlan
 
 # Keys maeflow derives from its own config; a user's DeepSpeed JSON may not set them, since a second
 # source for the batch, the precision or the optimizer would make the run differ from its config.json.
@@ -33,6 +35,13 @@ DERIVED_KEYS = {
 }
 ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                       "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def build_model(cfg: TrainConfig) -> MaskedAutoencoderViT:
+    """The MAE a run trains: its preset at the loader's resolution, with its loss and recompute settings."""
+    model = build_mae(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+    model.activation_recompute = cfg.model.activation_recompute
+    return model
 
 
 def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from torch import nn
 
 from model import MaskedAutoencoderViT, build_mae, load_reference_weights
 from model.weights import load_weights_file
-from train.config import config_from_dict, config_from_json, model_from_config
+from train.config import config_from_dict, config_from_json
+from train.engine import build_model
 from train.export import consolidated_state_dict
 from train.knn import Embedded, KnnMonitor, knn_top1
 
@@ -33,12 +34,12 @@ def load_encoder(source: Path, tag: str, preset: str | None, img_size: int) -> t
     if source.is_dir():
         cfg = config_from_json(source / "config.json")
         state, provenance = consolidated_state_dict(source, tag)
-        model = model_from_config(cfg)
+        model = build_model(cfg)
         model.load_state_dict(state)
         return model, provenance["checkpoint"]
     saved = load_weights_file(source)
     if isinstance(saved, dict) and "maeflow" in saved:
-        model = model_from_config(config_from_dict(saved["maeflow"]["config"]))
+        model = build_model(config_from_dict(saved["maeflow"]["config"]))
     elif preset:
         model = build_mae(preset, img_size=img_size)
     else:

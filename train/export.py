@@ -21,7 +21,8 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from model.weights import DECODER_PREFIXES, load_weights_file
 from pipeline.atomic import atomic_path
 from train.checkpoint import LATEST, resume_tag
-from train.config import config_from_json, model_from_config
+from train.config import config_from_json
+from train.engine import build_model
 
 
 def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[str, torch.Tensor], dict]:
@@ -35,7 +36,7 @@ def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[st
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:  # ZeRO stage 0 in fp32: no optimizer shards, the module's own weights are the full ones
         weights = load_weights_file(ckpt_dir / tag / "mp_rank_00_model_states.pt")["module"]
-    model = model_from_config(cfg)
+    model = build_model(cfg)
     # The sin-cos position embeddings are frozen and fixed by the config: rebuild any DeepSpeed omitted.
     fixed = {k: v for k, v in model.state_dict().items() if k not in weights and "pos_embed" in k}
     model.load_state_dict({**weights, **fixed}, strict=True)

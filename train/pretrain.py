@@ -17,12 +17,13 @@ import os
 import signal
 import sys
 import time
-from enum import Enum, IntEnum
+from collections.abc import Callable
+from enum import IntEnum
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 if __package__ in (None, ""):  # run as a script by a launcher: import from the repo, not from train/ itself,
-    # whose module names (tensorboard, distributed, evaluate) would shadow packages of the same names.
+    # whose module names (distributed, evaluate) would shadow packages of the same names.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import deepspeed
@@ -33,58 +34,46 @@ from tqdm import tqdm
 from model import load_reference_weights
 from model.flops import mae_train_flops, peak_flops
 from pipeline import build_loader
+from pipeline.atomic import atomic_write_text
 from pipeline.manifest import resolve_shards
+from train.cadence import CheckpointCadence, EveryEpochs, EverySteps
 from train.checkpoint import (
     ResumeError,
     TrainState,
     check_shared_folder,
+    describe_norms,
     latest_tag,
     load_checkpoint,
-    needs_universal,
     optimizer_state_norms,
-    read_train_state,
     resume_tag,
     save_checkpoint,
-    set_aside_newer,
 )
-from train.config import (
-    ConfigError,
-    TrainConfig,
-    config_changes,
-    config_from_json,
-    describe,
-    load_config,
-    model_from_config,
-    plan_batch,
-)
+from train.config import ConfigError, TrainConfig, describe, load_config
 from train.dashboard import Board
 from train.distributed import JoinError, join_process_group
-from train.engine import attention_backend, compile_blocks, deepspeed_config
+from train.engine import attention_backend, build_model, compile_blocks, deepspeed_config
 from train.knn import KnnMonitor
-from train.recipe import build_optimizer, lr_at, peak_lr
+from train.recipe import build_optimizer, lr_at, peak_lr, plan_batch
+from train.resume import ResumePlan, plan_resume
+from train.run_folder import FolderInUse, existing_run, lock_folder
 from train.viz import fixed_images, fixed_noise, reconstruction_grid, save_reconstruction
 
+T = TypeVar("T")
 
-class ExitCode(IntEnum):
-    """What a rank's exit status tells a scheduler (train/slurm.sbatch requeues on STOPPED)."""
+
+class RunEnd(IntEnum):
+    """How a run ends; the value is the exit status every rank returns (README, "Exit codes").
+    A Python traceback (status 1) is a bug in maeflow; train/slurm.sbatch requeues STOPPED."""
 
     FINISHED = 0  # the schedule or --max-steps is done
-    DIVERGED = 1  # a non-finite loss; the last good checkpoint is intact
-    USAGE = 2  # a bad config, data path, checkpoint or launch; nothing was trained
+    REFUSED = 2  # a bad argument, config, data path or checkpoint: nothing was trained, the folder is unchanged
     STOPPED = 3  # a signal stopped the run after a checkpoint: resume it
-
-
-class Outcome(Enum):
-    """How an epoch, and then the run, ended."""
-
-    EPOCH_DONE = "epoch done"
-    FINISHED = "finished"
-    STOPPED = "stopped"
-    DIVERGED = "diverged"
+    DIVERGED = 4  # a non-finite loss; the last good checkpoint is intact
+    FAILED = 5  # an error while training (damaged data, a full disk...): fix what the message names, then resume
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and exits with ExitCode.STOPPED."""
+    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and ends with RunEnd.STOPPED."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -103,6 +92,7 @@ class MetricWindow:
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.first_bad_step = torch.full((), self.NO_BAD_STEP, device=device, dtype=torch.int64)
+        self.grad_norm: torch.Tensor | None = None  # where maeflow computes it: at the last scheduled log step
         self.forward_passes = 0
         self.steps = 0
         self.started = time.perf_counter()
@@ -126,13 +116,22 @@ class MetricWindow:
 
     def restart(self, loader_wait_s: float) -> None:
         self.loss_sum.zero_()
+        self.grad_norm = None
         self.forward_passes = self.steps = 0
         self.started = time.perf_counter()
         self.wait_at_start = loader_wait_s
 
 
+# What refuses a run before it trains: every rank raises it, and main() answers RunEnd.REFUSED.
+REFUSALS = (ConfigError, ResumeError, JoinError, FolderInUse, FileNotFoundError, ValueError)
+
+
 class Trainer:
-    """One run: set-up, the epoch loop, logging, checkpoints. Every rank builds one."""
+    """One run: set-up, the epoch loop, logging, checkpoints. Every rank builds one.
+
+    Set-up order: join the group; take the output folder; check the resume (reading only); only then change
+    the folder; then build the model, the loader and the engine, and load the checkpoint.
+    """
 
     def __init__(self, cfg: TrainConfig, resume: str | None) -> None:
         deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -143,23 +142,23 @@ class Trainer:
         self.control = dist.new_group(backend="gloo")  # CPU side-channel for stop/checkpoint votes: no GPU sync
         self.output = Path(cfg.output)
         self.ckpt_dir = self.output / "checkpoints"
+        self.folder_lock = self.on_every_rank(lambda: lock_folder(self.output) if self.is_main else None)
         check_shared_folder(self.output, self.control)
         self.plan = plan_batch(cfg.optim, self.world)
         self.peak_lr = peak_lr(cfg.optim, self.plan.global_batch_size)
-        # bf16 weights take bf16 images; under autocast the images stay fp32, as in the reference code.
-        self.dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
+        self.resume = self.on_every_rank(lambda: plan_resume(self.output, resume, cfg, self.world)) if resume else None
         self.ds_config = deepspeed_config(cfg, self.plan)
-        self.replicated_optimizer = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
-        self.masks_changed = self.universal_resume = False
-        self.resume_from = self._prepare_resume(resume) if resume else None
-        self._announce()
+        if self.resume and self.resume.universal:
+            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+        self._prepare_folder()
 
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
-        self.model = model_from_config(cfg)
-        if cfg.model.init and not self.resume_from:
+        self.model = build_model(cfg)
+        if cfg.model.init and not (self.resume and self.resume.tag):
             report = load_reference_weights(self.model, cfg.model.init)
-            if self.is_main:
-                print(f"initialised from {cfg.model.init}: {report}")
+            self.say(f"initialised from {cfg.model.init}: {report}")
+        # bf16 weights take bf16 images; under autocast the images stay fp32, as in the reference code.
+        self.dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
         self.loader = build_loader(
             cfg.data.shards, split="train", local_batch_size=self.plan.local_batch_size, img_size=cfg.data.img_size,
             train=True, rank=self.rank, world_size=self.world, seed=cfg.runtime.seed,
@@ -173,16 +172,24 @@ class Trainer:
             compile_blocks(self.model)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=build_optimizer(self.model, cfg.optim, self.peak_lr), config=self.ds_config)
+        # DeepSpeed computes the gradient norm itself except at stage 0 with a torch optimizer it only wraps.
+        self.own_grad_norm = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
+        self.replicated_optimizer = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
         # Mask noise has its own generator so that resuming restores exactly the masks to come.
         self.noise_gen = torch.Generator(device=self.device).manual_seed(self._noise_seed(step=0))
         self.state = TrainState(world_size=self.world)
-        self.saved_step = -1
-        self.evaluated_step = -1
-        if self.resume_from:
-            self._resume(self.resume_from)
+        self.saved_step = self.evaluated_step = -1
+        if self.resume and self.resume.tag:
+            self._load(self.resume)
 
+        self.first_step = self.state.step
         total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+        self.logging = EverySteps(cfg.log.log_every)
+        self.checkpoints = CheckpointCadence(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+        self.milestones = EveryEpochs(cfg.checkpoint.milestone_every_epochs)
+        self.evaluations = EveryEpochs(cfg.eval.every_epochs)
+        self.reconstructions = EveryEpochs(cfg.log.viz_every)
         self.flops_per_image = mae_train_flops(self.model, cfg.model.mask_ratio)
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.sample_log = self._open_sample_log() if cfg.log.sample_ids else None
@@ -190,9 +197,39 @@ class Trainer:
         self.knn = self._knn_monitor() if cfg.eval.every_epochs else None
         self.stop = StopRequest()
         self.window = MetricWindow(self.device)
-        self.last_save = time.monotonic()
         self.bar = tqdm(total=self.stop_at, initial=self.state.step, unit="step", disable=not self.is_main,
                         dynamic_ncols=True)
+
+    # ---------------------------------------------------------------- set-up
+
+    def on_every_rank(self, work: Callable[[], T]) -> T:
+        """`work` on every rank; if it is refused on any rank, it is refused on all (no rank left at a barrier)."""
+        try:
+            result, error = work(), None
+        except REFUSALS as err:
+            result, error = None, err
+        errors: list[str | None] = [None] * self.world
+        dist.all_gather_object(errors, None if error is None else str(error), group=self.control)
+        if error is not None:
+            raise error
+        failed = next(((rank, message) for rank, message in enumerate(errors) if message), None)
+        if failed:
+            raise ResumeError(f"rank {failed[0]}: {failed[1]}")
+        return result
+
+    def _prepare_folder(self) -> None:
+        """Rank 0, once every check passed: apply the resume's changes to the folder, write the configs."""
+        if self.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            for line in self.resume.apply() if self.resume else []:
+                print(line)
+            print("\n".join(["resolved config:", *("  " + line for line in describe(self.cfg))]))
+            plan = self.plan
+            print(f"batch: {plan.global_batch_size} = {plan.local_batch_size} local x {plan.grad_accum_steps} "
+                  f"accumulation x {self.world} ranks ({plan.note}); peak lr {self.peak_lr:.3g}")
+            atomic_write_text(self.output / "config.json", self.cfg.to_json())
+            atomic_write_text(self.output / "deepspeed_config.json", json.dumps(self.ds_config, indent=1))
+        dist.barrier()
 
     def _knn_monitor(self) -> KnnMonitor | None:
         cfg = self.cfg
@@ -203,8 +240,7 @@ class Trainer:
                               device="gpu" if self.device.type == "cuda" else "cpu", backend=cfg.data.backend,
                               num_threads=cfg.data.num_threads or None, dtype=self.dtype)
         except FileNotFoundError as err:
-            if self.is_main:
-                print(f"k-NN evaluation off: {str(err).splitlines()[0]}")
+            self.say(f"k-NN evaluation off: {str(err).splitlines()[0]}")
             return None
 
     def _open_sample_log(self) -> TextIO:
@@ -217,163 +253,150 @@ class Trainer:
         """Seeds a rank's mask noise: a fresh run's, or one that continues on other ranks or other masks."""
         return hash((self.cfg.runtime.seed, self.cfg.runtime.mask_seed, self.rank, step)) % (2**63)
 
-    def _prepare_resume(self, wanted: str) -> str | None:
-        """Before anything is built: which checkpoint, what the resume changes, how DeepSpeed must load it."""
-        tag = resume_tag(self.ckpt_dir, wanted)
-        if tag is None:
-            if self.is_main:
-                print(f"--resume given but {self.ckpt_dir} holds no complete checkpoint; starting fresh")
-            return None
-        saved_cfg = config_from_json(self.output / "config.json")
-        changes = config_changes(saved_cfg, self.cfg)
-        self.masks_changed = saved_cfg.runtime.mask_seed != self.cfg.runtime.mask_seed
-        if needs_universal(self.ckpt_dir, tag, self.world):
-            self.universal_resume = True
-            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
-        dist.barrier()  # every rank has read the saved config and the checkpoint list
-        if self.is_main:
-            newer = set_aside_newer(self.ckpt_dir, tag) if wanted != "latest" else []
-            if newer:
-                print(f"going back to {tag}: newer checkpoints moved to {self.ckpt_dir / 'abandoned'}: "
-                      f"{', '.join(newer)}")
-            if changes:
-                saved = read_train_state(self.ckpt_dir, tag)
-                os.replace(self.output / "config.json", self.output / f"config.step{saved.step:08d}.json")
-                print("resuming with a changed config (the old one is kept as "
-                      f"config.step{saved.step:08d}.json):\n  " + "\n  ".join(changes))
-        dist.barrier()
-        return tag
-
-    def _announce(self) -> None:
-        if not self.is_main:
-            return
-        self.output.mkdir(parents=True, exist_ok=True)
-        print("\n".join(["resolved config:", *("  " + line for line in describe(self.cfg))]))
-        plan = self.plan
-        print(f"batch: {plan.global_batch_size} = {plan.local_batch_size} local x {plan.grad_accum_steps} accumulation "
-              f"x {self.world} ranks ({plan.note}); peak lr {self.peak_lr:.3g}")
-        (self.output / "config.json").write_text(self.cfg.to_json())
-        (self.output / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1))
-
-    def _resume(self, tag: str) -> None:
-        saved = read_train_state(self.ckpt_dir, tag)
+    def _load(self, plan: ResumePlan) -> None:
         began = time.perf_counter()
-        universal = self.universal_resume
-        rank_state = load_checkpoint(self.engine, self.ckpt_dir, tag, universal, self.cfg.optim.gradient_clipping)
+        rank_state = load_checkpoint(self.engine, self.ckpt_dir, plan.tag, plan.universal,
+                                     self.cfg.optim.gradient_clipping)
+        saved = plan.saved
         self.state = TrainState(saved.step, saved.epoch, saved.samples, self.world)
         self.saved_step = self.state.step
         self.loader.load_state_dict(rank_state["loader"])
-        if rank_state["noise_rng"] is not None and not self.masks_changed:
+        if rank_state["noise_rng"] is not None and not plan.masks_change:
             self.noise_gen.set_state(rank_state["noise_rng"])
         else:  # another rank count or another mask seed: masks drawn afresh from here
             self.noise_gen.manual_seed(self._noise_seed(self.state.step))
         norms = optimizer_state_norms(self.engine, self.replicated_optimizer, self.control)
-        if self.is_main:
-            how = f"on {self.world} rank{'s' if self.world > 1 else ''}"
-            if saved.world_size != self.world:
-                how += f" instead of {saved.world_size}"
-            if universal:
-                how += f", through DeepSpeed's universal checkpoint ({time.perf_counter() - began:.1f} s)"
-            print(f"resumed from {tag} {how}: step {self.state.step}, epoch {self.state.epoch}, "
-                  f"{self.state.samples} samples seen; {norms}")
+        self.note({"step": self.state.step, "event": "resumed", "from": plan.tag, "world_size": self.world,
+                   "saved_world_size": saved.world_size, "universal": plan.universal, "adamw_norms": list(norms)})
+        how = f"on {self.world} rank{'s' if self.world > 1 else ''}"
+        if saved.world_size != self.world:
+            how += f" instead of {saved.world_size}"
+        if plan.universal:
+            how += f", through DeepSpeed's universal checkpoint ({time.perf_counter() - began:.1f} s)"
+        self.say(f"resumed from {plan.tag} {how}: step {self.state.step}, epoch {self.state.epoch}, "
+                 f"{self.state.samples} samples seen; {describe_norms(norms)}")
 
-    def fit(self) -> ExitCode:
-        """Train to `stop_at` steps, to a stop signal, or until the loss is not finite."""
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self) -> RunEnd:
+        """Train to `stop_at` steps, to a stop signal, or until the loss is not finite; closes everything on
+        every path out."""
+        try:
+            end = self._train()
+            self._finish(end)
+            return end
+        finally:
+            self.close()
+
+    def _train(self) -> RunEnd:
         self.window.restart(self.loader.wait_s)
-        outcome = Outcome.EPOCH_DONE
-        milestones = self.cfg.checkpoint.milestone_every_epochs
-        while self.state.step < self.stop_at and outcome is Outcome.EPOCH_DONE:
+        while self.state.step < self.stop_at:
             self.loader.set_epoch(self.state.epoch)
-            outcome = self.run_epoch()
-            if outcome is Outcome.EPOCH_DONE:
-                self.state.epoch += 1
-                if milestones and self.state.epoch % milestones == 0:
-                    self.checkpoint(milestone=True)
-                if self.knn and self.state.epoch % self.cfg.eval.every_epochs == 0:
-                    self.evaluate()
-                if self.state.epoch % self.cfg.log.viz_every == 0:
-                    self.write_reconstruction()
-        self.bar.close()
-        if outcome is not Outcome.DIVERGED:
-            if self.saved_step != self.state.step and (self.cfg.checkpoint.at_end or outcome is Outcome.STOPPED):
-                self.checkpoint()
-            self.write_reconstruction()
-            if self.knn and outcome is Outcome.FINISHED and self.evaluated_step != self.state.step:
+            end = self.run_epoch()
+            if end is not None:
+                return end
+            self.state.epoch += 1
+            if self.milestones.due(self.state.epoch):
+                self.checkpoint(milestone=True)
+            if self.knn and self.evaluations.due(self.state.epoch):
                 self.evaluate()
-        if self.is_main:
-            print(f"{outcome.value}: step {self.state.step} of {self.stop_at}, epoch {self.state.epoch}, "
-                  f"{self.state.samples} samples; outputs in {self.output}")
-        if self.sample_log is not None:
-            self.sample_log.close()
-        self.board.close()
-        dist.destroy_process_group()
-        return {Outcome.DIVERGED: ExitCode.DIVERGED, Outcome.STOPPED: ExitCode.STOPPED}.get(outcome,
-                                                                                              ExitCode.FINISHED)
+            if self.reconstructions.due(self.state.epoch):
+                self.write_reconstruction()
+        return RunEnd.FINISHED
 
-    def run_epoch(self) -> Outcome:
-        """EPOCH_DONE, or why the run ends."""
+    def run_epoch(self) -> RunEnd | None:
+        """None when the epoch is done, else how the run ends."""
         accum = self.plan.grad_accum_steps
         usable = len(self.loader) // accum * accum  # batches that fill whole optimizer steps
         for images, _ in self.loader:
-            batch_index = self.loader.position.batch - 1
-            if batch_index >= usable:
+            batch = self.loader.position.batch - 1
+            if batch >= usable:
                 break  # trailing local batches that cannot fill an optimizer step
-            if batch_index % accum == 0:
-                # Progress counted in steps, so that an epoch finished on another rank count (a resume on a
-                # new allocation) continues the schedule where it was.
-                lr = lr_at(self.state.step / self.steps_per_epoch, self.peak_lr, self.cfg.optim)
-                for group in self.engine.optimizer.param_groups:
-                    group["lr"] = lr
+            if batch % accum == 0:
+                self.set_lr()
             if self.sample_log is not None:
-                self.sample_log.write(f"{self.state.step + 1} {' '.join(self.loader.batch_keys(batch_index))}\n")
+                self.sample_log.write(f"{self.state.step + 1} {' '.join(self.loader.batch_keys(batch))}\n")
             noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=self.noise_gen)
             with attention_backend(self.cfg.runtime.attention):
                 loss, _, _ = self.engine(images, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
             self.engine.backward(loss)
+            boundary = (batch + 1) % accum == 0
+            if boundary and self.own_grad_norm and self.logging.due(self.state.step + 1):
+                self.window.grad_norm = total_grad_norm(self.model)  # on the device: read at the log
             self.engine.step()
             self.window.add(loss, self.state.step + 1)
-            if (batch_index + 1) % accum == 0:
-                outcome = self.after_optimizer_step()
-                if outcome:
-                    return outcome
-        return Outcome.EPOCH_DONE
+            if boundary and (end := self.after_optimizer_step()) is not None:
+                return end
+        return None
 
-    def after_optimizer_step(self) -> Outcome | None:
+    def set_lr(self) -> None:
+        # Progress counted in steps, so that an epoch finished on another rank count (a resume on a new
+        # allocation) continues the schedule where it was.
+        lr = lr_at(self.state.step / self.steps_per_epoch, self.peak_lr, self.cfg.optim)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def after_optimizer_step(self) -> RunEnd | None:
         """Count the step; every rank votes on stopping and checkpointing; log, checkpoint when due."""
-        state, cfg = self.state, self.cfg
+        state = self.state
         state.step += 1
         state.samples += self.plan.global_batch_size
         self.window.steps += 1
         self.bar.update(1)
-        every_steps, every_minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
-        due = (every_steps and state.step % every_steps == 0) or (
-            every_minutes and time.monotonic() - self.last_save > 60 * every_minutes)
-        votes = torch.tensor([self.stop.signal_name is not None, bool(due)], dtype=torch.int32)
+        votes = torch.tensor([self.stop.signal_name is not None, self.checkpoints.due(state.step)], dtype=torch.int32)
         dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.control)
-        stopping, due = bool(votes[0]), bool(votes[1])
+        stopping, checkpoint_due = bool(votes[0]), bool(votes[1])
         finished = state.step >= self.stop_at
-        if state.step % cfg.log.log_every == 0 or due or stopping or finished:
+        if self.logging.due(state.step) or checkpoint_due or stopping or finished:
             loss, bad_step = self.window.reduce()
             if bad_step is not None:
-                if self.is_main:
-                    tqdm.write(f"non-finite loss at step {bad_step}: stopping. The last good checkpoint "
-                               f"({latest_tag(self.ckpt_dir) or 'none written yet'}) is left intact.")
-                return Outcome.DIVERGED
+                self.say(f"non-finite loss at step {bad_step}: stopping. The last good checkpoint "
+                         f"({latest_tag(self.ckpt_dir) or 'none written yet'}) is left intact.")
+                return RunEnd.DIVERGED
             self.log(loss)
-        if due or stopping:
+        if checkpoint_due or stopping:
             self.checkpoint()
         if stopping:
-            if self.is_main:
-                tqdm.write(f"stopped by {self.stop.signal_name or 'a signal on another rank'} after step "
-                           f"{state.step}; resume with --resume")
-            return Outcome.STOPPED
-        return Outcome.FINISHED if finished else None
+            self.say(f"stopped by {self.stop.signal_name or 'a signal on another rank'} after step {state.step}; "
+                     "resume with --resume")
+            return RunEnd.STOPPED
+        return RunEnd.FINISHED if finished else None
+
+    def _finish(self, end: RunEnd) -> None:
+        """The end of a run that did not diverge: its last checkpoint, reconstruction and evaluation."""
+        self.bar.close()
+        if self.state.step == self.first_step:
+            self.say(f"nothing to train: the run is at step {self.state.step}, its end is step {self.stop_at}")
+        elif end is not RunEnd.DIVERGED:
+            if self.saved_step != self.state.step and (self.cfg.checkpoint.at_end or end is RunEnd.STOPPED):
+                self.checkpoint()
+            self.write_reconstruction()
+            if self.knn and end is RunEnd.FINISHED and self.evaluated_step != self.state.step:
+                self.evaluate()
+        self.say(f"{end.name.lower()}: step {self.state.step} of {self.stop_at}, epoch {self.state.epoch}, "
+                 f"{self.state.samples} samples; outputs in {self.output}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.sample_log is not None:
+            self.sample_log.close()
+        self.board.close()
+        dist.destroy_process_group()
+        if self.folder_lock is not None:
+            self.folder_lock.close()
+
+    # ---------------------------------------------------------------- what the loop records
+
+    def say(self, line: str) -> None:
+        """Rank 0 prints a line without breaking the progress bar."""
+        if self.is_main:
+            tqdm.write(line)
 
     def log(self, loss: float) -> None:
         window = self.window
         elapsed = time.perf_counter() - window.started
         img_per_s = window.steps * self.plan.global_batch_size / elapsed
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = window.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
         record = {
             "step": self.state.step, "epoch": self.state.epoch, "samples": self.state.samples, "loss": loss,
             "lr": self.engine.optimizer.param_groups[0]["lr"],
@@ -388,11 +411,16 @@ class Trainer:
         window.restart(self.loader.wait_s)
 
     def record(self, record: dict) -> None:
-        """Rank 0 appends a record to metrics.jsonl and TensorBoard."""
+        """Rank 0 appends a record to metrics.jsonl and its numbers to TensorBoard."""
+        self.note(record)
+        if self.is_main:
+            self.board.scalars(record, record["step"])
+
+    def note(self, record: dict) -> None:
+        """Rank 0 appends a record to metrics.jsonl only (events: resumes, checkpoints)."""
         if self.is_main:
             with open(self.output / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            self.board.scalars(record, record["step"])
 
     def evaluate(self) -> None:
         """Every rank embeds its share; rank 0 records the k-NN top-1 of both feature kinds."""
@@ -410,21 +438,20 @@ class Trainer:
         self.evaluated_step = self.state.step
         self.record({"step": self.state.step, "epoch": self.state.epoch, **result,
                      "eval_s": time.perf_counter() - began})
-        if self.is_main:
-            tqdm.write(f"k-NN top-1 at step {self.state.step}: {100 * result['knn_top1_cls']:.1f}% (cls token), "
-                       f"{100 * result['knn_top1_patch_mean']:.1f}% (mean patch token); {result['knn_train_samples']} "
-                       f"train / {result['knn_val_samples']} {cfg.eval.split} samples")
+        self.say(f"k-NN top-1 at step {self.state.step}: {100 * result['knn_top1_cls']:.1f}% (cls token), "
+                 f"{100 * result['knn_top1_patch_mean']:.1f}% (mean patch token); {result['knn_train_samples']} "
+                 f"train / {result['knn_val_samples']} {cfg.eval.split} samples")
 
     def checkpoint(self, milestone: bool = False) -> None:
         rank_state = {"loader": self.loader.state_dict(), "noise_rng": self.noise_gen.get_state()}
         if self.sample_log is not None:
             self.sample_log.flush()
-        tag = save_checkpoint(self.engine, self.ckpt_dir, self.state, rank_state, self.cfg.checkpoint.keep_last,
-                              milestone)
-        self.last_save, self.saved_step = time.monotonic(), self.state.step
         norms = optimizer_state_norms(self.engine, self.replicated_optimizer, self.control)
-        if self.is_main:
-            tqdm.write(f"{'milestone ' if milestone else ''}checkpoint {self.ckpt_dir / tag}; {norms}")
+        tag = save_checkpoint(self.engine, self.ckpt_dir, self.state, rank_state, self.cfg.checkpoint.keep_last,
+                              norms, milestone)
+        self.checkpoints.saved()
+        self.saved_step = self.state.step
+        self.say(f"{'milestone ' if milestone else ''}checkpoint {self.ckpt_dir / tag}; {describe_norms(norms)}")
 
     def write_reconstruction(self) -> None:
         """Every rank runs the forward (ZeRO-3 gathers weights collectively); rank 0 writes the PNG."""
@@ -442,11 +469,18 @@ class Trainer:
             with open(self.output / "viz" / "losses.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.state.step, "loss": float(loss), "image": path.name}) + "\n")
             self.board.image("reconstruction", picture, self.state.step)
-            tqdm.write(f"reconstruction {path} (loss {float(loss):.4f} on the fixed images)")
+            self.say(f"reconstruction {path} (loss {float(loss):.4f} on the fixed images)")
+
+
+def total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The global L2 norm of the gradients every rank holds in full (ZeRO stage 0, after the all-reduce)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def print_plan(cfg: TrainConfig, ranks: int) -> None:
     """--print-config: what a run of `cfg` on `ranks` ranks would do, checked as far as it can be without them."""
+    if ranks < 1:
+        raise ConfigError(f"--ranks must be at least 1, got {ranks}")
     plan = plan_batch(cfg.optim, ranks)
     lines = [*describe(cfg), "",
              f"batch on {ranks} ranks: {plan.global_batch_size} = {plan.local_batch_size} local x "
@@ -455,6 +489,10 @@ def print_plan(cfg: TrainConfig, ranks: int) -> None:
     if cfg.data.shards:
         samples = sum(resolve_shards(cfg.data.shards, "train").sample_counts())
         steps = samples // ranks // plan.local_batch_size // plan.grad_accum_steps
+        if steps == 0:
+            raise ConfigError(f"{cfg.data.shards}: {samples} training samples make no optimizer step of "
+                              f"{plan.local_batch_size} local x {plan.grad_accum_steps} accumulation on {ranks} "
+                              "ranks: use a smaller batch or more data")
         lines.append(f"data: {samples} training samples in {cfg.data.shards}: {steps} optimizer steps per epoch")
     lines += ["deepspeed config:", json.dumps(deepspeed_config(cfg, plan), indent=1)]
     print("\n".join(lines))
@@ -468,8 +506,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
     parser.add_argument("--log-every", type=int, help="steps between metric reductions (sets log.log_every)")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="TAG",
-                        help="continue from the newest checkpoint in the output, or from TAG (e.g. step00001200; "
-                             "newer ones are set aside), on any number of ranks")
+                        help="continue from the newest checkpoint in the output, or from TAG (e.g. step00001200 or "
+                             "1200; what the run did after it is set aside in OUTPUT/abandoned/), on any number of "
+                             "ranks")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     parser.add_argument("--print-config", action="store_true",
                         help="dry run: print every config field with its doc, the batch plan for --ranks, the lr and "
@@ -481,7 +520,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: see ExitCode (0 finished, 1 diverged, 2 usage error, 3 stopped by a signal: resume)."""
+    """Exit status: a RunEnd (README, "Exit codes")."""
     args = parse_args(argv)
     overrides = list(args.set)
     for flag, key in ((args.data, "data.shards"), (args.output, "output"), (args.max_steps, "max_steps"),
@@ -491,19 +530,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
-            print_plan(cfg, args.ranks or int(os.environ.get("WORLD_SIZE", "1")))
-            return 0
+            print_plan(cfg, args.ranks if args.ranks is not None else int(os.environ.get("WORLD_SIZE", "1")))
+            return RunEnd.FINISHED
         if not cfg.data.shards:
             raise ConfigError("no training data: pass --data SHARDS or set data.shards")
         resolve_shards(cfg.data.shards, "train")
-        existing = latest_tag(Path(cfg.output) / "checkpoints")
-        if existing and not args.resume:
-            raise ConfigError(f"{cfg.output} already holds a run (checkpoint {existing}): pass --resume to continue "
-                              "it, or choose another --output")
-        return Trainer(cfg, args.resume).fit()
-    except (ConfigError, ResumeError, JoinError, FileNotFoundError, ValueError) as err:
+        found = existing_run(Path(cfg.output))
+        if args.resume:
+            resume_tag(Path(cfg.output) / "checkpoints", args.resume)  # a tag that is not there: refused before work
+        elif found:
+            raise ConfigError(f"{cfg.output} already holds a run ({found}): pass --resume to continue it, or choose "
+                              "another --output")
+        trainer = Trainer(cfg, args.resume)
+    except REFUSALS as err:
         print(f"error: {err}", file=sys.stderr)
-        return ExitCode.USAGE
+        return RunEnd.REFUSED
+    try:
+        return trainer.fit()
+    except (RuntimeError, OSError) as err:  # damaged data, a full disk, a lost rank: the run stops, resumably
+        print(f"error: training stopped at step {trainer.state.step}: {err}\nfix that, then continue with --resume "
+              "(the last checkpoint is intact)", file=sys.stderr)
+        return RunEnd.FAILED
 
 
 if __name__ == "__main__":

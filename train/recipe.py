@@ -1,14 +1,60 @@
-"""The paper's optimisation recipe (He et al. 2021, appendix A.1): AdamW without weight decay on biases
-and 1-D parameters, lr = blr x global batch / 256, linear warm-up then half-cycle cosine, set every
-iteration."""
+"""The paper's optimisation recipe (He et al. 2021, appendix A.1): the global batch split over ranks and
+accumulation steps, AdamW without weight decay on biases and 1-D parameters, lr = blr x global batch / 256,
+linear warm-up then half-cycle cosine, set every iteration."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from train.config import OptimConfig
+from train.config import ConfigError, OptimConfig
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    local_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    note: str  # how the missing numbers were derived, for the start-up log
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.local_batch_size * self.grad_accum_steps * self.world_size
+
+
+def plan_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
+    """Derive the local batch or the accumulation so that local x accumulation x ranks = global batch.
+
+    With neither given, the plan takes the fewest accumulation steps whose local batch is at most
+    `max_local_batch_size`: the presets set that limit from memory, and the rank count does the rest."""
+    batch, local, accum, limit = optim.global_batch_size, optim.local_batch_size, optim.grad_accum_steps, \
+        optim.max_local_batch_size
+    if local and accum:
+        if local * accum * world_size != batch:
+            raise ConfigError(f"optim.global_batch_size {batch} != local_batch_size {local} x grad_accum_steps "
+                              f"{accum} x {world_size} ranks; fix one or set it to 0 to derive it")
+        return BatchPlan(local, accum, world_size, "as configured")
+    if local:
+        accum, rest = divmod(batch, local * world_size)
+        note = f"grad_accum_steps = {batch} / ({local} x {world_size} ranks) = {accum}"
+    elif accum:
+        local, rest = divmod(batch, accum * world_size)
+        note = f"local_batch_size = {batch} / ({accum} accumulation x {world_size} ranks) = {local}"
+    else:
+        fitting = [a for a in range(1, batch + 1) if batch % (a * world_size) == 0
+                   and (not limit or batch // (a * world_size) <= limit)]
+        accum = fitting[0] if fitting else 0
+        local, rest = (batch // (accum * world_size), 0) if accum else (0, 1)
+        bound = f", the fewest steps keeping it <= max_local_batch_size {limit}" if limit else ""
+        note = f"local_batch_size {local}, grad_accum_steps {accum}{bound}"
+    if rest or not local or not accum:
+        raise ConfigError(f"optim.global_batch_size {batch} does not split evenly over {world_size} ranks "
+                          f"(local_batch_size {optim.local_batch_size or '?'}, "
+                          f"grad_accum_steps {optim.grad_accum_steps or '?'})")
+    return BatchPlan(local, accum, world_size, note)
+
 
 
 def peak_lr(optim: OptimConfig, global_batch_size: int) -> float:

@@ -10,6 +10,7 @@ from PIL import Image
 
 from model import MaskedAutoencoderViT
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, build_loader
+from pipeline.atomic import atomic_path
 
 MIN_CELL = 128  # small images are enlarged (nearest) so patches stay visible
 
@@ -51,5 +52,6 @@ def reconstruction_grid(model: MaskedAutoencoderViT, images: torch.Tensor, pred:
 def save_reconstruction(picture: Image.Image, out_dir: Path, step: int) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"reconstruction_step{step:08d}.png"
-    picture.save(path)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
     return path

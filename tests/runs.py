@@ -1,0 +1,85 @@
+"""Real training runs for the tests: the tiny preset on real shards, launched as a user launches it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.harness import free_port
+from pipeline.build_shards import main as build_shards
+from pipeline.sample_data import main as sample_data
+from tests.helpers import REPO, start_job
+
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+
+
+def make_sample_shards(root: Path, classes: int = 4, train_per_class: int = 16, val_per_class: int = 2) -> Path:
+    """Sample photos in `classes` classes built into train and val shards under root/shards."""
+    sample_data([str(root / "images"), "--classes", str(classes), "--train-per-class", str(train_per_class),
+                 "--val-per-class", str(val_per_class)])
+    for split in ("train", "val"):
+        extra = ["--classes", str(root / "shards" / "train.json")] if split == "val" else []
+        assert build_shards([str(root / "images" / split), str(root / "shards"), "--split", split,
+                             "--shard-size-mb", "0.5", "--workers", "1", "--quiet", *extra]) == 0
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """64 train samples (4 classes) and 8 val samples: with the tiny preset on 2 ranks, 4 steps an epoch."""
+    return make_sample_shards(tmp_path_factory.mktemp("train_data"))
+
+
+def launch(shards: Path, output: Path, *extra: str, ranks: int = 2) -> subprocess.Popen:
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "train/pretrain.py",
+           "--config", "configs/tiny.toml", "--data", str(shards), "--output", str(output), *extra]
+    env = dict(os.environ, PATH=f"{DEEPSPEED.parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=str(output.parent / "torch_extensions"))
+    return start_job(cmd, cwd=REPO, env=env)
+
+
+def run(shards: Path, output: Path, *extra: str, ranks: int = 2, expect: int = 0) -> str:
+    proc = launch(shards, output, *extra, ranks=ranks)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == expect, out[-4000:]
+    return out
+
+
+def records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def metrics(output: Path) -> list[dict]:
+    """The training records of metrics.jsonl (k-NN evaluations and events are in it too)."""
+    return [r for r in records(output) if "loss" in r]
+
+
+def knn_records(output: Path) -> list[dict]:
+    return [r for r in records(output) if "knn_top1_cls" in r]
+
+
+def events(output: Path, kind: str) -> list[dict]:
+    """metrics.jsonl's event records of one kind ("resumed")."""
+    return [r for r in records(output) if r.get("event") == kind]
+
+
+def samples_read(output: Path, steps: range) -> list[str]:
+    """Keys of the samples every rank read in the optimizer steps `steps` (from log.sample_ids)."""
+    keys = []
+    for path in sorted((output / "samples").glob("rank*.txt")):
+        for line in path.read_text().splitlines():
+            step, *batch = line.split()
+            if int(step) in steps:
+                keys += batch
+    return keys
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """What srun's variables become in a task: every rank its own process, one per node here."""
+    return dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")

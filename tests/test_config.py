@@ -1,0 +1,120 @@
+"""The typed config: presets, overrides, one-line errors before any work, defaults equal to the presets."""
+
+import dataclasses
+
+import pytest
+
+from tests.helpers import REPO
+from tests.runs import shards  # noqa: F401 - a fixture
+from train.config import ConfigError, TrainConfig, config_from_json, describe, flat_fields, load_config
+from train.pretrain import main as pretrain_main
+from train.recipe import plan_batch
+
+PRESETS = ("vit_b16_1600ep", "vit_l16_1600ep", "vit_h14_1600ep")
+
+
+def test_presets_follow_the_paper_recipe():
+    for name, model in zip(PRESETS, ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"),
+                           strict=True):
+        cfg = load_config(REPO / "configs" / f"{name}.toml")
+        assert cfg.model.name == model and cfg.model.norm_pix_loss and cfg.model.mask_ratio == 0.75
+        o = cfg.optim
+        recipe = (o.global_batch_size, o.blr, o.betas, o.weight_decay, o.warmup_epochs, o.epochs, o.gradient_clipping)
+        assert recipe == (4096, 1.5e-4, (0.9, 0.95), 0.05, 40, 1600, 0.0)
+        assert cfg.runtime.precision == "autocast_bf16" and cfg.runtime.zero_stage == 0
+        # Runs as shipped on any power-of-two allocation up to 512 GPUs, within its memory limit.
+        for ranks in (1, 8, 64, 512):
+            plan = plan_batch(o, ranks)
+            assert plan.global_batch_size == 4096 and plan.local_batch_size <= o.max_local_batch_size
+
+
+def test_defaults_are_the_presets_choices():
+    """A user's own config that leaves a field out trains as the presets do, wherever all three agree."""
+    defaults = flat_fields(TrainConfig())
+    presets = [flat_fields(load_config(REPO / "configs" / f"{name}.toml")) for name in PRESETS]
+    agreed = {key: presets[0][key] for key in defaults if all(p[key] == presets[0][key] for p in presets)}
+    differ = {key: (defaults[key], value) for key, value in agreed.items() if defaults[key] != value}
+    assert not differ, f"defaults that contradict every preset: {differ}"
+    assert {"runtime.zero_stage", "runtime.precision", "optim.blr", "optim.betas"} <= set(agreed)
+
+
+def test_every_field_is_documented():
+    lines = describe(TrainConfig())
+    assert len(lines) == len(flat_fields(TrainConfig()))
+    assert all(" = " in line and not line.endswith("# ") for line in lines), [l for l in lines if l.endswith("# ")]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.bogus=1", "unknown config key 'optim.bogus'"),
+    ("optim.blr=fast", "optim.blr: expected float, got 'fast'"),
+    ("runtime.zero_stage=5", "runtime.zero_stage must be one of 0, 1, 2, 3, got '5'"),
+    ("data.backend=opencv", "data.backend must be one of dali, pil, got 'opencv'"),
+    ("model.name=vit_giant", "model.name 'vit_giant' is not one of"),
+    ("model.init=/nope.pth", "model.init /nope.pth: no such file"),
+    ("checkpoint.every_minutes=-5", "checkpoint.every_minutes and checkpoint.every_steps must be >= 0"),
+    ("checkpoint.every_steps=-1", "checkpoint.every_minutes and checkpoint.every_steps must be >= 0"),
+    ("data.num_threads=-3", "data.num_threads must be >= 0"),
+    ("data.img_size=0", "data.img_size must be positive"),
+    ("optim.min_lr=-1", "optim.min_lr"),
+    ("optim.betas=0.9,1.5", "optim.betas must be in [0, 1)"),
+    ("log.viz_images=0", "log.viz_images must be >= 1"),
+    ("optim.global_batch_size=0", "optim.global_batch_size must be positive"),
+    ("max_steps=-2", "max_steps must be >= 0"),
+    ("model.mask_ratio=1.0", "model.mask_ratio must be in [0, 1)"),
+])
+def test_a_bad_value_is_refused_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_config(REPO / "configs" / "tiny.toml", [override])
+
+
+def test_config_errors_are_one_line_before_any_work(shards, tmp_path, capsys):
+    cases = [
+        (["--set", "optim.blr=fast"], "optim.blr: expected float, got 'fast'"),
+        (["--config", "configs/nope.toml"], "config preset configs/nope.toml not found"),
+        (["--data", str(tmp_path / "none")], "shard folder"),
+        (["--output", str(tmp_path / "old")], "already holds a run (checkpoint step00000007): pass --resume"),
+        (["--output", str(tmp_path / "logged")], "already holds a run (config.json, metrics.jsonl): pass --resume"),
+        (["--resume", "step00000003", "--output", str(tmp_path / "old")],
+         "holds no complete checkpoint step00000003; complete ones: step00000007"),
+        (["--resume", "12", "--output", str(tmp_path / "old")], "holds no complete checkpoint step00000012"),
+    ]
+    (tmp_path / "old" / "checkpoints" / "step00000007").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "step00000007" / "train_state.json").write_text("{}")
+    (tmp_path / "old" / "checkpoints" / "latest").write_text("step00000007")
+    (tmp_path / "logged").mkdir()
+    (tmp_path / "logged" / "config.json").write_text("{}")
+    (tmp_path / "logged" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for extra, message in cases:
+        argv = ["--config", "configs/tiny.toml", "--data", str(shards), "--output", str(tmp_path / "x"), *extra]
+        assert pretrain_main(argv) == 2, extra  # RunEnd.REFUSED, the code for "nothing was trained"
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+    assert (tmp_path / "logged" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+def test_print_config_plans_the_batch_for_a_rank_count_and_checks_the_data(shards, tmp_path, capsys):
+    argv = ["--config", "configs/vit_h14_1600ep.toml", "--data", str(shards), "--print-config"]
+    assert pretrain_main([*argv, "--ranks", "8"]) == 2  # 64 samples make no step of 4096
+    assert "64 training samples make no optimizer step" in capsys.readouterr().err
+    assert pretrain_main([*argv, "--ranks", "8", "--set", "optim.global_batch_size=16"]) == 0
+    out = capsys.readouterr().out
+    assert "batch on 8 ranks: 16 = 2 local x 1 accumulation x 8 ranks" in out
+    assert "data: 64 training samples" in out and "4 optimizer steps per epoch" in out and '"stage": 0' in out
+    assert pretrain_main(["--config", "configs/vit_h14_1600ep.toml", "--print-config", "--ranks", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "batch on 8 ranks: 4096 = 128 local x 4 accumulation x 8 ranks" in out and "peak lr: 0.0024" in out
+    for ranks in ("-8", "0"):
+        assert pretrain_main(["--config", "configs/vit_h14_1600ep.toml", "--print-config", "--ranks", ranks]) == 2
+        assert f"--ranks must be at least 1, got {ranks}" in capsys.readouterr().err
+    assert pretrain_main([*argv[:3], str(tmp_path / "nowhere"), "--print-config"]) == 2
+    assert "shard folder" in capsys.readouterr().err
+
+
+def test_a_saved_config_reads_back_and_a_damaged_one_is_named(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.toml", ["optim.lr=0.5"])
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    assert dataclasses.asdict(config_from_json(tmp_path / "config.json")) == dataclasses.asdict(cfg)
+    (tmp_path / "config.json").write_text('{"optim": {"lr": ')
+    with pytest.raises(ConfigError, match=r"config.json is not a saved maeflow config"):
+        config_from_json(tmp_path / "config.json")

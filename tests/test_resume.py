@@ -1,0 +1,141 @@
+"""Resume decisions and the run folder's rules, on real files without training: what --resume checks before
+it writes, how a branch is set aside, the folder lock."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pipeline.build_shards import main as build_shards
+from tests.helpers import REPO
+from tests.runs import shards  # noqa: F401 - a fixture
+from train.checkpoint import ResumeError, TrainState, resume_tag
+from train.config import ConfigError, load_config
+from train.resume import ResumePlan, config_changes, plan_resume
+from train.run_folder import FolderInUse, existing_run, keep_config, lock_folder, set_aside_branch
+
+
+def fake_checkpoint(output, step: int, loader_state: dict | None = None) -> str:
+    """A complete checkpoint as far as the resume plan reads one: train state and rank 0's loader state."""
+    tag = f"step{step:08d}"
+    folder = output / "checkpoints" / tag
+    folder.mkdir(parents=True)
+    (folder / "train_state.json").write_text(json.dumps({"step": step, "epoch": 0, "samples": 16 * step,
+                                                         "world_size": 2}))
+    torch.save({"loader": loader_state or {}, "noise_rng": None}, folder / "rank00000.pt")
+    (output / "checkpoints" / "latest").write_text(tag)
+    return tag
+
+
+def logged_run(output, steps: list[int]) -> None:
+    (output / "viz").mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in steps]
+    (output / "metrics.jsonl").write_text("".join(lines))
+    (output / "viz" / "losses.jsonl").write_text("".join(lines))
+    for s in steps:
+        (output / "viz" / f"reconstruction_step{s:08d}.png").write_bytes(b"png")
+
+
+def test_resume_takes_latest_a_tag_or_a_bare_step_number(tmp_path):
+    for step in (4, 8, 1200):
+        fake_checkpoint(tmp_path, step)
+    ckpt = tmp_path / "checkpoints"
+    assert resume_tag(ckpt, "latest") == "step00001200"
+    assert resume_tag(ckpt, "1200") == "step00001200" and resume_tag(ckpt, "8") == "step00000008"
+    assert resume_tag(ckpt, "step00000004") == "step00000004"
+    with pytest.raises(ResumeError, match="holds no complete checkpoint step00000005; complete ones: step00000004"):
+        resume_tag(ckpt, "5")
+
+
+def test_going_back_sets_the_newer_branch_aside_and_points_latest_at_the_tag(tmp_path):
+    for step in (4, 8, 10):
+        fake_checkpoint(tmp_path, step)
+    logged_run(tmp_path, [2, 4, 6, 8, 10])
+    plan = ResumePlan(tmp_path, "step00000004", TrainState(4, 1, 64, 2), (), False, False,
+                      ("step00000008", "step00000010"))
+    plan.apply()
+    # A crash right now, before the first new checkpoint, must resume from the tag gone back to.
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000004"
+    assert resume_tag(tmp_path / "checkpoints", "latest") == "step00000004"
+    (branch,) = (tmp_path / "abandoned").iterdir()
+    assert sorted(p.name for p in (branch / "checkpoints").iterdir()) == ["step00000008", "step00000010"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    assert [json.loads(line)["step"] for line in (branch / "metrics.jsonl").read_text().splitlines()] == [6, 8, 10]
+    assert [json.loads(line)["step"] for line in (branch / "viz" / "losses.jsonl").read_text().splitlines()] == [6, 8,
+                                                                                                               10]
+    assert sorted(p.name for p in (tmp_path / "viz").glob("*.png")) == ["reconstruction_step00000002.png",
+                                                                       "reconstruction_step00000004.png"]
+    # The same step gone back to again: a second branch beside the first, nothing overwritten.
+    fake_checkpoint(tmp_path, 6)
+    logged_run(tmp_path, [2, 4, 5, 6])
+    set_aside_branch(tmp_path, 4, ["step00000006"])
+    assert len(list((tmp_path / "abandoned").iterdir())) == 2
+    assert set_aside_branch(tmp_path, 4, []) is None  # nothing after step 4 is left
+
+
+def test_a_kept_config_is_never_overwritten(tmp_path):
+    for text in ("first", "second", "third"):
+        (tmp_path / "config.json").write_text(text)
+        keep_config(tmp_path, 4)
+    assert [(tmp_path / name).read_text() for name in ("config.step00000004.json", "config.step00000004.2.json",
+                                                       "config.step00000004.3.json")] == ["first", "second", "third"]
+
+
+def test_a_folder_holds_a_run_once_it_has_a_config_metrics_or_a_checkpoint(tmp_path):
+    assert existing_run(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert existing_run(tmp_path) == "metrics.jsonl"
+    fake_checkpoint(tmp_path, 3)
+    assert existing_run(tmp_path) == "checkpoint step00000003"
+
+
+def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_free(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from train.run_folder import lock_folder; lock = lock_folder(Path(sys.argv[1])); "
+                               "print('locked', flush=True); time.sleep(600)", str(tmp_path)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderInUse, match=f"in use by a live run \\(host .* pid {holder.pid} since"):
+            lock_folder(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = lock_folder(tmp_path)  # the killed run's lock went with it: a requeued job is never refused
+    assert str(time.localtime().tm_year) in (tmp_path / ".lock").read_text()
+    lock.close()
+
+
+def test_a_resume_that_would_change_the_model_or_the_data_order_is_refused():
+    saved = load_config(REPO / "configs" / "tiny.toml")
+    assert config_changes(saved, load_config(REPO / "configs" / "tiny.toml", ["optim.lr=0.1"])) == [
+        "optim.lr: 0.002 -> 0.1"]
+    for key, value in (("runtime.seed", "5"), ("model.name", "mae_vit_base_patch16"), ("data.img_size", "128")):
+        with pytest.raises(ConfigError, match=f"--resume cannot change {key}"):
+            config_changes(saved, load_config(REPO / "configs" / "tiny.toml", [f"{key}={value}"]))
+
+
+def test_a_resume_onto_resharded_data_is_refused_before_anything_is_written(shards, tmp_path):
+    """The same images built into other shards: the checkpoint's position means nothing there, and the refusal
+    must leave the run's config and checkpoints as they were (the next correct --resume needs them)."""
+    from pipeline import build_loader
+
+    cfg = load_config(REPO / "configs" / "tiny.toml", [f"data.shards={shards}", f"output={tmp_path / 'run'}"])
+    loader = build_loader(shards, local_batch_size=8, img_size=16, device="cpu", backend="pil", num_threads=1)
+    output = tmp_path / "run"
+    fake_checkpoint(output, 6, loader.state_dict())
+    (output / "config.json").write_text(cfg.to_json())
+    assert plan_resume(output, "latest", cfg, 2).tag == "step00000006"
+    images = shards.parent / "images" / "train"
+    assert build_shards([str(images), str(tmp_path / "resharded"), "--shard-size-mb", "0.2", "--workers", "1",
+                         "--quiet"]) == 0
+    moved = load_config(REPO / "configs" / "tiny.toml", [f"data.shards={tmp_path / 'resharded'}",
+                                                        f"output={output}"])
+    before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    with pytest.raises(ResumeError, match=r"--resume from .*step00000006 with --data .*resharded: loader state was "
+                                          r"taken on 64 samples in 3 shards, these shards hold 64 in \d+"):
+        plan_resume(output, "latest", moved, 2)
+    assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before

@@ -1,0 +1,110 @@
+"""What `--resume` will do, decided once, before anything is built, loaded or written.
+
+Every check a resume can fail runs here, on every rank, reading only: the checkpoint asked for exists,
+the saved config may change into the new one, and the loader's saved position belongs to the data the
+run now reads. Only then does rank 0 change the folder (`ResumePlan.apply`): a newer branch set
+aside, the old config kept beside the new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.loader_base import check_loader_state
+from pipeline.manifest import resolve_shards
+from train.checkpoint import (
+    ResumeError,
+    TrainState,
+    complete_tags,
+    needs_universal,
+    point_latest_at,
+    read_train_state,
+    resume_tag,
+)
+from train.config import ConfigError, TrainConfig, config_from_json, flat_fields
+from train.run_folder import keep_config, set_aside_branch
+
+# What a resumed run may not change: the model's shape, and the data order its checkpoint is a position in.
+FIXED_ON_RESUME = ("model.name", "data.img_size", "runtime.seed")
+
+
+def config_changes(saved: TrainConfig, new: TrainConfig, fixed_keys: tuple[str, ...] = FIXED_ON_RESUME) -> list[str]:
+    """`key: old -> new` for every field `new` changes; a ConfigError if it changes one of `fixed_keys`."""
+    before, after = flat_fields(saved), flat_fields(new)
+    changed = [key for key in after if before.get(key) != after[key]]
+    fixed = [key for key in changed if key in fixed_keys]
+    if fixed:
+        raise ConfigError(f"--resume cannot change {fixed[0]} ({before[fixed[0]]!r} -> {after[fixed[0]]!r}): the "
+                          "checkpoint holds a model of that shape at a position in that data order; to change masks "
+                          "instead, set runtime.mask_seed")
+    return [f"{key}: {before.get(key)!r} -> {after[key]!r}" for key in changed]
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """A checked resume. `tag` None: the folder holds no complete checkpoint, so the run starts fresh (what an
+    earlier attempt logged is set aside)."""
+
+    output: Path
+    tag: str | None
+    saved: TrainState | None
+    """step, epoch, samples and rank count of the checkpoint"""
+    changes: tuple[str, ...]
+    """`key: old -> new` for each config field the resume changes"""
+    masks_change: bool
+    """runtime.mask_seed changed: masks are drawn afresh from the resumed step"""
+    universal: bool
+    """DeepSpeed loads through its universal checkpoint (partitioned optimizer state, another rank count)"""
+    newer: tuple[str, ...]
+    """complete checkpoints after `tag`, set aside when the run goes back to it"""
+
+    @property
+    def step(self) -> int:
+        return self.saved.step if self.saved else 0
+
+    def apply(self) -> list[str]:
+        """Rank 0, after every rank planned: set the newer branch aside, keep a changed config's old version and
+        point `latest` at the checkpoint (the caller then writes the new config). Returns what it did, as lines
+        to print."""
+        done = []
+        ckpt_dir = self.output / "checkpoints"
+        branch = set_aside_branch(self.output, self.step, list(self.newer))
+        if branch is not None:
+            done.append(f"set aside what the run did after step {self.step} in {branch}"
+                        + (f" (checkpoints {', '.join(self.newer)})" if self.newer else ""))
+        if self.tag is not None:
+            point_latest_at(ckpt_dir, self.tag)  # a crash before the first new checkpoint resumes from here again
+        if self.changes and (self.output / "config.json").is_file():
+            kept = keep_config(self.output, self.step)
+            done.append(f"resuming with a changed config (the old one is kept as {kept.name}):\n  "
+                        + "\n  ".join(self.changes))
+        return done
+
+
+def plan_resume(output: Path, wanted: str, cfg: TrainConfig, world_size: int) -> ResumePlan:
+    """Check a `--resume [TAG]` of the run in `output` with config `cfg` on `world_size` ranks, reading only."""
+    ckpt_dir = output / "checkpoints"
+    tag = resume_tag(ckpt_dir, wanted)
+    config_path = output / "config.json"
+    if tag is None:  # nothing to continue: an earlier attempt's config is only kept, whatever it says
+        changes = config_changes(config_from_json(config_path), cfg, ()) if config_path.is_file() else []
+        return ResumePlan(output, None, None, tuple(changes), False, False, ())
+    if not config_path.is_file():
+        raise ResumeError(f"{config_path} is missing: the run's config is needed to resume it")
+    saved_cfg = config_from_json(config_path)
+    changes = tuple(config_changes(saved_cfg, cfg))
+    loader_state = torch.load(ckpt_dir / tag / "rank00000.pt", weights_only=True)["loader"]
+    shard_sizes = resolve_shards(cfg.data.shards, "train").sample_counts()
+    try:
+        check_loader_state(loader_state, cfg.runtime.seed, shard_sizes)
+    except ValueError as err:
+        raise ResumeError(f"--resume from {ckpt_dir / tag} with --data {cfg.data.shards}: {err}") from None
+    return ResumePlan(
+        output=output, tag=tag, saved=read_train_state(ckpt_dir, tag), changes=changes,
+        masks_change=saved_cfg.runtime.mask_seed != cfg.runtime.mask_seed,
+        universal=needs_universal(ckpt_dir, tag, world_size),
+        newer=tuple(t for t in complete_tags(ckpt_dir) if t > tag),
+    )
