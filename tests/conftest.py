@@ -14,6 +14,15 @@ import psutil
 import pytest
 
 
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Sample shards: 64 train samples in 4 classes and 8 val samples (the tiny preset on 2 ranks: 4 steps an
+    epoch)."""
+    from tests.runs import make_sample_shards  # after TRITON_INTERPRET is set: it imports the model
+
+    return make_sample_shards(tmp_path_factory.mktemp("train_data"))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from bench.harness import free_port
 from pipeline.build_shards import main as build_shards
 from pipeline.sample_data import main as sample_data
@@ -27,12 +25,6 @@ def make_sample_shards(root: Path, classes: int = 4, train_per_class: int = 16, 
         assert build_shards([str(root / "images" / split), str(root / "shards"), "--split", split,
                              "--shard-size-mb", "0.5", "--workers", "1", "--quiet", *extra]) == 0
     return root / "shards"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """64 train samples (4 classes) and 8 val samples: with the tiny preset on 2 ranks, 4 steps an epoch."""
-    return make_sample_shards(tmp_path_factory.mktemp("train_data"))
 
 
 def launch(shards: Path, output: Path, *extra: str, ranks: int = 2) -> subprocess.Popen:

@@ -5,7 +5,6 @@ import dataclasses
 import pytest
 
 from tests.helpers import REPO
-from tests.runs import shards  # noqa: F401 - a fixture
 from train.config import ConfigError, TrainConfig, config_from_json, describe, flat_fields, load_config
 from train.pretrain import main as pretrain_main
 from train.recipe import plan_batch
@@ -41,7 +40,7 @@ def test_defaults_are_the_presets_choices():
 def test_every_field_is_documented():
     lines = describe(TrainConfig())
     assert len(lines) == len(flat_fields(TrainConfig()))
-    assert all(" = " in line and not line.endswith("# ") for line in lines), [l for l in lines if l.endswith("# ")]
+    assert all(" = " in line and not line.endswith("# ") for line in lines), [line for line in lines if line.endswith("# ")]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -26,7 +26,7 @@ def test_a_users_deepspeed_json_is_merged_and_may_not_contradict_the_config(tmp_
         with pytest.raises(ConfigError, match=message):
             deepspeed_config(cfg, plan_batch(cfg.optim, 2))
     user.write_text("{not json")
-    with pytest.raises(ConfigError, match="runtime.deepspeed_config .*ds.json"):
+    with pytest.raises(ConfigError, match=r"runtime.deepspeed_config .*ds\.json"):
         deepspeed_config(cfg, plan_batch(cfg.optim, 2))
 
 

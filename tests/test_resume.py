@@ -11,7 +11,6 @@ import torch
 
 from pipeline.build_shards import main as build_shards
 from tests.helpers import REPO
-from tests.runs import shards  # noqa: F401 - a fixture
 from train.checkpoint import ResumeError, TrainState, resume_tag
 from train.config import ConfigError, load_config
 from train.resume import ResumePlan, config_changes, plan_resume

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, start_job
-from tests.runs import events, free_port, metrics, rank_env, run, samples_read, shards  # noqa: F401 - a fixture
+from tests.runs import events, free_port, metrics, rank_env, run, samples_read
 from train.checkpoint import read_adamw_norms
 from train.config import load_config
 from train.export import main as export_main

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from model import load_reference_weights
 from tests.helpers import tiny_preset_model
-from tests.runs import events, knn_records, launch, metrics, run, shards  # noqa: F401 - shards is a fixture
+from tests.runs import events, knn_records, launch, metrics, run
 from train.checkpoint import read_adamw_norms
 from train.config import load_config
 from train.export import main as export_main
