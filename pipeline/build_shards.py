@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_write_text
 from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, class_mismatch
 from pipeline.shard_resume import finished_shards, plan_fingerprint, save_progress
 from pipeline.shard_sources import BuildError, list_class_tree, list_flat_val, read_class_list
 from pipeline.shard_verify import verify
@@ -68,6 +68,8 @@ def build(options: BuildOptions) -> int:
         (classes, images), unlabeled = list_class_tree(src, classes), []
     if not images:
         raise BuildError(f"{src}: no image files found")
+    if not options.classes:
+        _refuse_other_class_lists(out, split, classes)
     source = str(src.resolve())
     plan = plan_fingerprint(images, classes, [split, options.seed, options.shard_size_mb, options.max_pixels])
     jobs = plan_shards(images, options.seed, int(options.shard_size_mb * 2**20), split, out, options.max_pixels)
@@ -109,6 +111,23 @@ def build(options: BuildOptions) -> int:
     atomic_write_text(Manifest.path(out, split), manifest.to_json())
     _print_summary(manifest, out)
     return 1 if options.strict and rejected else 0
+
+
+def _refuse_other_class_lists(out: Path, split: str, classes: list[str]) -> None:
+    """Labels index the class list: a split built beside another with a different list would give its labels
+    other meanings (a class folder missing from val shifts every later label)."""
+    for manifest_path in sorted(out.glob("*.json")) if out.is_dir() else []:
+        other = manifest_path.stem
+        if other == split or other.endswith(".progress"):
+            continue
+        try:
+            theirs = Manifest.load(manifest_path).classes
+        except (ValueError, TypeError, KeyError):
+            continue  # not a manifest
+        mismatch = class_mismatch(theirs, classes)
+        if mismatch:
+            raise BuildError(f"{split}'s classes differ from {manifest_path.name}'s ({mismatch}): its labels would "
+                             f"mean other classes; pass --classes {manifest_path} to label it with that list")
 
 
 def _print_summary(manifest: Manifest, out: Path) -> None:

@@ -86,7 +86,7 @@ def resolve_shards(shards: str | Path, split: str = "train") -> ShardSet:
             raise FileNotFoundError(f"shard folder {folder} does not exist")
         manifest_path = Manifest.path(folder, split)
         if not manifest_path.is_file():
-            found = sorted(p.name for p in folder.glob("*.json"))
+            found = sorted(p.name for p in folder.glob("*.json") if not p.name.startswith("."))  # not progress files
             raise FileNotFoundError(
                 f"{manifest_path} not found (splits here: {', '.join(f[:-5] for f in found) or 'none'}); "
                 "build shards with `python -m pipeline.build_shards`"
@@ -105,3 +105,27 @@ def resolve_shards(shards: str | Path, split: str = "train") -> ShardSet:
             raise ValueError(f"shard {strays[0]} is not in {manifest_path}: the shard list and manifest disagree")
     indexes = [index_path(p) for p in tars]
     return ShardSet(tars, indexes, manifest)
+
+
+def class_mismatch(first: list[str], second: list[str]) -> str | None:
+    """How two class lists differ (labels index them, so any difference changes what a label means), or None."""
+    if first == second:
+        return None
+    missing, extra = sorted(set(first) - set(second)), sorted(set(second) - set(first))
+    if missing or extra:
+        parts = [f"{len(missing)} missing (first {missing[0]})" if missing else "",
+                 f"{len(extra)} extra (first {extra[0]})" if extra else ""]
+        return f"{len(first)} vs {len(second)} classes: " + ", ".join(p for p in parts if p)
+    return "the same classes in another order"
+
+
+def check_same_classes(shards: str | Path, split: str, other: str) -> None:
+    """A ValueError unless `split` and `other` label with one class list (where both have manifests)."""
+    lists = [resolve_shards(shards, name).manifest for name in (split, other)]
+    if None in lists:
+        return
+    mismatch = class_mismatch(lists[0].classes, lists[1].classes)
+    if mismatch:
+        raise ValueError(f"the {split} and {other} shards in {shards} label different class lists ({mismatch}): "
+                         f"label k means another class in each; rebuild {other} with --classes "
+                         f"{Manifest.path(Path(str(shards)), split)}")

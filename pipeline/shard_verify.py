@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+import tarfile
 from pathlib import Path
 
 from PIL import Image
@@ -22,6 +23,17 @@ def verify_shard(out: Path, record: ShardRecord) -> list[str]:
     problems = []
     if tar.stat().st_size != record.bytes or file_sha256(tar) != record.sha256:
         problems.append("size or sha256 differs from the manifest")
+    try:
+        samples = _check_members(tar, problems)
+    except (tarfile.TarError, OSError, EOFError) as err:  # cut or overwritten: the rest cannot be read
+        return [*problems, f"not a readable tar ({err or type(err).__name__}): rebuild it (rerun the build command)"]
+    if samples != record.samples:
+        problems.append(f"{samples} images, manifest says {record.samples}")
+    return problems
+
+
+def _check_members(tar: Path, problems: list[str]) -> int:
+    """Adds the index's and the images' problems; returns the number of images. Raises on an unreadable tar."""
     idx = index_path(tar)
     if not idx.is_file() or idx.read_text() != index_of_tar(tar):
         problems.append("index file missing or does not match the tar")
@@ -35,9 +47,7 @@ def verify_shard(out: Path, record: ShardRecord) -> list[str]:
                 img.load()
         except Exception as err:
             problems.append(f"{info.name}: does not decode ({err})")
-    if samples != record.samples:
-        problems.append(f"{samples} images, manifest says {record.samples}")
-    return problems
+    return samples
 
 
 def verify(out: Path, split: str) -> int:

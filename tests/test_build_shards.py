@@ -1,6 +1,7 @@
 """The shard builder on real files: real tars, DALI's own wds2idx and webdataset reader."""
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -164,6 +165,24 @@ def test_verify_reports_a_damaged_shard(built, capsys):
     assert f"{shard.name}: size or sha256 differs" in err
 
 
+@pytest.mark.parametrize("keep", [100, 512, 700, 1024, 1536, -1000, -10])
+def test_verify_reports_a_truncated_shard_at_any_cut(built, tmp_path, capsys, keep):
+    """A copy cut short (a full disk, an interrupted transfer), wherever the cut falls: reported by name, never a
+    traceback, and the other shards still checked."""
+    _, out, _ = built
+    copy = tmp_path / "shards"
+    shutil.copytree(out, copy)
+    shard = sorted(copy.glob("*.tar"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:keep])
+    capsys.readouterr()
+    assert build_main(["--verify", str(copy), "--split", "train"]) == 1
+    captured = capsys.readouterr()
+    assert f"{shard.name}: " in captured.err and "Traceback" not in captured.err
+    shards = len(list(copy.glob("*.tar")))
+    assert f"train: {shards - 1} of {shards} shards OK" in captured.out
+
+
 def test_flat_val_with_kaggle_csv_devkit_labels_and_train_classes(built, tmp_path):
     _, train_out, _ = built
     val = tmp_path / "val"
@@ -251,3 +270,32 @@ def test_a_shard_finishing_between_two_polls_is_not_lost(tree, tmp_path, monkeyp
     assert build_main([str(src), str(out), "--shard-size-mb", "0.03", "--workers", "2", "--quiet",
                        "--max-pixels", str(MAX_PIXELS)]) == 0
     assert {path: s["label"] for path, s in read_all(out).items()} == expected
+
+
+def test_the_pixel_limit_is_inclusive(tmp_path):
+    """--max-pixels N keeps an image of exactly N pixels and rejects one of N + 1."""
+    from pipeline.images import RejectedImage, prepare_image
+    from tests.image_trees import jpeg_bytes
+
+    at_limit, over = tmp_path / "at.JPEG", tmp_path / "over.JPEG"
+    at_limit.write_bytes(jpeg_bytes(40, 25, seed=1))  # 1000 pixels
+    over.write_bytes(jpeg_bytes(1001, 1, seed=2))  # 1001 pixels
+    assert prepare_image(at_limit, max_pixels=1000).width * 25 == 1000
+    with pytest.raises(RejectedImage, match="1001x1 exceeds the pixel limit of 1000"):
+        prepare_image(over, max_pixels=1000)
+
+
+def test_a_split_whose_classes_differ_from_train_is_refused_unless_given_its_list(built, tmp_path, capsys):
+    """Val built from class folders with one class missing would shift every later label: the builder refuses
+    it, naming the list to pass; with --classes it is labelled in train's list."""
+    src, out, _ = built
+    val = tmp_path / "val"
+    for cls in ("n01000001", "n01000003"):  # n01000002 has no val images
+        shutil.copytree(src / cls, val / cls)
+    capsys.readouterr()
+    assert build(val, out, "--split", "val") == 2
+    err = capsys.readouterr().err
+    assert "val's classes differ from train.json's (3 vs 2 classes: 1 missing (first n01000002))" in err
+    assert f"--classes {out / 'train.json'}" in err and not (out / "val.json").exists()
+    assert build(val, out, "--split", "val", "--classes", str(out / "train.json")) == 0
+    assert Manifest.load(out / "val.json").classes == Manifest.load(out / "train.json").classes

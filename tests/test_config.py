@@ -40,7 +40,8 @@ def test_defaults_are_the_presets_choices():
 def test_every_field_is_documented():
     lines = describe(TrainConfig())
     assert len(lines) == len(flat_fields(TrainConfig()))
-    assert all(" = " in line and not line.endswith("# ") for line in lines), [line for line in lines if line.endswith("# ")]
+    undocumented = [line for line in lines if line.endswith("# ")]
+    assert all(" = " in line for line in lines) and not undocumented, undocumented
 
 
 @pytest.mark.parametrize("override, message", [

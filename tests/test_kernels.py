@@ -110,6 +110,23 @@ def test_masked_mse_matches_reference(n, chans, height, width, patch, norm_pix):
     assert torch.all(grads[0][mask == 0] == 0)
 
 
+def test_masked_mse_on_flat_patches_matches_the_reference():
+    """A constant patch (sky, a black border) has zero variance: the norm-pix epsilon keeps target and gradient
+    finite, and the kernel must use the same epsilon as the reference."""
+    imgs = torch.randn(2, 3, 16, 16, device=DEVICE)
+    imgs[0, :, :8, :8] = 0.25  # patch 0 of image 0 flat
+    imgs[1] = -1.0  # every patch of image 1 flat
+    pred = torch.randn(2, 4, 192, device=DEVICE) * 1e-3
+    mask = torch.ones(2, 4, device=DEVICE)
+    (loss, grads), (ref_loss, ref_grads) = run_both(masked_patch_mse, masked_patch_mse_reference, [pred, imgs],
+                                                    (mask, 8, True))
+    assert torch.isfinite(loss) and torch.isfinite(grads[0]).all()
+    assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grads[0], ref_grads[0]) <= 1e-5
+    # A flat patch's normalized target is 0 (not NaN, not a huge value): its loss is the prediction's own square.
+    flat = masked_patch_mse(pred[1:], imgs[1:], mask[1:], 8, True)
+    assert flat.item() == pytest.approx(pred[1].pow(2).mean().item(), rel=1e-4)
+
+
 def test_masked_mse_skips_unmasked_patches_and_weights_masked_ones():
     imgs = torch.randn(1, 3, 16, 16, device=DEVICE)
     pred = torch.randn(1, 4, 192, device=DEVICE)

@@ -89,15 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128, help="images per forward pass")
     parser.add_argument("--out", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    bad = [f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}" for name, ok, rule in (
+        ("k", args.k >= 1, "at least 1"), ("temperature", args.temperature > 0, "positive"),
+        ("batch", args.batch >= 1, "at least 1"), ("train_samples", args.train_samples >= 0, ">= 0"),
+        ("val_samples", args.val_samples >= 0, ">= 0"), ("probe_epochs", args.probe_epochs >= 0, ">= 0"),
+        ("img_size", args.img_size >= 1, "positive")) if not ok]
+    if bad:
+        parser.error(bad[0])
     try:
         model, origin = load_encoder(Path(args.source), args.tag, args.model, args.img_size)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        monitor = KnnMonitor(args.data, args.split, args.train_samples, args.val_samples,
+                             local_batch_size=args.batch, img_size=model.img_size[0])
+    except (FileNotFoundError, ValueError, RuntimeError) as err:  # ResumeError and ConfigError among them
         print(f"error: {err}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
-    monitor = KnnMonitor(args.data, args.split, args.train_samples, args.val_samples, local_batch_size=args.batch,
-                         img_size=model.img_size[0])
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline import Loader, build_loader
+from pipeline.manifest import check_same_classes
 
 FEATURES = ("cls", "patch_mean")
 
@@ -96,6 +97,7 @@ class KnnMonitor:
     """The k-NN evaluation a run repeats, with its two evaluation-mode loaders built once."""
 
     def __init__(self, shards: str, split: str, train_samples: int, val_samples: int, **loader_options: Any) -> None:
+        check_same_classes(shards, "train", split)  # else label k is one class in memory, another in the queries
         self.memory = build_loader(shards, split="train", train=False, limit=train_samples or None, **loader_options)
         self.queries = build_loader(shards, split=split, train=False, limit=val_samples or None, **loader_options)
 

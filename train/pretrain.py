@@ -239,7 +239,7 @@ class Trainer:
                               rank=self.rank, world_size=self.world,
                               device="gpu" if self.device.type == "cuda" else "cpu", backend=cfg.data.backend,
                               num_threads=cfg.data.num_threads or None, dtype=self.dtype)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ValueError) as err:  # no held-out split, or one labelled with other classes
             self.say(f"k-NN evaluation off: {str(err).splitlines()[0]}")
             return None
 
