@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.data and args.stage != "pipeline":
         parser.error("--data goes with the pipeline stage")
+    if args.data and not Path(args.data, "train.json").is_file():
+        parser.error(f"--data {args.data}: no train.json there (a shard folder built by pipeline.build_shards)")
+    if args.local_batch_size is not None and args.local_batch_size < 1:
+        parser.error(f"--local-batch-size must be at least 1, got {args.local_batch_size}")
+    if not (Path(args.preset).is_file() or (REPO / "configs" / f"{args.preset}.toml").is_file()):
+        known = ", ".join(sorted(p.stem for p in (REPO / "configs").glob("*.toml")))
+        parser.error(f"--preset {args.preset}: no such preset (known: {known})")
 
     if args.stage == "report":
         report = write_report(Path(args.history or DEFAULT_HISTORY), Path(args.out or REPO / "bench"))

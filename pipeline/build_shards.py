@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -55,6 +56,11 @@ class BuildOptions:
 class VerifyOptions:
     out: Path
     split: str
+
+
+# Exit status when damaged data was found: a shard --verify rejects, or an image --strict would not skip. The same
+# code as a training run that failed on its data (README, "Exit codes"); 2 is a refused command.
+DAMAGED_DATA = 5
 
 
 def build(options: BuildOptions) -> int:
@@ -110,7 +116,7 @@ def build(options: BuildOptions) -> int:
     )
     atomic_write_text(Manifest.path(out, split), manifest.to_json())
     _print_summary(manifest, out)
-    return 1 if options.strict and rejected else 0
+    return DAMAGED_DATA if options.strict and rejected else 0
 
 
 def _refuse_other_class_lists(out: Path, split: str, classes: list[str]) -> None:
@@ -162,8 +168,10 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
         return VerifyOptions(Path(args.verify), args.split)
     if not (args.src and args.out):
         parser.error("SRC and OUT are required (or use --verify OUT)")
-    if args.shard_size_mb <= 0 or args.workers < 1:
-        parser.error("--shard-size-mb must be positive and --workers at least 1")
+    if args.shard_size_mb <= 0 or args.workers < 1 or args.max_pixels < 1:
+        parser.error("--shard-size-mb and --max-pixels must be positive and --workers at least 1")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.split):
+        parser.error(f"--split {args.split!r}: a split name is letters, digits, '_' and '-' (it names files)")
     return BuildOptions(
         src=Path(args.src), out=Path(args.out), split=args.split,
         val_labels=Path(args.val_labels) if args.val_labels else None,
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     try:
         if isinstance(options, VerifyOptions):
-            return verify(options.out, options.split)
+            return DAMAGED_DATA if verify(options.out, options.split) else 0
         return build(options)
     except BuildError as err:
         print(f"error: {err}", file=sys.stderr)

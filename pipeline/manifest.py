@@ -83,7 +83,8 @@ def resolve_shards(shards: str | Path, split: str = "train") -> ShardSet:
     else:
         folder = Path(text)
         if not folder.is_dir():
-            raise FileNotFoundError(f"shard folder {folder} does not exist")
+            what = "is a file, not a shard folder" if folder.exists() else "does not exist"
+            raise FileNotFoundError(f"shard folder {folder} {what}")
         manifest_path = Manifest.path(folder, split)
         if not manifest_path.is_file():
             found = sorted(p.name for p in folder.glob("*.json") if not p.name.startswith("."))  # not progress files

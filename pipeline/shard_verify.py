@@ -51,6 +51,7 @@ def _check_members(tar: Path, problems: list[str]) -> int:
 
 
 def verify(out: Path, split: str) -> int:
+    """Checks every shard of `split` in `out`, printing each problem; returns the number of damaged shards."""
     manifest_path = Manifest.path(out, split)
     if not manifest_path.is_file():
         raise BuildError(f"{manifest_path} not found: nothing to verify")
@@ -62,4 +63,4 @@ def verify(out: Path, split: str) -> int:
         for problem in problems:
             print(f"{record.name}: {problem}", file=sys.stderr)
     print(f"{split}: {len(manifest.shards) - bad} of {len(manifest.shards)} shards OK, {manifest.samples} samples")
-    return 1 if bad else 0
+    return bad

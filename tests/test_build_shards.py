@@ -76,7 +76,7 @@ def test_bad_inputs_are_converted_or_rejected_with_reasons(built):
 
 def test_strict_fails_after_the_summary(tree, tmp_path, capsys):
     src, _ = tree
-    assert build(src, tmp_path / "strict", "--strict") == 1
+    assert build(src, tmp_path / "strict", "--strict") == 5  # damaged data found
     captured = capsys.readouterr()
     assert "4 rejected" in captured.out and "truncated.JPEG" in captured.err
     assert (tmp_path / "strict" / "train.json").is_file()
@@ -160,7 +160,7 @@ def test_verify_reports_a_damaged_shard(built, capsys):
     data[600:700] = b"\0" * 100  # inside the first image
     shard.write_bytes(bytes(data))
     capsys.readouterr()
-    assert build_main(["--verify", str(out), "--split", "train"]) == 1
+    assert build_main(["--verify", str(out), "--split", "train"]) == 5
     err = capsys.readouterr().err
     assert f"{shard.name}: size or sha256 differs" in err
 
@@ -176,7 +176,7 @@ def test_verify_reports_a_truncated_shard_at_any_cut(built, tmp_path, capsys, ke
     data = shard.read_bytes()
     shard.write_bytes(data[:keep])
     capsys.readouterr()
-    assert build_main(["--verify", str(copy), "--split", "train"]) == 1
+    assert build_main(["--verify", str(copy), "--split", "train"]) == 5
     captured = capsys.readouterr()
     assert f"{shard.name}: " in captured.err and "Traceback" not in captured.err
     shards = len(list(copy.glob("*.tar")))

@@ -77,7 +77,13 @@ def test_config_errors_are_one_line_before_any_work(shards, tmp_path, capsys):
         (["--resume", "step00000003", "--output", str(tmp_path / "old")],
          "holds no complete checkpoint step00000003; complete ones: step00000007"),
         (["--resume", "12", "--output", str(tmp_path / "old")], "holds no complete checkpoint step00000012"),
+        (["--max-steps", "-1"], "max_steps must be >= 0"),
+        (["--log-every", "0"], "log.log_every and log.viz_every must be >= 1"),
+        (["--set", "optim.lr"], "--set expects key=value, got 'optim.lr'"),
+        (["--output", str(tmp_path / "a_file")], "is a file, not a folder"),
+        (["--data", str(tmp_path / "a_file")], "is a file, not a shard folder"),
     ]
+    (tmp_path / "a_file").write_text("x")
     (tmp_path / "old" / "checkpoints" / "step00000007").mkdir(parents=True)
     (tmp_path / "old" / "checkpoints" / "step00000007" / "train_state.json").write_text("{}")
     (tmp_path / "old" / "checkpoints" / "latest").write_text("step00000007")

@@ -68,9 +68,9 @@ def test_milestones_and_going_back_to_a_checkpoint_twice_with_other_masks_and_lr
     assert sorted(p.name for p in (branch / "checkpoints").iterdir()) == ["step00000008", "step00000010"]
     # The abandoned branch keeps its own records and pictures; the run's metrics hold one history.
     assert [r["step"] for r in map(json.loads, (branch / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r] == [6, 8, 10]
+            if "loss" in r] == [6, 8, 9, 10]  # every 2 steps, and at each checkpoint
     assert (branch / "viz" / "reconstruction_step00000010.png").is_file()
-    assert [r["step"] for r in metrics(output)] == [2, 4, 5, 6]
+    assert [r["step"] for r in metrics(output)] == [2, 3, 4, 5, 6]
     assert (output / "config.step00000004.json").read_text() == original_config
     assert metrics(output)[-2]["lr"] == pytest.approx(lr_at(4 / 4, 0.001, load_config("configs/tiny.toml").optim))
     assert (checkpoints / "latest").read_text() == "step00000006"
@@ -79,7 +79,7 @@ def test_milestones_and_going_back_to_a_checkpoint_twice_with_other_masks_and_lr
         "--set", "runtime.mask_seed=2", "--set", "optim.lr=0.001")
     assert len(list((output / "abandoned").iterdir())) == 2
     assert (output / "config.step00000004.json").read_text() == original_config
-    assert [r["step"] for r in metrics(output)] == [2, 4, 5]
+    assert [r["step"] for r in metrics(output)] == [2, 3, 4, 5]
     # Refused changes leave everything as it was.
     before = sorted(str(p) for p in output.rglob("*") if "tb" not in p.parts)
     out = run(shards, output, "--max-steps", "8", "--resume", "--set", "runtime.seed=5", expect=2)

@@ -60,8 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.encoder_only:
         state = {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES)}
     target = Path(args.to)
-    with atomic_path(target) as tmp:
-        torch.save({"model": state, "maeflow": provenance}, tmp)
+    if not target.parent.is_dir():
+        print(f"error: cannot write {target}: the folder {target.parent} does not exist", file=sys.stderr)
+        return 2
+    try:
+        with atomic_path(target) as tmp:
+            torch.save({"model": state, "maeflow": provenance}, tmp)
+    except OSError as err:
+        print(f"error: cannot write {target}: {err.strerror or err}", file=sys.stderr)
+        return 2
     params = sum(v.numel() for v in state.values())
     print(f"wrote {target}: {len(state)} tensors, {params / 1e6:.1f}M values"
           f"{' (encoder only)' if args.encoder_only else ''} from {provenance['checkpoint']}")

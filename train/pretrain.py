@@ -535,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.data.shards:
             raise ConfigError("no training data: pass --data SHARDS or set data.shards")
         resolve_shards(cfg.data.shards, "train")
+        if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+            raise ConfigError(f"--output {cfg.output} is a file, not a folder")
         found = existing_run(Path(cfg.output))
         if args.resume:
             resume_tag(Path(cfg.output) / "checkpoints", args.resume)  # a tag that is not there: refused before work
