@@ -49,7 +49,8 @@ def _metrics(cmd: list[str], out: Path, env: dict[str, str]) -> list[dict]:
     if proc.returncode:
         raise RuntimeError(f"training run failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return records[1:]  # the first window holds the warm-up (and any compilation)
+    windows = [r for r in records if "img_per_s" in r]  # not the k-NN evaluations and events beside them
+    return windows[1:]  # the first window holds the warm-up (and any compilation)
 
 
 def trainer_run(config: str, shards: Path, steps: int, log_every: int, batch: int) -> list[dict]:

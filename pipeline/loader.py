@@ -44,9 +44,13 @@ def local_rank_count() -> int:
 
 
 def default_threads() -> int:
-    """CPU threads for one rank's decoding: the cores this process may use (affinity, which honours
-    SLURM's --cpus-per-task and cgroups) shared evenly by the ranks on the node."""
+    """CPU threads for one rank's decoding. Under SLURM, the task's own CPUs (--cpus-per-task): srun may bind
+    each task to its share already, and dividing that share again by the ranks on the node would leave one
+    thread. Elsewhere, the cores this process may use (affinity, cgroups) shared evenly by the node's ranks."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        return min(usable, int(per_task))
     return max(1, usable // local_rank_count())
 
 

@@ -294,7 +294,7 @@ def test_threads_default_to_the_usable_cores_over_the_ranks_on_the_node(monkeypa
     from pipeline.loader import LOCAL_RANK_COUNT_VARIABLES, default_threads
 
     usable = len(os.sched_getaffinity(0))
-    for name in LOCAL_RANK_COUNT_VARIABLES:
+    for name in (*LOCAL_RANK_COUNT_VARIABLES, "SLURM_CPUS_PER_TASK"):
         monkeypatch.delenv(name, raising=False)
     assert default_threads() == usable
     monkeypatch.setenv("LOCAL_SIZE", "2")  # what the deepspeed launcher sets
@@ -302,6 +302,11 @@ def test_threads_default_to_the_usable_cores_over_the_ranks_on_the_node(monkeypa
     monkeypatch.delenv("LOCAL_SIZE")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", str(4 * usable))
     assert default_threads() == 1
+    # srun binding each task to its --cpus-per-task: the task's CPUs are its own, not divided again.
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert default_threads() == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(usable))
+    assert default_threads() == usable
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -105,6 +105,8 @@ class RuntimeConfig:
     """seeds model init and data order (fixed for a run)"""
     mask_seed: int = 0
     """seeds the masks; a --resume with another value draws other masks from there on (a loss-spike remedy)"""
+    hang_timeout_s: float = 1800.0
+    """seconds without an optimizer step before a rank reports a hang and exits (x4 in slow phases; 0 = off)"""
 
 
 @dataclass
@@ -119,6 +121,8 @@ class CheckpointConfig:
     """write a checkpoint when the run ends (benchmarks turn it off)"""
     milestone_every_epochs: int = 0
     """also checkpoint every N epochs and keep those apart from keep_last (0 = none)"""
+    on_spike: bool = False
+    """also write a milestone checkpoint when a loss spike is detected"""
 
 
 @dataclass
@@ -133,6 +137,16 @@ class LogConfig:
     """write scalars and reconstructions for TensorBoard under OUTPUT/tb/ (when it is installed)"""
     sample_ids: bool = False
     """append the key of every sample each rank reads to OUTPUT/samples/rank<r>.txt (audits, loss spikes)"""
+    straggler_margin: float = 0.25
+    """a rank whose own work in a window (forward, data wait) exceeds the median rank's by this fraction is slow"""
+    straggler_windows: int = 3
+    """logged windows in a row a rank must be the slow one before a warning names it"""
+    spike_loss_factor: float = 0.5
+    """a window's loss above (1 + this) x the median of the recent windows is a loss spike (0 = off)"""
+    spike_grad_factor: float = 10.0
+    """a window's gradient norm above this x the recent median is a spike too (0 = off)"""
+    spike_history: int = 10
+    """logged windows the spike detector compares with (and waits for before it judges)"""
 
 
 @dataclass
@@ -272,6 +286,11 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.checkpoint.every_minutes >= 0 and cfg.checkpoint.every_steps >= 0,
          "checkpoint.every_minutes and checkpoint.every_steps must be >= 0 (0 = off)"),
         (cfg.log.viz_images >= 1, "log.viz_images must be >= 1"),
+        (cfg.runtime.hang_timeout_s >= 0, "runtime.hang_timeout_s must be >= 0 (0 = no watchdog)"),
+        (cfg.log.straggler_margin > 0 and cfg.log.straggler_windows >= 1,
+         "log.straggler_margin must be positive and log.straggler_windows >= 1"),
+        (min(cfg.log.spike_loss_factor, cfg.log.spike_grad_factor) >= 0 and cfg.log.spike_history >= 2,
+         "log.spike_loss_factor and log.spike_grad_factor must be >= 0 and log.spike_history >= 2"),
         (cfg.optim.gradient_clipping >= 0, "optim.gradient_clipping must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (cfg.checkpoint.milestone_every_epochs >= 0, "checkpoint.milestone_every_epochs must be >= 0"),

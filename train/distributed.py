@@ -6,6 +6,7 @@ Global rank and world size place a rank in the data; the local rank picks its GP
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import deepspeed
 import torch
@@ -18,8 +19,9 @@ class JoinError(RuntimeError):
     """The process group could not be formed; the message names the address and the flag to change."""
 
 
-def join_process_group() -> torch.device:
-    """Join the group (gloo on CPUs, NCCL on GPUs) and return this rank's device."""
+def join_process_group(timeout_s: float = 0) -> torch.device:
+    """Join the group (gloo on CPUs, NCCL on GPUs) and return this rank's device. `timeout_s` bounds every
+    collective (0: the library's default), so that a rank whose peer died stops instead of waiting forever."""
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -30,7 +32,7 @@ def join_process_group() -> torch.device:
         torch.set_num_threads(default_threads())
         skip_shared_memory_op()
     try:
-        deepspeed.init_distributed()
+        deepspeed.init_distributed(**({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
     except (RuntimeError, ValueError, OSError) as err:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         raise JoinError(

@@ -11,13 +11,18 @@ never waits on the GPU except every `log_every` steps, when losses are reduced a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from enum import IntEnum
 from pathlib import Path
 from typing import TextIO, TypeVar
@@ -52,6 +57,7 @@ from train.config import ConfigError, TrainConfig, describe, load_config
 from train.dashboard import Board
 from train.distributed import JoinError, join_process_group
 from train.engine import attention_backend, build_model, compile_blocks, deepspeed_config
+from train.health import HUNG_EXIT_STATUS, SLOW_PHASE_FACTOR, RankTimes, SpikeDetector, Watchdog, dump_stacks_on
 from train.knn import KnnMonitor
 from train.recipe import build_optimizer, lr_at, peak_lr, plan_batch
 from train.resume import ResumePlan, plan_resume
@@ -69,7 +75,8 @@ class RunEnd(IntEnum):
     REFUSED = 2  # a bad argument, config, data path or checkpoint: nothing was trained, the folder is unchanged
     STOPPED = 3  # a signal stopped the run after a checkpoint: resume it
     DIVERGED = 4  # a non-finite loss; the last good checkpoint is intact
-    FAILED = 5  # an error while training (damaged data, a full disk...): fix what the message names, then resume
+    FAILED = 5  # an error while training (damaged data, a full disk, a lost rank): fix what it names, then resume
+    HUNG = HUNG_EXIT_STATUS  # 6: the watchdog saw no progress (stacks in OUTPUT/hangs/): resume it
 
 
 class StopRequest:
@@ -135,12 +142,19 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: str | None) -> None:
         deepspeed.utils.logger.setLevel(logging.WARNING)
-        self.device = join_process_group()
+        # Collectives time out after the longest a healthy rank may be silent; the watchdog reports sooner.
+        collective_timeout_s = cfg.runtime.hang_timeout_s * (SLOW_PHASE_FACTOR + 1)
+        self.device = join_process_group(collective_timeout_s)
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.control = dist.new_group(backend="gloo")  # CPU side-channel for stop/checkpoint votes: no GPU sync
+        # CPU side-channel for votes and per-rank figures: no GPU sync.
+        self.control = dist.new_group(backend="gloo", **({"timeout": timedelta(seconds=collective_timeout_s)}
+                                                         if collective_timeout_s else {}))
         self.output = Path(cfg.output)
+        self.state = TrainState(world_size=self.world)
+        self.watchdog = Watchdog(cfg.runtime.hang_timeout_s, self.output, self.rank, lambda: self.state.step)
+        self.peers = self._gather_peers()
         self.ckpt_dir = self.output / "checkpoints"
         self.folder_lock = self.on_every_rank(lambda: lock_folder(self.output) if self.is_main else None)
         check_shared_folder(self.output, self.control)
@@ -177,7 +191,6 @@ class Trainer:
         self.replicated_optimizer = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
         # Mask noise has its own generator so that resuming restores exactly the masks to come.
         self.noise_gen = torch.Generator(device=self.device).manual_seed(self._noise_seed(step=0))
-        self.state = TrainState(world_size=self.world)
         self.saved_step = self.evaluated_step = -1
         if self.resume and self.resume.tag:
             self._load(self.resume)
@@ -196,9 +209,14 @@ class Trainer:
         self.board = Board(self.output / "tb", cfg.log.tensorboard and self.is_main)
         self.knn = self._knn_monitor() if cfg.eval.every_epochs else None
         self.stop = StopRequest()
+        self.stack_file = dump_stacks_on(signal.SIGUSR1, self.output, self.rank)
+        self.rank_times = RankTimes(self.device, self.control, cfg.log.straggler_margin, cfg.log.straggler_windows)
+        self.spikes = SpikeDetector(cfg.log.spike_loss_factor, cfg.log.spike_grad_factor, cfg.log.spike_history)
         self.window = MetricWindow(self.device)
-        self.bar = tqdm(total=self.stop_at, initial=self.state.step, unit="step", disable=not self.is_main,
-                        dynamic_ncols=True)
+        # A terminal gets a progress bar; a log file (SLURM's) a plain line per logged window instead.
+        self.plain_lines = self.is_main and not sys.stderr.isatty()
+        self.bar = tqdm(total=self.stop_at, initial=self.state.step, unit="step", dynamic_ncols=True,
+                        disable=not self.is_main or self.plain_lines)
 
     # ---------------------------------------------------------------- set-up
 
@@ -216,6 +234,27 @@ class Trainer:
         if failed:
             raise ResumeError(f"rank {failed[0]}: {failed[1]}")
         return result
+
+    def _gather_peers(self) -> list[tuple[str, int]]:
+        """(host, pid) of every rank, to name the one a failed collective lost."""
+        peers: list[tuple[str, int]] = [("", 0)] * self.world
+        dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=self.control)
+        return peers
+
+    def lost_peers(self) -> str:
+        """Which ranks are gone, as far as this host can tell (a process on another host cannot be asked)."""
+        here = socket.gethostname()
+        gone, elsewhere = [], []
+        for rank, (host, pid) in enumerate(self.peers):
+            if rank == self.rank:
+                continue
+            if host != here:
+                elsewhere.append(f"{rank} ({host})")
+            elif not _alive(pid):
+                gone.append(f"rank {rank} (host {host}, pid {pid}) is no longer running")
+        if gone:
+            return "; ".join(gone)
+        return f"lost contact with a peer: ranks on other hosts: {', '.join(elsewhere)}" if elsewhere else ""
 
     def _prepare_folder(self) -> None:
         """Rank 0, once every check passed: apply the resume's changes to the folder, write the configs."""
@@ -317,7 +356,7 @@ class Trainer:
             if self.sample_log is not None:
                 self.sample_log.write(f"{self.state.step + 1} {' '.join(self.loader.batch_keys(batch))}\n")
             noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=self.noise_gen)
-            with attention_backend(self.cfg.runtime.attention):
+            with attention_backend(self.cfg.runtime.attention), self.rank_times.forward():
                 loss, _, _ = self.engine(images, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
             self.engine.backward(loss)
             boundary = (batch + 1) % accum == 0
@@ -341,6 +380,7 @@ class Trainer:
         state = self.state
         state.step += 1
         state.samples += self.plan.global_batch_size
+        self.watchdog.beat()
         self.window.steps += 1
         self.bar.update(1)
         votes = torch.tensor([self.stop.signal_name is not None, self.checkpoints.due(state.step)], dtype=torch.int32)
@@ -353,8 +393,10 @@ class Trainer:
                 self.say(f"non-finite loss at step {bad_step}: stopping. The last good checkpoint "
                          f"({latest_tag(self.ckpt_dir) or 'none written yet'}) is left intact.")
                 return RunEnd.DIVERGED
-            self.log(loss)
-        if checkpoint_due or stopping:
+            spike = self.log(loss)
+            if spike and self.cfg.checkpoint.on_spike:
+                self.checkpoint(milestone=True)
+        if (checkpoint_due or stopping) and self.saved_step != state.step:
             self.checkpoint()
         if stopping:
             self.say(f"stopped by {self.stop.signal_name or 'a signal on another rank'} after step {state.step}; "
@@ -377,11 +419,15 @@ class Trainer:
                  f"{self.state.samples} samples; outputs in {self.output}")
 
     def close(self) -> None:
+        self.watchdog.close()
         self.bar.close()
         if self.sample_log is not None:
             self.sample_log.close()
         self.board.close()
-        dist.destroy_process_group()
+        faulthandler.unregister(signal.SIGUSR1)
+        self.stack_file.close()
+        with contextlib.suppress(RuntimeError):  # after a lost peer the group may refuse; the process ends anyway
+            dist.destroy_process_group()
         if self.folder_lock is not None:
             self.folder_lock.close()
 
@@ -392,23 +438,38 @@ class Trainer:
         if self.is_main:
             tqdm.write(line)
 
-    def log(self, loss: float) -> None:
+    def log(self, loss: float) -> bool:
+        """Collective: the window's record (every rank's figures gathered); True when the loss spiked."""
         window = self.window
         elapsed = time.perf_counter() - window.started
         img_per_s = window.steps * self.plan.global_batch_size / elapsed
         grad_norm = window.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        ranks, straggler = self.rank_times.gather(self.loader.wait_s - window.wait_at_start)
         record = {
             "step": self.state.step, "epoch": self.state.epoch, "samples": self.state.samples, "loss": loss,
             "lr": self.engine.optimizer.param_groups[0]["lr"],
-            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "grad_norm": grad_norm,
             "img_per_s": img_per_s, "data_stall_pct": 100 * (self.loader.wait_s - window.wait_at_start) / elapsed,
             "mfu": None if self.peak_flops is None else self.flops_per_image * img_per_s / self.peak_flops / self.world,
-            "step_time_s": elapsed / window.steps,
+            "step_time_s": elapsed / window.steps, **ranks,
         }
         self.record(record)
-        if self.is_main:
+        if self.plain_lines:
+            print(f"step {self.state.step}/{self.stop_at} epoch {self.state.epoch} loss {loss:.4f} "
+                  f"{img_per_s:.0f} img/s", flush=True)
+        elif self.is_main:
             self.bar.set_postfix(epoch=self.state.epoch, loss=f"{loss:.4f}", img_s=f"{img_per_s:.0f}")
+        if straggler:
+            self.say(straggler)
+        spike = self.spikes.check(loss, grad_norm)
+        if spike:
+            last = latest_tag(self.ckpt_dir) or "none yet"
+            self.note({"step": self.state.step, "event": "loss_spike", **spike, "last_checkpoint": last})
+            self.say(f"loss spike at step {self.state.step}: {spike['cause']} {loss:.4f} against a recent median of "
+                     f"{spike['median_loss']:.4f}; the last checkpoint before it is {last}")
         window.restart(self.loader.wait_s)
+        return spike is not None
 
     def record(self, record: dict) -> None:
         """Rank 0 appends a record to metrics.jsonl and its numbers to TensorBoard."""
@@ -424,6 +485,10 @@ class Trainer:
 
     def evaluate(self) -> None:
         """Every rank embeds its share; rank 0 records the k-NN top-1 of both feature kinds."""
+        with self.watchdog.slow_phase("k-NN evaluation"):
+            self._evaluate()
+
+    def _evaluate(self) -> None:
         began, cfg = time.perf_counter(), self.cfg
         # ZeRO-3 holds a slice of each parameter per rank: gather them for the evaluation forward.
         gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()), enabled=cfg.runtime.zero_stage == 3)
@@ -443,6 +508,10 @@ class Trainer:
                  f"train / {result['knn_val_samples']} {cfg.eval.split} samples")
 
     def checkpoint(self, milestone: bool = False) -> None:
+        with self.watchdog.slow_phase("a checkpoint"):
+            self._checkpoint(milestone)
+
+    def _checkpoint(self, milestone: bool) -> None:
         rank_state = {"loader": self.loader.state_dict(), "noise_rng": self.noise_gen.get_state()}
         if self.sample_log is not None:
             self.sample_log.flush()
@@ -455,6 +524,10 @@ class Trainer:
 
     def write_reconstruction(self) -> None:
         """Every rank runs the forward (ZeRO-3 gathers weights collectively); rank 0 writes the PNG."""
+        with self.watchdog.slow_phase("a reconstruction"):
+            self._write_reconstruction()
+
+    def _write_reconstruction(self) -> None:
         cfg = self.cfg
         images = fixed_images(cfg.data.shards, cfg.data.viz_split, cfg.log.viz_images, cfg.data.img_size,
                               self.device)
@@ -470,6 +543,16 @@ class Trainer:
                 f.write(json.dumps({"step": self.state.step, "loss": float(loss), "image": path.name}) + "\n")
             self.board.image("reconstruction", picture, self.state.step)
             self.say(f"reconstruction {path} (loss {float(loss):.4f} on the fixed images)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process holds that pid now: ours is gone
+        return False
+    return True
 
 
 def total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -550,8 +633,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return trainer.fit()
     except (RuntimeError, OSError) as err:  # damaged data, a full disk, a lost rank: the run stops, resumably
-        print(f"error: training stopped at step {trainer.state.step}: {err}\nfix that, then continue with --resume "
-              "(the last checkpoint is intact)", file=sys.stderr)
+        if trainer.watchdog.overdue():  # this rank was the frozen one: its stuck call failed as it woke
+            trainer.watchdog.report("".join(traceback.format_exception(err)))
+            return RunEnd.HUNG
+        lost = trainer.lost_peers()
+        print(f"error: training stopped at step {trainer.state.step} on rank {trainer.rank}: "
+              f"{lost + ' ' if lost else ''}({str(err).strip()})\nfix that, then continue with --resume (the last "
+              "checkpoint is intact)", file=sys.stderr)
         return RunEnd.FAILED
 
 

@@ -1,0 +1,68 @@
+"""The run-health parts on their own: the watchdog's timing and report, the straggler rule, the spike rule."""
+
+import threading
+import time
+
+from train.health import RankTimes, SpikeDetector, Watchdog, WindowTimes
+
+
+def test_the_watchdog_reports_a_silent_rank_with_its_stacks_and_allows_slow_phases(tmp_path):
+    fired = threading.Event()
+    dog = Watchdog(0.5, tmp_path, rank=3, step=lambda: 41, on_hang=fired.set)
+    dog.beat()
+    with dog.slow_phase("a checkpoint"):  # 4 x 0.5 s allowed: 1 s of it is no hang
+        time.sleep(1.0)
+    assert not fired.is_set()
+    for _ in range(4):  # steps that keep coming are no hang either
+        time.sleep(0.2)
+        dog.beat()
+    assert not fired.is_set()
+    assert fired.wait(3.0)  # then silence
+    report = (tmp_path / "hangs" / "step00000041-rank00003.txt").read_text()
+    assert "rank 3 on " in report and "no progress for" in report and "after step 41" in report
+    assert "Thread" in report and "test_health.py" in report  # every thread's stack, this test's among them
+    dog.close()
+
+
+def test_a_watchdog_of_zero_never_fires(tmp_path):
+    fired = threading.Event()
+    dog = Watchdog(0, tmp_path, rank=0, step=lambda: 0, on_hang=fired.set)
+    time.sleep(0.3)
+    assert not fired.is_set() and not dog.overdue()
+
+
+def straggler_rule(ranks: int, margin: float = 0.25, windows: int = 2) -> RankTimes:
+    rule = RankTimes.__new__(RankTimes)  # the rule alone, without a process group to gather over
+    rule.margin, rule.windows, rule.slowest_run = margin, windows, (-1, 0)
+    rule.hosts = [f"node{i}" for i in range(ranks)]
+    return rule
+
+
+def test_a_rank_slowest_by_the_margin_for_several_windows_is_named():
+    ranks = straggler_rule(4)
+    slow = [WindowTimes(1.0, 0.1, None), WindowTimes(1.0, 0.0, None), WindowTimes(2.0, 0.5, None),
+            WindowTimes(1.1, 0.0, None)]
+    record, warning = ranks._summary(slow)
+    assert record["slowest_rank"] == 2 and record["slowest_host"] == "node2" and warning is None  # once: no name yet
+    assert record["rank_forward_s_max"] == 2.0 and record["rank_forward_s_median"] == 1.05
+    assert record["rank_data_wait_s_max"] == 0.5 and record["peak_memory_gb"] is None
+    _, warning = ranks._summary(slow)
+    assert warning and warning.startswith("straggler: rank 2 on node2 has been the slowest for 2 windows")
+    even = [WindowTimes(1.0, 0.0, 3.5), WindowTimes(1.1, 0.0, 4.0), WindowTimes(1.05, 0.0, 3.0)]
+    record, warning = ranks._summary(even)  # within the margin: no straggler, and the count starts over
+    assert warning is None and ranks.slowest_run == (-1, 0) and record["peak_memory_gb"] == 4.0
+
+
+def test_spikes_are_judged_against_the_recent_median_once_it_is_known():
+    detector = SpikeDetector(loss_factor=0.5, grad_factor=10.0, history=4)
+    falling = [1.0, 0.9, 0.8, 0.7]
+    assert [detector.check(loss, 1.0) for loss in falling] == [None] * 4  # learning the history: quiet
+    assert detector.check(0.72, 1.2) is None  # noise
+    spike = detector.check(1.4, 1.0)  # 1.4 > 1.5 x median(0.9, 0.8, 0.7, 0.72) = 1.14
+    assert spike and spike["cause"] == "loss" and spike["median_loss"] == 0.76
+    grad = SpikeDetector(loss_factor=0.5, grad_factor=10.0, history=3)
+    for loss in (1.0, 1.0, 1.0):
+        grad.check(loss, 0.5)
+    assert grad.check(1.0, 6.0)["cause"] == "grad_norm" and grad.check(1.0, 0.6) is None
+    off = SpikeDetector(loss_factor=0.0, grad_factor=0.0, history=2)
+    assert [off.check(loss, 1.0) for loss in (1.0, 1.0, 100.0)] == [None] * 3

@@ -1,0 +1,184 @@
+"""Run health on real CPU ranks, each started as srun starts one (no launcher to tear the others down): a
+frozen rank, a killed rank, stacks on demand, a straggler, and the SLURM script itself."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import REPO, start_job
+from tests.runs import events, free_port, metrics, rank_env, run, samples_read
+
+pytestmark = pytest.mark.slow
+
+
+def start_ranks(shards: Path, output: Path, *extra: str, world: int = 2) -> list[subprocess.Popen]:
+    port = free_port()
+    cmd = [sys.executable, "train/pretrain.py", "--config", "configs/tiny.toml", "--data", str(shards),
+           "--output", str(output), *extra]
+    return [start_job(cmd, cwd=REPO, env=rank_env(rank, world, port)) for rank in range(world)]
+
+
+def wait_for(condition, ranks: list[subprocess.Popen], seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in ranks), [p.poll() for p in ranks]
+        time.sleep(0.1)
+
+
+def logged_steps(output: Path) -> int:
+    return len(metrics(output)) if (output / "metrics.jsonl").is_file() else 0
+
+
+def test_a_frozen_rank_ends_both_ranks_as_hung_with_stacks_and_the_run_resumes(shards, tmp_path):
+    output = tmp_path / "frozen"
+    timeout = 8  # seconds without a step; start-up may take 4 x that
+    ranks = start_ranks(shards, output, "--max-steps", "100000", "--log-every", "1",
+                        "--set", f"runtime.hang_timeout_s={timeout}", "--set", "checkpoint.every_steps=2",
+                        "--set", "log.sample_ids=true")
+    wait_for(lambda: logged_steps(output) >= 3 and (output / "checkpoints" / "latest").is_file(), ranks)
+    ranks[1].send_signal(signal.SIGSTOP)  # a rank that stopped answering: a stuck GPU, a dead NFS mount
+    frozen_at = time.monotonic()
+    out0, _ = ranks[0].communicate(timeout=120)
+    waited = time.monotonic() - frozen_at
+    assert ranks[0].returncode == 6, out0[-3000:]  # hung: train/slurm.sbatch requeues it
+    assert timeout <= waited < timeout + 15, waited  # within the timeout and the watchdog's check interval
+    ranks[1].send_signal(signal.SIGCONT)  # as it wakes it finds itself past its limit
+    out1, _ = ranks[1].communicate(timeout=120)
+    assert ranks[1].returncode == 6, out1[-3000:]
+    reports = {p.name.split("-")[1]: p.read_text() for p in (output / "hangs").iterdir()}
+    assert set(reports) == {"rank00000.txt", "rank00001.txt"}
+    assert "HUNG: rank 0 on" in out0 and "no progress for" in reports["rank00000.txt"]
+    for report in reports.values():  # where each rank was: in the training loop's collective calls
+        assert "Thread" in report and "train/pretrain.py" in report and "run_epoch" in report, report[-2000:]
+    latest = (output / "checkpoints" / "latest").read_text()
+    run(shards, output, "--max-steps", "12", "--log-every", "1", "--set", f"runtime.hang_timeout_s={timeout}",
+        "--set", "checkpoint.every_steps=2", "--set", "log.sample_ids=true", "--resume")
+    assert events(output, "resumed")[-1]["from"] == latest
+    assert metrics(output)[-1]["step"] == 12
+    for epoch in range(3):  # 4 steps an epoch: every sample at most once per epoch, across the hang
+        keys = samples_read(output, range(4 * epoch + 1, 4 * epoch + 5))
+        assert len(keys) == len(set(keys)) == 64
+
+
+def test_a_killed_rank_stops_the_other_in_bounded_time_naming_it(shards, tmp_path):
+    output = tmp_path / "killed"
+    ranks = start_ranks(shards, output, "--max-steps", "100000", "--log-every", "1",
+                        "--set", "runtime.hang_timeout_s=20")
+    wait_for(lambda: logged_steps(output) >= 2, ranks)
+    ranks[1].kill()
+    killed_at = time.monotonic()
+    out, _ = ranks[0].communicate(timeout=120)
+    assert time.monotonic() - killed_at < 30
+    assert ranks[0].returncode == 5, out[-3000:]  # failed while training: resume once the node is back
+    assert f"rank 1 (host {os.uname().nodename}, pid {ranks[1].pid}) is no longer running" in out, out[-3000:]
+
+
+def test_stacks_on_demand_leave_the_run_unchanged_and_an_even_run_names_no_straggler(shards, tmp_path):
+    plain = run(shards, tmp_path / "plain", "--max-steps", "8", "--log-every", "1")
+    ranks = start_ranks(shards, tmp_path / "asked", "--max-steps", "8", "--log-every", "1")
+    wait_for(lambda: logged_steps(tmp_path / "asked") >= 2, ranks)
+    for rank in ranks:
+        rank.send_signal(signal.SIGUSR1)
+    outs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outs[0][-3000:]
+    assert [r["loss"] for r in metrics(tmp_path / "asked")] == [r["loss"] for r in metrics(tmp_path / "plain")]
+    dumps = sorted((tmp_path / "asked" / "stacks").iterdir())
+    assert [p.name.split("-")[0] for p in dumps] == ["rank00000", "rank00001"]
+    assert all("Thread" in p.read_text() and "pretrain.py" in p.read_text() for p in dumps)
+    assert "straggler" not in plain + outs[0]
+
+
+def test_a_rank_slowed_from_outside_is_named_as_the_straggler(shards, tmp_path):
+    output = tmp_path / "slowed"
+    ranks = start_ranks(shards, output, "--max-steps", "100000", "--log-every", "2",
+                        "--set", "log.straggler_windows=2")
+    wait_for(lambda: logged_steps(output) >= 1, ranks)
+    found = False
+    deadline = time.monotonic() + 240
+    while not found and time.monotonic() < deadline:
+        for _ in range(20):  # rank 1 runs a third of the time
+            ranks[1].send_signal(signal.SIGSTOP)
+            time.sleep(0.1)
+            ranks[1].send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+        records = metrics(output)
+        found = sum(r["slowest_rank"] == 1 for r in records[1:]) >= 3
+    for rank in ranks:
+        rank.send_signal(signal.SIGTERM)
+    outs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    assert found, [r["slowest_rank"] for r in metrics(output)]
+    assert "straggler: rank 1 on " in outs[0], outs[0][-3000:]
+    assert json.loads((output / "metrics.jsonl").read_text().splitlines()[-1])  # the folder is intact
+
+
+def fake_slurm(folder: Path, tasks: int) -> dict[str, str]:
+    """srun and scontrol as a one-node allocation runs them: srun starts `tasks` copies with SLURM's task
+    variables and returns the highest status; scontrol names this host and records a requeue."""
+    folder.mkdir()
+    scripts = {
+        "srun": f"""#!/usr/bin/env bash
+while [ "${{1#-}}" != "$1" ]; do shift; done  # srun's own options
+pids=()
+for task in $(seq 0 {tasks - 1}); do
+    SLURM_PROCID=$task SLURM_LOCALID=$task "$@" &
+    pids+=($!)
+done
+worst=0
+for pid in "${{pids[@]}}"; do wait "$pid"; code=$?; [ $code -gt $worst ] && worst=$code; done
+exit $worst
+""",
+        "scontrol": f"""#!/usr/bin/env bash
+case "$1 $2" in
+    "show hostnames") echo 127.0.0.1 ;;
+    requeue*) echo "$2" >> {folder}/requeued ;;
+esac
+""",
+    }
+    for name, text in scripts.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod((folder / name).stat().st_mode | stat.S_IEXEC)
+    return {"PATH": f"{folder}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node0",
+            "SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(tasks), "SLURM_CPUS_PER_TASK": "1",
+            "MASTER_PORT": str(free_port()), "MAEFLOW_PYTHON": sys.executable}
+
+
+def test_the_slurm_script_takes_a_users_arguments_from_anywhere_and_requeues_a_stopped_run(shards, tmp_path):
+    slurm = fake_slurm(tmp_path / "slurm", tasks=2)
+    submit_dir = tmp_path / "submitted_from_here"
+    submit_dir.mkdir()
+    env = {**os.environ, **slurm, "SLURM_SUBMIT_DIR": str(submit_dir), "MAEFLOW_REPO": str(REPO)}
+    script = REPO / "train" / "slurm.sbatch"
+    args = ["bash", str(script), str(shards), "runs/mine", "--config", str(REPO / "configs" / "tiny.toml"),
+            "--max-steps", "4", "--log-every", "1", "--set", "optim.lr=0.001"]
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = submit_dir / "runs" / "mine"  # relative to where the job was submitted, not where it ran
+    cfg = json.loads((output / "config.json").read_text())
+    assert (cfg["model"]["name"], cfg["optim"]["lr"], cfg["data"]["num_threads"]) == ("mae_vit_tiny_patch16", 0.001, 1)
+    assert [r["step"] for r in metrics(output)] == [1, 2, 3, 4]
+    assert "step 4/4 epoch 1" in done.stdout and "\r" not in done.stdout  # plain lines in a log file, no bar
+    assert not (tmp_path / "slurm" / "requeued").exists()
+    # A preempted job: SIGTERM to the job's processes; the script requeues it, and the requeue resumes.
+    job = start_job(args[:6] + ["--max-steps", "100000", "--log-every", "1"], cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 300
+    while logged_steps(output) < 6:
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    session = os.getsid(job.pid)
+    tasks = [p for p in psutil.process_iter(["name", "cmdline"]) if "python" in (p.info["name"] or "")
+             and "train/pretrain.py" in (p.info["cmdline"] or []) and os.getsid(p.pid) == session]
+    assert len(tasks) == 2
+    for task in tasks:  # what --signal=TERM@120 does before a time limit: every task of the job step
+        task.send_signal(signal.SIGTERM)
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 3, out[-3000:]
+    assert (tmp_path / "slurm" / "requeued").read_text().split() == ["4242"]
+    assert events(output, "resumed")[-1]["from"] == "step00000004"
