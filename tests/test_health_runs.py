@@ -167,7 +167,7 @@ def test_the_slurm_script_takes_a_users_arguments_from_anywhere_and_requeues_a_s
     assert "step 4/4 epoch 1" in done.stdout and "\r" not in done.stdout  # plain lines in a log file, no bar
     assert not (tmp_path / "slurm" / "requeued").exists()
     # A preempted job: SIGTERM to the job's processes; the script requeues it, and the requeue resumes.
-    job = start_job(args[:6] + ["--max-steps", "100000", "--log-every", "1"], cwd=tmp_path, env=env)
+    job = start_job([*args[:6], "--max-steps", "100000", "--log-every", "1"], cwd=tmp_path, env=env)
     deadline = time.monotonic() + 300
     while logged_steps(output) < 6:
         assert job.poll() is None and time.monotonic() < deadline
