@@ -12,6 +12,7 @@ import torch
 from pipeline.loader_base import Backend, Device, Loader, LoaderSpec
 from pipeline.manifest import resolve_shards
 from pipeline.pil_loader import PilLoader
+from pipeline.synthetic_loader import IMAGENET_TRAIN_SAMPLES, SyntheticLoader
 
 
 def _resolve_device(device: Device | Literal["auto"]) -> Device:
@@ -54,8 +55,16 @@ def default_threads() -> int:
     return max(1, usable // local_rank_count())
 
 
+def sample_counts(shards: str | Path | None, split: str, backend: Backend,
+                  synthetic_samples: int = IMAGENET_TRAIN_SAMPLES) -> list[int]:
+    """Samples per shard of the split a loader of this backend reads (synthetic data: one virtual shard)."""
+    if backend == "synthetic":
+        return [synthetic_samples]
+    return resolve_shards(shards, split).sample_counts()
+
+
 def build_loader(
-    shards: str | Path,
+    shards: str | Path | None,
     *,
     split: str = "train",
     local_batch_size: int = 64,
@@ -69,6 +78,7 @@ def build_loader(
     num_threads: int | None = None,
     dtype: torch.dtype = torch.float32,
     limit: int | None = None,
+    synthetic_samples: int = IMAGENET_TRAIN_SAMPLES,
     verbose: bool = False,
 ) -> Loader:
     """A loader over `shards` (a shard folder with `<split>.json`, or a brace pattern of tars).
@@ -80,6 +90,7 @@ def build_loader(
     message) where DALI is not installed. `num_threads` (DALI threads or PIL worker processes)
     defaults to the CPU cores this process may use over the ranks on this node. `limit` reads only the
     first `limit` samples of the split (the builder shuffled it, so they are a random subset).
+    backend "synthetic" reads no shards: random normalized images of a virtual split of `synthetic_samples`.
     """
     if local_batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need local_batch_size >= 1 and 0 <= rank < world_size, got {local_batch_size}, {rank}, "
@@ -90,8 +101,8 @@ def build_loader(
         print("maeflow: DALI is not installed here; using the PIL backend")
         backend = "pil"
     threads = num_threads or default_threads()
-    shard_set = resolve_shards(shards, split)
-    samples = sum(shard_set.sample_counts())
+    shard_set = None if backend == "synthetic" else resolve_shards(shards, split)
+    samples = sum(sample_counts(shards, split, backend, synthetic_samples))
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
@@ -107,6 +118,8 @@ def build_loader(
         from pipeline.dali_loader import DaliLoader  # imports DALI, which only this backend needs
 
         loader: Loader = DaliLoader(spec)
+    elif backend == "synthetic":
+        loader = SyntheticLoader(spec, synthetic_samples)
     else:
         loader = PilLoader(spec)
     if verbose:

@@ -38,7 +38,7 @@ CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 EVAL_CROP_FRACTION = 0.875
 
-Backend = Literal["dali", "pil"]
+Backend = Literal["dali", "pil", "synthetic"]
 Device = Literal["gpu", "cpu"]
 
 
@@ -46,7 +46,7 @@ Device = Literal["gpu", "cpu"]
 class LoaderSpec:
     """Everything a backend needs to build its reader; see `build_loader` for the meaning of each."""
 
-    shards: ShardSet
+    shards: ShardSet | None  # None for synthetic data
     split: str
     local_batch_size: int
     img_size: int
@@ -69,9 +69,9 @@ class Loader:
 
     backend = "base"
 
-    def __init__(self, spec: LoaderSpec) -> None:
+    def __init__(self, spec: LoaderSpec, table: SampleTable | None = None) -> None:
         self.spec = spec
-        self.table = SampleTable(spec.shards)
+        self.table = table or SampleTable(spec.shards)
         self.position = ReadPosition()
         self.wait_s = 0.0
         self.last_wait_s = 0.0

@@ -357,3 +357,28 @@ def test_evaluation_pixels_agree_between_backends_and_are_never_flipped(gradient
         for images in (dali, pil):
             red = images[:, 0]  # red = 2x in the source: rises left to right unless mirrored
             assert bool((red[:, :, -1].mean(1) > red[:, :, 0].mean(1)).all())
+
+
+def test_synthetic_data_follows_the_epoch_plan_and_resumes_exactly():
+    """Random images made in place, in the real loaders' range, at the real batch counts and positions."""
+    def make(rank=0, world=2):
+        return build_loader(None, backend="synthetic", local_batch_size=4, img_size=16, rank=rank, world_size=world,
+                            device="cpu", synthetic_samples=41)
+
+    loader = make()
+    assert loader.backend == "synthetic" and len(loader) == 5  # 20 samples a rank: 5 batches of 4
+    batches = list(loader)
+    images, labels = batches[0]
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    low = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]).view(1, 3, 1, 1)
+    high = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]).view(1, 3, 1, 1)
+    assert bool(((images >= low) & (images <= high)).all()) and images.std() > 0.5  # spread over the whole range
+    other_rank = [label for _, labels in make(rank=1) for label in labels.tolist()]
+    assert not set(other_rank) & {label for _, labels in batches for label in labels.tolist()}
+    first = make()
+    stream = iter(first)
+    head = [next(stream) for _ in range(2)]
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    for got, want in zip(head + list(resumed), batches, strict=True):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -54,9 +54,11 @@ class DataConfig:
     img_size: int = 224
     """side of the square crops the loader delivers; the model is built for it (divisible by the patch)"""
     backend: Backend = "dali"
-    """dali (GPU 'mixed' decoding, CPU without a GPU) or pil (the baseline)"""
+    """dali (GPU 'mixed' decoding, CPU without a GPU), pil (the baseline) or synthetic (random images, no data)"""
     num_threads: int = 0
     """decoder threads (DALI) or workers (PIL) per rank; 0 = CPU cores per local rank"""
+    synthetic_samples: int = 1_281_167
+    """backend synthetic: samples in the virtual train split (ImageNet-1k's count)"""
     viz_split: str = "val"
     """split holding the fixed reconstruction images (falls back to train if absent)"""
 
@@ -281,6 +283,7 @@ def validate(cfg: TrainConfig) -> None:
          "optim.blr, optim.lr, optim.min_lr and optim.weight_decay must be >= 0"),
         (all(0 <= beta < 1 for beta in cfg.optim.betas), f"optim.betas must be in [0, 1), got {cfg.optim.betas}"),
         (cfg.data.img_size > 0, f"data.img_size must be positive, got {cfg.data.img_size}"),
+        (cfg.data.synthetic_samples > 0, "data.synthetic_samples must be positive"),
         (cfg.data.num_threads >= 0, f"data.num_threads must be >= 0 (0 = the cores per local rank), got "
                                     f"{cfg.data.num_threads}"),
         (cfg.checkpoint.every_minutes >= 0 and cfg.checkpoint.every_steps >= 0,

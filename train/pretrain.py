@@ -40,7 +40,7 @@ from model import load_reference_weights
 from model.flops import mae_train_flops, peak_flops
 from pipeline import build_loader
 from pipeline.atomic import atomic_write_text
-from pipeline.manifest import resolve_shards
+from pipeline.loader import sample_counts
 from train.cadence import CheckpointCadence, EveryEpochs, EverySteps
 from train.checkpoint import (
     ResumeError,
@@ -177,7 +177,8 @@ class Trainer:
             cfg.data.shards, split="train", local_batch_size=self.plan.local_batch_size, img_size=cfg.data.img_size,
             train=True, rank=self.rank, world_size=self.world, seed=cfg.runtime.seed,
             device="gpu" if self.device.type == "cuda" else "cpu", backend=cfg.data.backend,
-            num_threads=cfg.data.num_threads or None, dtype=self.dtype, verbose=self.is_main)
+            num_threads=cfg.data.num_threads or None, dtype=self.dtype, synthetic_samples=cfg.data.synthetic_samples,
+            verbose=self.is_main)
         self.steps_per_epoch = self.loader.batches_per_epoch // self.plan.grad_accum_steps
         if self.steps_per_epoch == 0:
             raise ConfigError(f"an epoch has {self.loader.batches_per_epoch} local batches per rank, fewer than "
@@ -207,7 +208,8 @@ class Trainer:
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.sample_log = self._open_sample_log() if cfg.log.sample_ids else None
         self.board = Board(self.output / "tb", cfg.log.tensorboard and self.is_main)
-        self.knn = self._knn_monitor() if cfg.eval.every_epochs else None
+        self.synthetic = cfg.data.backend == "synthetic"
+        self.knn = self._knn_monitor() if cfg.eval.every_epochs and not self.synthetic else None
         self.stop = StopRequest()
         self.stack_file = dump_stacks_on(signal.SIGUSR1, self.output, self.rank)
         self.rank_times = RankTimes(self.device, self.control, cfg.log.straggler_margin, cfg.log.straggler_windows)
@@ -530,7 +532,7 @@ class Trainer:
     def _write_reconstruction(self) -> None:
         cfg = self.cfg
         images = fixed_images(cfg.data.shards, cfg.data.viz_split, cfg.log.viz_images, cfg.data.img_size,
-                              self.device)
+                              self.device, synthetic=self.synthetic)
         noise = fixed_noise(images.shape[0], self.model.num_patches, self.device)
         self.engine.eval()
         with torch.no_grad():
@@ -546,13 +548,15 @@ class Trainer:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` on this host still runs (a zombie, dead but not yet reaped by its launcher, does not)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # gone, or the pid now belongs to someone else's process
         return False
-    except PermissionError:  # someone else's process holds that pid now: ours is gone
-        return False
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc here: the signal check is all there is
+        return True
 
 
 def total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -569,14 +573,15 @@ def print_plan(cfg: TrainConfig, ranks: int) -> None:
              f"batch on {ranks} ranks: {plan.global_batch_size} = {plan.local_batch_size} local x "
              f"{plan.grad_accum_steps} accumulation x {ranks} ranks ({plan.note})",
              f"peak lr: {peak_lr(cfg.optim, plan.global_batch_size):.4g}"]
-    if cfg.data.shards:
-        samples = sum(resolve_shards(cfg.data.shards, "train").sample_counts())
+    if cfg.data.shards or cfg.data.backend == "synthetic":
+        samples = sum(sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples))
         steps = samples // ranks // plan.local_batch_size // plan.grad_accum_steps
         if steps == 0:
             raise ConfigError(f"{cfg.data.shards}: {samples} training samples make no optimizer step of "
                               f"{plan.local_batch_size} local x {plan.grad_accum_steps} accumulation on {ranks} "
                               "ranks: use a smaller batch or more data")
-        lines.append(f"data: {samples} training samples in {cfg.data.shards}: {steps} optimizer steps per epoch")
+        where = "synthetic images" if cfg.data.backend == "synthetic" else cfg.data.shards
+        lines.append(f"data: {samples} training samples ({where}): {steps} optimizer steps per epoch")
     lines += ["deepspeed config:", json.dumps(deepspeed_config(cfg, plan), indent=1)]
     print("\n".join(lines))
 
@@ -615,9 +620,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print_plan(cfg, args.ranks if args.ranks is not None else int(os.environ.get("WORLD_SIZE", "1")))
             return RunEnd.FINISHED
-        if not cfg.data.shards:
-            raise ConfigError("no training data: pass --data SHARDS or set data.shards")
-        resolve_shards(cfg.data.shards, "train")
+        if not cfg.data.shards and cfg.data.backend != "synthetic":
+            raise ConfigError("no training data: pass --data SHARDS, set data.shards, or train on synthetic images "
+                              "with --set data.backend=synthetic")
+        sample_counts(cfg.data.shards, "train", cfg.data.backend)  # the shards are there and whole
         if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
             raise ConfigError(f"--output {cfg.output} is a file, not a folder")
         found = existing_run(Path(cfg.output))

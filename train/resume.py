@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.loader import sample_counts
 from pipeline.loader_base import check_loader_state
-from pipeline.manifest import resolve_shards
 from train.checkpoint import (
     ResumeError,
     TrainState,
@@ -97,7 +97,7 @@ def plan_resume(output: Path, wanted: str, cfg: TrainConfig, world_size: int) ->
     saved_cfg = config_from_json(config_path)
     changes = tuple(config_changes(saved_cfg, cfg))
     loader_state = torch.load(ckpt_dir / tag / "rank00000.pt", weights_only=True)["loader"]
-    shard_sizes = resolve_shards(cfg.data.shards, "train").sample_counts()
+    shard_sizes = sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples)
     try:
         check_loader_state(loader_state, cfg.runtime.seed, shard_sizes)
     except ValueError as err:

@@ -15,8 +15,14 @@ from pipeline.atomic import atomic_path
 MIN_CELL = 128  # small images are enlarged (nearest) so patches stay visible
 
 
-def fixed_images(shards: str, split: str, count: int, img_size: int, device: torch.device) -> torch.Tensor:
-    """The first `count` samples of `split` (or of train, if the split is absent), centre-cropped."""
+def fixed_images(shards: str, split: str, count: int, img_size: int, device: torch.device,
+                 synthetic: bool = False) -> torch.Tensor:
+    """The first `count` samples of `split` (or of train, if the split is absent), centre-cropped; or, for a
+    run on synthetic data, `count` fixed random images."""
+    if synthetic:
+        loader = build_loader(None, backend="synthetic", train=False, local_batch_size=count, img_size=img_size,
+                              device="gpu" if device.type == "cuda" else "cpu", synthetic_samples=count)
+        return next(iter(loader))[0]
     for candidate in (split, "train"):
         try:
             loader = build_loader(shards, split=candidate, local_batch_size=count, img_size=img_size, train=False,

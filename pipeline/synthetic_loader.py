@@ -1,0 +1,62 @@
+"""Synthetic data: random images made on the device, normalized as the real loaders' output, no decoding.
+
+For measuring the trainer alone (its overhead, MFU and memory) before DALI is even installed, and for
+telling a data bottleneck from a model one on a user's own cluster: if training on synthetic data is no
+faster than on the shards, the data path is not what holds the run back. The epoch plan, batch counts,
+positions and resume are the real loaders', over a virtual split of `synthetic_samples` samples in one
+shard; sample i has label i mod 1000 (there is nothing to learn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.epoch_plan import ReadPosition
+from pipeline.loader_base import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderSpec
+
+SYNTHETIC_CLASSES = 1000
+IMAGENET_TRAIN_SAMPLES = 1_281_167
+
+
+class _SyntheticNames:
+    """Sample keys on demand: "synthetic00000042" (a split of a million names need not be stored)."""
+
+    def __getitem__(self, samples: np.ndarray) -> np.ndarray:
+        return np.asarray([f"synthetic{int(i):08d}".encode() for i in np.atleast_1d(samples)], dtype=np.bytes_)
+
+
+class SyntheticTable:
+    """The sample table of a virtual split: one shard of `samples` samples."""
+
+    def __init__(self, samples: int) -> None:
+        self.shard_sizes = [samples]
+        self.keys = _SyntheticNames()
+
+    def __len__(self) -> int:
+        return self.shard_sizes[0]
+
+
+class SyntheticLoader(Loader):
+    backend = "synthetic"
+
+    def __init__(self, spec: LoaderSpec, samples: int) -> None:
+        super().__init__(spec, SyntheticTable(samples))
+        device = "cuda" if spec.device == "gpu" else "cpu"
+        self._device = torch.device(device)
+        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def _epoch_batches(self, position: ReadPosition) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        b, size = self.spec.local_batch_size, self.spec.img_size
+        samples = self.samples(position)
+        generator = torch.Generator(device=self._device)
+        for batch in range(position.batch, -(-len(samples) // b)):
+            ids = samples[batch * b:(batch + 1) * b]
+            # Each batch from its own seed: the same images at the same position, however it was reached.
+            generator.manual_seed(self.augmentation_seed(ReadPosition(position.epoch, batch, position.handed_over)))
+            pixels = torch.rand(len(ids), 3, size, size, device=self._device, generator=generator) * 255
+            labels = torch.from_numpy(ids % SYNTHETIC_CLASSES).to(self._device)
+            yield ((pixels - self._mean) / self._std).to(self.spec.dtype), labels
