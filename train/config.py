@@ -149,6 +149,8 @@ class LogConfig:
     """a window's gradient norm above this x the recent median is a spike too (0 = off)"""
     spike_history: int = 10
     """logged windows the spike detector compares with (and waits for before it judges)"""
+    profile_steps: int = 0
+    """profile this many optimizer steps (after 2 warm-up steps) and write OUTPUT/profile.txt (0 = off)"""
 
 
 @dataclass
@@ -289,6 +291,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.checkpoint.every_minutes >= 0 and cfg.checkpoint.every_steps >= 0,
          "checkpoint.every_minutes and checkpoint.every_steps must be >= 0 (0 = off)"),
         (cfg.log.viz_images >= 1, "log.viz_images must be >= 1"),
+        (cfg.log.profile_steps >= 0, "log.profile_steps must be >= 0"),
         (cfg.runtime.hang_timeout_s >= 0, "runtime.hang_timeout_s must be >= 0 (0 = no watchdog)"),
         (cfg.log.straggler_margin > 0 and cfg.log.straggler_windows >= 1,
          "log.straggler_margin must be positive and log.straggler_windows >= 1"),

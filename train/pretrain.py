@@ -59,6 +59,7 @@ from train.distributed import JoinError, join_process_group
 from train.engine import attention_backend, build_model, compile_blocks, deepspeed_config
 from train.health import HUNG_EXIT_STATUS, SLOW_PHASE_FACTOR, RankTimes, SpikeDetector, Watchdog, dump_stacks_on
 from train.knn import KnnMonitor
+from train.profile import step_profiler, write_profile
 from train.recipe import build_optimizer, lr_at, peak_lr, plan_batch
 from train.resume import ResumePlan, plan_resume
 from train.run_folder import FolderInUse, existing_run, lock_folder
@@ -215,6 +216,11 @@ class Trainer:
         self.rank_times = RankTimes(self.device, self.control, cfg.log.straggler_margin, cfg.log.straggler_windows)
         self.spikes = SpikeDetector(cfg.log.spike_loss_factor, cfg.log.spike_grad_factor, cfg.log.spike_history)
         self.window = MetricWindow(self.device)
+        self.profiler = None
+        if cfg.log.profile_steps:
+            write = write_profile(self.output) if self.is_main else lambda table: None
+            self.profiler = step_profiler(cfg.log.profile_steps, self.device, write)
+            self.profiler.start()
         # A terminal gets a progress bar; a log file (SLURM's) a plain line per logged window instead.
         self.plain_lines = self.is_main and not sys.stderr.isatty()
         self.bar = tqdm(total=self.stop_at, initial=self.state.step, unit="step", dynamic_ncols=True,
@@ -383,6 +389,8 @@ class Trainer:
         state.step += 1
         state.samples += self.plan.global_batch_size
         self.watchdog.beat()
+        if self.profiler is not None:
+            self.profiler.step()
         self.window.steps += 1
         self.bar.update(1)
         votes = torch.tensor([self.stop.signal_name is not None, self.checkpoints.due(state.step)], dtype=torch.int32)
@@ -422,6 +430,8 @@ class Trainer:
 
     def close(self) -> None:
         self.watchdog.close()
+        if self.profiler is not None:
+            self.profiler.stop()
         self.bar.close()
         if self.sample_log is not None:
             self.sample_log.close()
