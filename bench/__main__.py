@@ -16,10 +16,23 @@ import torch
 from bench.context import BenchContext, StageUnavailable
 from bench.harness import DEFAULT_HISTORY, REPO, History
 from bench.report import write_report
+from pipeline.atomic import atomic_write_text
 
 # The stage modules are imported one by one below: the kernel stage's Triton kernels must see
 # TRITON_INTERPRET before they are defined, and a stage's packages may be missing on this machine.
 STAGES = ["shards", "pipeline", "kernels", "model", "train"]
+
+
+def keep_profiles_beside(records: list, history_path: Path) -> list:
+    """A record's profile table goes to its own file beside the history file; the record keeps its name."""
+    for record in records:
+        table = record.extra.get("profile")
+        if table:
+            path = history_path.with_name(f"{history_path.stem}.profile.{record.name.split('.')[-1]}.txt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, table)
+            record.extra["profile"] = path.name
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         except StageUnavailable as why:
             print(f"{stage}: skipped ({why})")
             continue
-        history.append(records)
+        history.append(keep_profiles_beside(records, history.path))
         for r in records:
             base = f" vs {r.baseline.median:.4g} ({r.baseline_name}): x{r.ratio:.2f}" if r.baseline else ""
             tag = " [interpreter]" if r.interpreter else ""

@@ -79,7 +79,7 @@ def stage_tables(latest: dict) -> list[str]:
 def epoch_table(latest: dict, on_gpu: bool) -> list[str]:
     """Per training preset: the trainer, its bare model step and the reference-style trainer, and, from GPU
     records only, the projected ImageNet-1k epoch and run times."""
-    train = [(r, run) for (stage, _), (r, run) in sorted(latest.items()) if stage == "train"]
+    train = [(r, run) for (stage, _), (r, run) in sorted(latest.items()) if is_trainer_on_shards(stage, r)]
     if not train:
         return []
     head = ("| config | trainer img/s per device | bare model step | trainer efficiency | reference-style trainer "
@@ -108,11 +108,36 @@ def epoch_table(latest: dict, on_gpu: bool) -> list[str]:
     return [*lines, ""]
 
 
+def is_trainer_on_shards(stage: str, record: dict) -> bool:
+    """The end-to-end training records (real data against the reference-style trainer), which project epochs."""
+    return stage == "train" and record["name"].startswith("images_per_s.")
+
+
+def synthetic_table(latest: dict) -> list[str]:
+    """The trainer on synthetic data against its bare model step: overhead, MFU, memory and the profile's file."""
+    rows = []
+    for (stage, name), (record, _run) in sorted(latest.items()):
+        if stage != "train" or not name.startswith("synthetic_images_per_s."):
+            continue
+        extra = record["extra"]
+        mfu = f"{100 * extra['mfu']:.1f}%" if extra.get("mfu") is not None else "–"
+        memory = f"{extra['peak_memory_gb']:.1f} GB" if extra.get("peak_memory_gb") is not None else "–"
+        rows.append(f"| {record['config']['config']} | {record['config']['local_batch_size']} | "
+                    f"{_fmt(record['ours']['median'])} | {_fmt(record['baseline']['median'])} | "
+                    f"**{record['ratio']:.2f}** | {mfu} | {memory} | {extra.get('profile') or '–'} |")
+    if not rows:
+        return []
+    return ["#### trainer on synthetic data (no decoding) against its bare model step", "",
+            "| config | local batch | trainer img/s | bare step img/s | trainer efficiency | MFU | peak memory "
+            "| profile |",
+            "|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def history_table(runs: list[dict], on_gpu: bool) -> list[str]:
     rows = []
     for run in runs:
         for record in run["records"]:
-            if record["stage"] == "train":
+            if is_trainer_on_shards(record["stage"], record):
                 per_device = record["ours"]["median"]
                 epoch = _hours(IMAGENET_TRAIN_IMAGES / per_device / 3600) if on_gpu else "–"
                 rows.append(f"| {run['date'][:16]} | {run['git_sha']} | {record['name']} | {_fmt(per_device)} | "
@@ -129,7 +154,7 @@ def plot_epoch_hours(runs: list[dict], path: Path, title: str) -> Path | None:
     series: dict[str, list[float]] = defaultdict(list)
     commits: list[str] = []
     for run in runs:
-        train = [r for r in run["records"] if r["stage"] == "train"]
+        train = [r for r in run["records"] if is_trainer_on_shards(r["stage"], r)]
         if not train:
             continue
         commits.append(run["git_sha"])
@@ -181,7 +206,8 @@ def write_report(history: Path, out: Path) -> Path:
             lines += ["CPU numbers: the tiny preset and small shapes, for tracking changes on the development "
                       "machine. They say nothing about GPU speed and are never compared with GPU numbers.", ""]
         on_gpu = "CPU" not in device
-        lines += stage_tables(latest) + epoch_table(latest, on_gpu) + history_table(device_runs, on_gpu)
+        lines += (stage_tables(latest) + synthetic_table(latest) + epoch_table(latest, on_gpu)
+                  + history_table(device_runs, on_gpu))
         plot = plot_epoch_hours(device_runs, out / f"epoch_hours_{number}.png", device) if on_gpu else None
         if plot:
             lines += [f"![epoch hours across commits on {device}]({plot.name})", ""]

@@ -1,5 +1,8 @@
-"""End-to-end training throughput, three numbers per preset, measured in one run on one device:
+"""End-to-end training throughput, measured per preset in one run on one device:
 
+- maeflow's trainer on synthetic data (`data.backend=synthetic`: no decoding): what the trainer costs on top of
+  the model step, its MFU, peak memory and a profile (OUTPUT/profile.txt, kept beside the history file);
+  this needs DeepSpeed alone, so it runs before DALI is installed;
 - maeflow's trainer: `train/pretrain.py` under the deepspeed launcher, one rank, DALI, fused kernels;
 - maeflow's bare model step: the same model, precision and optimizer in a plain loop on images already
   in memory, the ceiling the trainer is held against (trainer / bare step = the trainer's efficiency);
@@ -20,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from bench.context import BenchContext, require
+from bench.context import BenchContext, StageUnavailable, require
 from bench.harness import REPO, Record, Stat, free_port, kernels_backend, rate, stat_of, time_repeats
 from model.flops import mae_train_flops, peak_flops
 from train.config import load_config
 from train.engine import attention_backend, build_model
+from train.profile import WARMUP_STEPS
 from train.recipe import build_optimizer
 
 
@@ -53,15 +57,21 @@ def _metrics(cmd: list[str], out: Path, env: dict[str, str]) -> list[dict]:
     return windows[1:]  # the first window holds the warm-up (and any compilation)
 
 
-def trainer_run(config: str, shards: Path, steps: int, log_every: int, batch: int) -> list[dict]:
-    """Metrics windows of maeflow's trainer on one rank."""
+def trainer_run(config: str, shards: Path | None, steps: int, log_every: int, batch: int) -> tuple[list[dict], str]:
+    """Metrics windows of maeflow's trainer on one rank, and its profile (synthetic data when `shards` is None:
+    then the steps of the first window after the profiler's warm-up are profiled; that window is not counted)."""
     with tempfile.TemporaryDirectory(prefix="maeflow-bench-train-") as out:
-        cmd = [*deepspeed_launcher(), "--num_gpus", "1", "train/pretrain.py", "--config", config, "--data",
-               str(shards), "--output", out, "--max-steps", str(steps), "--log-every", str(log_every),
+        profiled = log_every - WARMUP_STEPS
+        data = ["--data", str(shards)] if shards else ["--set", "data.backend=synthetic",
+                                                      "--set", f"log.profile_steps={profiled}"]
+        cmd = [*deepspeed_launcher(), "--num_gpus", "1", "train/pretrain.py", "--config", config, *data,
+               "--output", out, "--max-steps", str(steps), "--log-every", str(log_every),
                "--set", f"optim.global_batch_size={batch}", "--set", f"optim.local_batch_size={batch}",
                "--set", "checkpoint.every_minutes=0", "--set", "checkpoint.at_end=false",
-               "--set", "log.viz_every=1000000"]
-        return _metrics(cmd, Path(out), {})
+               "--set", "log.viz_every=1000000", "--set", "eval.every_epochs=0"]
+        windows = _metrics(cmd, Path(out), {})
+        profile = Path(out, "profile.txt")
+        return windows, profile.read_text() if profile.is_file() else ""
 
 
 def reference_run(config: str, shards: Path, steps: int, log_every: int, batch: int) -> list[dict]:
@@ -104,28 +114,46 @@ def summarize(records: list[dict]) -> tuple:
 
 
 def run(ctx: BenchContext) -> list[Record]:
-    require("deepspeed", "nvidia.dali", "braceexpand")
+    require("deepspeed", "braceexpand")
     gpu = ctx.device == "gpu"
     if gpu:
-        shards = ctx.shards_of(ctx.imagenet_like_tree(10_240), workers=os.cpu_count() or 1)
         setups = [("configs/vit_b16_1600ep.toml", 256), ("configs/vit_h14_1600ep.toml", 128)]
         steps, log_every = (30, 5) if ctx.quick else (100, 10)
     else:
-        shards = ctx.shards_of(ctx.sample_tree())
         setups = [("configs/tiny.toml", 16)]
         steps, log_every = (25, 5) if ctx.quick else (60, 10)
     peak = peak_flops(torch.cuda.get_device_name()) if gpu else None
     records = []
     for config, batch in setups:
-        ours, ours_stall, ours_mfu = summarize(trainer_run(config, shards, steps, log_every, batch))
         bare, flops = bare_step_rate(config, batch, ctx.torch_device, 10 if gpu else 5)
+        windows, profile = trainer_run(config, None, steps, log_every, batch)
+        synthetic, _, synthetic_mfu = summarize(windows)
+        memory = [r["peak_memory_gb"] for r in windows if r.get("peak_memory_gb") is not None]
+        records.append(Record(
+            "train", f"synthetic_images_per_s.{Path(config).stem}", "img/s", synthetic, bare,
+            "bare model step (same model, precision, optimizer; images in memory)",
+            {"config": config, "local_batch_size": batch, "ranks": 1, "steps": steps, "log_every": log_every},
+            extra={"mfu": synthetic_mfu, "peak_memory_gb": max(memory) if memory else None,
+                   "bare_step_mfu": flops * bare.median / peak if peak else None, "profile": profile},
+        ))
+    try:
+        require("nvidia.dali")
+    except StageUnavailable as why:
+        print(f"train: trainer on shards and the reference-style trainer skipped ({why})")
+        return records
+    if gpu:
+        shards = ctx.shards_of(ctx.imagenet_like_tree(10_240), workers=os.cpu_count() or 1)
+    else:
+        shards = ctx.shards_of(ctx.sample_tree())
+    for config, batch in setups:
+        ours, ours_stall, ours_mfu = summarize(trainer_run(config, shards, steps, log_every, batch)[0])
+        bare = next(r.baseline for r in records if r.config["config"] == config)
         base, base_stall, base_mfu = summarize(reference_run(config, shards, steps, log_every, batch))
         records.append(Record(
             "train", f"images_per_s.{Path(config).stem}", "img/s", ours, base,
             "reference-style trainer: DDP, autocast, fused AdamW, PIL DataLoader, reference formulation",
             {"config": config, "local_batch_size": batch, "ranks": 1, "steps": steps, "log_every": log_every},
             extra={"data_stall_pct": ours_stall, "mfu": ours_mfu, "bare_step_img_per_s": bare.median,
-                   "bare_step_mfu": flops * bare.median / peak if peak else None,
                    "trainer_efficiency": ours.median / bare.median, "baseline_data_stall_pct": base_stall,
                    "baseline_mfu": base_mfu},
         ))
