@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +30,17 @@ from pipeline.atomic import atomic_write_text
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.manifest import Manifest, class_mismatch
 from pipeline.shard_resume import finished_shards, plan_fingerprint, save_progress
-from pipeline.shard_sources import BuildError, list_class_tree, list_flat_val, read_class_list
+from pipeline.shard_sources import (
+    BuildError,
+    SourceImage,
+    class_folder_images,
+    file_list_images,
+    flat_val_images,
+    read_class_list,
+    source_entries,
+    unlabeled_images,
+    webdataset_images,
+)
 from pipeline.shard_verify import verify
 from pipeline.shard_writing import plan_shards, run_jobs
 
@@ -50,6 +61,9 @@ class BuildOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     strict: bool = False
     quiet: bool = False
+    unlabeled: bool = False
+    file_list: bool = False
+    webdataset: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,23 +72,48 @@ class VerifyOptions:
     split: str
 
 
+SCRATCH = ".scratch"  # inside OUT: a .tar.gz's tar while a build runs
+
 # Exit status when damaged data was found: a shard --verify rejects, or an image --strict would not skip. The same
 # code as a training run that failed on its data (README, "Exit codes"); 2 is a refused command.
 DAMAGED_DATA = 5
 
 
+def list_images(options: BuildOptions, scratch: Path) -> tuple[list[str], list[SourceImage], list[dict]]:
+    """(classes, images, what was skipped while listing) for the build's input and labelling options."""
+    src = options.src
+    if not src.exists():
+        raise BuildError(f"SRC {src} does not exist")
+    classes = read_class_list(options.classes) if options.classes else None
+    rejected: list[dict] = []
+    if options.file_list:
+        classes, images = file_list_images(src, rejected)
+        return classes, images, rejected
+    listing = source_entries(src, options.split, scratch, any_depth=options.unlabeled)
+    rejected += listing.problems
+    if options.unlabeled:
+        return [], unlabeled_images(listing.entries, rejected), rejected
+    if options.webdataset:
+        classes, images = webdataset_images(listing.entries, rejected)
+        return classes, images, rejected
+    flat = not any("/" in e.name for e in listing.entries if not e.problem)
+    try:
+        if options.val_labels or (listing.val_labels is not None and flat):
+            classes, images = flat_val_images(listing, options.val_labels, options.synsets, classes, rejected)
+        else:
+            classes, images = class_folder_images(listing.entries, classes, rejected)
+    except BuildError as err:
+        raise BuildError(f"{src}: {err}") from None
+    return classes, images, rejected
+
+
 def build(options: BuildOptions) -> int:
     src, out, split = options.src, options.out, options.split
-    if not src.is_dir():
-        raise BuildError(f"SRC {src} does not exist or is not a folder")
-    classes = read_class_list(options.classes) if options.classes else None
-    if options.val_labels:
-        classes, images, unlabeled = list_flat_val(src, options.val_labels, options.synsets, classes)
-    else:
-        (classes, images), unlabeled = list_class_tree(src, classes), []
+    scratch = out / SCRATCH
+    classes, images, skipped = list_images(options, scratch)
     if not images:
         raise BuildError(f"{src}: no image files found")
-    if not options.classes:
+    if classes and not options.classes:
         _refuse_other_class_lists(out, split, classes)
     source = str(src.resolve())
     plan = plan_fingerprint(images, classes, [split, options.seed, options.shard_size_mb, options.max_pixels])
@@ -108,13 +147,14 @@ def build(options: BuildOptions) -> int:
             show_rate()
 
     results = [done[j.index] for j in jobs]
-    rejected = unlabeled + [r for res in results for r in res.rejected]
+    rejected = skipped + [r for res in results for r in res.rejected]
     manifest = Manifest(
         split=split, samples=sum(r.record.samples for r in results), classes=classes,
         shards=[r.record for r in results if r.record.samples], rejected=rejected,
         converted=[c for res in results for c in res.converted], seed=options.seed, source=source, plan=plan,
     )
     atomic_write_text(Manifest.path(out, split), manifest.to_json())
+    shutil.rmtree(scratch, ignore_errors=True)  # a decompressed .tar.gz, kept only for a rerun of a killed build
     _print_summary(manifest, out)
     return DAMAGED_DATA if options.strict and rejected else 0
 
@@ -150,10 +190,19 @@ def _print_summary(manifest: Manifest, out: Path) -> None:
 def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
     parser = argparse.ArgumentParser(prog="maeflow-shards", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("src", nargs="?", help="image tree SRC/<class>/<image>, or a flat val folder")
+    parser.add_argument("src", nargs="?", help="image tree SRC/<class>/<image>, a flat val folder, or an archive "
+                        "(tar, .tar.gz, zip: ImageNet's train tar of class tars, the Kaggle zip...), or a folder "
+                        "of per-class tars (ImageNet-21k)")
     parser.add_argument("out", nargs="?", help="output folder for shards, indexes and the manifest")
     parser.add_argument("--split", default="train", help="split name: shard prefix and manifest name")
-    parser.add_argument("--val-labels", help="labels for a flat val folder: Kaggle CSV or devkit ground truth")
+    parser.add_argument("--val-labels", help="labels for a flat val folder: Kaggle CSV, devkit ground truth, or the "
+                        "devkit .tar.gz itself")
+    parser.add_argument("--unlabeled", action="store_true", help="every image under SRC at any depth, no labels "
+                        "(MAE pre-training needs none)")
+    parser.add_argument("--webdataset", action="store_true", help="SRC is existing WebDataset tars (a tar or a folder "
+                        "of them, e.g. img2dataset's): repacked, keeping each sample's key and .txt/.json")
+    parser.add_argument("--file-list", action="store_true", help="SRC is a text file: one image path per line "
+                        "(relative to the file), optionally followed by an integer label")
     parser.add_argument("--synsets", help="devkit meta.mat or text file mapping ILSVRC ids (line number) to wnids")
     parser.add_argument("--classes", help="class list to reuse (the train manifest, or one class per line)")
     parser.add_argument("--shard-size-mb", type=float, default=1024, help="target shard size in MiB")
@@ -168,6 +217,10 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
         return VerifyOptions(Path(args.verify), args.split)
     if not (args.src and args.out):
         parser.error("SRC and OUT are required (or use --verify OUT)")
+    modes = [flag for flag, on in (("--val-labels", args.val_labels), ("--unlabeled", args.unlabeled),
+                                   ("--file-list", args.file_list), ("--webdataset", args.webdataset)) if on]
+    if len(modes) > 1:
+        parser.error(f"{modes[0]} and {modes[1]} are different inputs: pass one")
     if args.shard_size_mb <= 0 or args.workers < 1 or args.max_pixels < 1:
         parser.error("--shard-size-mb and --max-pixels must be positive and --workers at least 1")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.split):
@@ -177,7 +230,8 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
         val_labels=Path(args.val_labels) if args.val_labels else None,
         synsets=Path(args.synsets) if args.synsets else None, classes=Path(args.classes) if args.classes else None,
         shard_size_mb=args.shard_size_mb, workers=args.workers, seed=args.seed, max_pixels=args.max_pixels,
-        strict=args.strict, quiet=args.quiet,
+        strict=args.strict, quiet=args.quiet, unlabeled=args.unlabeled, file_list=args.file_list,
+        webdataset=args.webdataset,
     )
 
 

@@ -47,12 +47,14 @@ _DAMAGED_HINT = "the shards are damaged: find the bad shard with `python -m pipe
 
 
 def ascii_labels(padded: torch.Tensor) -> torch.Tensor:
-    """[B, W] uint8 ASCII digits, zero-padded on the right -> int64 [B]."""
+    """[B, W] uint8 ASCII integers ("42", "-1" for unlabeled samples), zero-padded on the right -> int64 [B]."""
+    negative = padded[:, 0] == ord("-")
     digits = padded.long() - ord("0")
     valid = (padded >= ord("0")) & (padded <= ord("9"))
     lengths = valid.sum(1, keepdim=True)
-    place = lengths - 1 - torch.arange(padded.shape[1], device=padded.device)
-    return (digits * valid * torch.pow(10, place.clamp_min(0))).sum(1)
+    place = lengths - 1 - torch.arange(padded.shape[1], device=padded.device) + negative.long().unsqueeze(1)
+    value = (digits * valid * torch.pow(10, place.clamp_min(0))).sum(1)
+    return torch.where(negative, -value, value)
 
 
 @pipeline_def(enable_checkpointing=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
@@ -25,13 +24,12 @@ class PreparedImage:
     conversion: str | None  # what was converted, or None when the original bytes are kept
 
 
-def prepare_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
+def prepare_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """Original bytes for RGB/grayscale JPEGs, an RGB JPEG (quality 95) for anything else PIL reads.
 
     Each image is decoded once: kept JPEGs at 1/8 scale (DCT scaling still reads every byte, so
     truncation shows), converted ones in full because their pixels are needed anyway.
     """
-    data = path.read_bytes()
     if not data:
         raise RejectedImage("empty file (0 bytes)")
     try:

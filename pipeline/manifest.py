@@ -121,10 +121,15 @@ def class_mismatch(first: list[str], second: list[str]) -> str | None:
 
 
 def check_same_classes(shards: str | Path, split: str, other: str) -> None:
-    """A ValueError unless `split` and `other` label with one class list (where both have manifests)."""
+    """A ValueError unless `split` and `other` label with one class list (where both have manifests), and have
+    one at all: unlabeled shards (built with --unlabeled) serve pre-training, not evaluation."""
     lists = [resolve_shards(shards, name).manifest for name in (split, other)]
     if None in lists:
         return
+    for name, manifest in zip((split, other), lists, strict=True):
+        if not manifest.classes:
+            raise ValueError(f"the {name} shards in {shards} are unlabeled: evaluation needs labelled {split} and "
+                             f"{other} splits (pre-training does not)")
     mismatch = class_mismatch(lists[0].classes, lists[1].classes)
     if mismatch:
         raise ValueError(f"the {split} and {other} shards in {shards} label different class lists ({mismatch}): "

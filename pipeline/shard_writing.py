@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.archives import read_entry
 from pipeline.atomic import atomic_write_text, temporary_name
 from pipeline.images import DEFAULT_MAX_PIXELS, RejectedImage, prepare_image
 from pipeline.manifest import ShardRecord
@@ -78,11 +79,19 @@ def build_shard(job: ShardJob, report: Callable[[int, int], None] | None = None)
                 report(*unreported)
                 unreported = [0, 0]
             try:
-                prepared = prepare_image(Path(image.path), job.max_pixels)
+                prepared = prepare_image(image.read(), job.max_pixels)
+            except OSError as err:  # the archive is damaged or cut short there
+                rejected.append({"path": image.rel, "reason": f"unreadable: {err}"})
+                continue
             except RejectedImage as err:
                 rejected.append({"path": image.rel, "reason": str(err)})
                 continue
-            meta = {"path": image.rel, "class": image.class_name, "width": prepared.width, "height": prepared.height}
+            meta = {"path": image.rel, "width": prepared.width, "height": prepared.height}
+            if image.class_name:
+                meta["class"] = image.class_name
+            if image.key:  # a repacked WebDataset sample keeps its key and its text members
+                meta["key"] = image.key
+                meta.update(side_members(image))
             if prepared.conversion:
                 meta["converted"] = prepared.conversion
                 converted.append({"path": image.rel, "conversion": prepared.conversion})
@@ -100,6 +109,18 @@ def build_shard(job: ShardJob, report: Callable[[int, int], None] | None = None)
     os.replace(tmp_tar, tar)
     record = ShardRecord(tar.name, samples, tar.stat().st_size, file_sha256(tar))
     return ShardResult(job.index, record, rejected, converted)
+
+
+def side_members(image: SourceImage) -> dict[str, Any]:
+    """A repacked sample's .txt (as text) and .json (parsed) members; one that cannot be read is noted as such."""
+    found: dict[str, Any] = {}
+    for ext, entry in image.side:
+        try:
+            text = read_entry(entry).decode("utf-8", errors="replace")
+            found[ext] = json.loads(text) if ext == "json" else text
+        except (OSError, json.JSONDecodeError) as err:
+            found[ext] = f"unreadable: {err}"
+    return found
 
 
 class _QueueReport:

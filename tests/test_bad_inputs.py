@@ -79,7 +79,7 @@ def test_the_shard_builder_names_a_file_where_a_folder_belongs(tmp_path, capsys)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     assert build_main([str(a_file), str(tmp_path / "out"), "--quiet"]) == 2
-    assert "does not exist or is not a folder" in one_line_error(capsys)
+    assert "is not a folder, a tar, a .tar.gz or a zip" in one_line_error(capsys)
     assert build_main(["--verify", str(tmp_path), "--split", "train"]) == 2
     assert "train.json not found: nothing to verify" in one_line_error(capsys)
 

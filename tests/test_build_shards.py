@@ -280,9 +280,9 @@ def test_the_pixel_limit_is_inclusive(tmp_path):
     at_limit, over = tmp_path / "at.JPEG", tmp_path / "over.JPEG"
     at_limit.write_bytes(jpeg_bytes(40, 25, seed=1))  # 1000 pixels
     over.write_bytes(jpeg_bytes(1001, 1, seed=2))  # 1001 pixels
-    assert prepare_image(at_limit, max_pixels=1000).width * 25 == 1000
+    assert prepare_image(at_limit.read_bytes(), max_pixels=1000).width * 25 == 1000
     with pytest.raises(RejectedImage, match="1001x1 exceeds the pixel limit of 1000"):
-        prepare_image(over, max_pixels=1000)
+        prepare_image(over.read_bytes(), max_pixels=1000)
 
 
 def test_a_split_whose_classes_differ_from_train_is_refused_unless_given_its_list(built, tmp_path, capsys):

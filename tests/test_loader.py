@@ -204,8 +204,9 @@ def test_resume_mid_epoch_continues_with_the_same_batches(id_shards, backend, lo
 
 
 def test_ascii_labels():
-    padded = torch.tensor([[b for b in b"7\0\0\0"], [b for b in b"1000"], [b for b in b"42\0\0"]], dtype=torch.uint8)
-    assert ascii_labels(padded).tolist() == [7, 1000, 42]
+    rows = [b"7\0\0\0", b"1000", b"42\0\0", b"-1\0\0", b"-123"]
+    padded = torch.tensor([list(row) for row in rows], dtype=torch.uint8)
+    assert ascii_labels(padded).tolist() == [7, 1000, 42, -1, -123]  # -1: an unlabeled sample
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

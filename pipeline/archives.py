@@ -1,0 +1,212 @@
+"""Images inside the containers users download, listed once and read by offset, never extracted.
+
+An `Entry` is one file of the input: its name (a POSIX path inside the container, or relative to a folder),
+where its bytes are (the file that holds it, and an offset there), and, for a zip member, how it is packed.
+Listing reads headers only; a worker then reads each image with one seek, in parallel, so building from an
+archive runs as fast as from the same files extracted, with memory independent of the archive's size.
+
+- plain tar (ImageNet's `ILSVRC2012_img_train.tar`, whose members are per-class tars, or any tar of images):
+  members of an inner tar lie at the outer member's offset plus their own, so they are read in place too;
+- zip (the Kaggle ImageNet download, or any zip of images): the central directory gives each member's local
+  header; a stored member is read as is, a deflated one inflated (zlib), member by member;
+- .tar.gz / .tgz: gzip cannot seek, so it costs one sequential pass that writes the uncompressed tar to a
+  temporary file in the output folder (disk equal to the archive's uncompressed size, removed when the build
+  ends; memory stays bounded), which is then read as a plain tar.
+"""
+
+from __future__ import annotations
+
+import gzip
+import posixpath
+import shutil
+import struct
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+ZIP_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # signature ... name length, extra length
+TAR_SUFFIXES = (".tar",)
+GZIP_SUFFIXES = (".tar.gz", ".tgz")
+
+
+class ArchiveError(Exception):
+    """An archive that cannot be listed at all (the message names it and why)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    """POSIX path inside the container ("n01440764/n01440764_10026.JPEG")"""
+    path: str
+    """the file holding its bytes"""
+    size: int
+    """its bytes, uncompressed"""
+    offset: int = -1
+    """where its bytes start in `path` (-1: the whole file); for a zip member, its local header"""
+    packed_size: int = 0
+    """a zip member's compressed size (0: not a zip member)"""
+    method: int = 0
+    """a zip member's compression: 0 stored, 8 deflated"""
+    problem: str = ""
+    """why it cannot be an image ("a link", "an unsafe name", "cut short"); reported, never read"""
+
+
+def read_entry(entry: Entry) -> bytes:
+    """The entry's bytes; OSError when the container is cut short or damaged there."""
+    if entry.offset < 0:
+        return Path(entry.path).read_bytes()
+    with open(entry.path, "rb") as f:
+        f.seek(entry.offset)
+        if not entry.packed_size:
+            data = f.read(entry.size)
+        else:
+            header = ZIP_LOCAL_HEADER.unpack(f.read(ZIP_LOCAL_HEADER.size))
+            if header[0] != b"PK\x03\x04":
+                raise OSError("no zip member header where the central directory says")
+            f.seek(header[9] + header[10], 1)
+            packed = f.read(entry.packed_size)
+            data = packed if entry.method == zipfile.ZIP_STORED else zlib.decompressobj(-15).decompress(packed)
+    if len(data) != entry.size:
+        raise OSError(f"the archive ends inside this member ({len(data)} of {entry.size} bytes)")
+    return data
+
+
+def is_archive(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and (name.endswith(TAR_SUFFIXES + GZIP_SUFFIXES) or name.endswith(".zip"))
+
+
+def unsafe_name(name: str) -> str:
+    """Why a member name cannot be used as a sample's path ("" when it can)."""
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "an absolute member name"
+    if ".." in name.split("/"):
+        return "a member name that leaves the archive (..)"
+    return ""
+
+
+def archive_entries(archive: Path, scratch: Path) -> tuple[list[Entry], list[dict]]:
+    """Every file member of a tar, .tar.gz or zip (members of inner tars expanded, named "<inner stem>/<name>"),
+    and the problems met listing it ({"path", "reason"})."""
+    name = archive.name.lower()
+    if name.endswith(GZIP_SUFFIXES):
+        return tar_entries(ungzipped(archive, scratch), display=archive.name)
+    if name.endswith(".zip"):
+        return zip_entries(archive)
+    return tar_entries(archive, display=archive.name)
+
+
+def ungzipped(archive: Path, scratch: Path) -> Path:
+    """The tar inside a .tar.gz, written once to `scratch` (one sequential pass; reused by a rerun)."""
+    target = scratch / f"{archive.name}.tar"
+    if target.is_file() and target.stat().st_mtime >= archive.stat().st_mtime:
+        return target
+    scratch.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    try:
+        with gzip.open(archive, "rb") as source, open(partial, "wb") as sink:
+            shutil.copyfileobj(source, sink, length=1 << 22)
+    except (OSError, EOFError) as err:  # cut short: keep what came out whole, the tar listing reports the rest
+        if not partial.is_file() or partial.stat().st_size == 0:
+            raise ArchiveError(f"{archive}: not a readable gzip file ({err})") from None
+    partial.replace(target)
+    return target
+
+
+def tar_entries(tar_path: Path, display: str, base: int = 0, fileobj=None, prefix: str = "") -> tuple[
+        list[Entry], list[dict]]:
+    """File members of a plain tar (at `base` inside `tar_path` when it is an inner tar), inner tars expanded."""
+    entries: list[Entry] = []
+    problems: list[dict] = []
+    try:
+        tar = tarfile.open(tar_path if fileobj is None else None, mode="r:", fileobj=fileobj)  # noqa: SIM115
+    except (tarfile.TarError, OSError) as err:
+        raise ArchiveError(f"{display}: not a readable tar ({err})") from None
+    end = Path(tar_path).stat().st_size
+    with tar:
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.TarError, OSError, EOFError) as err:
+                problems.append({"path": display, "reason": f"the tar ends early or is damaged after {len(entries)} "
+                                                            f"members ({err}): later members are missing"})
+                break
+            if info is None:
+                break
+            name = prefix + (info.name[2:] if info.name.startswith("./") else info.name)
+            if info.isdir():
+                entries.append(Entry(name.rstrip("/") + "/", str(tar_path), 0, problem="a folder"))
+                continue
+            if info.issym() or info.islnk():
+                problems.append({"path": name, "reason": "a link, not a file: skipped"})
+                continue
+            if not info.isfile():
+                continue
+            offset = base + info.offset_data
+            unsafe = unsafe_name(info.name)
+            if info.name.lower().endswith(".tar") and not unsafe:  # an inner tar: even cut short, its whole members count
+                inner, inner_problems = _inner_tar(tar, info, tar_path, offset, name[:-4] + "/")
+                entries += inner
+                problems += inner_problems
+                continue
+            problem = unsafe or ("cut short" if offset + info.size > end else "")
+            entries.append(Entry(name, str(tar_path), info.size, offset, problem=problem))
+    cut = [e.name for e in entries if e.problem == "cut short"]
+    if cut:
+        problems.append({"path": display, "reason": f"the tar is cut short inside {cut[0]}: the members after it "
+                                                    "are missing"})
+    return entries, problems
+
+
+def _inner_tar(outer: tarfile.TarFile, info: tarfile.TarInfo, tar_path: Path, offset: int,
+               prefix: str) -> tuple[list[Entry], list[dict]]:
+    """An inner tar's members, named "<inner stem>/<name>"; a damaged inner tar is reported, its class kept."""
+    try:
+        entries, problems = tar_entries(tar_path, display=info.name, base=offset, fileobj=outer.extractfile(info),
+                                        prefix=prefix)
+    except ArchiveError as err:
+        reason = str(err).removeprefix(f"{info.name}: ")
+        return [Entry(prefix, str(tar_path), 0, problem="a folder")], [{"path": info.name, "reason": reason}]
+    return [Entry(prefix, str(tar_path), 0, problem="a folder"), *entries], problems
+
+
+def zip_entries(archive: Path) -> tuple[list[Entry], list[dict]]:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ArchiveError(f"{archive.name}: not a readable zip ({err})") from None
+    entries, problems = [], []
+    for info in infos:
+        if info.is_dir():
+            entries.append(Entry(info.filename, str(archive), 0, problem="a folder"))
+            continue
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            problems.append({"path": info.filename, "reason": f"compression {info.compress_type} is not supported"})
+            continue
+        entries.append(Entry(info.filename, str(archive), info.file_size, info.header_offset,
+                             packed_size=max(info.compress_size, 1), method=info.compress_type,
+                             problem=unsafe_name(info.filename)))
+    return entries, problems
+
+
+def folder_entries(folder: Path, depth: int | None) -> list[Entry]:
+    """Files under `folder`, named relative to it (and its folders, as entries whose problem is "a folder"):
+    only `class/file` when `depth` is 2, any depth when None. Hidden files and folders are left out."""
+    paths = folder.rglob("*") if depth is None else [*folder.glob("*"), *folder.glob("/".join(["*"] * depth))]
+    entries = []
+    for path in sorted(paths):
+        rel = path.relative_to(folder).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if path.is_dir():
+            entries.append(Entry(rel + "/", str(path), 0, problem="a folder"))
+        elif path.is_file():
+            entries.append(Entry(rel, str(path), path.stat().st_size))
+    return entries
+
+
+def basename(name: str) -> str:
+    return posixpath.basename(name.rstrip("/"))
