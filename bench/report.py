@@ -133,6 +133,19 @@ def synthetic_table(latest: dict) -> list[str]:
             "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
+def shards_projection(latest: dict) -> list[str]:
+    """ImageNet-1k's train build time from the builder's measured rate per core (validation included)."""
+    found = latest.get(("shards", "builder_img_per_s"))
+    projection = found[0]["extra"] if found else {}
+    if "imagenet_build_hours" not in projection:
+        return []
+    hours = ", ".join(f"{_hours(h)} on {cores} cores" for cores, h in projection["imagenet_build_hours"].items())
+    memory = projection.get("peak_memory_mb", {})
+    peaks = ", ".join(f"{name} {mb:.0f} MB" for name, mb in memory.items())
+    return [f"Projected ImageNet-1k train build (1,281,167 images) at {projection['img_per_s_per_core']:.0f} img/s per "
+            f"core: {hours}, if storage delivers ~140 GB in that time. Peak builder memory: {peaks}.", ""]
+
+
 def history_table(runs: list[dict], on_gpu: bool) -> list[str]:
     rows = []
     for run in runs:
@@ -206,8 +219,8 @@ def write_report(history: Path, out: Path) -> Path:
             lines += ["CPU numbers: the tiny preset and small shapes, for tracking changes on the development "
                       "machine. They say nothing about GPU speed and are never compared with GPU numbers.", ""]
         on_gpu = "CPU" not in device
-        lines += (stage_tables(latest) + synthetic_table(latest) + epoch_table(latest, on_gpu)
-                  + history_table(device_runs, on_gpu))
+        lines += (stage_tables(latest) + shards_projection(latest) + synthetic_table(latest)
+                  + epoch_table(latest, on_gpu) + history_table(device_runs, on_gpu))
         plot = plot_epoch_hours(device_runs, out / f"epoch_hours_{number}.png", device) if on_gpu else None
         if plot:
             lines += [f"![epoch hours across commits on {device}]({plot.name})", ""]
