@@ -146,7 +146,7 @@ def tar_entries(tar_path: Path, display: str, base: int = 0, fileobj=None, prefi
                 continue
             offset = base + info.offset_data
             unsafe = unsafe_name(info.name)
-            if info.name.lower().endswith(".tar") and not unsafe:  # an inner tar: even cut short, its whole members count
+            if info.name.lower().endswith(".tar") and not unsafe:  # an inner tar, whose whole members count even if cut
                 inner, inner_problems = _inner_tar(tar, info, tar_path, offset, name[:-4] + "/")
                 entries += inner
                 problems += inner_problems
