@@ -107,6 +107,35 @@ def bare_step_rate(config: str, batch: int, device: str, repeats: int) -> tuple[
     return rate(batch, seconds), mae_train_flops(model, cfg.model.mask_ratio)
 
 
+def health_overhead(device: torch.device, log_every: int, repeats: int = 20_000) -> tuple[float, dict[str, float]]:
+    """Microseconds per optimizer step that run health costs the loop: the watchdog's beat and the per-rank
+    forward timing every step, and the straggler gather over the CPU side-channel once per logged window
+    (measured here on one rank; on many ranks it is one small all-gather per window)."""
+    import torch.distributed as dist
+
+    from train.health import RankTimes, Watchdog
+
+    with tempfile.TemporaryDirectory(prefix="maeflow-bench-health-") as folder:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
+        try:
+            dog = Watchdog(3600, Path(folder), 0, lambda: 0)
+            times = RankTimes(device, dist.group.WORLD, margin=0.25, windows=3)
+            beat = statistics.median(time_repeats(dog.beat, repeats, warmup=100)) * 1e6
+
+            def forward_block() -> None:
+                with times.forward():
+                    pass
+
+            forward = statistics.median(time_repeats(forward_block, repeats, warmup=100)) * 1e6
+            gather = statistics.median(time_repeats(lambda: times.gather(0.0), 200, warmup=10)) * 1e6
+            dog.close()
+        finally:
+            dist.destroy_process_group()
+    parts = {"watchdog_beat_us": beat, "forward_timing_us": forward, "gather_per_window_us": gather,
+             "log_every": log_every}
+    return beat + forward + gather / log_every, parts
+
+
 def summarize(records: list[dict]) -> tuple:
     mfu = [r["mfu"] for r in records if r.get("mfu") is not None]
     return (stat_of([r["img_per_s"] for r in records]), statistics.median(r["data_stall_pct"] for r in records),
@@ -136,6 +165,12 @@ def run(ctx: BenchContext) -> list[Record]:
             extra={"mfu": synthetic_mfu, "peak_memory_gb": max(memory) if memory else None,
                    "bare_step_mfu": flops * bare.median / peak if peak else None, "profile": profile},
         ))
+    step_s = 1 / records[-1].ours.median * setups[-1][1]  # the last preset's seconds per step on synthetic data
+    per_step_us, parts = health_overhead(torch.device(ctx.torch_device), 50)  # the presets log every 50 steps
+    records.append(Record("train", "health_overhead_per_step", "us", Stat(per_step_us, per_step_us, per_step_us, 1),
+                          config={"preset_log_every": 50},
+                          extra={**parts, "fraction_of_step": per_step_us / 1e6 / step_s,
+                                 "step_s": step_s, "step_config": setups[-1][0]}))
     try:
         require("nvidia.dali")
     except StageUnavailable as why:
@@ -147,7 +182,7 @@ def run(ctx: BenchContext) -> list[Record]:
         shards = ctx.shards_of(ctx.sample_tree())
     for config, batch in setups:
         ours, ours_stall, ours_mfu = summarize(trainer_run(config, shards, steps, log_every, batch)[0])
-        bare = next(r.baseline for r in records if r.config["config"] == config)
+        bare = next(r.baseline for r in records if r.config.get("config") == config)
         base, base_stall, base_mfu = summarize(reference_run(config, shards, steps, log_every, batch))
         records.append(Record(
             "train", f"images_per_s.{Path(config).stem}", "img/s", ours, base,
