@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from model import load_reference_weights
 from tests.helpers import tiny_preset_model
 from tests.runs import events, knn_records, launch, metrics, run
+from tests.runs import records as records_of
 from train.checkpoint import read_adamw_norms
 from train.config import load_config
 from train.export import main as export_main
@@ -22,7 +23,8 @@ from train.viz import fixed_images, fixed_noise
 pytestmark = pytest.mark.slow
 
 METRIC_FIELDS = {"step", "epoch", "samples", "loss", "lr", "grad_norm", "img_per_s", "data_stall_pct", "mfu",
-                 "step_time_s"}
+                 "step_time_s", "rank_forward_s_max", "rank_forward_s_median", "rank_data_wait_s_max",
+                 "rank_data_wait_s_median", "slowest_rank", "slowest_host", "peak_memory_gb"}
 TINY = load_config("configs/tiny.toml")
 
 
@@ -60,7 +62,9 @@ def test_zero_stage_trains_logs_checkpoints_and_exports(shards, tmp_path, stage,
         assert r["samples"] == 16 * r["step"] and r["epoch"] == (r["step"] - 1) // 4
         # 16 images a step: the rate and step time agree, and the stall is a share of the step.
         assert r["img_per_s"] == pytest.approx(16 / r["step_time_s"], rel=1e-6) and 0 <= r["data_stall_pct"] <= 100
-        assert r["mfu"] is None  # no known peak on a CPU
+        assert r["mfu"] is None and r["peak_memory_gb"] is None  # no known peak, no device memory on a CPU
+        assert r["slowest_rank"] in (0, 1) and r["rank_forward_s_max"] >= r["rank_forward_s_median"] > 0
+    assert not [r for r in records_of(output) if r.get("event") == "loss_spike"]  # default thresholds stay quiet
         # The gradient norm, the first sign of a loss spike, on every ZeRO stage and precision.
         assert isinstance(r["grad_norm"], float) and 0 < r["grad_norm"] < 100 and math.isfinite(r["grad_norm"])
     # 2 ranks x 32 samples / 8 per local batch: 4 steps per epoch, warm-up 1 epoch, 40 epochs.
