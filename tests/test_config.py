@@ -48,7 +48,7 @@ def test_every_field_is_documented():
     ("optim.bogus=1", "unknown config key 'optim.bogus'"),
     ("optim.blr=fast", "optim.blr: expected float, got 'fast'"),
     ("runtime.zero_stage=5", "runtime.zero_stage must be one of 0, 1, 2, 3, got '5'"),
-    ("data.backend=opencv", "data.backend must be one of dali, pil, got 'opencv'"),
+    ("data.backend=opencv", "data.backend must be one of dali, pil, synthetic, got 'opencv'"),
     ("model.name=vit_giant", "model.name 'vit_giant' is not one of"),
     ("model.init=/nope.pth", "model.init /nope.pth: no such file"),
     ("checkpoint.every_minutes=-5", "checkpoint.every_minutes and checkpoint.every_steps must be >= 0"),
