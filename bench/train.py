@@ -28,7 +28,7 @@ from bench.harness import REPO, Record, Stat, free_port, kernels_backend, rate, 
 from model.flops import mae_train_flops, peak_flops
 from train.config import load_config
 from train.engine import attention_backend, build_model
-from train.profile import WARMUP_STEPS
+from train.profiling import WARMUP_STEPS
 from train.recipe import build_optimizer
 
 

@@ -59,7 +59,7 @@ from train.distributed import JoinError, join_process_group
 from train.engine import attention_backend, build_model, compile_blocks, deepspeed_config
 from train.health import HUNG_EXIT_STATUS, SLOW_PHASE_FACTOR, RankTimes, SpikeDetector, Watchdog, dump_stacks_on
 from train.knn import KnnMonitor
-from train.profile import step_profiler, write_profile
+from train.profiling import step_profiler, write_profile
 from train.recipe import build_optimizer, lr_at, peak_lr, plan_batch
 from train.resume import ResumePlan, plan_resume
 from train.run_folder import FolderInUse, existing_run, lock_folder

@@ -43,12 +43,15 @@ def lock_folder(folder: Path) -> IO[str]:
     handle = open(folder / LOCK, "a+")  # noqa: SIM115 - held open for the run: closing it releases the lock
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
         raise FolderInUse(f"{folder} is in use by a live run ({holder}): stop that run first, or choose another "
                           "--output") from None
+    except OSError as err:  # a file system without locks (some parallel file systems mount without flock)
+        print(f"warning: {folder} cannot be locked ({err.strerror}): nothing stops a second run from writing there")
+        return handle
     handle.seek(0)
     handle.truncate()
     handle.write(f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
