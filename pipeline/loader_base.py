@@ -27,7 +27,6 @@ from pipeline.epoch_plan import (
     epoch_order,
     rank_samples,
     remaining_after,
-    train_batches_per_rank,
 )
 from pipeline.manifest import ShardSet
 from pipeline.sample_table import SampleTable
@@ -99,15 +98,6 @@ class Loader:
     def __len__(self) -> int:
         """Batches this rank reads in the current epoch (since its last change of hands)."""
         return -(-len(self.samples()) // self.spec.local_batch_size)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches of a whole epoch read at this rank count (what schedules count in)."""
-        spec = self.spec
-        if spec.train:
-            samples = len(self.table) if spec.limit is None else min(spec.limit, len(self.table))
-            return train_batches_per_rank(samples, spec.world_size, spec.local_batch_size)
-        return -(-len(self.samples(ReadPosition(self.epoch + 1))) // spec.local_batch_size)
 
     def batch_keys(self, batch: int) -> list[str]:
         """Sample keys of batch `batch` of the current epoch (since its last change of hands)."""

@@ -60,7 +60,7 @@ from train.engine import attention_backend, build_model, compile_blocks, deepspe
 from train.health import HUNG_EXIT_STATUS, SLOW_PHASE_FACTOR, RankTimes, SpikeDetector, Watchdog, dump_stacks_on
 from train.knn import KnnMonitor
 from train.profiling import step_profiler, write_profile
-from train.recipe import build_optimizer, lr_at, peak_lr, plan_batch
+from train.recipe import build_optimizer, lr_at, optimizer_steps_per_epoch, peak_lr, plan_batch
 from train.resume import ResumePlan, plan_resume
 from train.run_folder import FolderInUse, existing_run, lock_folder
 from train.viz import fixed_images, fixed_noise, reconstruction_grid, save_reconstruction
@@ -160,6 +160,8 @@ class Trainer:
         self.folder_lock = self.on_every_rank(lambda: lock_folder(self.output) if self.is_main else None)
         check_shared_folder(self.output, self.control)
         self.plan = plan_batch(cfg.optim, self.world)
+        train_samples = sum(sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples))
+        self.steps_per_epoch = optimizer_steps_per_epoch(train_samples, self.plan)
         self.peak_lr = peak_lr(cfg.optim, self.plan.global_batch_size)
         self.resume = self.on_every_rank(lambda: plan_resume(self.output, resume, cfg, self.world)) if resume else None
         self.ds_config = deepspeed_config(cfg, self.plan)
@@ -180,17 +182,13 @@ class Trainer:
             device="gpu" if self.device.type == "cuda" else "cpu", backend=cfg.data.backend,
             num_threads=cfg.data.num_threads or None, dtype=self.dtype, synthetic_samples=cfg.data.synthetic_samples,
             verbose=self.is_main)
-        self.steps_per_epoch = self.loader.batches_per_epoch // self.plan.grad_accum_steps
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"an epoch has {self.loader.batches_per_epoch} local batches per rank, fewer than "
-                              f"grad_accum_steps {self.plan.grad_accum_steps}: use a smaller batch")
         if cfg.runtime.compile:
             compile_blocks(self.model)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=build_optimizer(self.model, cfg.optim, self.peak_lr), config=self.ds_config)
-        # DeepSpeed computes the gradient norm itself except at stage 0 with a torch optimizer it only wraps.
-        self.own_grad_norm = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
-        self.replicated_optimizer = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
+        # ZeRO stage 0 with a torch optimizer DeepSpeed only wraps (not its bf16 master copies): every rank holds
+        # the whole optimizer state and the whole gradients, and DeepSpeed computes no gradient norm.
+        self.replicated = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
         # Mask noise has its own generator so that resuming restores exactly the masks to come.
         self.noise_gen = torch.Generator(device=self.device).manual_seed(self._noise_seed(step=0))
         self.saved_step = self.evaluated_step = -1
@@ -312,7 +310,7 @@ class Trainer:
             self.noise_gen.set_state(rank_state["noise_rng"])
         else:  # another rank count or another mask seed: masks drawn afresh from here
             self.noise_gen.manual_seed(self._noise_seed(self.state.step))
-        norms = optimizer_state_norms(self.engine, self.replicated_optimizer, self.control)
+        norms = optimizer_state_norms(self.engine, self.replicated, self.control)
         self.note({"step": self.state.step, "event": "resumed", "from": plan.tag, "world_size": self.world,
                    "saved_world_size": saved.world_size, "universal": plan.universal, "adamw_norms": list(norms)})
         how = f"on {self.world} rank{'s' if self.world > 1 else ''}"
@@ -368,7 +366,7 @@ class Trainer:
                 loss, _, _ = self.engine(images, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
             self.engine.backward(loss)
             boundary = (batch + 1) % accum == 0
-            if boundary and self.own_grad_norm and self.logging.due(self.state.step + 1):
+            if boundary and self.replicated and self.logging.due(self.state.step + 1):
                 self.window.grad_norm = total_grad_norm(self.model)  # on the device: read at the log
             self.engine.step()
             self.window.add(loss, self.state.step + 1)
@@ -455,7 +453,7 @@ class Trainer:
         window = self.window
         elapsed = time.perf_counter() - window.started
         img_per_s = window.steps * self.plan.global_batch_size / elapsed
-        grad_norm = window.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
+        grad_norm = window.grad_norm if self.replicated else self.engine.get_global_grad_norm()
         grad_norm = None if grad_norm is None else float(grad_norm)
         ranks, straggler = self.rank_times.gather(self.loader.wait_s - window.wait_at_start)
         record = {
@@ -527,7 +525,7 @@ class Trainer:
         rank_state = {"loader": self.loader.state_dict(), "noise_rng": self.noise_gen.get_state()}
         if self.sample_log is not None:
             self.sample_log.flush()
-        norms = optimizer_state_norms(self.engine, self.replicated_optimizer, self.control)
+        norms = optimizer_state_norms(self.engine, self.replicated, self.control)
         tag = save_checkpoint(self.engine, self.ckpt_dir, self.state, rank_state, self.cfg.checkpoint.keep_last,
                               norms, milestone)
         self.checkpoints.saved()
@@ -585,11 +583,7 @@ def print_plan(cfg: TrainConfig, ranks: int) -> None:
              f"peak lr: {peak_lr(cfg.optim, plan.global_batch_size):.4g}"]
     if cfg.data.shards or cfg.data.backend == "synthetic":
         samples = sum(sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples))
-        steps = samples // ranks // plan.local_batch_size // plan.grad_accum_steps
-        if steps == 0:
-            raise ConfigError(f"{cfg.data.shards}: {samples} training samples make no optimizer step of "
-                              f"{plan.local_batch_size} local x {plan.grad_accum_steps} accumulation on {ranks} "
-                              "ranks: use a smaller batch or more data")
+        steps = optimizer_steps_per_epoch(samples, plan)
         where = "synthetic images" if cfg.data.backend == "synthetic" else cfg.data.shards
         lines.append(f"data: {samples} training samples ({where}): {steps} optimizer steps per epoch")
     lines += ["deepspeed config:", json.dumps(deepspeed_config(cfg, plan), indent=1)]

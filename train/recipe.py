@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.epoch_plan import train_batches_per_rank
 from train.config import ConfigError, OptimConfig
 
 
@@ -55,6 +56,17 @@ def plan_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
                           f"grad_accum_steps {optim.grad_accum_steps or '?'})")
     return BatchPlan(local, accum, world_size, note)
 
+
+
+def optimizer_steps_per_epoch(train_samples: int, plan: BatchPlan) -> int:
+    """Optimizer steps an epoch of `train_samples` makes under `plan`; a ConfigError when it makes none."""
+    local_batches = train_batches_per_rank(train_samples, plan.world_size, plan.local_batch_size)
+    steps = local_batches // plan.grad_accum_steps
+    if steps == 0:
+        raise ConfigError(f"{train_samples} training samples make no optimizer step of {plan.local_batch_size} local x "
+                          f"{plan.grad_accum_steps} accumulation on {plan.world_size} ranks: use a smaller batch or "
+                          "more data")
+    return steps
 
 
 def peak_lr(optim: OptimConfig, global_batch_size: int) -> float:
