@@ -28,7 +28,7 @@ def argparse_refusal(capsys, command, argv: list[str]) -> str:
 
 def test_export_names_what_is_missing_or_unwritable(tmp_path, capsys):
     assert export_main([str(tmp_path / "nowhere"), "--to", str(tmp_path / "x.pth")]) == 2
-    assert "nowhere" in one_line_error(capsys)
+    assert "nowhere is not a training output folder (no config.json there)" in one_line_error(capsys)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text("{}")
@@ -96,4 +96,4 @@ def test_the_evaluator_refuses_bad_numbers(tmp_path, capsys, flag, value, messag
 
 def test_the_evaluator_names_a_missing_source(tmp_path, capsys):
     assert evaluate_main([str(tmp_path / "nothing.pth"), "--data", str(tmp_path)]) == 2
-    assert "nothing.pth" in one_line_error(capsys)
+    assert "nothing.pth: no such run folder or weight file" in one_line_error(capsys)

@@ -253,7 +253,8 @@ def load_config(preset: str | Path | None, overrides: list[str] = ()) -> TrainCo
         if not path.is_file() and Path("configs", f"{preset}.toml").is_file():
             path = Path("configs", f"{preset}.toml")
         if not path.is_file():
-            raise ConfigError(f"config preset {preset} not found (looked for it and configs/{preset}.toml)")
+            known = ", ".join(sorted(p.stem for p in Path("configs").glob("*.toml"))) or "none here"
+            raise ConfigError(f"config preset {preset} not found: give a preset file or a name in configs/ ({known})")
         try:
             table = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:

@@ -31,6 +31,8 @@ from train.knn import Embedded, KnnMonitor, knn_top1
 def load_encoder(source: Path, tag: str, preset: str | None, img_size: int) -> tuple[MaskedAutoencoderViT, str]:
     """The model to evaluate and where its weights came from: a run folder, a train.export file (which
     records its config), or a reference-layout file of the preset `preset`."""
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such run folder or weight file")
     if source.is_dir():
         cfg = config_from_json(source / "config.json")
         state, provenance = consolidated_state_dict(source, tag)

@@ -27,6 +27,8 @@ from train.engine import build_model
 
 def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[str, torch.Tensor], dict]:
     """float32 reference-layout weights of a complete checkpoint (the newest by default), and provenance."""
+    if not (output / "config.json").is_file():
+        raise FileNotFoundError(f"{output} is not a training output folder (no config.json there)")
     cfg = config_from_json(output / "config.json")
     ckpt_dir = output / "checkpoints"
     tag = resume_tag(ckpt_dir, wanted)
