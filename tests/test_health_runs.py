@@ -15,6 +15,7 @@ import pytest
 
 from tests.helpers import REPO, start_job
 from tests.runs import events, free_port, metrics, rank_env, run, samples_read
+from train.health import SLOW_PHASE_FACTOR
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +50,11 @@ def test_a_frozen_rank_ends_both_ranks_as_hung_with_stacks_and_the_run_resumes(s
     out0, _ = ranks[0].communicate(timeout=120)
     waited = time.monotonic() - frozen_at
     assert ranks[0].returncode == 6, out0[-3000:]  # hung: train/slurm.sbatch requeues it
-    assert timeout <= waited < timeout + 15, waited  # within the timeout and the watchdog's check interval
+    # Within the timeout (4x when the freeze caught it in a checkpoint) and the watchdog's check interval; its
+    # last step may have come a moment before the freeze.
+    assert timeout - 1 <= waited < SLOW_PHASE_FACTOR * timeout + 15, waited
+    while time.monotonic() - frozen_at < SLOW_PHASE_FACTOR * timeout + 2:
+        time.sleep(0.5)  # past its limit in any phase
     ranks[1].send_signal(signal.SIGCONT)  # as it wakes it finds itself past its limit
     out1, _ = ranks[1].communicate(timeout=120)
     assert ranks[1].returncode == 6, out1[-3000:]
@@ -110,7 +115,7 @@ def test_a_rank_slowed_from_outside_is_named_as_the_straggler(shards, tmp_path):
             ranks[1].send_signal(signal.SIGCONT)
             time.sleep(0.05)
         records = metrics(output)
-        found = sum(r["slowest_rank"] == 1 for r in records[1:]) >= 3
+        found = sum(r["slowest_rank"] == 1 for r in records[1:]) >= 6  # several windows: the warning's run of 2
     for rank in ranks:
         rank.send_signal(signal.SIGTERM)
     outs = [rank.communicate(timeout=300)[0] for rank in ranks]
