@@ -73,7 +73,7 @@ class ShardSet:
 def resolve_shards(shards: str | Path, split: str = "train") -> ShardSet:
     """A shard folder (read `<split>.json`) or a brace pattern such as `out/train-{000000..000009}.tar`."""
     text = str(shards)
-    if "{" in text or text.endswith(".tar"):
+    if ("{" in text or text.endswith(".tar")) and not Path(text).is_dir():
         tars = [Path(p) for p in braceexpand(text)]
         missing = [str(p) for p in tars if not p.is_file()]
         if missing:
