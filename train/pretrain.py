@@ -436,8 +436,7 @@ class Trainer:
         self.board.close()
         faulthandler.unregister(signal.SIGUSR1)
         self.stack_file.close()
-        with contextlib.suppress(RuntimeError):  # after a lost peer the group may refuse; the process ends anyway
-            dist.destroy_process_group()
+        leave_process_group()
         if self.folder_lock is not None:
             self.folder_lock.close()
 
@@ -555,6 +554,14 @@ class Trainer:
             self.say(f"reconstruction {path} (loss {float(loss):.4f} on the fixed images)")
 
 
+def leave_process_group() -> None:
+    """Tear the process group down before the interpreter does: left to exit-time destructors, a group can abort
+    the process ("terminate called without an active exception") and turn a refusal's status into a crash's."""
+    if dist.is_initialized():
+        with contextlib.suppress(RuntimeError):  # after a lost peer the group may refuse; the process ends anyway
+            dist.destroy_process_group()
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` on this host still runs (a zombie, dead but not yet reaped by its launcher, does not)."""
     try:
@@ -639,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, args.resume)
     except REFUSALS as err:
         print(f"error: {err}", file=sys.stderr)
+        leave_process_group()
         return RunEnd.REFUSED
     try:
         return trainer.fit()
