@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -22,12 +23,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from bench.context import BenchContext, StageUnavailable, require
 from bench.harness import REPO, Record, Stat, free_port, kernels_backend, rate, stat_of, time_repeats
 from model.flops import mae_train_flops, peak_flops
 from train.config import load_config
 from train.engine import attention_backend, build_model
+from train.health import RankTimes, Watchdog
 from train.profiling import WARMUP_STEPS
 from train.recipe import build_optimizer
 
@@ -111,15 +114,11 @@ def health_overhead(device: torch.device, log_every: int, repeats: int = 20_000)
     """Microseconds per optimizer step that run health costs the loop: the watchdog's beat and the per-rank
     forward timing every step, and the straggler gather over the CPU side-channel once per logged window
     (measured here on one rank; on many ranks it is one small all-gather per window)."""
-    import torch.distributed as dist
-
-    from train.health import RankTimes, Watchdog
-
     with tempfile.TemporaryDirectory(prefix="maeflow-bench-health-") as folder:
         dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
         try:
             dog = Watchdog(3600, Path(folder), 0, lambda: 0)
-            times = RankTimes(device, dist.group.WORLD, margin=0.25, windows=3)
+            times = RankTimes(device, dist.group.WORLD, [socket.gethostname()], margin=0.25, windows=3)
             beat = statistics.median(time_repeats(dog.beat, repeats, warmup=100)) * 1e6
 
             def forward_block() -> None:

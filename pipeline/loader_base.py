@@ -140,14 +140,10 @@ class Loader:
                 "rank": spec.rank, "world_size": spec.world_size, "local_batch_size": spec.local_batch_size,
                 "segments": [asdict(s) for s in position.handed_over], "shard_sizes": list(self.table.shard_sizes)}
 
-    def check_state(self, state: dict[str, Any]) -> None:
-        """A ValueError unless `state` is a position in this loader's data (the same shards and data seed)."""
-        check_loader_state(state, self.spec.seed, self.table.shard_sizes)
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` was taken: exactly, at the same rank count and local batch size (the
         same crops too, where the backend and rank match); otherwise with the rest of that epoch."""
-        self.check_state(state)
+        check_loader_state(state, self.spec.seed, self.table.shard_sizes)
         saved = ReadPosition(state["epoch"], state["position"], tuple(Segment(**s) for s in state["segments"]))
         spec = self.spec
         if (state["world_size"], state["local_batch_size"]) == (spec.world_size, spec.local_batch_size):

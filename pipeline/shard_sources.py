@@ -22,6 +22,7 @@ import io
 import json
 import posixpath
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,7 +255,7 @@ def flat_val_images(listing: Listing, labels_file: Path | None, synsets: Path | 
     if labels_file:
         wnid_of = read_val_labels(labels_file, synsets)
     elif listing.val_labels is not None:
-        wnid_of = _parse_val_labels(KAGGLE_VAL_LABELS, read_entry(listing.val_labels).decode(), dict)
+        wnid_of = _parse_val_labels(KAGGLE_VAL_LABELS, read_entry(listing.val_labels).decode(), None)
     else:
         raise BuildError("a flat val split needs --val-labels (Kaggle CSV, devkit ground truth or the devkit .tar.gz)")
     classes = classes or sorted(set(wnid_of.values()))
@@ -283,7 +284,8 @@ def read_val_labels(labels: Path, synsets: Path | None) -> dict[str, str]:
     return _parse_val_labels(labels.name, labels.read_text(), lambda: _ilsvrc_id_to_wnid(synsets))
 
 
-def _parse_val_labels(name: str, text: str, id_to_wnid) -> dict[str, str]:
+def _parse_val_labels(name: str, text: str, id_to_wnid: Callable[[], dict[int, str]] | None) -> dict[str, str]:
+    """Stem -> wnid from a Kaggle CSV, or from devkit ground truth (ILSVRC ids, mapped by `id_to_wnid`)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if lines and lines[0].lower().startswith("imageid"):
         out = {}
@@ -291,7 +293,7 @@ def _parse_val_labels(name: str, text: str, id_to_wnid) -> dict[str, str]:
             image_id, _, prediction = row.partition(",")
             out[image_id] = prediction.split()[0]
         return out
-    if lines and all(line.isdigit() for line in lines):
+    if lines and all(line.isdigit() for line in lines) and id_to_wnid is not None:
         mapping = id_to_wnid()
         bad = [x for x in lines if int(x) not in mapping]
         if bad:

@@ -3,6 +3,8 @@
 import threading
 import time
 
+import torch
+
 from train.health import RankTimes, SpikeDetector, Watchdog, WindowTimes
 
 
@@ -32,10 +34,8 @@ def test_a_watchdog_of_zero_never_fires(tmp_path):
 
 
 def straggler_rule(ranks: int, margin: float = 0.25, windows: int = 2) -> RankTimes:
-    rule = RankTimes.__new__(RankTimes)  # the rule alone, without a process group to gather over
-    rule.margin, rule.windows, rule.slowest_run = margin, windows, (-1, 0)
-    rule.hosts = [f"node{i}" for i in range(ranks)]
-    return rule
+    """The rule alone: no process group to gather over (the summary of gathered figures is what is tested)."""
+    return RankTimes(torch.device("cpu"), None, [f"node{i}" for i in range(ranks)], margin, windows)
 
 
 def test_a_rank_slowest_by_the_margin_for_several_windows_is_named():

@@ -143,13 +143,12 @@ class WindowTimes:
 class RankTimes:
     """Collects one rank's forward time per window and, at each log, gathers every rank's over `group`."""
 
-    def __init__(self, device: torch.device, group: Any, margin: float, windows: int) -> None:
-        self.device, self.group, self.margin, self.windows = device, group, margin, windows
+    def __init__(self, device: torch.device, group: Any, hosts: list[str], margin: float, windows: int) -> None:
+        """`hosts`: every rank's host name, in rank order (to name the slowest)."""
+        self.device, self.group, self.hosts, self.margin, self.windows = device, group, hosts, margin, windows
         self.cuda = device.type == "cuda"
         self.pending: list[tuple[Any, Any]] = []  # CUDA events, read at the log (already a sync point)
         self.forward_s = 0.0
-        self.hosts: list[str] = [""] * dist.get_world_size()
-        dist.all_gather_object(self.hosts, socket.gethostname(), group=group)
         self.slowest_run: tuple[int, int] = (-1, 0)  # (rank, consecutive windows it was a straggler)
 
     @contextmanager

@@ -211,7 +211,8 @@ class Trainer:
         self.knn = self._knn_monitor() if cfg.eval.every_epochs and not self.synthetic else None
         self.stop = StopRequest()
         self.stack_file = dump_stacks_on(signal.SIGUSR1, self.output, self.rank)
-        self.rank_times = RankTimes(self.device, self.control, cfg.log.straggler_margin, cfg.log.straggler_windows)
+        self.rank_times = RankTimes(self.device, self.control, [host for host, _ in self.peers],
+                                    cfg.log.straggler_margin, cfg.log.straggler_windows)
         self.spikes = SpikeDetector(cfg.log.spike_loss_factor, cfg.log.spike_grad_factor, cfg.log.spike_history)
         self.window = MetricWindow(self.device)
         self.profiler = None

@@ -81,8 +81,7 @@ def device_idle_us(events: Any) -> tuple[float, float]:
         else:
             end = max(end, finish)
     busy += end - start
-    span = intervals[-1][1] - intervals[0][0]
-    span = max(span, max(e for _, e in intervals) - intervals[0][0])
+    span = max(finish for _, finish in intervals) - intervals[0][0]
     return span - busy, span
 
 
