@@ -58,10 +58,6 @@ def tag_of(step: int) -> str:
     return f"step{step:08d}"
 
 
-def step_of_tag(tag: str) -> int:
-    return int(tag.removeprefix("step"))
-
-
 def latest_tag(ckpt_dir: Path) -> str | None:
     pointer = ckpt_dir / LATEST
     if not pointer.is_file():

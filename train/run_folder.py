@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import IO
 
 from pipeline.atomic import atomic_write_text
-from train.checkpoint import complete_tags, step_of_tag
+from train.checkpoint import complete_tags
+from train.viz import reconstructions_after
 
 LOCK = ".lock"
 RUN_FILES = ("config.json", "metrics.jsonl")  # a folder holding these holds a run, even before its first checkpoint
@@ -72,8 +73,7 @@ def set_aside_branch(folder: Path, step: int, checkpoint_tags: list[str]) -> Pat
     """Move what a run did after `step` into abandoned/<when>-after-step<step>/: the named checkpoints, the
     records of later steps (metrics.jsonl, viz/losses.jsonl) and the reconstructions of later steps. Returns
     that folder, or None when there was nothing to move."""
-    later_images = [p for p in sorted((folder / "viz").glob("reconstruction_step*.png"))
-                    if step_of_tag(p.stem.removeprefix("reconstruction_")) > step]
+    later_images = reconstructions_after(folder / "viz", step)
     logs = {name: _split_records(folder / name, step) for name in RECORD_LOGS}
     if not (checkpoint_tags or later_images or any(later for _, later in logs.values())):
         return None

@@ -12,6 +12,7 @@ from model import MaskedAutoencoderViT
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, build_loader
 from pipeline.atomic import atomic_path
 
+RECONSTRUCTION = "reconstruction_step"  # viz/reconstruction_step00001200.png
 MIN_CELL = 128  # small images are enlarged (nearest) so patches stay visible
 
 
@@ -55,9 +56,15 @@ def reconstruction_grid(model: MaskedAutoencoderViT, images: torch.Tensor, pred:
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture
 
 
+def reconstructions_after(out_dir: Path, step: int) -> list[Path]:
+    """The reconstruction images in `out_dir` of steps after `step`."""
+    images = sorted(out_dir.glob(f"{RECONSTRUCTION}*.png"))
+    return [p for p in images if int(p.stem.removeprefix(RECONSTRUCTION)) > step]
+
+
 def save_reconstruction(picture: Image.Image, out_dir: Path, step: int) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"reconstruction_step{step:08d}.png"
+    path = out_dir / f"{RECONSTRUCTION}{step:08d}.png"
     with atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")
     return path
