@@ -1,4 +1,4 @@
-"""`python -m bench {shards,pipeline,kernels,model,train,all} [--quick] [--device cpu|gpu] [--out DIR]`
+"""`python -m bench {shards,pipeline,kernels,model,train,finetune,all} [--quick] [--device cpu|gpu] [--out DIR]`
 measures and appends to the history; `python -m bench report` turns the history into REPORT.md."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipeline.atomic import atomic_write_text
 
 # The stage modules are imported one by one below: the kernel stage's Triton kernels must see
 # TRITON_INTERPRET before they are defined, and a stage's packages may be missing on this machine.
-STAGES = ["shards", "pipeline", "kernels", "model", "train"]
+STAGES = ["shards", "pipeline", "kernels", "model", "train", "finetune"]
 
 
 def keep_profiles_beside(records: list, history_path: Path) -> list:

@@ -6,8 +6,8 @@
 #                                       shapes on the CPU: what CI runs, so that a typo fails there, not on a GPU
 # Stages, each cut at its budget (the rest still run): the kernel and model tests (compiled kernels, bf16 at the
 # ViT-B/H shapes), then bench kernels, model, train (the trainer on synthetic data first: DeepSpeed alone, with a
-# profile per preset), pipeline and report. A stage whose packages are missing (DALI, DeepSpeed) says "skipped"
-# and the others run. Exits 1 if any stage failed or was cut. Planned at about 7 minutes on one H200; with
+# profile per preset), pipeline, finetune (the fine-tuning step and data path) and report. A stage whose packages are missing (DALI, DeepSpeed) says "skipped"
+# and the others run. Exits 1 if any stage failed or was cut. Planned at about 8 minutes on one H200; with
 # packages installed from local wheels (kernels/NOTES.md, "a node without network") within 9.
 # Outputs in $OUT (default /tmp/maeflow-gpu-suite), at most 8 files of at most 16 MB: suite.txt (the machine and
 # every stage's status, time and budget), logs.tar.gz, the history file and its profiles, REPORT.md. The
@@ -56,11 +56,12 @@ stage() {  # stage NAME BUDGET_S COMMAND...: run it cut at its budget, log it, t
     printf '%-9s %4d s of %4d s  %s\n' "$name" "$(( $(date +%s) - start ))" "$budget" "$state" | tee -a "$summary"
 }
 
-stage tests    100 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+stage tests     80 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 stage kernels   50 "$PY" -m bench kernels --device "$DEVICE" $QUICK --out "$HISTORY"
 stage model     50 "$PY" -m bench model --device "$DEVICE" $QUICK --out "$HISTORY"
-stage train    170 "$PY" -m bench train --device "$DEVICE" $QUICK --out "$HISTORY"
+stage train    150 "$PY" -m bench train --device "$DEVICE" $QUICK --out "$HISTORY"
 stage pipeline  80 "$PY" -m bench pipeline --device "$DEVICE" $QUICK --out "$HISTORY"
+stage finetune  80 "$PY" -m bench finetune --device "$DEVICE" $QUICK --out "$HISTORY"
 stage report    20 "$PY" -m bench report --history "$HISTORY" --out "$REPORT"
 echo "total     $(( $(date +%s) - began )) s" | tee -a "$summary"
 

@@ -60,14 +60,16 @@ def _metrics(cmd: list[str], out: Path, env: dict[str, str]) -> list[dict]:
     return windows[1:]  # the first window holds the warm-up (and any compilation)
 
 
-def trainer_run(config: str, shards: Path | None, steps: int, log_every: int, batch: int) -> tuple[list[dict], str]:
-    """Metrics windows of maeflow's trainer on one rank, and its profile (synthetic data when `shards` is None:
-    then the steps of the first window after the profiler's warm-up are profiled; that window is not counted)."""
+def trainer_run(config: str, shards: Path | None, steps: int, log_every: int, batch: int,
+                script: str = "train/pretrain.py") -> tuple[list[dict], str]:
+    """Metrics windows of maeflow's trainer (`script`) on one rank, and its profile (synthetic data when `shards` is
+    None: then the steps of the first window after the profiler's warm-up are profiled; that window is not
+    counted)."""
     with tempfile.TemporaryDirectory(prefix="maeflow-bench-train-") as out:
         profiled = log_every - WARMUP_STEPS
         data = ["--data", str(shards)] if shards else ["--set", "data.backend=synthetic",
                                                       "--set", f"log.profile_steps={profiled}"]
-        cmd = [*deepspeed_launcher(), "--num_gpus", "1", "train/pretrain.py", "--config", config, *data,
+        cmd = [*deepspeed_launcher(), "--num_gpus", "1", script, "--config", config, *data,
                "--output", out, "--max-steps", str(steps), "--log-every", str(log_every),
                "--set", f"optim.global_batch_size={batch}", "--set", f"optim.local_batch_size={batch}",
                "--set", "checkpoint.every_minutes=0", "--set", "checkpoint.at_end=false",

@@ -7,6 +7,7 @@ A ViT block on n tokens of width d costs n(24d^2 + 4nd): qkv and output projecti
 from __future__ import annotations
 
 from model.mae import MaskedAutoencoderViT
+from model.vit import VisionTransformer
 
 
 def block_flops(tokens: int, width: int) -> int:
@@ -32,6 +33,16 @@ def mae_forward_flops(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> 
 def mae_train_flops(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> int:
     """Forward + backward (backward = 2 x forward) per image."""
     return 3 * mae_forward_flops(model, mask_ratio)
+
+
+def classifier_train_flops(model: VisionTransformer, trains_encoder: bool = True) -> int:
+    """Fine-tuning FLOPs per image: every patch through the encoder, forward and backward, and the head. A linear
+    probe (`trains_encoder` False) runs the encoder forward only: no gradient flows into it."""
+    patches, width = model.patch_embed.num_patches, model.cls_token.shape[-1]
+    patch_dim = model.patch_embed.proj.weight[0].numel()
+    encoder = 2 * patches * patch_dim * width + model.depth * block_flops(patches + 1, width)
+    head = 2 * width * model.num_classes
+    return (3 if trains_encoder else 1) * encoder + 3 * head
 
 
 # Dense bf16 tensor-core peaks by device-name fragment, for MFU.

@@ -80,19 +80,32 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block (the timm ViT layout the reference checkpoints use)."""
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: in training, zero a residual branch for a fraction `rate` of the samples and scale the
+    rest by 1 / (1 - rate), so that its expected value is unchanged."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    kept = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype).bernoulli_(keep)
+    return x * kept / keep
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_layer: Callable[[int], nn.Module]) -> None:
+
+class Block(nn.Module):
+    """Pre-norm transformer block (the timm ViT layout the reference checkpoints use); `drop_path_rate` is
+    fine-tuning's stochastic depth (pre-training uses none)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_layer: Callable[[int], nn.Module],
+                 drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path_rate = drop_path_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
 class MaskedAutoencoderViT(nn.Module):

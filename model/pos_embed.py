@@ -28,3 +28,17 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> tor
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """[1, 1 + h*w, D] -> [1, 1 + grid_h*grid_w, D]: the patch grid resampled bicubically, the cls slot kept
+    (fine-tuning at another resolution than pre-training, e.g. ViT-H/14 at 448)."""
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    side = round(grid.shape[1] ** 0.5)
+    if side * side != grid.shape[1]:
+        raise ValueError(f"position embedding of {grid.shape[1]} patches is not a square grid")
+    if (side, side) == (grid_h, grid_w):
+        return pos_embed
+    image = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    image = torch.nn.functional.interpolate(image, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    return torch.cat([cls, image.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)], dim=1)

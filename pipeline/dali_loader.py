@@ -1,5 +1,5 @@
 """The DALI backend: webdataset reader -> fused decode+random-crop (GPU "mixed" or CPU) -> resize,
-flip, normalize, all inside one DALI pipeline per epoch, checkpointable mid-epoch.
+(fine-tuning's RandAugment,) flip, normalize, all inside one DALI pipeline per epoch, checkpointable mid-epoch.
 
 The reader is given index files written for this rank and epoch: they list exactly the samples the
 epoch plan gives this rank, in its order (DALI reads the members at the offsets an index names, in
@@ -22,13 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 from nvidia.dali import Pipeline, fn, pipeline_def, types
+from nvidia.dali.auto_aug import augmentations as auto_aug_ops
+from nvidia.dali.auto_aug.core import augmentation
+from nvidia.dali.auto_aug.rand_augment import apply_rand_augment
+from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from pipeline.augment import MAGNITUDE_LEVELS, RAND_AUGMENT_OPS, Augmentation
 from pipeline.epoch_plan import ReadPosition
 from pipeline.loader_base import (
-    CROP_RATIO,
-    CROP_SCALE,
     EVAL_CROP_FRACTION,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -57,7 +60,48 @@ def ascii_labels(padded: torch.Tensor) -> torch.Tensor:
     return torch.where(negative, -value, value)
 
 
-@pipeline_def(enable_checkpointing=True)
+# DALI's own equalize and sharpness call operator aliases DALI has deprecated (a warning on every pipeline build):
+# the same ops on the current names.
+@augmentation
+def equalize(data: DataNode, _: object) -> DataNode:
+    return fn.equalize(data)
+
+
+@augmentation(mag_range=(0, 0.9), randomly_negate=True, mag_to_param=auto_aug_ops.sharpness_kernel,
+              param_device="auto")
+def sharpness(data: DataNode, kernel: DataNode) -> DataNode:
+    return fn.filter(data, kernel)
+
+
+CURRENT_NAMES = {"equalize": equalize, "sharpness": sharpness}
+
+
+def rand_augment_suite(augment: Augmentation) -> list:
+    """DALI's RandAugment ops set to `RAND_AUGMENT_OPS`'s ranges, the level scale of timm's (bin m of 11)."""
+    suite = []
+    for op in RAND_AUGMENT_OPS:
+        dali_op = CURRENT_NAMES.get(op.dali_name) or getattr(auto_aug_ops, op.dali_name)
+        if op.dali_name == "posterize":  # timm keeps 4 - int(4 x level / 10) bits: DALI's mask for that many
+            dali_op = dali_op.augmentation((0, 4), mag_to_param=lambda m: auto_aug_ops.poster_mask_uint8(4 - int(m)))
+        elif op.level0 is not None:
+            dali_op = dali_op.augmentation((op.level0, op.level10), op.signed)
+        suite.append(dali_op)
+    return suite
+
+
+def rand_augment(images: DataNode, augment: Augmentation) -> DataNode:
+    """timm's RandAugment layers on uint8 HWC images: each layer applies, with probability p, one op drawn
+    uniformly from the set, at the policy's level (DALI draws no per-op noise on the level)."""
+    suite = rand_augment_suite(augment)
+    shape = images.shape(dtype=types.FLOAT)[0:2]  # (H, W): translations are relative to it
+    for _ in range(augment.rand_augment_layers):
+        if fn.random.coin_flip(probability=augment.rand_augment_prob, dtype=types.BOOL):
+            images = apply_rand_augment(suite, images, n=1, m=augment.rand_augment_magnitude,
+                                        num_magnitude_bins=MAGNITUDE_LEVELS + 1, shape=shape)
+    return images
+
+
+@pipeline_def(enable_checkpointing=True, enable_conditionals=True)
 def mae_pipeline(spec: LoaderSpec, tars: list[str], indexes: list[str], hw_decoder_load: float):
     jpegs, labels = fn.readers.webdataset(
         paths=tars, index_paths=indexes, ext=["jpg", "cls"], missing_component_behavior="error",
@@ -70,10 +114,12 @@ def mae_pipeline(spec: LoaderSpec, tars: list[str], indexes: list[str], hw_decod
     if spec.train:
         # Only the random window is decoded (ROI decoding), then resized to size x size.
         images = fn.decoders.image_random_crop(
-            jpegs, device=decode, output_type=types.RGB, random_area=list(CROP_SCALE),
-            random_aspect_ratio=list(CROP_RATIO), num_attempts=10, **gpu_options,
+            jpegs, device=decode, output_type=types.RGB, random_area=list(spec.augment.crop_scale),
+            random_aspect_ratio=list(spec.augment.crop_ratio), num_attempts=10, **gpu_options,
         )
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
+        if spec.augment.rand_augment_layers:
+            images = rand_augment(images, spec.augment)
         mirror = fn.random.coin_flip(probability=0.5)
     else:
         images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB, **gpu_options)

@@ -9,6 +9,7 @@ from typing import Literal, get_args
 
 import torch
 
+from pipeline.augment import PRETRAIN, Augmentation
 from pipeline.loader_base import Backend, Device, Loader, LoaderSpec
 from pipeline.manifest import resolve_shards
 from pipeline.pil_loader import PilLoader
@@ -79,11 +80,12 @@ def build_loader(
     dtype: torch.dtype = torch.float32,
     limit: int | None = None,
     synthetic_samples: int = IMAGENET_TRAIN_SAMPLES,
+    augment: Augmentation = PRETRAIN,
     verbose: bool = False,
 ) -> Loader:
     """A loader over `shards` (a shard folder with `<split>.json`, or a brace pattern of tars).
 
-    Rank `rank` of `world_size` gets `local_batch_size` images per batch. train:
+    Rank `rank` of `world_size` gets `local_batch_size` images per batch. train: `augment`, by default
     RandomResizedCrop(img_size, scale (0.2, 1), ratio (3/4, 4/3), bicubic) + flip p=0.5; else resize
     the shorter side to img_size/0.875 (bicubic) and centre-crop. Images come normalized with the
     ImageNet mean/std, on the GPU when device="gpu". backend "dali" falls back to "pil" (with a
@@ -113,7 +115,7 @@ def build_loader(
         raise ValueError(f"local batch size {local_batch_size} is larger than a rank's share of "
                          f"{samples // world_size} samples ({samples} samples over {world_size} ranks)")
     spec = LoaderSpec(shard_set, split, local_batch_size, img_size, train, rank, world_size, seed,
-                      _resolve_device(device), threads, dtype, limit)
+                      _resolve_device(device), threads, dtype, limit, augment)
     if backend == "dali":
         from pipeline.dali_loader import DaliLoader  # imports DALI, which only this backend needs
 

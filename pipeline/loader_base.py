@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from pipeline.augment import PRETRAIN, Augmentation
 from pipeline.epoch_plan import (
     ReadPosition,
     Segment,
@@ -33,8 +34,6 @@ from pipeline.sample_table import SampleTable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_SCALE = (0.2, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
 EVAL_CROP_FRACTION = 0.875
 
 Backend = Literal["dali", "pil", "synthetic"]
@@ -57,6 +56,7 @@ class LoaderSpec:
     num_threads: int
     dtype: torch.dtype
     limit: int | None = None  # read only the first `limit` samples of the split's stored order
+    augment: Augmentation = PRETRAIN  # what training does to each image
 
 
 class Loader:

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+import random
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.augment import Augmentation
 from pipeline.epoch_plan import ReadPosition
 from pipeline.loader_base import (
-    CROP_RATIO,
-    CROP_SCALE,
     EVAL_CROP_FRACTION,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -28,23 +28,26 @@ from pipeline.loader_base import (
     LoaderSpec,
 )
 from pipeline.sample_table import SampleTable
+from pipeline.timm_ops import timm_data_module
 
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            augment: Augmentation) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop window (left, top, w, h): 10 tries, then a centre fallback."""
     area = width * height
-    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    crop_ratio = augment.crop_ratio
+    log_ratio = (math.log(crop_ratio[0]), math.log(crop_ratio[1]))
     for _ in range(10):
-        target = area * rng.uniform(*CROP_SCALE)
+        target = area * rng.uniform(*augment.crop_scale)
         aspect = math.exp(rng.uniform(*log_ratio))
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
     ratio = width / height
-    if ratio < CROP_RATIO[0]:
-        w, h = width, round(width / CROP_RATIO[0])
-    elif ratio > CROP_RATIO[1]:
-        w, h = round(height * CROP_RATIO[1]), height
+    if ratio < crop_ratio[0]:
+        w, h = width, round(width / crop_ratio[0])
+    elif ratio > crop_ratio[1]:
+        w, h = round(height * crop_ratio[1]), height
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
@@ -55,7 +58,8 @@ class ShardSamples(Dataset):
 
     def __init__(self, spec: LoaderSpec, table: SampleTable) -> None:
         self.table = table
-        self.img_size, self.train, self.seed = spec.img_size, spec.train, spec.seed
+        self.img_size, self.train, self.seed, self.augment = spec.img_size, spec.train, spec.seed, spec.augment
+        self.rand_augment = rand_augment(spec.augment, spec.img_size) if spec.train else None
 
     def __len__(self) -> int:
         return len(self.table)
@@ -71,16 +75,31 @@ class ShardSamples(Dataset):
         size = self.img_size
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, sample])
-            left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
+            left, top, w, h = random_resized_crop_box(img.width, img.height, rng, self.augment)
             img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
             if rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            if self.rand_augment is not None:
+                # timm draws from the global generators: seeded per sample, the result is the same on any workers.
+                seed = int(rng.integers(2**31))
+                random.seed(seed)
+                np.random.seed(seed)
+                img = self.rand_augment(img)
         else:
             scale = int(size / EVAL_CROP_FRACTION) / min(img.width, img.height)
             img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
             left, top = (img.width - size) // 2, (img.height - size) // 2
             img = img.crop((left, top, left + size, top + size))
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label
+
+
+def rand_augment(augment: Augmentation, img_size: int) -> Callable[[Image.Image], Image.Image] | None:
+    """timm's RandAugment for `augment` as the MAE fine-tuning recipe configures it (None when off)."""
+    if not augment.rand_augment_layers:
+        return None
+    hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN),
+               "interpolation": Image.BICUBIC}
+    return timm_data_module("auto_augment").rand_augment_transform(augment.timm_policy(), hparams)
 
 
 def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,16 +27,18 @@ def make_sample_shards(root: Path, classes: int = 4, train_per_class: int = 16, 
     return root / "shards"
 
 
-def launch(shards: Path, output: Path, *extra: str, ranks: int = 2) -> subprocess.Popen:
-    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "train/pretrain.py",
-           "--config", "configs/tiny.toml", "--data", str(shards), "--output", str(output), *extra]
+def launch(shards: Path, output: Path, *extra: str, ranks: int = 2, script: str = "train/pretrain.py",
+           config: str = "configs/tiny.toml", env: dict[str, str] | None = None) -> subprocess.Popen:
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), script,
+           "--config", config, "--data", str(shards), "--output", str(output), *extra]
     env = dict(os.environ, PATH=f"{DEEPSPEED.parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1",
-               TORCH_EXTENSIONS_DIR=str(output.parent / "torch_extensions"))
+               TORCH_EXTENSIONS_DIR=str(output.parent / "torch_extensions"), **(env or {}))
     return start_job(cmd, cwd=REPO, env=env)
 
 
-def run(shards: Path, output: Path, *extra: str, ranks: int = 2, expect: int = 0) -> str:
-    proc = launch(shards, output, *extra, ranks=ranks)
+def run(shards: Path, output: Path, *extra: str, ranks: int = 2, expect: int = 0, script: str = "train/pretrain.py",
+        config: str = "configs/tiny.toml", env: dict[str, str] | None = None) -> str:
+    proc = launch(shards, output, *extra, ranks=ranks, script=script, config=config, env=env)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == expect, out[-4000:]
     return out

@@ -71,7 +71,7 @@ def test_config_errors_are_one_line_before_any_work(shards, tmp_path, capsys):
     cases = [
         (["--set", "optim.blr=fast"], "optim.blr: expected float, got 'fast'"),
         (["--config", "configs/nope.toml"], "config preset configs/nope.toml not found: give a preset file or a name "
-                                            "in configs/ (tiny, vit_b16_1600ep"),
+                                            "in configs/ (finetune_tiny, finetune_vit_b16"),
         (["--data", str(tmp_path / "none")], "shard folder"),
         (["--output", str(tmp_path / "old")], "already holds a run (checkpoint step00000007): pass --resume"),
         (["--output", str(tmp_path / "logged")], "already holds a run (config.json, metrics.jsonl): pass --resume"),

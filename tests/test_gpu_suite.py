@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import REPO
 
-STAGES = ["tests", "kernels", "model", "train", "pipeline", "report"]
+STAGES = ["tests", "kernels", "model", "train", "pipeline", "finetune", "report"]
 
 
 @pytest.mark.slow
@@ -22,13 +22,15 @@ def test_the_dry_run_takes_every_stage_and_returns_a_few_small_files(tmp_path):
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (out / "suite.txt").read_text().splitlines()
-    assert [line.split()[0] for line in summary[2:8]] == STAGES
-    assert all(line.endswith("ok") for line in summary[2:8]), summary
+    stage_lines = summary[2:2 + len(STAGES)]
+    assert [line.split()[0] for line in stage_lines] == STAGES
+    assert all(line.endswith("ok") for line in stage_lines), summary
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all((out / f).stat().st_size < 16 * 2**20 for f in files)
     (history,) = [f for f in files if f.endswith(".json")]
     records = [r["name"] for run in json.loads((out / history).read_text())["runs"] for r in run["records"]]
     assert "synthetic_images_per_s.tiny" in records and "images_per_s.tiny" in records
+    assert "synthetic_images_per_s.finetune_tiny" in records and "data_path_dali_vs_pil_timm" in records
     assert any(f.endswith(".profile.tiny.txt") for f in files) and "REPORT.md" in files
     with tarfile.open(out / "logs.tar.gz") as logs:
         assert sorted(m.name for m in logs.getmembers() if m.isfile()) == [f"logs/{s}.log" for s in sorted(STAGES)]

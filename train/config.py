@@ -44,7 +44,7 @@ class ModelConfig:
     activation_recompute: bool = False
     """recompute encoder blocks in backward: less activation memory, ~30% more encoder compute"""
     init: str = ""
-    """start from these weights: a train.export file or a released MAE .pth (empty = random init)"""
+    """start from these weights: a train.export file, a released MAE .pth or (fine-tuning) a maeflow run folder"""
 
 
 @dataclass
@@ -89,6 +89,8 @@ class OptimConfig:
     """length of the schedule in epochs"""
     gradient_clipping: float = 0.0
     """max global grad norm; 0 = off, as in the paper (DeepSpeed's own default is 1.0)"""
+    optimizer: Literal["adamw", "lars"] = "adamw"
+    """adamw (pre-training, fine-tuning) or lars (the linear probe: momentum 0.9, trust coefficient 0.001)"""
 
 
 @dataclass
@@ -156,7 +158,7 @@ class LogConfig:
 @dataclass
 class EvalConfig:
     every_epochs: int = 20
-    """epochs between k-NN evaluations of the encoder, plus one at the end (0 = off; off without a held-out split)"""
+    """epochs between evaluations (k-NN in pre-training, top-1/top-5 in fine-tuning), plus one at the end; 0 = off"""
     train_samples: int = 100_000
     """train-split samples embedded as the k-NN memory (0 = all)"""
     val_samples: int = 0
@@ -170,6 +172,36 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """train/finetune.py only (He et al. 2021, appendix A.2 and A.3); pre-training ignores this section."""
+
+    mode: Literal["finetune", "linear_probe"] = "finetune"
+    """finetune (every weight trains, pooled patch tokens) or linear_probe (frozen encoder, class token, BN + head)"""
+    num_classes: int = 0
+    """classes of the head; 0 = the train split's classes (its manifest)"""
+    layer_decay: float = 0.75
+    """layer-wise lr decay: block i of d trains at lr x layer_decay^(d - i), the embeddings at ^(d + 1); 1 = off"""
+    drop_path: float = 0.1
+    """stochastic depth of the last block (rising linearly from 0 at the first)"""
+    label_smoothing: float = 0.1
+    """target mass spread evenly over all classes"""
+    mixup_alpha: float = 0.8
+    """mixup's Beta(alpha, alpha) mixing weight (0 = off)"""
+    cutmix_alpha: float = 1.0
+    """cutmix's Beta(alpha, alpha) kept area (0 = off)"""
+    mix_switch_prob: float = 0.5
+    """with mixup and cutmix on: the probability a batch uses cutmix"""
+    rand_augment_layers: int = 2
+    """RandAugment ops per image, each applied with probability 0.5 (0 = off)"""
+    rand_augment_magnitude: int = 9
+    """RandAugment level of every op, of 10"""
+    erase_prob: float = 0.25
+    """probability an image gets a random-erasing box of noise"""
+    crop_min_scale: float = 0.08
+    """smallest area fraction of the random resized crop"""
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -178,6 +210,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output: str = "runs/mae"
     """folder for checkpoints, metrics.jsonl, config.json and viz/"""
     max_steps: int = 0
@@ -306,7 +339,15 @@ def validate(cfg: TrainConfig) -> None:
                                        "and eval.temperature > 0"),
         (cfg.log.log_every >= 1 and cfg.log.viz_every >= 1, "log.log_every and log.viz_every must be >= 1"),
         (cfg.max_steps >= 0, "max_steps must be >= 0"),
-        (not cfg.model.init or Path(cfg.model.init).is_file(), f"model.init {cfg.model.init}: no such file"),
+        (not cfg.model.init or Path(cfg.model.init).exists(), f"model.init {cfg.model.init}: no such file or folder"),
+        (cfg.finetune.num_classes >= 0 and cfg.finetune.layer_decay > 0 and 0 <= cfg.finetune.drop_path < 1
+         and 0 <= cfg.finetune.label_smoothing < 1 and min(cfg.finetune.mixup_alpha, cfg.finetune.cutmix_alpha) >= 0
+         and 0 <= cfg.finetune.mix_switch_prob <= 1 and 0 <= cfg.finetune.erase_prob <= 1
+         and cfg.finetune.rand_augment_layers >= 0 and 0 <= cfg.finetune.rand_augment_magnitude <= 10
+         and 0 < cfg.finetune.crop_min_scale <= 1,
+         "finetune: num_classes >= 0, layer_decay > 0, drop_path and label_smoothing in [0, 1), mixup_alpha and "
+         "cutmix_alpha >= 0, mix_switch_prob and erase_prob in [0, 1], rand_augment_layers >= 0, "
+         "rand_augment_magnitude in [0, 10], crop_min_scale in (0, 1]"),
         (not cfg.runtime.deepspeed_config or Path(cfg.runtime.deepspeed_config).is_file(),
          f"runtime.deepspeed_config {cfg.runtime.deepspeed_config}: no such file"),
         (not (cfg.runtime.compile and cfg.runtime.zero_stage == 3),

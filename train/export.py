@@ -1,4 +1,5 @@
-"""Consolidate a run's newest checkpoint into one file in the reference MAE layout.
+"""Consolidate a run's newest checkpoint into one file in the reference MAE layout (a fine-tuning run's: the
+reference fine-tuning code's classifier layout).
 
     python -m train.export OUTPUT --to mae_vit_h.pth [--encoder-only] [--tag step00001200]
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+from model.vit import build_classifier
 from model.weights import DECODER_PREFIXES, load_weights_file
 from pipeline.atomic import atomic_path
 from train.checkpoint import LATEST, resume_tag
@@ -38,7 +40,12 @@ def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[st
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:  # ZeRO stage 0 in fp32: no optimizer shards, the module's own weights are the full ones
         weights = load_weights_file(ckpt_dir / tag / "mp_rank_00_model_states.pt")["module"]
-    model = build_model(cfg)
+    if "head.weight" in weights or "head.1.weight" in weights:  # a train/finetune.py run: its classifier
+        head = weights.get("head.weight", weights.get("head.1.weight"))
+        model = build_classifier(cfg.model.name, cfg.data.img_size, head.shape[0],
+                                 probe=cfg.finetune.mode == "linear_probe")
+    else:
+        model = build_model(cfg)
     # The sin-cos position embeddings are frozen and fixed by the config: rebuild any DeepSpeed omitted.
     fixed = {k: v for k, v in model.state_dict().items() if k not in weights and "pos_embed" in k}
     model.load_state_dict({**weights, **fixed}, strict=True)

@@ -40,6 +40,7 @@ from model import load_reference_weights
 from model.flops import mae_train_flops, peak_flops
 from pipeline import build_loader
 from pipeline.atomic import atomic_write_text
+from pipeline.augment import PRETRAIN
 from pipeline.loader import sample_counts
 from train.cadence import CheckpointCadence, EveryEpochs, EverySteps
 from train.checkpoint import (
@@ -170,10 +171,7 @@ class Trainer:
         self._prepare_folder()
 
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
-        self.model = build_model(cfg)
-        if cfg.model.init and not (self.resume and self.resume.tag):
-            report = load_reference_weights(self.model, cfg.model.init)
-            self.say(f"initialised from {cfg.model.init}: {report}")
+        self.model = self.build_model(initialise=not (self.resume and self.resume.tag))
         # bf16 weights take bf16 images; under autocast the images stay fp32, as in the reference code.
         self.dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
         self.loader = build_loader(
@@ -181,11 +179,11 @@ class Trainer:
             train=True, rank=self.rank, world_size=self.world, seed=cfg.runtime.seed,
             device="gpu" if self.device.type == "cuda" else "cpu", backend=cfg.data.backend,
             num_threads=cfg.data.num_threads or None, dtype=self.dtype, synthetic_samples=cfg.data.synthetic_samples,
-            verbose=self.is_main)
+            augment=self.augmentation, verbose=self.is_main)
         if cfg.runtime.compile:
             compile_blocks(self.model)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=build_optimizer(self.model, cfg.optim, self.peak_lr), config=self.ds_config)
+            model=self.model, optimizer=self.build_optimizer(), config=self.ds_config)
         # ZeRO stage 0 with a torch optimizer DeepSpeed only wraps (not its bf16 master copies): every rank holds
         # the whole optimizer state and the whole gradients, and DeepSpeed computes no gradient norm.
         self.replicated = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
@@ -203,12 +201,13 @@ class Trainer:
         self.milestones = EveryEpochs(cfg.checkpoint.milestone_every_epochs)
         self.evaluations = EveryEpochs(cfg.eval.every_epochs)
         self.reconstructions = EveryEpochs(cfg.log.viz_every)
-        self.flops_per_image = mae_train_flops(self.model, cfg.model.mask_ratio)
+        self.flops_per_image = self.train_flops_per_image()
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.sample_log = self._open_sample_log() if cfg.log.sample_ids else None
         self.board = Board(self.output / "tb", cfg.log.tensorboard and self.is_main)
         self.synthetic = cfg.data.backend == "synthetic"
         self.knn = self._knn_monitor() if cfg.eval.every_epochs and not self.synthetic else None
+        self.lr = 0.0  # the schedule's lr of the current step (each group trains at it x its lr_scale)
         self.stop = StopRequest()
         self.stack_file = dump_stacks_on(signal.SIGUSR1, self.output, self.rank)
         self.rank_times = RankTimes(self.device, self.control, [host for host, _ in self.peers],
@@ -224,6 +223,39 @@ class Trainer:
         self.plain_lines = self.is_main and not sys.stderr.isatty()
         self.bar = tqdm(total=self.stop_at, initial=self.state.step, unit="step", dynamic_ncols=True,
                         disable=not self.is_main or self.plain_lines)
+
+    # ---------------------------------------------------------------- what pre-training and fine-tuning differ in
+
+    augmentation = PRETRAIN  # what the training loader does to each image
+    makes_reconstructions = True
+
+    def build_model(self, initialise: bool) -> torch.nn.Module:
+        """The model to train; `initialise`: load model.init (not when a checkpoint will be loaded)."""
+        model = build_model(self.cfg)
+        init = self.cfg.model.init
+        if init and initialise:
+            if Path(init).is_dir():
+                raise ConfigError(f"model.init {init} is a folder: pre-training starts from a weight file (write "
+                                  "one from a run with `python -m train.export`)")
+            self.say(f"initialised from {init}: {load_reference_weights(model, init)}")
+        return model
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.model, self.cfg.optim, self.peak_lr)
+
+    def train_flops_per_image(self) -> int:
+        return mae_train_flops(self.model, self.cfg.model.mask_ratio)
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates the model at its evaluation epochs and at its end."""
+        return self.knn is not None
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, batch: int) -> torch.Tensor:
+        """The loss of one local batch (`batch` of the epoch): MAE's, on masks from the run's own noise."""
+        noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=self.noise_gen)
+        loss, _, _ = self.engine(images, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
+        return loss
 
     # ---------------------------------------------------------------- set-up
 
@@ -344,9 +376,9 @@ class Trainer:
             self.state.epoch += 1
             if self.milestones.due(self.state.epoch):
                 self.checkpoint(milestone=True)
-            if self.knn and self.evaluations.due(self.state.epoch):
+            if self.evaluates and self.evaluations.due(self.state.epoch):
                 self.evaluate()
-            if self.reconstructions.due(self.state.epoch):
+            if self.makes_reconstructions and self.reconstructions.due(self.state.epoch):
                 self.write_reconstruction()
         return RunEnd.FINISHED
 
@@ -354,7 +386,7 @@ class Trainer:
         """None when the epoch is done, else how the run ends."""
         accum = self.plan.grad_accum_steps
         usable = len(self.loader) // accum * accum  # batches that fill whole optimizer steps
-        for images, _ in self.loader:
+        for images, labels in self.loader:
             batch = self.loader.position.batch - 1
             if batch >= usable:
                 break  # trailing local batches that cannot fill an optimizer step
@@ -362,9 +394,8 @@ class Trainer:
                 self.set_lr()
             if self.sample_log is not None:
                 self.sample_log.write(f"{self.state.step + 1} {' '.join(self.loader.batch_keys(batch))}\n")
-            noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=self.noise_gen)
             with attention_backend(self.cfg.runtime.attention), self.rank_times.forward():
-                loss, _, _ = self.engine(images, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
+                loss = self.training_loss(images, labels, batch)
             self.engine.backward(loss)
             boundary = (batch + 1) % accum == 0
             if boundary and self.replicated and self.logging.due(self.state.step + 1):
@@ -378,9 +409,9 @@ class Trainer:
     def set_lr(self) -> None:
         # Progress counted in steps, so that an epoch finished on another rank count (a resume on a new
         # allocation) continues the schedule where it was.
-        lr = lr_at(self.state.step / self.steps_per_epoch, self.peak_lr, self.cfg.optim)
+        self.lr = lr_at(self.state.step / self.steps_per_epoch, self.peak_lr, self.cfg.optim)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
 
     def after_optimizer_step(self) -> RunEnd | None:
         """Count the step; every rank votes on stopping and checkpointing; log, checkpoint when due."""
@@ -421,8 +452,9 @@ class Trainer:
         elif end is not RunEnd.DIVERGED:
             if self.saved_step != self.state.step and (self.cfg.checkpoint.at_end or end is RunEnd.STOPPED):
                 self.checkpoint()
-            self.write_reconstruction()
-            if self.knn and end is RunEnd.FINISHED and self.evaluated_step != self.state.step:
+            if self.makes_reconstructions:
+                self.write_reconstruction()
+            if self.evaluates and end is RunEnd.FINISHED and self.evaluated_step != self.state.step:
                 self.evaluate()
         self.say(f"{end.name.lower()}: step {self.state.step} of {self.stop_at}, epoch {self.state.epoch}, "
                  f"{self.state.samples} samples; outputs in {self.output}")
@@ -458,7 +490,7 @@ class Trainer:
         ranks, straggler = self.rank_times.gather(self.loader.wait_s - window.wait_at_start)
         record = {
             "step": self.state.step, "epoch": self.state.epoch, "samples": self.state.samples, "loss": loss,
-            "lr": self.engine.optimizer.param_groups[0]["lr"],
+            "lr": self.lr,
             "grad_norm": grad_norm,
             "img_per_s": img_per_s, "data_stall_pct": 100 * (self.loader.wait_s - window.wait_at_start) / elapsed,
             "mfu": None if self.peak_flops is None else self.flops_per_image * img_per_s / self.peak_flops / self.world,
@@ -598,8 +630,8 @@ def print_plan(cfg: TrainConfig, ranks: int) -> None:
     print("\n".join(lines))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="MAE pre-training with DeepSpeed ZeRO")
+def parse_args(argv: list[str] | None, description: str = "MAE pre-training with DeepSpeed ZeRO") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="preset file, or a name in configs/ (e.g. vit_h14_1600ep)")
     parser.add_argument("--data", help="shard folder or brace pattern (sets data.shards)")
     parser.add_argument("--output", help="output folder (sets output)")
@@ -619,9 +651,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit status: a RunEnd (README, "Exit codes")."""
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, trainer_class: type[Trainer] = Trainer,
+         description: str = "MAE pre-training with DeepSpeed ZeRO") -> int:
+    """Exit status: a RunEnd (README, "Exit codes"). Fine-tuning runs the same main with its own trainer."""
+    args = parse_args(argv, description)
     overrides = list(args.set)
     for flag, key in ((args.data, "data.shards"), (args.output, "output"), (args.max_steps, "max_steps"),
                       (args.log_every, "log.log_every")):
@@ -644,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         elif found:
             raise ConfigError(f"{cfg.output} already holds a run ({found}): pass --resume to continue it, or choose "
                               "another --output")
-        trainer = Trainer(cfg, args.resume)
+        trainer = trainer_class(cfg, args.resume)
     except REFUSALS as err:
         print(f"error: {err}", file=sys.stderr)
         leave_process_group()

@@ -91,8 +91,69 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, peak: float) -> torch.optim.AdamW:
-    """torch's fused AdamW (one kernel for every parameter's update) over the recipe's groups. DeepSpeed
-    wraps it: under ZeRO it steps this rank's partition, in bf16 mode the fp32 master copies."""
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=peak, betas=optim.betas, eps=1e-8,
-                             fused=True)
+def layer_decay_groups(model: torch.nn.Module, depth: int, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Fine-tuning's groups (appendix A.2): layer-wise lr decay, with the patch embedding, class token and
+    position embedding as layer 0, block i as layer i + 1 and everything after the blocks (norms, head) as layer
+    depth + 1; a parameter of layer l trains at lr x layer_decay^(depth + 1 - l) (its group's "lr_scale").
+    No weight decay on biases, 1-D parameters and the tokens. Frozen parameters (a linear probe's) are left out."""
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = layer_of(name, depth)
+        decays = not (param.ndim <= 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed"))
+        group = groups.setdefault((layer, decays), {
+            "params": [], "weight_decay": weight_decay if decays else 0.0,
+            "lr_scale": layer_decay ** (depth + 1 - layer)})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def layer_of(name: str, depth: int) -> int:
+    """A parameter's layer for lr decay: 0 for the embeddings, i + 1 for block i, depth + 1 after the blocks."""
+    if name.startswith(("patch_embed.", "cls_token", "pos_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+class Lars(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as the linear probe uses it (appendix A.3): SGD with momentum whose update of each
+    weight matrix is rescaled to trust_coefficient x |w| / |update|; biases and other 1-D parameters get neither
+    the rescaling nor weight decay."""
+
+    def __init__(self, params: list[dict], lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                update = param.grad
+                if param.ndim > 1:
+                    update = update.add(param, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(param), torch.norm(update)
+                    trust = torch.where((param_norm > 0) & (update_norm > 0),
+                                        group["trust_coefficient"] * param_norm / update_norm, 1.0)
+                    update = update * trust
+                state = self.state[param]
+                if "momentum" not in state:
+                    state["momentum"] = torch.zeros_like(param)
+                momentum = state["momentum"].mul_(group["momentum"]).add_(update)
+                param.add_(momentum, alpha=-group["lr"])
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, peak: float,
+                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimizer over `groups` (default: `param_groups`). AdamW is torch's fused one (one kernel for
+    every parameter's update). DeepSpeed wraps it: under ZeRO it steps this rank's partition, in bf16 mode the
+    fp32 master copies."""
+    groups = groups if groups is not None else param_groups(model, optim.weight_decay)
+    if optim.optimizer == "lars":
+        return Lars(groups, lr=peak, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=peak, betas=optim.betas, eps=1e-8, fused=True)

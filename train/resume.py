@@ -27,8 +27,10 @@ from train.checkpoint import (
 from train.config import ConfigError, TrainConfig, config_from_json, flat_fields
 from train.run_folder import keep_config, set_aside_branch
 
-# What a resumed run may not change: the model's shape, and the data order its checkpoint is a position in.
-FIXED_ON_RESUME = ("model.name", "data.img_size", "runtime.seed")
+# What a resumed run may not change: the model's shape, its optimizer's kind (whose state the checkpoint holds),
+# and the data order its checkpoint is a position in.
+FIXED_ON_RESUME = ("model.name", "data.img_size", "runtime.seed", "optim.optimizer", "finetune.mode",
+                   "finetune.num_classes")
 
 
 def config_changes(saved: TrainConfig, new: TrainConfig, fixed_keys: tuple[str, ...] = FIXED_ON_RESUME) -> list[str]:

@@ -1,0 +1,123 @@
+"""Real fine-tuning runs, launched as a user launches them: from a pre-trained tiny run against random weights,
+resumed mid-epoch on the same and on another rank count, and refused on inputs that do not fit."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from model.weights import load_weights_file
+from tests.runs import events, make_sample_shards, metrics, records, run
+from train.config import load_config
+from train.export import consolidated_state_dict
+from train.export import main as export_main
+from train.recipe import lr_at
+
+pytestmark = pytest.mark.slow
+
+CLASSES = 8
+FINETUNE = {"script": "train/finetune.py", "config": "configs/finetune_tiny.toml"}
+STEPS_PER_EPOCH = 12  # 192 train images, a global batch of 16
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Sample shards of 8 classes (192 train, 96 val images) and a tiny MAE pre-trained on them for 400 steps
+    (36 s on 2 CPU cores)."""
+    root = tmp_path_factory.mktemp("finetune")
+    shards = make_sample_shards(root, classes=CLASSES, train_per_class=24, val_per_class=12)
+    # The torch references of the kernels: under the Triton interpreter the tests otherwise run, 400 steps take minutes.
+    run(shards, root / "pretrained", "--max-steps", "400", "--set", "eval.every_epochs=0", "--set", "log.viz_every=100",
+        env={"MAE_KERNELS": "torch"})
+    return shards, root / "pretrained"
+
+
+def evaluations(output):
+    return [r for r in records(output) if "top1" in r]
+
+
+def test_fine_tuning_a_pretrained_encoder_beats_chance_and_random_weights(pretrained, tmp_path):
+    shards, encoder = pretrained
+    budget = ("--set", "optim.epochs=3")
+    run(shards, tmp_path / "pretrained", *budget, "--set", f"model.init={encoder}", **FINETUNE)
+    run(shards, tmp_path / "random", *budget, **FINETUNE)
+    ours, scratch = evaluations(tmp_path / "pretrained"), evaluations(tmp_path / "random")
+    assert [r["epoch"] for r in ours] == [1, 2, 3] and all(r["val_samples"] == 96 for r in ours)  # each image once
+    best, best_scratch = max(r["top1"] for r in ours), max(r["top1"] for r in scratch)
+    chance = 1 / CLASSES
+    assert best >= 4 * chance, ours
+    assert best >= best_scratch + 0.05, (ours, scratch)
+    saved = load_weights_file(tmp_path / "pretrained" / "best.pth")
+    assert saved["maeflow"]["top1"] == best and saved["model"]["head.weight"].shape == (CLASSES, 192)
+    # The lr of every logged step is the schedule's, counted in epochs of 12 steps.
+    peak = load_config("configs/finetune_tiny.toml", ["optim.epochs=3"]).optim
+    for record in metrics(tmp_path / "pretrained"):
+        assert record["lr"] == pytest.approx(lr_at((record["step"] - 1) / STEPS_PER_EPOCH, peak.lr, peak))
+
+
+def test_the_linear_probe_trains_its_head_on_the_frozen_encoder(pretrained, tmp_path):
+    shards, encoder = pretrained
+    run(shards, tmp_path / "probe", "--set", f"model.init={encoder}", "--set", "finetune.mode=linear_probe",
+        "--set", "optim.optimizer=lars", "--set", "optim.lr=20", "--set", "optim.weight_decay=0",
+        "--set", "optim.epochs=3", **FINETUNE)
+    best = max(r["top1"] for r in evaluations(tmp_path / "probe"))
+    assert best >= 2 / CLASSES  # 35% measured: LARS moves the head slowly, and 36 steps are few
+    probed = load_weights_file(tmp_path / "probe" / "best.pth")["model"]
+    start = consolidated_state_dict(encoder)[0]
+    for key in ("patch_embed.proj.weight", "blocks.3.mlp.fc2.weight", "norm.weight", "cls_token"):
+        assert torch.equal(probed[key], start[key]), key  # frozen
+    assert probed["head.0.running_var"].ne(1).all()  # the BatchNorm (no affine) learnt the features' statistics
+    assert "head.0.weight" not in probed
+
+
+def test_a_fine_tuning_run_resumes_mid_epoch_exactly_and_on_another_rank_count(pretrained, tmp_path):
+    shards, encoder = pretrained
+    common = ("--log-every", "2", "--set", f"model.init={encoder}", "--set", "optim.epochs=2",
+              "--set", "eval.every_epochs=0")
+    run(shards, tmp_path / "whole", *common, **FINETUNE)
+    stopped = tmp_path / "stopped"
+    run(shards, stopped, *common, "--max-steps", "18", **FINETUNE)  # six steps into the second epoch
+    resumed = tmp_path / "resumed"
+    shutil.copytree(stopped, resumed)
+    run(shards, resumed, *common, "--resume", **FINETUNE)
+    whole = {r["step"]: r["loss"] for r in metrics(tmp_path / "whole")}
+    after = {r["step"]: r["loss"] for r in metrics(resumed) if r["step"] > 18}
+    assert after == pytest.approx({step: whole[step] for step in after}, rel=1e-5)  # same crops, mixes, masks
+    one_rank = tmp_path / "one_rank"
+    shutil.copytree(stopped, one_rank)
+    run(shards, one_rank, *common, "--resume", "--set", "optim.local_batch_size=8", ranks=1, **FINETUNE)
+    (event,) = events(one_rank, "resumed")
+    assert (event["world_size"], event["saved_world_size"]) == (1, 2)
+    assert metrics(one_rank)[-1]["step"] == 24 and metrics(one_rank)[-1]["epoch"] == 1
+    assert export_main([str(one_rank), "--to", str(tmp_path / "last.pth")]) == 0  # the last weights, not the best
+    assert load_weights_file(tmp_path / "last.pth")["model"]["head.weight"].shape == (CLASSES, 192)
+
+
+def one_line_refusal(output: str) -> str:
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert errors and "Traceback" not in output, output[-3000:]
+    return errors[0]
+
+
+def test_inputs_that_do_not_fit_are_refused_in_one_line(pretrained, shards, tmp_path):
+    sample_shards, encoder = pretrained
+    out = run(sample_shards, tmp_path / "a", "--set", f"model.init={encoder}", "--set",
+              "model.name=mae_vit_base_patch16", "--set", "data.img_size=32", ranks=1, expect=2, **FINETUNE)
+    assert f"model.init {encoder} is a pre-training run of mae_vit_tiny_patch16" in one_line_refusal(out)
+    # A classifier for 8 classes, and shards of 4 (the conftest's): the head does not fit.
+    eight = tmp_path / "eight"
+    run(sample_shards, eight, "--max-steps", "1", ranks=1, **FINETUNE)
+    out = run(shards, tmp_path / "b", "--set", f"model.init={eight / 'best.pth'}", ranks=1, expect=2, **FINETUNE)
+    assert "its head is for another number of classes: head.weight is [8, 192]" in one_line_refusal(out)
+    out = run(shards, tmp_path / "c", "--set", "finetune.num_classes=10", ranks=1, expect=2, **FINETUNE)
+    assert "finetune.num_classes is 10, but the train shards" in one_line_refusal(out)
+    # A val split labelled with another class list: label k would mean another class in each.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(shards, mixed)
+    manifest = json.loads((mixed / "val.json").read_text())
+    manifest["classes"] = manifest["classes"][::-1]
+    (mixed / "val.json").write_text(json.dumps(manifest))
+    out = run(mixed, tmp_path / "d", ranks=1, expect=2, **FINETUNE)
+    assert "label different class lists (the same classes in another order)" in one_line_refusal(out)
+    assert not any((tmp_path / name / "checkpoints").exists() for name in "abcd")
