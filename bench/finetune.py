@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import numpy as np
 import torch
 
 from bench.context import BenchContext, StageUnavailable, require
-from bench.harness import Record, Stat, rate, stat_of, time_repeats
+from bench.harness import Record, Stat, rate, time_repeats
+from bench.pipeline import batch_times, delivered_and_boundary, within_epoch_rate
 from bench.train import summarize, trainer_run
 from model.flops import classifier_train_flops, peak_flops
 from model.vit import build_classifier
@@ -34,27 +34,19 @@ CLASSES = 1000
 BatchAugmentation = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def augmented_rate(shards: Path, backend: str, device: str, threads: int, batch: int, epochs: int) -> Stat:
-    """Images/s the loader delivers with the whole fine-tuning augmentation applied to each batch, over the
-    epochs after the first (warm-up)."""
+def augmented_rates(shards: Path, backend: str, device: str, threads: int, batch: int,
+                    epochs: int) -> tuple[Stat, Stat]:
+    """Images/s the loader delivers with the whole fine-tuning augmentation applied to each batch, over the epochs
+    after the first (warm-up): from each epoch's first batch to the next one's (epoch boundaries included), and
+    within epochs (first to last batch: the steady state of an ImageNet-length epoch)."""
     from pipeline import build_loader  # needs DALI for the dali backend
 
     loader = build_loader(shards, local_batch_size=batch, img_size=224, backend=backend, device=device,
                           num_threads=threads, augment=FINETUNE)
     on = "cuda" if device == "gpu" else "cpu"
     finish = maeflow_batch_augmentation(on) if backend == "dali" else timm_batch_augmentation(on)
-    rates = []
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        began, images_seen = time.perf_counter(), 0
-        for images, labels in loader:
-            images, _ = finish(images, labels % CLASSES)
-            images_seen += len(images)
-        if on == "cuda":
-            torch.cuda.synchronize()
-        if epoch:
-            rates.append(images_seen / (time.perf_counter() - began))
-    return stat_of(rates)
+    timeline = batch_times(loader, range(epochs), on == "cuda", finish)
+    return delivered_and_boundary(timeline, batch)[0], within_epoch_rate(timeline, batch)
 
 
 def maeflow_batch_augmentation(device: str) -> BatchAugmentation:
@@ -63,7 +55,7 @@ def maeflow_batch_augmentation(device: str) -> BatchAugmentation:
     generator, rng = torch.Generator(device=device).manual_seed(0), np.random.default_rng(0)
 
     def finish(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = random_erase(images, ft.erase_prob, generator)
+        images = random_erase(images, ft.erase_prob, rng, generator)
         return mix_batch(images, labels, draw_mix(rng, *images.shape[2:], mix), CLASSES, ft.label_smoothing)
 
     return finish
@@ -129,18 +121,19 @@ def run(ctx: BenchContext) -> list[Record]:
     count = (10_240 if ctx.quick else 20_480) if gpu else (384 if ctx.quick else 768)
     epochs = 3 if ctx.quick else 4
     shards = ctx.shards_of(ctx.imagenet_like_tree(count), workers=threads)
-    ours = augmented_rate(shards, "dali", ctx.device, threads, batch, epochs)
+    ours, ours_within = augmented_rates(shards, "dali", ctx.device, threads, batch, epochs)
     try:
         require("timm")
-        baseline = augmented_rate(shards, "pil", ctx.device, threads, batch, epochs)
+        baseline, baseline_within = augmented_rates(shards, "pil", ctx.device, threads, batch, epochs)
     except StageUnavailable as why:
         print(f"finetune: the PIL + timm baseline skipped ({why}; pip install --no-deps timm)")
-        baseline = None
+        baseline = baseline_within = None
     config = {"img_size": 224, "local_batch_size": batch, "images": count, "epochs": epochs, "threads": threads,
               "augmentation": "random resized crop (0.08, 1) + flip + RandAugment (9, 0.5) + random erasing 0.25 "
                               "+ mixup 0.8 / cutmix 1.0 + label smoothing 0.1"}
-    records.append(Record(
-        "finetune", "data_path_dali_vs_pil_timm", "img/s", ours, baseline,
-        f"PIL + timm RandAugment in {threads} DataLoader workers, timm RandomErasing and Mixup on the batch",
-        {**config, "decode": "mixed (nvJPEG)" if gpu else "cpu"}))
+    config["decode"] = "mixed (nvJPEG)" if gpu else "cpu"
+    baseline_name = f"PIL + timm RandAugment in {threads} DataLoader workers, timm RandomErasing and Mixup on the batch"
+    records += [Record("finetune", "data_path_dali_vs_pil_timm", "img/s", ours, baseline, baseline_name, config),
+                Record("finetune", "data_path_within_epoch_dali_vs_pil_timm", "img/s", ours_within, baseline_within,
+                       baseline_name, config)]
     return records

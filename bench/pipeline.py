@@ -14,6 +14,7 @@ import itertools
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,13 +23,16 @@ from bench.context import BenchContext, require
 from bench.harness import Record, Stat, load_history, stat_of
 
 
-def batch_times(loader, epochs: range, sync: bool) -> list[list[float]]:
-    """Per epoch, the moment each batch reached the consumer."""
+def batch_times(loader, epochs: range, sync: bool, finish: Callable | None = None) -> list[list[float]]:
+    """Per epoch, the moment each batch reached the consumer (after `finish(images, labels)`, the batch work the
+    consumer does, when given)."""
     timeline = []
     for epoch in epochs:
         loader.set_epoch(epoch)
         arrivals = []
-        for _ in loader:
+        for images, labels in loader:
+            if finish is not None:
+                finish(images, labels)
             if sync:
                 torch.cuda.synchronize()
             arrivals.append(time.perf_counter())

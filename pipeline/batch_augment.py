@@ -69,7 +69,7 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, draw: MixDraw, num_cla
     """Each image mixed with its partner in the reversed batch, and the soft targets that go with it."""
     partner = images.flip(0)
     if draw.box is None:
-        images = images * draw.lam + partner * (1.0 - draw.lam)
+        images = torch.lerp(partner, images, draw.lam)  # lam x images + (1 - lam) x partner, in one pass
     else:
         top, bottom, left, right = draw.box
         images = images.clone()
@@ -78,29 +78,31 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, draw: MixDraw, num_cla
     return images, targets * draw.lam + targets.flip(0) * (1.0 - draw.lam)
 
 
-def random_erase(images: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
-    """timm's RandomErasing (pixel mode, one box), for a whole batch at once: with probability `prob` an image
-    gets a box of 2-33% of its area and aspect ratio 0.3-3.3 (the first of 10 tries that fits) filled with
-    N(0, 1) noise, in normalized units."""
-    n, _, height, width = images.shape
-    device = images.device
+def erase_boxes(rng: np.random.Generator, count: int, height: int, width: int,
+                prob: float) -> list[tuple[int, int, int, int, int]]:
+    """timm's RandomErasing draws (one box, pixel mode) for `count` images: (image, top, left, h, w) for each image
+    that gets a box. With probability `prob` an image gets one of 2-33% of its area and aspect ratio 0.3-3.3, the
+    first of 10 tries that fits."""
+    boxes = []
+    for image in range(count):
+        if rng.random() >= prob:
+            continue
+        for _ in range(ERASE_ATTEMPTS):
+            area = rng.uniform(*ERASE_AREA) * height * width
+            ratio = math.exp(rng.uniform(*ERASE_LOG_RATIO))
+            h, w = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if h < height and w < width:
+                boxes.append((image, int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w))
+                break
+    return boxes
 
-    def uniform(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, device=device, generator=generator, dtype=torch.float64)
 
-    erase = uniform(n) < prob
-    area = (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * uniform(n, ERASE_ATTEMPTS)) * height * width
-    ratio = torch.exp(ERASE_LOG_RATIO[0] + (ERASE_LOG_RATIO[1] - ERASE_LOG_RATIO[0]) * uniform(n, ERASE_ATTEMPTS))
-    box_h, box_w = torch.round(torch.sqrt(area * ratio)).long(), torch.round(torch.sqrt(area / ratio)).long()
-    fits = (box_h < height) & (box_w < width)
-    first = torch.argmax(fits.int(), dim=1, keepdim=True)  # the first try that fits (if any does)
-    erase &= fits.any(dim=1)
-    box_h, box_w = box_h.gather(1, first).squeeze(1), box_w.gather(1, first).squeeze(1)
-    top = (uniform(n) * (height - box_h + 1)).long()
-    left = (uniform(n) * (width - box_w + 1)).long()
-    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
-    inside_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])
-    inside_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])
-    box = (inside_rows[:, :, None] & inside_cols[:, None, :] & erase[:, None, None]).unsqueeze(1)
-    noise = torch.randn(images.shape, device=device, generator=generator, dtype=images.dtype)
-    return torch.where(box, noise, images)
+def random_erase(images: torch.Tensor, prob: float, rng: np.random.Generator,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Random erasing in place: boxes drawn on the host (no device sync), filled on the device with N(0, 1) noise
+    from `generator`, in normalized units; only the boxes' pixels are drawn."""
+    _, channels, height, width = images.shape
+    for image, top, left, h, w in erase_boxes(rng, images.shape[0], height, width, prob):
+        images[image, :, top:top + h, left:left + w] = torch.randn(
+            (channels, h, w), generator=generator, device=images.device, dtype=images.dtype)
+    return images

@@ -200,7 +200,7 @@ def test_random_erasing_matches_timms_statistics():
     random.seed(0)
     zeros = torch.zeros(3000, 3, 24, 24)
     theirs = torch.stack([timm_erasing(image.clone()) for image in zeros])
-    ours = random_erase(zeros, 0.25, torch.Generator().manual_seed(0))
+    ours = random_erase(zeros.clone(), 0.25, np.random.default_rng(0), torch.Generator().manual_seed(0))
 
     def erased_area(images):
         area = (images != 0).any(dim=1).double().mean(dim=(1, 2))

@@ -126,12 +126,12 @@ class FinetuneTrainer(Trainer):
         if self.probe:
             targets = smooth_targets(labels, self.num_classes, 0.0)
         else:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            rng = np.random.default_rng(seed)
             if ft.erase_prob:
-                images = random_erase(images, ft.erase_prob, generator)
+                images = random_erase(images, ft.erase_prob, rng, torch.Generator(self.device).manual_seed(seed))
             mix = MixConfig(ft.mixup_alpha, ft.cutmix_alpha, ft.mix_switch_prob, ft.label_smoothing)
             if mix.mixing:
-                draw = draw_mix(np.random.default_rng(seed), *images.shape[2:], mix)
+                draw = draw_mix(rng, *images.shape[2:], mix)
                 images, targets = mix_batch(images, labels, draw, self.num_classes, ft.label_smoothing)
             else:
                 targets = smooth_targets(labels, self.num_classes, ft.label_smoothing)
