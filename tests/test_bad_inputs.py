@@ -55,7 +55,7 @@ def test_export_to_a_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["pipeline", "--data", "/no/such/shards"], "--data /no/such/shards: no train.json there"),
-    (["pipeline", "--preset", "vit_giant"], "--preset vit_giant: no such preset (known: tiny, vit_b16_1600ep"),
+    (["pipeline", "--preset", "vit_giant"], "--preset vit_giant: no such preset (known: finetune_tiny"),
     (["pipeline", "--local-batch-size", "0"], "--local-batch-size must be at least 1, got 0"),
     (["model", "--data", "/tmp"], "--data goes with the pipeline stage"),
     (["nonsense"], "invalid choice: 'nonsense'"),

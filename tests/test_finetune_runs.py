@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from model.vit import build_classifier
 from model.weights import load_weights_file
 from tests.runs import events, make_sample_shards, metrics, records, run
 from train.config import load_config
@@ -76,6 +77,14 @@ def test_a_fine_tuning_run_resumes_mid_epoch_exactly_and_on_another_rank_count(p
     common = ("--log-every", "2", "--set", f"model.init={encoder}", "--set", "optim.epochs=2",
               "--set", "eval.every_epochs=0")
     run(shards, tmp_path / "whole", *common, **FINETUNE)
+    # Every layer-decay group trained its last step at the schedule's lr times its scale.
+    saved = torch.load(tmp_path / "whole" / "checkpoints" / "step00000024" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)  # DeepSpeed's own file: it holds more than tensors
+    optim = load_config("configs/finetune_tiny.toml", ["optim.epochs=2"]).optim
+    last_lr = lr_at(23 / STEPS_PER_EPOCH, optim.lr, optim)
+    groups = saved["optimizer"]["param_groups"]
+    assert sorted({g["lr_scale"] for g in groups}) == pytest.approx([0.75 ** k for k in range(5, -1, -1)])
+    assert all(g["lr"] == pytest.approx(last_lr * g["lr_scale"]) for g in groups)
     stopped = tmp_path / "stopped"
     run(shards, stopped, *common, "--max-steps", "18", **FINETUNE)  # six steps into the second epoch
     resumed = tmp_path / "resumed"
@@ -106,9 +115,9 @@ def test_inputs_that_do_not_fit_are_refused_in_one_line(pretrained, shards, tmp_
               "model.name=mae_vit_base_patch16", "--set", "data.img_size=32", ranks=1, expect=2, **FINETUNE)
     assert f"model.init {encoder} is a pre-training run of mae_vit_tiny_patch16" in one_line_refusal(out)
     # A classifier for 8 classes, and shards of 4 (the conftest's): the head does not fit.
-    eight = tmp_path / "eight"
-    run(sample_shards, eight, "--max-steps", "1", ranks=1, **FINETUNE)
-    out = run(shards, tmp_path / "b", "--set", f"model.init={eight / 'best.pth'}", ranks=1, expect=2, **FINETUNE)
+    eight = tmp_path / "eight.pth"
+    torch.save({"model": build_classifier("mae_vit_tiny_patch16", 64, CLASSES).state_dict()}, eight)
+    out = run(shards, tmp_path / "b", "--set", f"model.init={eight}", ranks=1, expect=2, **FINETUNE)
     assert "its head is for another number of classes: head.weight is [8, 192]" in one_line_refusal(out)
     out = run(shards, tmp_path / "c", "--set", "finetune.num_classes=10", ranks=1, expect=2, **FINETUNE)
     assert "finetune.num_classes is 10, but the train shards" in one_line_refusal(out)
