@@ -14,12 +14,14 @@ import torch
 from model import build_mae
 from model.flops import classifier_train_flops
 from model.mae import drop_path
+from model.pos_embed import resize_pos_embed, sincos_2d
 from model.vit import build_classifier, load_encoder
 from pipeline import build_loader
-from pipeline.augment import FINETUNE, MAGNITUDE_LEVELS, RAND_AUGMENT_OPS
+from pipeline.augment import FINETUNE, LINEAR_PROBE, MAGNITUDE_LEVELS, RAND_AUGMENT_OPS
 from pipeline.batch_augment import MixConfig, MixDraw, cutmix_draw, draw_mix, mix_batch, random_erase, smooth_targets
 from pipeline.timm_ops import timm_data_module
 from train.config import load_config
+from train.finetune import image_augmentation, top_hits
 from train.recipe import Lars, layer_decay_groups
 
 DEPTH = 4  # the tiny preset's encoder
@@ -252,6 +254,28 @@ def test_label_smoothing_and_mix_draws():
     mixup_lams = [d.lam for d in draws if d.box is None]
     assert np.mean(mixup_lams) == pytest.approx(0.5, abs=0.03)  # Beta(0.8, 0.8) is symmetric
     assert np.var(mixup_lams) == pytest.approx(0.25 / 2.6, rel=0.15)  # its variance: 1 / (4 (2 alpha + 1))
+
+
+def test_the_loaders_augmentation_follows_the_mode():
+    finetune, probe = load_config("finetune_vit_b16").finetune, load_config("linprobe_vit_l16").finetune
+    assert image_augmentation(finetune) == FINETUNE  # crop (0.08, 1), flip, RandAugment 2 layers at level 9
+    assert image_augmentation(probe) == LINEAR_PROBE  # crop and flip only
+
+
+def test_top_1_and_top_5_hits():
+    logits = torch.tensor([[0.0, 5, 4, 3, 2, 1, -1], [9, 1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7]])
+    top1, top5 = top_hits(logits, torch.tensor([1, 6, 1]))  # first: top; second: 2nd; third: 7th of 7
+    assert (int(top1), int(top5)) == (1, 2)
+    assert [int(n) for n in top_hits(logits[:, :3], torch.tensor([0, 2, 0]))] == [0, 3]  # 3 classes: top-5 = all
+
+
+def test_position_embeddings_resample_smoothly():
+    grid = sincos_2d(32, 8, 8).unsqueeze(0)
+    assert resize_pos_embed(grid, 8, 8) is grid
+    there_and_back = resize_pos_embed(resize_pos_embed(grid, 16, 16), 8, 8)
+    torch.testing.assert_close(there_and_back, grid, atol=0.03, rtol=0)
+    with pytest.raises(ValueError, match="not a square grid"):
+        resize_pos_embed(grid[:, :-1], 4, 4)
 
 
 def test_finetune_presets_are_the_papers_recipe():

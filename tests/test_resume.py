@@ -112,7 +112,8 @@ def test_a_resume_that_would_change_the_model_or_the_data_order_is_refused():
     saved = load_config(REPO / "configs" / "tiny.toml")
     assert config_changes(saved, load_config(REPO / "configs" / "tiny.toml", ["optim.lr=0.1"])) == [
         "optim.lr: 0.002 -> 0.1"]
-    for key, value in (("runtime.seed", "5"), ("model.name", "mae_vit_base_patch16"), ("data.img_size", "128")):
+    for key, value in (("runtime.seed", "5"), ("model.name", "mae_vit_base_patch16"), ("data.img_size", "128"),
+                       ("optim.optimizer", "lars"), ("finetune.mode", "linear_probe"), ("finetune.num_classes", "10")):
         with pytest.raises(ConfigError, match=f"--resume cannot change {key}"):
             config_changes(saved, load_config(REPO / "configs" / "tiny.toml", [f"{key}={value}"]))
 

@@ -36,7 +36,7 @@ from pipeline.augment import Augmentation
 from pipeline.batch_augment import MixConfig, draw_mix, mix_batch, random_erase, smooth_targets
 from pipeline.manifest import check_same_classes, resolve_shards
 from pipeline.synthetic_loader import SYNTHETIC_CLASSES
-from train.config import ConfigError, TrainConfig, config_from_json
+from train.config import ConfigError, FinetuneConfig, TrainConfig, config_from_json
 from train.export import consolidated_state_dict
 from train.pretrain import Trainer, main
 from train.recipe import build_optimizer, layer_decay_groups
@@ -66,10 +66,7 @@ class FinetuneTrainer(Trainer):
 
     @property
     def augmentation(self) -> Augmentation:
-        ft = self.cfg.finetune
-        layers = 0 if self.probe else ft.rand_augment_layers  # the probe: crop and flip only
-        return Augmentation(crop_scale=(ft.crop_min_scale, 1.0), rand_augment_layers=layers,
-                            rand_augment_magnitude=ft.rand_augment_magnitude)
+        return image_augmentation(self.cfg.finetune)
 
     @property
     def evaluates(self) -> bool:
@@ -149,8 +146,8 @@ class FinetuneTrainer(Trainer):
         with torch.no_grad():
             for images, labels in self.val_loader:
                 logits = self.engine(images).float()
-                hits = logits.topk(min(5, self.num_classes), dim=1).indices == labels.unsqueeze(1)
-                totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels)),
+                top1, top5 = top_hits(logits, labels)
+                totals += torch.stack([top1, top5, torch.tensor(len(labels)),
                                        F.cross_entropy(logits, labels, reduction="sum")]).to(totals)
         self.engine.train()
         dist.all_reduce(totals)
@@ -176,6 +173,19 @@ class FinetuneTrainer(Trainer):
                 state = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
                 with atomic_path(self.output / BEST_WEIGHTS) as tmp:
                     torch.save({"model": state, "maeflow": {**result, "config": asdict(self.cfg)}}, tmp)
+
+
+def image_augmentation(ft: FinetuneConfig) -> Augmentation:
+    """What the training loader does to each image: the crop, the flip and (not in the probe) RandAugment."""
+    layers = 0 if ft.mode == "linear_probe" else ft.rand_augment_layers
+    return Augmentation(crop_scale=(ft.crop_min_scale, 1.0), rand_augment_layers=layers,
+                        rand_augment_magnitude=ft.rand_augment_magnitude)
+
+
+def top_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many of the batch the top class, and any of the top 5 (all, with fewer classes), got right."""
+    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.unsqueeze(1)
+    return hits[:, 0].sum(), hits.any(dim=1).sum()
 
 
 def class_count(cfg: TrainConfig) -> int:
