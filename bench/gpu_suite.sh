@@ -56,7 +56,7 @@ stage() {  # stage NAME BUDGET_S COMMAND...: run it cut at its budget, log it, t
     printf '%-9s %4d s of %4d s  %s\n' "$name" "$(( $(date +%s) - start ))" "$budget" "$state" | tee -a "$summary"
 }
 
-stage tests     80 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+stage tests    100 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 stage kernels   50 "$PY" -m bench kernels --device "$DEVICE" $QUICK --out "$HISTORY"
 stage model     50 "$PY" -m bench model --device "$DEVICE" $QUICK --out "$HISTORY"
 stage train    150 "$PY" -m bench train --device "$DEVICE" $QUICK --out "$HISTORY"
