@@ -18,7 +18,7 @@ import torch
 
 from bench.context import BenchContext, StageUnavailable, require
 from bench.harness import Record, Stat, rate, time_repeats
-from bench.pipeline import batch_times, delivered_and_boundary, raw_graph_rate, within_epoch_rate
+from bench.pipeline import batch_times, data_path_images, delivered_and_boundary, raw_graph_rate, within_epoch_rate
 from bench.train import summarize, trainer_run
 from model.flops import classifier_train_flops, peak_flops
 from model.vit import build_classifier
@@ -118,7 +118,7 @@ def run(ctx: BenchContext) -> list[Record]:
     from pipeline.dali_loader import HW_DECODER_LOAD  # imports DALI
     threads = os.cpu_count() or 1
     batch = 256 if gpu else 32
-    count = (10_240 if ctx.quick else 20_480) if gpu else (384 if ctx.quick else 768)
+    count = data_path_images(ctx)  # the pipeline stage's images: generated and sharded once
     epochs = 2 if ctx.quick else 4  # the first is warm-up
     shards = ctx.shards_of(ctx.imagenet_like_tree(count), workers=threads)
     ours, ours_within = augmented_rates(shards, "dali", ctx.device, threads, batch, epochs)

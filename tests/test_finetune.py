@@ -20,8 +20,8 @@ from pipeline import build_loader
 from pipeline.augment import FINETUNE, LINEAR_PROBE, MAGNITUDE_LEVELS, RAND_AUGMENT_OPS
 from pipeline.batch_augment import MixConfig, MixDraw, cutmix_draw, draw_mix, mix_batch, random_erase, smooth_targets
 from pipeline.timm_ops import timm_data_module
-from train.config import load_config
-from train.finetune import image_augmentation, top_hits
+from train.config import ConfigError, load_config
+from train.finetune import class_count, image_augmentation, pretrained_weights, top_hits
 from train.recipe import Lars, layer_decay_groups
 
 DEPTH = 4  # the tiny preset's encoder
@@ -113,6 +113,22 @@ def test_weights_of_another_model_or_class_count_are_refused_in_one_line():
         load_encoder(base, build_mae("mae_vit_base_patch16", img_size=32).state_dict(), "big.pth")
     with pytest.raises(ValueError, match="not an encoder of this model: 2 tensors missing"):
         load_encoder(base, {k: v for k, v in base.state_dict().items() if "blocks.0.attn.qkv" not in k}, "cut.pth")
+
+
+def test_start_points_that_do_not_fit_are_refused_in_one_line(shards, tmp_path):
+    run = tmp_path / "pretrained_run"
+    run.mkdir()
+    (run / "config.json").write_text(load_config("tiny").to_json())
+    with pytest.raises(ConfigError, match=f"^model.init {run} is a pre-training run of mae_vit_tiny_patch16; this "
+                                          "config fine-tunes mae_vit_base_patch16"):
+        pretrained_weights(str(run), "mae_vit_base_patch16")
+    with pytest.raises(ConfigError, match="not a maeflow run"):
+        pretrained_weights(str(tmp_path), "mae_vit_tiny_patch16")
+    cfg = load_config("finetune_tiny", [f"data.shards={shards}"])
+    assert class_count(cfg) == 4  # the conftest's shards
+    cfg.finetune.num_classes = 10
+    with pytest.raises(ConfigError, match=r"finetune\.num_classes is 10, but the train shards .* label 4 classes"):
+        class_count(cfg)
 
 
 def test_drop_path_keeps_the_expected_value():
