@@ -35,13 +35,13 @@ CLASSES = 1000
 BatchAugmentation = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def augmented_rates(shards: Path, backend: str, device: str, threads: int, batch: int,
-                    epochs: int) -> tuple[Stat, Stat]:
+def augmented_rates(shards: Path, backend: str, device: str, threads: int, batch: int, epochs: int,
+                    limit: int | None) -> tuple[Stat, Stat]:
     """Images/s the loader delivers with the whole fine-tuning augmentation applied to each batch, over the epochs
     after the first (warm-up): from each epoch's first batch to the next one's (epoch boundaries included), and
     within epochs (first to last batch: the steady state of an ImageNet-length epoch)."""
     loader = build_loader(shards, local_batch_size=batch, img_size=224, backend=backend, device=device,
-                          num_threads=threads, augment=FINETUNE)
+                          num_threads=threads, augment=FINETUNE, limit=limit)
     on = "cuda" if device == "gpu" else "cpu"
     finish = maeflow_batch_augmentation(on) if backend == "dali" else timm_batch_augmentation(on)
     timeline = batch_times(loader, range(epochs), on == "cuda", finish)
@@ -97,7 +97,7 @@ def run(ctx: BenchContext) -> list[Record]:
     gpu = ctx.device == "gpu"
     setups = [("configs/finetune_vit_b16.toml", 128), ("configs/finetune_vit_h14.toml", 32)] if gpu else \
         [("configs/finetune_tiny.toml", 16)]
-    steps, log_every = ((30, 5) if ctx.quick else (100, 10)) if gpu else ((25, 5) if ctx.quick else (60, 10))
+    steps, log_every = ((30, 5) if ctx.quick else (100, 10)) if gpu else ((15, 5) if ctx.quick else (60, 10))
     peak = peak_flops(torch.cuda.get_device_name()) if gpu else None
     records = []
     for config, batch in setups:
@@ -119,23 +119,25 @@ def run(ctx: BenchContext) -> list[Record]:
     threads = os.cpu_count() or 1
     batch = 256 if gpu else 32
     count = data_path_images(ctx)  # the pipeline stage's images: generated and sharded once
+    limit = 256 if ctx.quick and not gpu else None  # a quick CPU run (CI's dry run of the GPU suite): 8 batches
     epochs = 2 if ctx.quick else 4  # the first is warm-up
     shards = ctx.shards_of(ctx.imagenet_like_tree(count), workers=threads)
-    ours, ours_within = augmented_rates(shards, "dali", ctx.device, threads, batch, epochs)
+    ours, ours_within = augmented_rates(shards, "dali", ctx.device, threads, batch, epochs, limit)
     try:
         require("timm")
-        baseline, baseline_within = augmented_rates(shards, "pil", ctx.device, threads, batch, epochs)
+        baseline, baseline_within = augmented_rates(shards, "pil", ctx.device, threads, batch, epochs, limit)
     except StageUnavailable as why:
         print(f"finetune: the PIL + timm baseline skipped ({why}; pip install --no-deps timm)")
         baseline = baseline_within = None
-    config = {"img_size": 224, "local_batch_size": batch, "images": count, "epochs": epochs, "threads": threads,
+    config = {"img_size": 224, "local_batch_size": batch, "images": limit or count, "epochs": epochs,
+              "threads": threads,
               "augmentation": "random resized crop (0.08, 1) + flip + RandAugment (9, 0.5) + random erasing 0.25 "
                               "+ mixup 0.8 / cutmix 1.0 + label smoothing 0.1"}
     config["decode"] = "mixed (nvJPEG)" if gpu else "cpu"
     # The DALI graph alone (crop, flip, RandAugment; one pipeline, no epoch ends, no batch augmentation): how much
     # of the delivered rate the graph allows, and the figure for "fine-tuning data per GPU with RandAugment".
     graph = build_loader(shards, local_batch_size=batch, img_size=224, backend="dali", device=ctx.device,
-                         num_threads=threads, augment=FINETUNE)
+                         num_threads=threads, augment=FINETUNE, limit=limit)
     ceiling = raw_graph_rate(graph, HW_DECODER_LOAD, len(graph), repeats=epochs - 1)
     baseline_name = f"PIL + timm RandAugment in {threads} DataLoader workers, timm RandomErasing and Mixup on the batch"
     records += [Record("finetune", "data_path_raw_graph_vs_delivered", "img/s", ceiling, ours,
