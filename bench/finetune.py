@@ -24,7 +24,7 @@ from model.flops import classifier_train_flops, peak_flops
 from model.vit import build_classifier
 from pipeline import build_loader
 from pipeline.augment import FINETUNE
-from pipeline.batch_augment import MixConfig, draw_mix, mix_batch, random_erase
+from pipeline.batch_augment import draw_mix, mix_batch, random_erase
 from pipeline.timm_ops import timm_data_module
 from train.config import load_config
 from train.engine import attention_backend
@@ -50,7 +50,9 @@ def augmented_rates(shards: Path, backend: str, device: str, threads: int, batch
 
 def maeflow_batch_augmentation(device: str) -> BatchAugmentation:
     ft = load_config("finetune_vit_b16").finetune
-    mix = MixConfig(ft.mixup_alpha, ft.cutmix_alpha, ft.mix_switch_prob, ft.label_smoothing)
+    from train.finetune import mix_config  # imports DeepSpeed, which run() requires first
+
+    mix = mix_config(ft)
     generator, rng = torch.Generator(device=device).manual_seed(0), np.random.default_rng(0)
 
     def finish(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +85,7 @@ def bare_step_rate(config: str, batch: int, device: str, repeats: int) -> tuple[
     def step() -> None:
         with autocast, attention_backend(cfg.runtime.attention):
             logits = model(images)
-        loss = torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets)  # soft targets, as fine-tuning's
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

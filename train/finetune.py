@@ -13,6 +13,7 @@ weights so far are kept apart as OUTPUT/best.pth (reference layout, like a `trai
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import asdict
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from model.flops import classifier_train_flops
 from model.vit import VisionTransformer, build_classifier, load_encoder
-from model.weights import load_weights_file, read_weights
+from model.weights import read_weights
 from pipeline import Loader, build_loader
 from pipeline.atomic import atomic_path
 from pipeline.augment import Augmentation
@@ -54,11 +55,11 @@ class FinetuneTrainer(Trainer):
         self.val_loader = None
         self.best_top1 = -1.0
         super().__init__(cfg, resume)
+        self.mix = mix_config(cfg.finetune)
         if cfg.eval.every_epochs and not self.synthetic:
             self.val_loader = self.on_every_rank(self._build_val_loader)
-        best = self.output / BEST_WEIGHTS
-        if resume and best.is_file():
-            self.best_top1 = load_weights_file(best)["maeflow"]["top1"]
+        if resume:  # the best so far on this branch of the run (a rollback set later records aside with its steps)
+            self.best_top1 = max(logged_top1(self.output / "metrics.jsonl"), default=-1.0)
 
     @property
     def probe(self) -> bool:
@@ -108,7 +109,7 @@ class FinetuneTrainer(Trainer):
         check_same_classes(cfg.data.shards, "train", cfg.eval.split)
         return build_loader(cfg.data.shards, split=cfg.eval.split, local_batch_size=self.plan.local_batch_size,
                             img_size=cfg.data.img_size, train=False, rank=self.rank, world_size=self.world,
-                            device="gpu" if self.device.type == "cuda" else "cpu", backend=cfg.data.backend,
+                            device=self.loader_device, backend=cfg.data.backend,
                             num_threads=cfg.data.num_threads or None, dtype=self.dtype)
 
     # ---------------------------------------------------------------- the step
@@ -124,16 +125,14 @@ class FinetuneTrainer(Trainer):
             targets = smooth_targets(labels, self.num_classes, 0.0)
         else:
             rng = np.random.default_rng(seed)
-            if ft.erase_prob:
-                images = random_erase(images, ft.erase_prob, rng, torch.Generator(self.device).manual_seed(seed))
-            mix = MixConfig(ft.mixup_alpha, ft.cutmix_alpha, ft.mix_switch_prob, ft.label_smoothing)
-            if mix.mixing:
-                draw = draw_mix(rng, *images.shape[2:], mix)
+            if ft.erase_prob:  # the noise from the trainer's device generator (masks, in pre-training), reseeded
+                images = random_erase(images, ft.erase_prob, rng, self.noise_gen.manual_seed(seed))
+            if self.mix.mixing:
+                draw = draw_mix(rng, *images.shape[2:], self.mix)
                 images, targets = mix_batch(images, labels, draw, self.num_classes, ft.label_smoothing)
             else:
                 targets = smooth_targets(labels, self.num_classes, ft.label_smoothing)
-        logits = self.engine(images)
-        return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(self.engine(images).float(), targets)  # targets are class probabilities
 
     # ---------------------------------------------------------------- evaluation
 
@@ -147,7 +146,7 @@ class FinetuneTrainer(Trainer):
             for images, labels in self.val_loader:
                 logits = self.engine(images).float()
                 top1, top5 = top_hits(logits, labels)
-                totals += torch.stack([top1, top5, torch.tensor(len(labels)),
+                totals += torch.stack([top1, top5, labels.new_tensor(len(labels)),
                                        F.cross_entropy(logits, labels, reduction="sum")]).to(totals)
         self.engine.train()
         dist.all_reduce(totals)
@@ -173,6 +172,18 @@ class FinetuneTrainer(Trainer):
                 state = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
                 with atomic_path(self.output / BEST_WEIGHTS) as tmp:
                     torch.save({"model": state, "maeflow": {**result, "config": asdict(self.cfg)}}, tmp)
+
+
+def logged_top1(metrics: Path) -> list[float]:
+    """The top-1 of every evaluation a run's metrics.jsonl records (none when it has no such file)."""
+    if not metrics.is_file():
+        return []
+    return [record["top1"] for record in map(json.loads, metrics.read_text().splitlines()) if "top1" in record]
+
+
+def mix_config(ft: FinetuneConfig) -> MixConfig:
+    """The batch mixing and label smoothing the config asks for."""
+    return MixConfig(ft.mixup_alpha, ft.cutmix_alpha, ft.mix_switch_prob, ft.label_smoothing)
 
 
 def image_augmentation(ft: FinetuneConfig) -> Augmentation:

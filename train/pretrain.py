@@ -177,7 +177,7 @@ class Trainer:
         self.loader = build_loader(
             cfg.data.shards, split="train", local_batch_size=self.plan.local_batch_size, img_size=cfg.data.img_size,
             train=True, rank=self.rank, world_size=self.world, seed=cfg.runtime.seed,
-            device="gpu" if self.device.type == "cuda" else "cpu", backend=cfg.data.backend,
+            device=self.loader_device, backend=cfg.data.backend,
             num_threads=cfg.data.num_threads or None, dtype=self.dtype, synthetic_samples=cfg.data.synthetic_samples,
             augment=self.augmentation, verbose=self.is_main)
         if cfg.runtime.compile:
@@ -245,6 +245,11 @@ class Trainer:
 
     def train_flops_per_image(self) -> int:
         return mae_train_flops(self.model, self.cfg.model.mask_ratio)
+
+    @property
+    def loader_device(self) -> str:
+        """Where this rank's loaders decode and deliver: "gpu" (DALI's mixed decoding) on a CUDA rank, else "cpu"."""
+        return "gpu" if self.device.type == "cuda" else "cpu"
 
     @property
     def evaluates(self) -> bool:
@@ -315,7 +320,7 @@ class Trainer:
             return KnnMonitor(cfg.data.shards, cfg.eval.split, cfg.eval.train_samples, cfg.eval.val_samples,
                               local_batch_size=self.plan.local_batch_size, img_size=cfg.data.img_size,
                               rank=self.rank, world_size=self.world,
-                              device="gpu" if self.device.type == "cuda" else "cpu", backend=cfg.data.backend,
+                              device=self.loader_device, backend=cfg.data.backend,
                               num_threads=cfg.data.num_threads or None, dtype=self.dtype)
         except (FileNotFoundError, ValueError) as err:  # no held-out split, or one labelled with other classes
             self.say(f"k-NN evaluation off: {str(err).splitlines()[0]}")
