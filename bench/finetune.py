@@ -50,7 +50,7 @@ def augmented_rates(shards: Path, backend: str, device: str, threads: int, batch
 
 def maeflow_batch_augmentation(device: str) -> BatchAugmentation:
     ft = load_config("finetune_vit_b16").finetune
-    from train.finetune import mix_config  # imports DeepSpeed, which run() requires first
+    from train.classifier_task import mix_config  # imports DeepSpeed, which run() requires first
 
     mix = mix_config(ft)
     generator, rng = torch.Generator(device=device).manual_seed(0), np.random.default_rng(0)
@@ -117,7 +117,7 @@ def run(ctx: BenchContext) -> list[Record]:
     except StageUnavailable as why:
         print(f"finetune: the data path skipped ({why})")
         return records
-    from pipeline.dali_loader import HW_DECODER_LOAD  # imports DALI
+    from pipeline.dali_graph import HW_DECODER_LOAD  # imports DALI
     threads = os.cpu_count() or 1
     batch = 256 if gpu else 32
     count = data_path_images(ctx)  # the pipeline stage's images: generated and sharded once

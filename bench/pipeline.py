@@ -93,10 +93,10 @@ def loader_run(shards: Path, backend: str, device: str, threads: int, batch: int
 def raw_graph_rate(loader, hw_decoder_load: float, batches: int, repeats: int) -> Stat:
     """The loader's DALI graph driven directly over the shards' own index files: one pipeline, no torch
     conversion, no epoch ends. The ceiling `build_loader` is held against."""
-    from pipeline.dali_loader import mae_pipeline
+    from pipeline.dali_graph import image_pipeline
 
     spec = loader.spec
-    pipe = mae_pipeline(spec, [str(p) for p in spec.shards.tars], [str(p) for p in spec.shards.indexes],
+    pipe = image_pipeline(spec, [str(p) for p in spec.shards.tars], [str(p) for p in spec.shards.indexes],
                         hw_decoder_load, batch_size=spec.local_batch_size, num_threads=spec.num_threads,
                         device_id=torch.cuda.current_device() if spec.device == "gpu" else None, seed=1,
                         prefetch_queue_depth=2)

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model.flops import mae_train_flops, peak_flops
 from pipeline import build_loader
 from train.config import load_config
-from train.engine import build_model
+from train.engine import mae_from_config
 from train.recipe import build_optimizer, lr_at, peak_lr
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, [f"data.shards={args.data}"])
     batch = args.local_batch_size or cfg.optim.max_local_batch_size or cfg.optim.global_batch_size // world
     torch.manual_seed(cfg.runtime.seed)
-    model = build_model(cfg).to(device)
+    model = mae_from_config(cfg).to(device)
     optimizer = build_optimizer(model, cfg.optim, peak_lr(cfg.optim, batch * world))
     ddp = DistributedDataParallel(model, device_ids=[device.index] if gpu else None)
     loader = build_loader(cfg.data.shards, local_batch_size=batch, img_size=cfg.data.img_size, rank=rank,

@@ -29,7 +29,7 @@ from bench.context import BenchContext, StageUnavailable, require
 from bench.harness import REPO, Record, Stat, free_port, kernels_backend, rate, stat_of, time_repeats
 from model.flops import mae_train_flops, peak_flops
 from train.config import load_config
-from train.engine import attention_backend, build_model
+from train.engine import attention_backend, mae_from_config
 from train.health import RankTimes, Watchdog
 from train.profiling import WARMUP_STEPS
 from train.recipe import build_optimizer
@@ -73,7 +73,8 @@ def trainer_run(config: str, shards: Path | None, steps: int, log_every: int, ba
                "--output", out, "--max-steps", str(steps), "--log-every", str(log_every),
                "--set", f"optim.global_batch_size={batch}", "--set", f"optim.local_batch_size={batch}",
                "--set", "checkpoint.every_minutes=0", "--set", "checkpoint.at_end=false",
-               "--set", "log.viz_every=1000000", "--set", "eval.every_epochs=0"]
+               "--set", "eval.every_epochs=0",
+               *(["--set", "log.viz_every=1000000"] if script == "train/pretrain.py" else [])]  # a pre-training field
         windows = _metrics(cmd, Path(out), {})
         profile = Path(out, "profile.txt")
         return windows, profile.read_text() if profile.is_file() else ""
@@ -93,7 +94,8 @@ def bare_step_rate(config: str, batch: int, device: str, repeats: int) -> tuple[
     """img/s of forward + backward + optimizer step of the trainer's model, precision and optimizer (both
     bf16 modes timed as autocast bf16), and its FLOPs per image."""
     cfg = load_config(config)
-    model = build_model(cfg).to(device)
+    model = mae_from_config(cfg).to(device)
+    model.set_grad_checkpointing(cfg.model.activation_recompute)
     optimizer = build_optimizer(model, cfg.optim, 1e-4)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.runtime.precision != "fp32")
     images = torch.randn(batch, 3, cfg.data.img_size, cfg.data.img_size, device=device)

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import kernels
 from kernels.patches import patch_mean_std, patchify, unpatchify
+from model.hooks import TransformerHooks
 from model.pos_embed import sincos_2d
 
 
@@ -80,19 +80,20 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: in training, zero a residual branch for a fraction `rate` of the samples and scale the
-    rest by 1 / (1 - rate), so that its expected value is unchanged."""
-    if rate == 0.0 or not training:
-        return x
-    keep = 1.0 - rate
-    kept = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype).bernoulli_(keep)
-    return x * kept / keep
+def drop_path_scales(rates: torch.Tensor, samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastic depth's per-sample factors for residual branches of drop rates `rates`: [*rates.shape, samples],
+    0 for a dropped sample (a fraction `rate` of them) and 1 / (1 - rate) for the others, so that a branch's
+    expected value is unchanged. `generator`: the draws' stream, on the rates' device (None: torch's global one)."""
+    keep = (1 - rates).unsqueeze(-1)
+    draws = torch.rand((*rates.shape, samples), generator=generator, device=rates.device, dtype=rates.dtype)
+    return (draws < keep).to(rates.dtype) / keep
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (the timm ViT layout the reference checkpoints use); `drop_path_rate` is
-    fine-tuning's stochastic depth (pre-training uses none)."""
+    """Pre-norm transformer block (the timm ViT layout the reference checkpoints use). `drop_path_rate` is
+    fine-tuning's stochastic depth (pre-training uses none): the model draws its factors for every block before
+    the blocks run (`drop_path_scales`), so that recomputing a block for its gradient, or compiling it, sees the
+    same draws as a tensor input."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_layer: Callable[[int], nn.Module],
                  drop_path_rate: float = 0.0) -> None:
@@ -103,12 +104,15 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+    def forward(self, x: torch.Tensor, drop_scales: torch.Tensor | None = None) -> torch.Tensor:
+        """`drop_scales` [2, N, 1, 1]: the attention branch's and the MLP branch's per-sample factors, or None."""
+        attn = self.attn(self.norm1(x))
+        x = x + (attn if drop_scales is None else attn * drop_scales[0])
+        mlp = self.mlp(self.norm2(x))
+        return x + (mlp if drop_scales is None else mlp * drop_scales[1])
 
 
-class MaskedAutoencoderViT(nn.Module):
+class MaskedAutoencoderViT(TransformerHooks):
     """MAE with a ViT encoder and a narrow ViT decoder; keywords match the reference constructor."""
 
     def __init__(
@@ -134,7 +138,6 @@ class MaskedAutoencoderViT(nn.Module):
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
-        self.activation_recompute = False  # recompute encoder blocks in backward to save memory
 
         # Encoder: patch embedding, fixed position embedding, ViT blocks on visible tokens only.
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim)
@@ -161,6 +164,9 @@ class MaskedAutoencoderViT(nn.Module):
     @property
     def num_patches(self) -> int:
         return self.patch_embed.num_patches
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [*self.blocks, *self.decoder_blocks]
 
     def initialize_weights(self) -> None:
         """The paper's init: xavier-uniform linears (and patch conv as a linear), N(0, 0.02) tokens."""
@@ -215,12 +221,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's blocks and final norm."""
-        for block in self.blocks:
-            if self.activation_recompute and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return self.norm(x)
+        return self.norm(self.run_encoder_blocks(x))
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Predict every patch's pixels from the latent; returns [N, L, p*p*C]."""

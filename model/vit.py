@@ -14,15 +14,17 @@ from functools import partial
 import torch
 from torch import nn
 
-from model.mae import Block, PatchEmbed, _pair
+from model.hooks import TransformerHooks
+from model.mae import Block, PatchEmbed, _pair, drop_path_scales
 from model.pos_embed import resize_pos_embed, sincos_2d
 from model.presets import PRESETS
+from model.weights import WeightsError
 
 # What a pre-trained MAE lacks that a classifier has: the head, and the norm before it with global pooling.
 HEAD_KEYS = ("head.", "fc_norm.")
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(TransformerHooks):
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, probe: bool = False,
                  mlp_ratio: float = 4.0) -> None:
@@ -45,6 +47,7 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(head.bias)
         self.head = nn.Sequential(nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6), head) if probe else head
         nn.init.normal_(self.cls_token, std=0.02)
+        self.drop_path_generator: torch.Generator | None = None
 
     @property
     def num_classes(self) -> int:
@@ -58,20 +61,33 @@ class VisionTransformer(nn.Module):
     def depth(self) -> int:
         return len(self.blocks)
 
+    def set_drop_path_generator(self, generator: torch.Generator | None) -> None:
+        """Draw stochastic depth from `generator`, on the model's device (None: torch's global stream)."""
+        self.drop_path_generator = generator
+
+    def _drop_scales(self, samples: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Every block's stochastic-depth factors for this batch [depth, 2, N, 1, 1] (None: nothing is dropped)."""
+        if not self.training or not any(block.drop_path_rate for block in self.blocks):
+            return None
+        rates = torch.tensor([[block.drop_path_rate] * 2 for block in self.blocks], device=like.device,
+                             dtype=like.dtype)
+        return drop_path_scales(rates, samples, self.drop_path_generator)[..., None, None]
+
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """The pooled image feature [N, D] the head reads."""
+        """The encoder's tokens [N, 1+L, D] (after the final norm in the probe; pooling normalizes afterwards)."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        if self.global_pool:
-            return self.fc_norm(x[:, 1:, :].mean(dim=1))
-        return self.norm(x)[:, 0]
+        x = self.run_encoder_blocks(torch.cat([cls, x], dim=1), self._drop_scales(x.shape[0], x))
+        return x if self.global_pool else self.norm(x)
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Class logits [N, num_classes] from the tokens: the patch tokens' mean and `fc_norm`, or the class token."""
+        pooled = self.fc_norm(tokens[:, 1:, :].mean(dim=1)) if self.global_pool else tokens[:, 0]
+        return self.head(pooled)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """Class logits [N, num_classes]."""
-        return self.head(self.forward_features(imgs))
+        return self.forward_head(self.forward_features(imgs))
 
 
 def build_classifier(name: str, img_size: int, num_classes: int, drop_path_rate: float = 0.0,
@@ -97,11 +113,12 @@ def load_encoder(model: VisionTransformer, state: dict[str, torch.Tensor], sourc
         if value.shape != own[key].shape:
             what = ("its head is for another number of classes" if key.startswith("head")
                     else "it holds another model")
-            raise ValueError(f"{source}: {what}: {key} is {list(value.shape)}, this model's is {list(own[key].shape)}")
+            raise WeightsError(f"{source}: {what}: {key} is {list(value.shape)}, this model's is "
+                               f"{list(own[key].shape)}")
     missing = model.load_state_dict(state, strict=False).missing_keys
     encoder_missing = [key for key in missing if not key.startswith(HEAD_KEYS) and key != "norm.weight"
                        and key != "norm.bias"]
     if encoder_missing:
-        raise ValueError(f"{source}: not an encoder of this model: {len(encoder_missing)} tensors missing, "
+        raise WeightsError(f"{source}: not an encoder of this model: {len(encoder_missing)} tensors missing, "
                          f"e.g. {', '.join(encoder_missing[:4])}")
     return missing

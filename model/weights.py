@@ -16,6 +16,11 @@ import torch
 
 from model.mae import MaskedAutoencoderViT
 
+
+class WeightsError(ValueError):
+    """A weight file that cannot be read safely, or that holds another model than the one it is loaded into."""
+
+
 DECODER_PREFIXES = ("decoder_", "mask_token")  # state-dict keys of the decoder; the rest is the encoder
 
 
@@ -60,7 +65,7 @@ def load_weights_file(path: str | os.PathLike) -> object:
         # torch's message is a paragraph that ends advising to allow-list the object; name it instead.
         named = re.search(r"GLOBAL (\S+)", str(err))
         culprit = f"it names {named.group(1)}" if named else "it holds an object torch refuses"
-        raise ValueError(f"{path}: refused to load: {culprit}; weight files may hold only tensors and plain data, "
+        raise WeightsError(f"{path}: refused to load: {culprit}; weight files may hold only tensors and plain data, "
                          "since unpickling anything else can run code") from None
 
 
@@ -69,7 +74,7 @@ def read_weights(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
     obj = source if isinstance(source, dict) else load_weights_file(source)
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{source if not isinstance(source, dict) else 'weights'}: "
+        raise WeightsError(f"{source if not isinstance(source, dict) else 'weights'}: "
                          "expected {'model': state_dict} or a state dict of tensors")
     return state
 
@@ -90,9 +95,9 @@ def load_reference_weights(
         if key in own and own[key].shape != value.shape
     ]
     if mismatched:
-        raise ValueError("weights do not fit this model (wrong preset or image size?): " + "; ".join(mismatched))
+        raise WeightsError("weights do not fit this model (wrong preset or image size?): " + "; ".join(mismatched))
     result = model.load_state_dict(state, strict=False)
     report = LoadReport(missing=list(result.missing_keys), unexpected=list(result.unexpected_keys))
     if strict and (report.missing or report.unexpected):
-        raise ValueError(f"strict load failed: {report}")
+        raise WeightsError(f"strict load failed: {report}")
     return report

@@ -1,11 +1,9 @@
-"""The DALI backend: webdataset reader -> fused decode+random-crop (GPU "mixed" or CPU) -> resize,
-(fine-tuning's RandAugment,) flip, normalize, all inside one DALI pipeline per epoch, checkpointable mid-epoch.
+"""The DALI backend's life cycle: one pipeline (`pipeline.dali_graph`) per rank and epoch over index files that list
+exactly this rank's samples in the epoch plan's order, checkpointable mid-epoch, and the reading cache around it.
 
-The reader is given index files written for this rank and epoch: they list exactly the samples the
-epoch plan gives this rank, in its order (DALI reads the members at the offsets an index names, in
-the index's order), so no shuffle buffer is needed and nothing leaks from one epoch into the next.
-While an epoch runs, the next epoch's pipeline is built and starts decoding in a background thread:
-at the boundary its first batches are ready.
+DALI reads the members at the offsets an index names, in the index's order, so no shuffle buffer is needed and
+nothing leaks from one epoch into the next. While an epoch runs, the next epoch's pipeline is built and starts
+decoding in a background thread: at the boundary its first batches are ready.
 """
 
 from __future__ import annotations
@@ -21,120 +19,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from nvidia.dali import Pipeline, fn, pipeline_def, types
-from nvidia.dali.auto_aug import augmentations as auto_aug_ops
-from nvidia.dali.auto_aug.core import augmentation
-from nvidia.dali.auto_aug.rand_augment import apply_rand_augment
-from nvidia.dali.data_node import DataNode
+from nvidia.dali import Pipeline
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipeline.augment import MAGNITUDE_LEVELS, RAND_AUGMENT_OPS, Augmentation
+from pipeline.dali_graph import HW_DECODER_LOAD, PREFETCH_QUEUE_DEPTH, ascii_labels, image_pipeline
 from pipeline.epoch_plan import ReadPosition
-from pipeline.loader_base import (
-    EVAL_CROP_FRACTION,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Loader,
-    LoaderSpec,
-)
+from pipeline.loader_base import Loader, LoaderSpec
 from pipeline.wds_format import INDEX_VERSION
 
-# GPU decoding settings, from NVIDIA's ResNet-50 DALI recipe: nvJPEG's scratch buffers sized once
-# for ImageNet-like JPEGs so they are not reallocated, and 65% of images on the hardware decoder.
-HW_DECODER_LOAD = 0.65
-DEVICE_MEMORY_PADDING = 211_025_920
-HOST_MEMORY_PADDING = 140_544_512
-PREFETCH_QUEUE_DEPTH = 2
 _DAMAGED_HINT = "the shards are damaged: find the bad shard with `python -m pipeline.build_shards --verify DIR`"
-
-
-def ascii_labels(padded: torch.Tensor) -> torch.Tensor:
-    """[B, W] uint8 ASCII integers ("42", "-1" for unlabeled samples), zero-padded on the right -> int64 [B]."""
-    negative = padded[:, 0] == ord("-")
-    digits = padded.long() - ord("0")
-    valid = (padded >= ord("0")) & (padded <= ord("9"))
-    lengths = valid.sum(1, keepdim=True)
-    place = lengths - 1 - torch.arange(padded.shape[1], device=padded.device) + negative.long().unsqueeze(1)
-    value = (digits * valid * torch.pow(10, place.clamp_min(0))).sum(1)
-    return torch.where(negative, -value, value)
-
-
-# DALI's own equalize and sharpness call operator aliases DALI has deprecated (a warning on every pipeline build):
-# the same ops on the current names.
-@augmentation
-def equalize(data: DataNode, _: object) -> DataNode:
-    return fn.equalize(data)
-
-
-@augmentation(mag_range=(0, 0.9), randomly_negate=True, mag_to_param=auto_aug_ops.sharpness_kernel,
-              param_device="auto")
-def sharpness(data: DataNode, kernel: DataNode) -> DataNode:
-    return fn.filter(data, kernel)
-
-
-CURRENT_NAMES = {"equalize": equalize, "sharpness": sharpness}
-
-
-def rand_augment_suite(augment: Augmentation) -> list:
-    """DALI's RandAugment ops set to `RAND_AUGMENT_OPS`'s ranges, the level scale of timm's (bin m of 11)."""
-    suite = []
-    for op in RAND_AUGMENT_OPS:
-        dali_op = CURRENT_NAMES.get(op.dali_name) or getattr(auto_aug_ops, op.dali_name)
-        if op.dali_name == "posterize":  # timm keeps 4 - int(4 x level / 10) bits: DALI's mask for that many
-            dali_op = dali_op.augmentation((0, 4), mag_to_param=lambda m: auto_aug_ops.poster_mask_uint8(4 - int(m)))
-        elif op.level0 is not None:
-            dali_op = dali_op.augmentation((op.level0, op.level10), op.signed)
-        suite.append(dali_op)
-    return suite
-
-
-def rand_augment(images: DataNode, augment: Augmentation) -> DataNode:
-    """timm's RandAugment layers on uint8 HWC images: each layer applies, with probability p, one op drawn
-    uniformly from the set, at the policy's level (DALI draws no per-op noise on the level)."""
-    suite = rand_augment_suite(augment)
-    shape = images.shape(dtype=types.FLOAT)[0:2]  # (H, W): translations are relative to it
-    for _ in range(augment.rand_augment_layers):
-        if fn.random.coin_flip(probability=augment.rand_augment_prob, dtype=types.BOOL):
-            images = apply_rand_augment(suite, images, n=1, m=augment.rand_augment_magnitude,
-                                        num_magnitude_bins=MAGNITUDE_LEVELS + 1, shape=shape)
-    return images
-
-
-@pipeline_def(enable_checkpointing=True, enable_conditionals=True)
-def mae_pipeline(spec: LoaderSpec, tars: list[str], indexes: list[str], hw_decoder_load: float):
-    jpegs, labels = fn.readers.webdataset(
-        paths=tars, index_paths=indexes, ext=["jpg", "cls"], missing_component_behavior="error",
-        random_shuffle=False, pad_last_batch=True, name="reader",
-    )
-    decode = "mixed" if spec.device == "gpu" else "cpu"
-    gpu_options = dict(hw_decoder_load=hw_decoder_load, device_memory_padding=DEVICE_MEMORY_PADDING,
-                       host_memory_padding=HOST_MEMORY_PADDING) if decode == "mixed" else {}
-    size = spec.img_size
-    if spec.train:
-        # Only the random window is decoded (ROI decoding), then resized to size x size.
-        images = fn.decoders.image_random_crop(
-            jpegs, device=decode, output_type=types.RGB, random_area=list(spec.augment.crop_scale),
-            random_aspect_ratio=list(spec.augment.crop_ratio), num_attempts=10, **gpu_options,
-        )
-        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
-        if spec.augment.rand_augment_layers:
-            images = rand_augment(images, spec.augment)
-        mirror = fn.random.coin_flip(probability=0.5)
-    else:
-        images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB, **gpu_options)
-        images = fn.resize(images, resize_shorter=int(size / EVAL_CROP_FRACTION), interp_type=types.INTERP_CUBIC,
-                           antialias=True)
-        mirror = 0
-    # DALI has no bfloat16: half precision halves what leaves the pipeline, and the cast to bf16 is one
-    # cheap pass on the device.
-    low_precision = spec.dtype in (torch.float16, torch.bfloat16)
-    images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT16 if low_precision else types.FLOAT, output_layout="CHW",
-        crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, mean=[255 * m for m in IMAGENET_MEAN],
-        std=[255 * s for s in IMAGENET_STD], mirror=mirror,
-    )
-    return images, fn.pad(labels, fill_value=0)
 
 
 @dataclass
@@ -198,7 +92,7 @@ class DaliLoader(Loader):
         samples = self.samples(start)[start.batch * spec.local_batch_size:]
         folder = Path(tempfile.mkdtemp(prefix=f"epoch{start.epoch:05d}-", dir=self._scratch))
         tars, indexes = self._write_indexes(samples, folder)
-        pipe = mae_pipeline(
+        pipe = image_pipeline(
             spec, tars, indexes, self.hw_decoder_load, batch_size=spec.local_batch_size,
             num_threads=spec.num_threads, device_id=self._device_id, seed=self.augmentation_seed(start),
             prefetch_queue_depth=PREFETCH_QUEUE_DEPTH, checkpoint=checkpoint,
@@ -275,3 +169,11 @@ class DaliLoader(Loader):
         if self._reading is not None:
             self._reading.close()
             self._reading = None
+
+    def close(self) -> None:
+        super().close()
+        ahead, self._next_epoch = self._next_epoch, None
+        if ahead is not None and not ahead.cancel() and ahead.exception() is None:  # a failed build holds nothing
+            ahead.result().close()
+        self._background.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self._scratch, ignore_errors=True)

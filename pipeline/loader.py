@@ -10,6 +10,7 @@ from typing import Literal, get_args
 import torch
 
 from pipeline.augment import PRETRAIN, Augmentation
+from pipeline.errors import DataError
 from pipeline.loader_base import Backend, Device, Loader, LoaderSpec
 from pipeline.manifest import resolve_shards
 from pipeline.pil_loader import PilLoader
@@ -110,9 +111,9 @@ def build_loader(
             raise ValueError(f"limit must be at least 1, got {limit}")
         samples = min(samples, limit)
     if samples == 0:
-        raise ValueError(f"{shards}: the {split} shards hold no samples")
+        raise DataError(f"{shards}: the {split} shards hold no samples")
     if train and samples // world_size < local_batch_size:
-        raise ValueError(f"local batch size {local_batch_size} is larger than a rank's share of "
+        raise DataError(f"local batch size {local_batch_size} is larger than a rank's share of "
                          f"{samples // world_size} samples ({samples} samples over {world_size} ranks)")
     spec = LoaderSpec(shard_set, split, local_batch_size, img_size, train, rank, world_size, seed,
                       _resolve_device(device), threads, dtype, limit, augment)

@@ -165,6 +165,10 @@ class Loader:
     def _epoch_read(self) -> None:
         """The epoch was read to its end: backends free what they held for it."""
 
+    def close(self) -> None:
+        """Free what the loader holds (pipelines, threads, scratch files) now rather than at exit; it reads no more."""
+        self._epoch_read()
+
 
 def check_loader_state(state: dict[str, Any], seed: int, shard_sizes: list[int]) -> None:
     """A ValueError unless a saved loader state is a position in data of these shard sizes and this data seed."""

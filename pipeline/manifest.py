@@ -8,6 +8,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+from pipeline.errors import DataError
 from pipeline.wds_format import index_path, index_sample_count
 
 
@@ -66,7 +67,7 @@ class ShardSet:
             listed = {s.name: s.samples for s in self.manifest.shards}
             for tar, count in zip(self.tars, counts, strict=True):
                 if listed.get(tar.name) != count:
-                    raise ValueError(f"{tar}: index lists {count} samples, the manifest {listed.get(tar.name)}")
+                    raise DataError(f"{tar}: index lists {count} samples, the manifest {listed.get(tar.name)}")
         return counts
 
 
@@ -103,7 +104,7 @@ def resolve_shards(shards: str | Path, split: str = "train") -> ShardSet:
         listed = {s.name for s in manifest.shards}
         strays = [p.name for p in tars if p.name not in listed]
         if strays:
-            raise ValueError(f"shard {strays[0]} is not in {manifest_path}: the shard list and manifest disagree")
+            raise DataError(f"shard {strays[0]} is not in {manifest_path}: the shard list and manifest disagree")
     indexes = [index_path(p) for p in tars]
     return ShardSet(tars, indexes, manifest)
 
@@ -128,10 +129,10 @@ def check_same_classes(shards: str | Path, split: str, other: str) -> None:
         return
     for name, manifest in zip((split, other), lists, strict=True):
         if not manifest.classes:
-            raise ValueError(f"the {name} shards in {shards} are unlabeled: evaluation needs labelled {split} and "
+            raise DataError(f"the {name} shards in {shards} are unlabeled: evaluation needs labelled {split} and "
                              f"{other} splits (pre-training does not)")
     mismatch = class_mismatch(lists[0].classes, lists[1].classes)
     if mismatch:
-        raise ValueError(f"the {split} and {other} shards in {shards} label different class lists ({mismatch}): "
+        raise DataError(f"the {split} and {other} shards in {shards} label different class lists ({mismatch}): "
                          f"label k means another class in each; rebuild {other} with --classes "
                          f"{Manifest.path(Path(str(shards)), split)}")

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import DataError
 from pipeline.manifest import ShardSet
 from pipeline.wds_format import read_index
 
@@ -22,11 +23,11 @@ class SampleTable:
         for shard, (idx, count) in enumerate(zip(shards.indexes, shards.sample_counts(), strict=True)):
             for key, members in read_index(idx):
                 if "jpg" not in members or "cls" not in members:
-                    raise ValueError(f"{idx}: sample {key} lacks a jpg or cls member")
+                    raise DataError(f"{idx}: sample {key} lacks a jpg or cls member")
                 rows.append((shard, *members["jpg"], *members["cls"]))
                 keys.append(key)
             if len(rows) != sum(self.shard_sizes) + count:
-                raise ValueError(f"{idx}: the header says {count} samples, the file lists "
+                raise DataError(f"{idx}: the header says {count} samples, the file lists "
                                  f"{len(rows) - sum(self.shard_sizes)}")
             self.shard_sizes.append(count)
         # (shard, jpg offset, jpg size, cls offset, cls size)

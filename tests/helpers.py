@@ -9,7 +9,7 @@ import torch
 
 from model import MaskedAutoencoderViT
 from train.config import load_config
-from train.engine import build_model
+from train.engine import mae_from_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ def small_model(**overrides) -> MaskedAutoencoderViT:
 
 def tiny_preset_model() -> MaskedAutoencoderViT:
     """The model `configs/tiny.toml` trains (what the demo and the training tests run)."""
-    return build_model(load_config(REPO / "configs" / "tiny.toml"))
+    return mae_from_config(load_config(REPO / "configs" / "tiny.toml"))
 
 
 def start_job(cmd: list[str], **popen) -> subprocess.Popen:

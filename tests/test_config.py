@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from tests.helpers import REPO
-from train.config import ConfigError, TrainConfig, config_from_json, describe, flat_fields, load_config
+from train.config import ConfigError, PretrainConfig, config_from_json, describe, flat_fields, load_config
 from train.pretrain import main as pretrain_main
 from train.recipe import plan_batch
 
@@ -29,7 +29,7 @@ def test_presets_follow_the_paper_recipe():
 
 def test_defaults_are_the_presets_choices():
     """A user's own config that leaves a field out trains as the presets do, wherever all three agree."""
-    defaults = flat_fields(TrainConfig())
+    defaults = flat_fields(PretrainConfig())
     presets = [flat_fields(load_config(REPO / "configs" / f"{name}.toml")) for name in PRESETS]
     agreed = {key: presets[0][key] for key in defaults if all(p[key] == presets[0][key] for p in presets)}
     differ = {key: (defaults[key], value) for key, value in agreed.items() if defaults[key] != value}
@@ -38,8 +38,8 @@ def test_defaults_are_the_presets_choices():
 
 
 def test_every_field_is_documented():
-    lines = describe(TrainConfig())
-    assert len(lines) == len(flat_fields(TrainConfig()))
+    lines = describe(PretrainConfig())
+    assert len(lines) == len(flat_fields(PretrainConfig()))
     undocumented = [line for line in lines if line.endswith("# ")]
     assert all(" = " in line for line in lines) and not undocumented, undocumented
 

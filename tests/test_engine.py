@@ -7,7 +7,7 @@ import torch
 
 from tests.helpers import tiny_preset_model
 from train.config import ConfigError, load_config
-from train.engine import compile_blocks, deepspeed_config
+from train.engine import deepspeed_config
 from train.recipe import plan_batch
 
 
@@ -46,7 +46,7 @@ def test_compiled_blocks_keep_names_and_results():
         torch.manual_seed(0)
         model = tiny_preset_model()
         if compiled:
-            compile_blocks(model)
+            model.compile_blocks()
         loss, _, _ = model(imgs, noise=noise)
         loss.backward()
         results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad},
@@ -55,3 +55,54 @@ def test_compiled_blocks_keep_names_and_results():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def saved_activation_bytes(step) -> int:
+    """Bytes autograd keeps from the forward of `step()` for its backward (weights aside)."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if not isinstance(tensor, torch.nn.Parameter):
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return total
+
+
+def test_the_classifier_compiles_and_recomputes_through_the_config_switches_with_eager_results():
+    """runtime.compile and model.activation_recompute in fine-tuning (drop path on): the eager step's loss and
+    gradients, less activation memory, no graph break."""
+    import torch._dynamo as dynamo
+
+    from model.vit import build_classifier
+    from train.engine import apply_model_switches
+
+    images = torch.randn(4, 3, 64, 64)
+    results = []
+    for switches in ([], ["runtime.compile=true", "model.activation_recompute=true"]):
+        cfg = load_config("finetune_tiny", switches)
+        torch.manual_seed(0)
+        model = build_classifier(cfg.model.name, cfg.data.img_size, 8, drop_path_rate=0.1)
+        model.set_drop_path_generator(torch.Generator().manual_seed(3))
+        apply_model_switches(model, cfg)
+        assert model.grad_checkpointing == cfg.model.activation_recompute
+        dynamo.reset()
+        dynamo.utils.counters.clear()
+
+        def step(model=model) -> torch.Tensor:
+            loss = model(images).logsumexp(1).mean()
+            loss.backward()
+            return loss
+
+        saved = saved_activation_bytes(step)
+        loss = step()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()], saved))
+        assert not dynamo.utils.counters["graph_break"]
+    (eager_loss, eager_grads, eager_saved), (loss, grads, saved) = results
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert saved < 0.5 * eager_saved, (saved, eager_saved)  # the blocks kept only their inputs

@@ -124,3 +124,13 @@ def test_an_epoch_handed_over_twice_reads_every_sample_at_most_once(id_shards):
     seen += read(last, 7)
     assert len(seen) == len(set(seen)), sorted(seen)
     assert 41 - len(seen) < 5 + 2 * 3  # what no rank count could fill a batch with
+
+
+def test_an_epoch_handed_over_to_a_rank_count_that_divides_nothing_reads_every_sample_once():
+    """41 samples; 3 ranks read 2 batches of 4 each, then the rest (17, a prime) goes to 5 ranks, whose blocks
+    (evaluation mode: every sample, the last batch partial) are 3 or 4 long."""
+    order = epoch_order([*SHARDS, 19], seed=1, epoch=2, shuffle=True)
+    before = [s for rank in range(3) for s in rank_samples(order, rank, 3, 4, train=True)[:8]]
+    rest = remaining_after(order, Segment(world_size=3, local_batch_size=4, batches=2))
+    after = [s for rank in range(5) for s in rank_samples(rest, rank, 5, 2, train=False)]
+    assert len(rest) == 17 and sorted(before + after) == list(range(41))  # every sample, once

@@ -13,15 +13,15 @@ import torch
 
 from model import build_mae
 from model.flops import classifier_train_flops
-from model.mae import drop_path
+from model.mae import drop_path_scales
 from model.pos_embed import resize_pos_embed, sincos_2d
 from model.vit import build_classifier, load_encoder
 from pipeline import build_loader
 from pipeline.augment import FINETUNE, LINEAR_PROBE, MAGNITUDE_LEVELS, RAND_AUGMENT_OPS
 from pipeline.batch_augment import MixConfig, MixDraw, cutmix_draw, draw_mix, mix_batch, random_erase, smooth_targets
 from pipeline.timm_ops import timm_data_module
+from train.classifier_task import class_count, image_augmentation, mix_config, pretrained_weights, top_hits
 from train.config import ConfigError, load_config
-from train.finetune import class_count, image_augmentation, pretrained_weights, top_hits
 from train.recipe import Lars, layer_decay_groups
 
 DEPTH = 4  # the tiny preset's encoder
@@ -134,11 +134,13 @@ def test_start_points_that_do_not_fit_are_refused_in_one_line(shards, tmp_path):
 def test_drop_path_keeps_the_expected_value():
     torch.manual_seed(0)
     x = torch.ones(200_000, 3, dtype=torch.float64)
-    dropped = drop_path(x, 0.3, training=True)
+    dropped = x * drop_path_scales(torch.tensor(0.3, dtype=torch.float64), len(x))[:, None]
     assert set(dropped[:, 0].unique().tolist()) == {0.0, 1 / 0.7}  # whole samples dropped, the rest rescaled
     assert dropped.mean().item() == pytest.approx(1.0, abs=0.01)
     assert (dropped[:, 0] == 0).double().mean().item() == pytest.approx(0.3, abs=0.005)
-    assert torch.equal(drop_path(x, 0.3, training=False), x)
+    model = tiny_classifier().eval()  # evaluation: nothing dropped
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert torch.equal(model(images), model(images))
     rates = [block.drop_path_rate for block in tiny_classifier().blocks]
     assert rates == pytest.approx([0.0, 0.1 / 3, 0.2 / 3, 0.1])  # rising linearly to the last block
 
@@ -166,7 +168,7 @@ def test_rand_augment_ops_are_timms_increasing_set():
 def test_dali_rand_augment_parameters_equal_timms(level):
     """Each DALI op's parameter at bin `level` of 11 is what timm's op gets at magnitude `level` of 10 (below 10:
     at level 10 timm's posterize keeps no bit, where DALI keeps one rather than blank the image)."""
-    from pipeline.dali_loader import rand_augment_suite
+    from pipeline.dali_rand_augment import rand_augment_suite
 
     auto_augment = timm_data_module("auto_augment")
     hparams = {"translate_pct": 0.45}
@@ -310,3 +312,75 @@ def test_finetune_presets_are_the_papers_recipe():
     assert (probe.optim.optimizer, probe.optim.blr, probe.optim.global_batch_size, probe.optim.epochs,
             probe.optim.warmup_epochs, probe.optim.weight_decay) == ("lars", 0.1, 16384, 90, 10, 0.0)
     assert probe.finetune.mode == "linear_probe" and not probe.finetune.mixup_alpha
+
+
+def test_each_mix_alpha_goes_to_its_own_operation_and_the_switch_is_cutmixs_probability():
+    def draws(*overrides: str) -> list[MixDraw]:
+        mix = mix_config(load_config("finetune_tiny", list(overrides)).finetune)
+        return [draw_mix(np.random.default_rng(seed), 16, 16, mix) for seed in range(3000)]
+
+    mixup_only = draws("finetune.mixup_alpha=0.2", "finetune.cutmix_alpha=0")
+    assert all(d.box is None for d in mixup_only)  # never cuts
+    assert np.var([d.lam for d in mixup_only]) == pytest.approx(1 / (4 * (2 * 0.2 + 1)), rel=0.1)  # Beta(0.2, 0.2)
+    assert all(d.box is not None for d in draws("finetune.mixup_alpha=0", "finetune.cutmix_alpha=1"))  # never mixes
+    both = draws("finetune.mixup_alpha=0.2", "finetune.cutmix_alpha=5", "finetune.mix_switch_prob=0.2")
+    assert sum(d.box is not None for d in both) / len(both) == pytest.approx(0.2, abs=0.025)  # P(cutmix)
+    mixed = [d.lam for d in both if d.box is None]
+    assert np.var(mixed) == pytest.approx(1 / (4 * (2 * 0.2 + 1)), rel=0.12)  # mixup's alpha, not cutmix's 5
+
+
+def test_lars_moves_a_weight_matrix_that_starts_at_zero():
+    """The trust ratio needs both norms non-zero; a zero matrix (a freshly zeroed head) takes the plain update."""
+    weight = torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.float64))
+    grad = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weight.grad = grad.clone()
+    Lars([{"params": [weight]}], lr=0.5, weight_decay=0.1).step()
+    torch.testing.assert_close(weight.data, -0.5 * grad)
+
+
+def reference_bicubic(grid: torch.Tensor, size: int) -> torch.Tensor:
+    """[S, S, D] resampled to [size, size, D] by the reference's rule, written out: separable cubic convolution
+    (a = -0.75), source coordinate (i + 0.5) x S / size - 0.5 (align_corners=False), edge samples repeated."""
+    def weight(x: float, a: float = -0.75) -> float:
+        x = abs(x)
+        if x <= 1:
+            return (a + 2) * x**3 - (a + 3) * x**2 + 1
+        return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a if x < 2 else 0.0
+
+    def along_first_axis(values: torch.Tensor) -> torch.Tensor:
+        source = values.shape[0]
+        rows = []
+        for i in range(size):
+            x = (i + 0.5) * source / size - 0.5
+            base = math.floor(x)
+            rows.append(sum(weight(x - (base + k)) * values[min(max(base + k, 0), source - 1)] for k in (-1, 0, 1, 2)))
+        return torch.stack(rows)
+
+    return along_first_axis(along_first_axis(grid.double()).transpose(0, 1)).transpose(0, 1)
+
+
+def test_position_embeddings_resize_as_the_reference_resamples_them():
+    grid = sincos_2d(32, 8, 8).unsqueeze(0)
+    ours = resize_pos_embed(grid, 12, 12)
+    expected = reference_bicubic(grid[0, 1:].reshape(8, 8, 32), 12).reshape(1, 144, 32)
+    torch.testing.assert_close(ours[:, 1:].double(), expected, atol=1e-5, rtol=0)
+    assert torch.equal(ours[:, :1], grid[:, :1])  # the cls slot is kept
+
+
+def test_exporting_a_fine_tuning_run_keeps_its_learned_position_embedding(tmp_path):
+    from train.export import consolidated_state_dict
+
+    run = tmp_path / "finetuned"
+    cfg = load_config("finetune_tiny")
+    (run / "checkpoints" / "step00000003").mkdir(parents=True)
+    (run / "config.json").write_text(cfg.to_json())
+    model = build_classifier(cfg.model.name, cfg.data.img_size, 8)
+    trained = {key: value.clone() for key, value in model.state_dict().items()}
+    trained["pos_embed"] += torch.randn_like(trained["pos_embed"])  # what fine-tuning learnt, far from sin-cos
+    folder = run / "checkpoints" / "step00000003"
+    torch.save({"module": trained}, folder / "mp_rank_00_model_states.pt")  # ZeRO-0's layout, fp32
+    (folder / "train_state.json").write_text('{"step": 3, "epoch": 0, "samples": 48, "world_size": 1}')
+    (run / "checkpoints" / "latest").write_text("step00000003")
+    exported, provenance = consolidated_state_dict(run)
+    assert torch.equal(exported["pos_embed"], trained["pos_embed"])
+    assert exported["head.weight"].shape == (8, 192) and provenance["config"]["task"] == "finetune"

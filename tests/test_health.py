@@ -66,3 +66,31 @@ def test_spikes_are_judged_against_the_recent_median_once_it_is_known():
     assert grad.check(1.0, 6.0)["cause"] == "grad_norm" and grad.check(1.0, 0.6) is None
     off = SpikeDetector(loss_factor=0.0, grad_factor=0.0, history=2)
     assert [off.check(loss, 1.0) for loss in (1.0, 1.0, 100.0)] == [None] * 3
+
+
+def test_the_straggler_named_is_the_same_rank_slowest_for_the_windows_in_a_row():
+    ranks = straggler_rule(3, windows=2)
+
+    def slow(rank: int) -> list[WindowTimes]:
+        return [WindowTimes(3.0 if r == rank else 1.0, 0.0, None) for r in range(3)]
+
+    assert ranks._summary(slow(2))[1] is None
+    assert ranks._summary(slow(1))[1] is None  # two slow windows, but of two different ranks
+    warning = ranks._summary(slow(1))[1]
+    assert warning and warning.startswith("straggler: rank 1 on node1 has been the slowest for 2 windows")
+
+
+def test_a_gradient_norm_just_above_the_factor_times_the_median_is_a_spike():
+    def detector() -> SpikeDetector:
+        spikes = SpikeDetector(loss_factor=0.5, grad_factor=10.0, history=3)
+        for _ in range(3):
+            spikes.check(1.0, 0.5)  # the median: 0.5, the threshold 10 x 0.5 = 5.0
+        return spikes
+
+    assert detector().check(1.0, 4.9) is None
+    spike = detector().check(1.0, 5.1)
+    assert spike and spike["cause"] == "grad_norm" and spike["median_grad_norm"] == 0.5
+    loss_off = SpikeDetector(loss_factor=0.0, grad_factor=10.0, history=3)  # the loss check off, not the norm's
+    for _ in range(3):
+        loss_off.check(1.0, 0.5)
+    assert loss_off.check(100.0, 1.0) is None and loss_off.check(1.0, 5.1)["cause"] == "grad_norm"

@@ -94,7 +94,10 @@ def test_stacks_on_demand_leave_the_run_unchanged_and_an_even_run_names_no_strag
         rank.send_signal(signal.SIGUSR1)
     outs = [rank.communicate(timeout=300)[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outs[0][-3000:]
-    assert [r["loss"] for r in metrics(tmp_path / "asked")] == [r["loss"] for r in metrics(tmp_path / "plain")]
+    # The same run to fp32 rounding, not bitwise: the two launches give each rank another thread count (1 under the
+    # deepspeed launcher's LOCAL_SIZE=2, 2 as one task per node), and torch may then sum in another order.
+    plain_losses = [r["loss"] for r in metrics(tmp_path / "plain")]
+    assert [r["loss"] for r in metrics(tmp_path / "asked")] == pytest.approx(plain_losses, rel=1e-6)
     dumps = sorted((tmp_path / "asked" / "stacks").iterdir())
     assert [p.name.split("-")[0] for p in dumps] == ["rank00000", "rank00001"]
     assert all("Thread" in p.read_text() and "pretrain.py" in p.read_text() for p in dumps)

@@ -38,6 +38,14 @@ def test_knn_is_perfect_on_features_that_encode_the_label_and_chance_on_shuffled
     assert linear_probe(train, val, epochs=5) == 1.0
 
 
+def test_the_linear_probe_survives_a_last_batch_of_one_sample():
+    """257 samples in batches of 256: every epoch's last batch holds one sample, which BatchNorm cannot train on."""
+    classes = 4
+    train = labelled_features(torch.arange(257) % classes, classes, 0.05, 0)
+    val = labelled_features(torch.arange(40) % classes, classes, 0.05, 1)
+    assert linear_probe(train, val, epochs=3, batch=256) == 1.0
+
+
 def test_votes_are_weighted_by_exp_similarity_over_temperature():
     """One close neighbour of class 1 against two farther ones of class 0: the unweighted majority says 0, the
     exp(sim / T) weights say 1 (e^(0.99/0.07) > 2 e^(0.6/0.07))."""

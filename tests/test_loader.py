@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, build_loader
 from pipeline.build_shards import main as build_shards
-from pipeline.dali_loader import ascii_labels
+from pipeline.dali_graph import ascii_labels
 
 BACKENDS = ["dali", "pil"]
 

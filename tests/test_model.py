@@ -180,7 +180,7 @@ def test_activation_recompute_saves_memory_not_results():
     results, saved = [], []
     for recompute in (False, True):
         model = small_model(depth=6)
-        model.activation_recompute = recompute
+        model.set_grad_checkpointing(recompute)
         saved.append(saved_for_backward_bytes(model, imgs, noise))
         results.append((model(imgs, noise=noise)[0].detach(),
                         [p.grad.clone() for p in model.parameters() if p.requires_grad]))

@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 
 from train.cadence import CheckpointCadence, EveryEpochs, EverySteps
-from train.pretrain import MetricWindow, RunEnd
+from train.metrics import MetricWindow
+from train.outcome import RunEnd
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from tests.helpers import tiny_preset_model
-from train.config import ConfigError, OptimConfig, TrainConfig, load_config
+from train.config import ConfigError, OptimConfig, PretrainConfig, load_config
 from train.recipe import build_optimizer, lr_at, peak_lr, plan_batch
 
 
@@ -38,7 +38,7 @@ def test_a_batch_plan_with_both_numbers_given_is_checked_against_the_rank_count(
 
 
 def test_learning_rate_schedule():
-    cfg = TrainConfig().optim
+    cfg = PretrainConfig().optim
     peak = 1.5e-4 * 4096 / 256
     assert lr_at(0, peak, cfg) == 0 and lr_at(20, peak, cfg) == pytest.approx(peak / 2)
     assert lr_at(40, peak, cfg) == pytest.approx(peak)

@@ -112,10 +112,13 @@ def test_a_resume_that_would_change_the_model_or_the_data_order_is_refused():
     saved = load_config(REPO / "configs" / "tiny.toml")
     assert config_changes(saved, load_config(REPO / "configs" / "tiny.toml", ["optim.lr=0.1"])) == [
         "optim.lr: 0.002 -> 0.1"]
-    for key, value in (("runtime.seed", "5"), ("model.name", "mae_vit_base_patch16"), ("data.img_size", "128"),
-                       ("optim.optimizer", "lars"), ("finetune.mode", "linear_probe"), ("finetune.num_classes", "10")):
+    for preset, key, value in (("tiny", "runtime.seed", "5"), ("tiny", "model.name", "mae_vit_base_patch16"),
+                               ("tiny", "data.img_size", "128"), ("tiny", "optim.optimizer", "lars"),
+                               ("finetune_tiny", "finetune.mode", "linear_probe"),
+                               ("finetune_tiny", "finetune.num_classes", "10")):
+        saved = load_config(REPO / "configs" / f"{preset}.toml")
         with pytest.raises(ConfigError, match=f"--resume cannot change {key}"):
-            config_changes(saved, load_config(REPO / "configs" / "tiny.toml", [f"{key}={value}"]))
+            config_changes(saved, load_config(REPO / "configs" / f"{preset}.toml", [f"{key}={value}"]))
 
 
 def test_a_resume_onto_resharded_data_is_refused_before_anything_is_written(shards, tmp_path):
@@ -139,3 +142,21 @@ def test_a_resume_onto_resharded_data_is_refused_before_anything_is_written(shar
                                           r"taken on 64 samples in 3 shards, these shards hold 64 in \d+"):
         plan_resume(output, "latest", moved, 2)
     assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
+
+
+def test_a_checkpoint_whose_save_was_killed_is_never_counted_and_is_pruned(tmp_path):
+    from train.checkpoint import latest_tag, prune_checkpoints
+
+    fake_checkpoint(tmp_path, 4)
+    killed = tmp_path / "checkpoints" / "step00000008"  # every file but the one written last
+    killed.mkdir()
+    torch.save({"loader": {}, "noise_rng": None}, killed / "rank00000.pt")
+    (killed / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    ckpt = tmp_path / "checkpoints"
+    with pytest.raises(ResumeError, match="holds no complete checkpoint step00000008; complete ones: step00000004"):
+        resume_tag(ckpt, "8")
+    assert resume_tag(ckpt, "latest") == latest_tag(ckpt) == "step00000004"
+    assert existing_run(tmp_path) == "checkpoint step00000004"
+    fake_checkpoint(tmp_path, 12)  # the next save that completes
+    prune_checkpoints(ckpt, keep_last=3, newest="step00000012")
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000004", "step00000012"]

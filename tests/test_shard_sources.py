@@ -302,3 +302,53 @@ def test_unlabeled_shards_train_and_evaluation_says_it_needs_labels(tmp_path, ca
     capsys.readouterr()
     assert evaluate_main([str(tmp_path / "run"), "--data", str(shards), "--probe-epochs", "0"]) == 2
     assert "are unlabeled: evaluation needs labelled train and val splits" in capsys.readouterr().err
+
+
+def test_zip_members_with_a_local_header_extra_field_are_read_at_their_data(tree, tmp_path):
+    """Zips made by common tools (Info-ZIP's `zip`) put an extended-timestamp field in each local header, which
+    Python's zipfile does not: the member's bytes start after it."""
+    import struct
+
+    target = tmp_path / "train.zip"
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+        for cls, files in class_files(tree).items():
+            for f in files:
+                info = zipfile.ZipInfo(f"train/{cls}/{f.name}", date_time=(2012, 5, 1, 12, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.extra = struct.pack("<HHBII", 0x5455, 9, 3, 1336000000, 1336000000)  # "UT": mtime, atime
+                zf.writestr(info, f.read_bytes())
+    assert zipfile.ZipFile(target).infolist()[0].extra  # the field is there, in the local header too
+    out = tmp_path / "shards"
+    assert build(target, out) == 0
+    assert shard_bytes(out) == shard_bytes(tree / "from_tree")
+
+
+def test_a_tar_of_the_folders_contents_with_dot_slash_names_builds(tree, tmp_path):
+    """`tar -C train -cf train.tar .`: members named ./n01440764/x.JPEG, and a member "." for the folder itself."""
+    import subprocess
+
+    target = tmp_path / "train.tar"
+    subprocess.run(["tar", "-C", str(tree / "train"), "-cf", str(target), "."], check=True)
+    with tarfile.open(target) as tar:
+        assert any(name.startswith("./") for name in tar.getnames())
+    out = tmp_path / "shards"
+    assert build(target, out) == 0
+    assert shard_bytes(out) == shard_bytes(tree / "from_tree")
+
+
+def test_webdataset_members_with_several_dots_stay_one_sample(tmp_path):
+    """A sample's key is its name up to the first dot: k1.jpg, k1.seg.png and k1.seg.json are one sample."""
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for i in range(3):
+            add_bytes(tar, f"k{i}.jpg", jpeg_bytes(40, 30, seed=i))
+            add_bytes(tar, f"k{i}.seg.png", png_bytes(40, 30, seed=i))
+            add_bytes(tar, f"k{i}.seg.json", json.dumps({"mask": i}).encode())
+            add_bytes(tar, f"k{i}.txt", f"caption {i}".encode())
+    out = tmp_path / "shards"
+    assert build(folder, out, "--webdataset") == 0
+    manifest = Manifest.load(out / "train.json")
+    assert manifest.samples == 3 and not manifest.rejected
+    samples = list(wds.WebDataset([str(p) for p in sorted(out.glob("train-*.tar"))], shardshuffle=False))
+    assert sorted(json.loads(s["json"])["key"] for s in samples) == ["k0", "k1", "k2"]

@@ -2,8 +2,9 @@
 
 Layout under OUTPUT/checkpoints/:
     step00001200/               DeepSpeed's files (ZeRO shards, client state) + our per-rank files
-        rank00000.pt            loader position and mask-noise generator of rank 0, ...
-        train_state.json        step, epoch, samples seen, world size (read before DeepSpeed starts); written
+        rank00000.pt            loader position and the task's random streams of rank 0, ...
+        train_state.json        step, epoch, samples seen, world size, the periodic jobs' state (read before
+                                DeepSpeed starts); written
                                 last, so its presence marks the checkpoint complete
         adamw_norms.json        the L2 norms of AdamW's two moments: what a resume must reproduce
         milestone               present when the checkpoint is a milestone: kept apart from keep_last
@@ -24,7 +25,8 @@ import shutil
 import subprocess
 import sys
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.atomic import atomic_path, atomic_write_text
+from train.cadence import CheckpointCadence, EveryEpochs
+from train.config import CheckpointConfig
 
 LATEST = "latest"
 MILESTONE = "milestone"
@@ -48,6 +52,8 @@ class TrainState:
     """images seen, all ranks together"""
     world_size: int = 1
     """ranks that wrote the checkpoint"""
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """each periodic job's state by its name (the best top-1 so far); empty in checkpoints of older releases"""
 
 
 class ResumeError(RuntimeError):
@@ -107,12 +113,14 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: 
         atomic_write_text(tag_dir / ADAMW_NORMS, json.dumps(list(adamw_norms)))
         atomic_write_text(tag_dir / "train_state.json", json.dumps(asdict(state)))  # marks the checkpoint complete
         point_latest_at(ckpt_dir, tag)
-        _prune(ckpt_dir, keep_last, tag)
+        prune_checkpoints(ckpt_dir, keep_last, tag)
     dist.barrier()
     return tag
 
 
-def _prune(ckpt_dir: Path, keep_last: int, newest: str) -> None:
+def prune_checkpoints(ckpt_dir: Path, keep_last: int, newest: str) -> None:
+    """Keep the newest `keep_last` complete checkpoints (milestones apart); remove every incomplete one older than
+    `newest`: a save that was killed half-way."""
     tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
     complete = complete_tags(ckpt_dir)
     rolling = [t for t in complete if not (ckpt_dir / t / MILESTONE).is_file()]
@@ -157,8 +165,8 @@ def make_universal(ckpt_dir: Path, tag: str) -> Path:
 
 
 def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, universal: bool, gradient_clipping: float) -> dict:
-    """Collective: model and optimizer state of `tag` into `engine`. Returns rank 0's loader state and this
-    rank's own noise state where the rank count is unchanged (None where it changed)."""
+    """Collective: model and optimizer state of `tag` into `engine`. Returns this rank's saved state where the
+    rank count is unchanged, else rank 0's loader state alone (the position every rank was at)."""
     world = dist.get_world_size()
     same_ranks = read_train_state(ckpt_dir, tag).world_size == world
     folder = make_universal(ckpt_dir, tag) if universal else ckpt_dir
@@ -168,9 +176,9 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, universal: bool, grad
         engine.optimizer.clip_grad = gradient_clipping
     if same_ranks:
         return torch.load(ckpt_dir / tag / f"rank{dist.get_rank():05d}.pt", weights_only=True)
-    # Every rank was at the same data position; the new ranks' noise generators start afresh.
+    # Every rank was at the same data position; the new ranks' random streams start afresh.
     first = torch.load(ckpt_dir / tag / "rank00000.pt", weights_only=True)
-    return {"loader": first["loader"], "noise_rng": None}
+    return {"loader": first["loader"]}
 
 
 def check_shared_folder(folder: Path, group: Any = None) -> None:
@@ -214,3 +222,39 @@ def optimizer_state_norms(engine: Any, replicated: bool, group: Any = None) -> t
 
 def describe_norms(norms: tuple[float, float]) -> str:
     return f"AdamW state |exp_avg| {norms[0]:.9g}, |exp_avg_sq| {norms[1]:.9g}"
+
+
+class Checkpointer:
+    """The run's checkpoints: when one is due (every `every_steps` steps or `every_minutes` minutes since the last,
+    milestones every `milestone_every_epochs` epochs), writing one and loading one. Saves and loads are
+    collective."""
+
+    def __init__(self, cfg: CheckpointConfig, ckpt_dir: Path, engine: Any, replicated: bool, control: Any,
+                 say: Callable[[str], None]) -> None:
+        """`replicated`: every rank holds the whole optimizer state (see optimizer_state_norms)."""
+        self.cfg, self.ckpt_dir, self.engine, self.replicated, self.control, self.say = \
+            cfg, ckpt_dir, engine, replicated, control, say
+        self.cadence = CheckpointCadence(cfg.every_steps, cfg.every_minutes)
+        self.milestones = EveryEpochs(cfg.milestone_every_epochs)
+        self.saved_step = -1
+
+    def due(self, step: int) -> bool:
+        return self.cadence.due(step)
+
+    def save(self, state: TrainState, rank_state: dict[str, Any], milestone: bool = False) -> str:
+        norms = optimizer_state_norms(self.engine, self.replicated, self.control)
+        tag = save_checkpoint(self.engine, self.ckpt_dir, state, rank_state, self.cfg.keep_last, norms, milestone)
+        self.cadence.saved()
+        self.saved_step = state.step
+        self.say(f"{'milestone ' if milestone else ''}checkpoint {self.ckpt_dir / tag}; {describe_norms(norms)}")
+        return tag
+
+    def load(self, tag: str, universal: bool, gradient_clipping: float) -> tuple[TrainState, dict[str, Any]]:
+        """The saved run state of `tag` and this rank's saved state (its streams None on another rank count)."""
+        rank_state = load_checkpoint(self.engine, self.ckpt_dir, tag, universal, gradient_clipping)
+        state = read_train_state(self.ckpt_dir, tag)
+        self.saved_step = state.step
+        return state, rank_state
+
+    def norms(self) -> tuple[float, float]:
+        return optimizer_state_norms(self.engine, self.replicated, self.control)

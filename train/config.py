@@ -18,10 +18,12 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from model import PRESETS
 from pipeline.loader_base import Backend
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,14 +39,18 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "mae_vit_huge_patch14"
     """model preset, one of model.PRESETS"""
-    norm_pix_loss: bool = True
-    """regress per-patch normalized pixels (the paper's best setting)"""
-    mask_ratio: float = 0.75
-    """fraction of patches removed from each image"""
     activation_recompute: bool = False
     """recompute encoder blocks in backward: less activation memory, ~30% more encoder compute"""
     init: str = ""
     """start from these weights: a train.export file, a released MAE .pth or (fine-tuning) a maeflow run folder"""
+
+
+@dataclass
+class MaeModelConfig(ModelConfig):
+    norm_pix_loss: bool = True
+    """regress per-patch normalized pixels (the paper's best setting)"""
+    mask_ratio: float = 0.75
+    """fraction of patches removed from each image"""
 
 
 @dataclass
@@ -59,6 +65,10 @@ class DataConfig:
     """decoder threads (DALI) or workers (PIL) per rank; 0 = CPU cores per local rank"""
     synthetic_samples: int = 1_281_167
     """backend synthetic: samples in the virtual train split (ImageNet-1k's count)"""
+
+
+@dataclass
+class MaeDataConfig(DataConfig):
     viz_split: str = "val"
     """split holding the fixed reconstruction images (falls back to train if absent)"""
 
@@ -107,10 +117,14 @@ class RuntimeConfig:
     """a DeepSpeed JSON merged over the derived config (bucket sizes, overlap, monitors...)"""
     seed: int = 0
     """seeds model init and data order (fixed for a run)"""
-    mask_seed: int = 0
-    """seeds the masks; a --resume with another value draws other masks from there on (a loss-spike remedy)"""
     hang_timeout_s: float = 1800.0
     """seconds without an optimizer step before a rank reports a hang and exits (x4 in slow phases; 0 = off)"""
+
+
+@dataclass
+class MaeRuntimeConfig(RuntimeConfig):
+    mask_seed: int = 0
+    """seeds the masks; a --resume with another value draws other masks from there on (a loss-spike remedy)"""
 
 
 @dataclass
@@ -133,10 +147,6 @@ class CheckpointConfig:
 class LogConfig:
     log_every: int = 50
     """optimizer steps between metric reductions (the only host syncs of the loop)"""
-    viz_every: int = 20
-    """epochs between reconstruction images (one is always written at the end)"""
-    viz_images: int = 4
-    """images in the reconstruction grid"""
     tensorboard: bool = True
     """write scalars and reconstructions for TensorBoard under OUTPUT/tb/ (when it is installed)"""
     sample_ids: bool = False
@@ -156,15 +166,27 @@ class LogConfig:
 
 
 @dataclass
+class MaeLogConfig(LogConfig):
+    viz_every: int = 20
+    """epochs between reconstruction images (one is always written at the end)"""
+    viz_images: int = 4
+    """images in the reconstruction grid"""
+
+
+@dataclass
 class EvalConfig:
     every_epochs: int = 20
     """epochs between evaluations (k-NN in pre-training, top-1/top-5 in fine-tuning), plus one at the end; 0 = off"""
+    split: str = "val"
+    """the held-out split"""
+
+
+@dataclass
+class KnnConfig(EvalConfig):
     train_samples: int = 100_000
     """train-split samples embedded as the k-NN memory (0 = all)"""
     val_samples: int = 0
     """held-out samples classified (0 = all)"""
-    split: str = "val"
-    """the held-out split"""
     k: int = 20
     """neighbours voting"""
     temperature: float = 0.07
@@ -172,8 +194,8 @@ class EvalConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """train/finetune.py only (He et al. 2021, appendix A.2 and A.3); pre-training ignores this section."""
+class ClassifierRecipe:
+    """The [finetune] section (He et al. 2021, appendix A.2 and A.3)."""
 
     mode: Literal["finetune", "linear_probe"] = "finetune"
     """finetune (every weight trains, pooled patch tokens) or linear_probe (frozen encoder, class token, BN + head)"""
@@ -201,8 +223,15 @@ class FinetuneConfig:
     """smallest area fraction of the random resized crop"""
 
 
+TASK_SCRIPTS = {"pretrain": "train/pretrain.py", "finetune": "train/finetune.py"}
+TASK_NAMES = {"pretrain": "pre-training", "finetune": "fine-tuning"}
+
+
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """What every task's run reads; each task's config adds its own fields (`PretrainConfig`, `FinetuneConfig`)."""
+
+    TASK: ClassVar[str] = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -210,14 +239,64 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output: str = "runs/mae"
     """folder for checkpoints, metrics.jsonl, config.json and viz/"""
     max_steps: int = 0
     """stop after this many optimizer steps in total (0 = run the whole schedule)"""
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, and the task the config is for (what config_from_dict reads back)."""
+        return {"task": self.TASK, **dataclasses.asdict(self)}
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
+        return json.dumps(self.to_dict(), indent=1)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """(holds, what to say otherwise) for the fields only this task has."""
+        return []
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """MAE pre-training (train/pretrain.py)."""
+
+    TASK: ClassVar[str] = "pretrain"
+    model: MaeModelConfig = field(default_factory=MaeModelConfig)
+    data: MaeDataConfig = field(default_factory=MaeDataConfig)
+    runtime: MaeRuntimeConfig = field(default_factory=MaeRuntimeConfig)
+    log: MaeLogConfig = field(default_factory=MaeLogConfig)
+    eval: KnnConfig = field(default_factory=KnnConfig)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return [
+            (0 <= self.model.mask_ratio < 1, f"model.mask_ratio must be in [0, 1), got {self.model.mask_ratio}"),
+            (self.log.viz_images >= 1, "log.viz_images must be >= 1"),
+            (self.log.viz_every >= 1, "log.log_every and log.viz_every must be >= 1"),
+            (min(self.eval.train_samples, self.eval.val_samples) >= 0 and self.eval.k >= 1
+             and self.eval.temperature > 0, "eval.train_samples and eval.val_samples must be >= 0, eval.k >= 1 and "
+                                            "eval.temperature > 0"),
+        ]
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """Fine-tuning and the linear probe (train/finetune.py)."""
+
+    TASK: ClassVar[str] = "finetune"
+    finetune: ClassifierRecipe = field(default_factory=ClassifierRecipe)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        ft = self.finetune
+        return [(ft.num_classes >= 0 and ft.layer_decay > 0 and 0 <= ft.drop_path < 1 and 0 <= ft.label_smoothing < 1
+                 and min(ft.mixup_alpha, ft.cutmix_alpha) >= 0 and 0 <= ft.mix_switch_prob <= 1
+                 and 0 <= ft.erase_prob <= 1 and ft.rand_augment_layers >= 0
+                 and 0 <= ft.rand_augment_magnitude <= 10 and 0 < ft.crop_min_scale <= 1,
+                 "finetune: num_classes >= 0, layer_decay > 0, drop_path and label_smoothing in [0, 1), mixup_alpha "
+                 "and cutmix_alpha >= 0, mix_switch_prob and erase_prob in [0, 1], rand_augment_layers >= 0, "
+                 "rand_augment_magnitude in [0, 10], crop_min_scale in (0, 1]")]
+
+
+CONFIG_TYPES: dict[str, type[RunConfig]] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
@@ -250,18 +329,29 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}") from None
 
 
-def _set(cfg: Any, dotted: str, value: Any) -> None:
+def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
     *path, name = dotted.split(".")
     target = cfg
     for part in path:
         if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
-            raise ConfigError(f"unknown config section {part!r} in {dotted!r}; sections: {_names(cfg)}")
+            raise ConfigError(_other_task_hint(cfg, dotted)
+                              or f"unknown config section {part!r} in {dotted!r}; sections: {_names(cfg)}")
         target = getattr(target, part)
     fields = {f.name: f for f in dataclasses.fields(target)}
     if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
-        raise ConfigError(f"unknown config key {dotted!r}; keys here: {', '.join(fields)}")
+        raise ConfigError(_other_task_hint(cfg, dotted)
+                          or f"unknown config key {dotted!r}; keys here: {', '.join(fields)}")
     hints = typing.get_type_hints(type(target))
     setattr(target, name, _coerce(value, hints[name], dotted))
+
+
+def _other_task_hint(cfg: RunConfig, dotted: str) -> str | None:
+    """The line for a key that only another task's config has (model.mask_ratio given to fine-tuning)."""
+    for task, kind in CONFIG_TYPES.items():
+        if task != cfg.TASK and dotted in flat_fields(kind()):
+            return (f"{dotted} is a setting of {TASK_NAMES[task]} ({TASK_SCRIPTS[task]}); "
+                    f"{TASK_SCRIPTS[cfg.TASK]} has no such field")
+    return None
 
 
 def _names(cfg: Any) -> str:
@@ -278,22 +368,37 @@ def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def load_config(preset: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults <- preset file (TOML) <- `key=value` overrides, then validated."""
-    cfg = TrainConfig()
+def find_preset(preset: str | Path) -> Path:
+    """A preset file, or the name of one in the repository's configs/ (wherever the command runs from)."""
+    path = Path(preset)
+    if not path.is_file() and (PRESET_DIR / f"{preset}.toml").is_file():
+        path = PRESET_DIR / f"{preset}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml"))) or "none here"
+        raise ConfigError(f"config preset {preset} not found: give a preset file or a name in configs/ ({known})")
+    return path
+
+
+def load_config(preset: str | Path | None, overrides: list[str] = (), task: str | None = None) -> RunConfig:
+    """Defaults <- preset file (TOML) <- `key=value` overrides, then validated. `task` ("pretrain", "finetune"):
+    the script's task, which a preset's own `task` key must name; None: the preset's (pre-training without one)."""
+    table: dict[str, Any] = {}
     if preset:
-        path = Path(preset)
-        if not path.is_file() and Path("configs", f"{preset}.toml").is_file():
-            path = Path("configs", f"{preset}.toml")
-        if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in Path("configs").glob("*.toml"))) or "none here"
-            raise ConfigError(f"config preset {preset} not found: give a preset file or a name in configs/ ({known})")
+        path = find_preset(preset)
         try:
             table = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: {err}") from None
-        for key, value in _flatten(table).items():
-            _set(cfg, key, value)
+        declared = table.pop("task", None)
+        if declared not in (None, *CONFIG_TYPES):
+            raise ConfigError(f"{path}: task must be one of {', '.join(CONFIG_TYPES)}, got {declared!r}")
+        if task and declared and declared != task:
+            raise ConfigError(f"{path} is a {TASK_NAMES[declared]} preset: run it with {TASK_SCRIPTS[declared]}, "
+                              f"not {TASK_SCRIPTS[task]}")
+        task = task or declared
+    cfg = CONFIG_TYPES[task or "pretrain"]()
+    for key, value in _flatten(table).items():
+        _set(cfg, key, value)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -303,10 +408,9 @@ def load_config(preset: str | Path | None, overrides: list[str] = ()) -> TrainCo
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: RunConfig) -> None:
     checks = [
         (cfg.model.name in PRESETS, f"model.name {cfg.model.name!r} is not one of {', '.join(PRESETS)}"),
-        (0 <= cfg.model.mask_ratio < 1, f"model.mask_ratio must be in [0, 1), got {cfg.model.mask_ratio}"),
         (cfg.data.img_size % PRESETS.get(cfg.model.name, {}).get("patch_size", 1) == 0,
          f"data.img_size {cfg.data.img_size} is not divisible by the patch size of {cfg.model.name}"),
         (cfg.optim.global_batch_size > 0, "optim.global_batch_size must be positive"),
@@ -324,7 +428,6 @@ def validate(cfg: TrainConfig) -> None:
                                     f"{cfg.data.num_threads}"),
         (cfg.checkpoint.every_minutes >= 0 and cfg.checkpoint.every_steps >= 0,
          "checkpoint.every_minutes and checkpoint.every_steps must be >= 0 (0 = off)"),
-        (cfg.log.viz_images >= 1, "log.viz_images must be >= 1"),
         (cfg.log.profile_steps >= 0, "log.profile_steps must be >= 0"),
         (cfg.runtime.hang_timeout_s >= 0, "runtime.hang_timeout_s must be >= 0 (0 = no watchdog)"),
         (cfg.log.straggler_margin > 0 and cfg.log.straggler_windows >= 1,
@@ -334,33 +437,23 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optim.gradient_clipping >= 0, "optim.gradient_clipping must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (cfg.checkpoint.milestone_every_epochs >= 0, "checkpoint.milestone_every_epochs must be >= 0"),
-        (min(cfg.eval.every_epochs, cfg.eval.train_samples, cfg.eval.val_samples) >= 0 and cfg.eval.k >= 1
-         and cfg.eval.temperature > 0, "eval.every_epochs, train_samples and val_samples must be >= 0, eval.k >= 1 "
-                                       "and eval.temperature > 0"),
-        (cfg.log.log_every >= 1 and cfg.log.viz_every >= 1, "log.log_every and log.viz_every must be >= 1"),
+        (cfg.eval.every_epochs >= 0, "eval.every_epochs must be >= 0"),
+        (cfg.log.log_every >= 1, "log.log_every and log.viz_every must be >= 1"),
         (cfg.max_steps >= 0, "max_steps must be >= 0"),
         (not cfg.model.init or Path(cfg.model.init).exists(), f"model.init {cfg.model.init}: no such file or folder"),
-        (cfg.finetune.num_classes >= 0 and cfg.finetune.layer_decay > 0 and 0 <= cfg.finetune.drop_path < 1
-         and 0 <= cfg.finetune.label_smoothing < 1 and min(cfg.finetune.mixup_alpha, cfg.finetune.cutmix_alpha) >= 0
-         and 0 <= cfg.finetune.mix_switch_prob <= 1 and 0 <= cfg.finetune.erase_prob <= 1
-         and cfg.finetune.rand_augment_layers >= 0 and 0 <= cfg.finetune.rand_augment_magnitude <= 10
-         and 0 < cfg.finetune.crop_min_scale <= 1,
-         "finetune: num_classes >= 0, layer_decay > 0, drop_path and label_smoothing in [0, 1), mixup_alpha and "
-         "cutmix_alpha >= 0, mix_switch_prob and erase_prob in [0, 1], rand_augment_layers >= 0, "
-         "rand_augment_magnitude in [0, 10], crop_min_scale in (0, 1]"),
         (not cfg.runtime.deepspeed_config or Path(cfg.runtime.deepspeed_config).is_file(),
          f"runtime.deepspeed_config {cfg.runtime.deepspeed_config}: no such file"),
         (not (cfg.runtime.compile and cfg.runtime.zero_stage == 3),
          "runtime.compile does not work with ZeRO-3 (its parameter gathering hooks break the graphs)"),
+        *cfg.checks(),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
 
 
-def describe(cfg: Any = None, prefix: str = "") -> list[str]:
-    """`key = value  # docstring` lines for every field (the docs above, at run time)."""
-    cfg = cfg if cfg is not None else TrainConfig()
+def describe(cfg: Any, prefix: str = "") -> list[str]:
+    """`key = value  # docstring` lines for every field of a config (the docs above, at run time)."""
     docs = _field_docs(type(cfg))
     lines = []
     for f in dataclasses.fields(cfg):
@@ -373,31 +466,39 @@ def describe(cfg: Any = None, prefix: str = "") -> list[str]:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for node, after in itertools.pairwise(body):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            docs[node.target.id] = str(after.value.value)
+    """Each field's docstring, a subclass's own and those it inherits."""
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, after in itertools.pairwise(body):
+            if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant)):
+                docs[node.target.id] = str(after.value.value)
     return docs
 
 
-def flat_fields(cfg: TrainConfig) -> dict[str, Any]:
+def flat_fields(cfg: RunConfig) -> dict[str, Any]:
     """{"section.key": value} for every field."""
     return _flatten(dataclasses.asdict(cfg))
 
 
-def config_from_dict(saved: dict[str, Any]) -> TrainConfig:
-    """A resolved config as a run saved it (config.json, or the provenance of an exported file)."""
-    cfg = TrainConfig()
+def config_from_dict(saved: dict[str, Any], task: str | None = None) -> RunConfig:
+    """A resolved config as a run saved it (config.json, or the provenance of an exported file). One written before
+    configs named their task holds every task's fields: it is read as `task`'s (pre-training by default), and the
+    fields that task has not are dropped."""
+    saved = dict(saved)
+    written_by = saved.pop("task", None)
+    cfg = CONFIG_TYPES[written_by or task or "pretrain"]()
+    known = flat_fields(cfg)
     for key, value in _flatten(saved).items():
-        _set(cfg, key, value)
+        if written_by or key in known:
+            _set(cfg, key, value)
     return cfg  # validated when the run started; files it named (model.init) may since have moved
 
 
-def config_from_json(path: Path) -> TrainConfig:
-    """The resolved config a run saved as config.json."""
+def config_from_json(path: Path, task: str | None = None) -> RunConfig:
+    """The resolved config a run saved as config.json (`task`: how to read one written before configs named it)."""
     try:
-        return config_from_dict(json.loads(Path(path).read_text()))
+        return config_from_dict(json.loads(Path(path).read_text()), task)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
         raise ConfigError(f"{path} is not a saved maeflow config ({err})") from None

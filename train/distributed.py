@@ -5,14 +5,22 @@ Global rank and world size place a rank in the data; the local rank picks its GP
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
 from pipeline.loader import default_threads
+
+T = TypeVar("T")
 
 
 class JoinError(RuntimeError):
@@ -50,3 +58,77 @@ def skip_shared_memory_op() -> None:
     later run on that machine then waits on it forever.
     """
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def leave_process_group() -> None:
+    """Tear the process group down before the interpreter does: left to exit-time destructors, a group can abort
+    the process ("terminate called without an active exception") and turn a refusal's status into a crash's."""
+    if dist.is_initialized():
+        with contextlib.suppress(RuntimeError):  # after a lost peer the group may refuse; the process ends anyway
+            dist.destroy_process_group()
+
+
+def agree(work: Callable[[], T], group: Any) -> T:
+    """`work` on every rank, and its failure on any rank a failure on all, so that no rank is left waiting at the
+    next collective. This rank's own error is raised as it is; another rank's with its type, naming that rank."""
+    try:
+        result, error = work(), None
+    except Exception as err:  # every kind goes to the peers, then is raised again below
+        result, error = None, err
+    errors: list[tuple[type, str] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, None if error is None else (type(error), str(error)), group=group)
+    if error is not None:
+        raise error
+    failed = next(((rank, sent) for rank, sent in enumerate(errors) if sent), None)
+    if failed:
+        rank, (kind, message) = failed
+        raise _same_kind(kind, f"rank {rank}: {message}")
+    return result
+
+
+def _same_kind(kind: type, message: str) -> Exception:
+    """An exception of `kind` saying `message`; a RuntimeError naming the kind where it takes no message."""
+    try:
+        return kind(message)
+    except Exception:  # a constructor that takes other arguments
+        return RuntimeError(f"{kind.__name__}: {message}")
+
+
+class Peers:
+    """(host, pid) of every rank, gathered once at start, to name the rank a failed collective lost."""
+
+    def __init__(self, group: Any) -> None:
+        self.rank = dist.get_rank()
+        self.ranks: list[tuple[str, int]] = [("", 0)] * dist.get_world_size()
+        dist.all_gather_object(self.ranks, (socket.gethostname(), os.getpid()), group=group)
+
+    @property
+    def hosts(self) -> list[str]:
+        return [host for host, _ in self.ranks]
+
+    def lost(self) -> str:
+        """Which ranks are gone, as far as this host can tell (a process on another host cannot be asked)."""
+        here = socket.gethostname()
+        gone, elsewhere = [], []
+        for rank, (host, pid) in enumerate(self.ranks):
+            if rank == self.rank:
+                continue
+            if host != here:
+                elsewhere.append(f"{rank} ({host})")
+            elif not _alive(pid):
+                gone.append(f"rank {rank} (host {host}, pid {pid}) is no longer running")
+        if gone:
+            return "; ".join(gone)
+        return f"lost contact with a peer: ranks on other hosts: {', '.join(elsewhere)}" if elsewhere else ""
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` on this host still runs (a zombie, dead but not yet reaped by its launcher, does not)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or the pid now belongs to someone else's process
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc here: the signal check is all there is
+        return True

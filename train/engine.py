@@ -1,5 +1,4 @@
-"""The model a run trains, what DeepSpeed is asked for, and the model-speed switches around it (attention
-backend, compile).
+"""What DeepSpeed is asked for, and the model switches around it (attention backend, compile, recompute).
 
 The DeepSpeed config is derived from maeflow's own; a user's DeepSpeed JSON (`runtime.deepspeed_config`)
 is merged over it for everything maeflow does not decide itself (bucket sizes, overlap, monitors...).
@@ -17,7 +16,8 @@ from typing import Any
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import MaskedAutoencoderViT, build_mae
-from train.config import ConfigError, TrainConfig
+from model.hooks import TransformerHooks
+from train.config import ConfigError, PretrainConfig, RunConfig
 from train.recipe import BatchPlan
 
 # Keys maeflow derives from its own config; a user's DeepSpeed JSON may not set them, since a second
@@ -37,14 +37,19 @@ ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.C
                       "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
-def build_model(cfg: TrainConfig) -> MaskedAutoencoderViT:
-    """The MAE a run trains: its preset at the loader's resolution, with its loss and recompute settings."""
-    model = build_mae(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
-    model.activation_recompute = cfg.model.activation_recompute
-    return model
+def mae_from_config(cfg: PretrainConfig) -> MaskedAutoencoderViT:
+    """The MAE a pre-training config describes: its preset at the loader's resolution, with its loss."""
+    return build_mae(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
 
 
-def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> dict[str, Any]:
+def apply_model_switches(model: TransformerHooks, cfg: RunConfig) -> None:
+    """The config's speed and memory switches, through the hooks every model family has (model.hooks)."""
+    model.set_grad_checkpointing(cfg.model.activation_recompute)
+    if cfg.runtime.compile:
+        model.compile_blocks()
+
+
+def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
     """The DeepSpeed config for this run: maeflow's derived keys, then the user's file merged over the rest."""
     ours: dict[str, Any] = {
         "train_batch_size": plan.global_batch_size,
@@ -90,10 +95,3 @@ def attention_backend(name: str) -> Iterator[None]:
         return
     with sdpa_kernel(ATTENTION_BACKENDS[name]):
         yield
-
-
-def compile_blocks(model: MaskedAutoencoderViT) -> None:
-    """torch.compile every transformer block in place: the model keeps its parameter names (checkpoints and
-    exports are unchanged) and the masking and loss kernels stay outside the compiled graphs."""
-    for block in [*model.blocks, *model.decoder_blocks]:
-        block.compile()

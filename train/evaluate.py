@@ -23,9 +23,9 @@ from torch import nn
 from model import MaskedAutoencoderViT, build_mae, load_reference_weights
 from model.weights import load_weights_file
 from train.config import config_from_dict, config_from_json
-from train.engine import build_model
+from train.engine import mae_from_config
 from train.export import consolidated_state_dict
-from train.knn import Embedded, KnnMonitor, knn_top1
+from train.knn import Embedded, knn_monitor, knn_top1
 
 
 def load_encoder(source: Path, tag: str, preset: str | None, img_size: int) -> tuple[MaskedAutoencoderViT, str]:
@@ -36,12 +36,12 @@ def load_encoder(source: Path, tag: str, preset: str | None, img_size: int) -> t
     if source.is_dir():
         cfg = config_from_json(source / "config.json")
         state, provenance = consolidated_state_dict(source, tag)
-        model = build_model(cfg)
+        model = mae_from_config(cfg)
         model.load_state_dict(state)
         return model, provenance["checkpoint"]
     saved = load_weights_file(source)
     if isinstance(saved, dict) and "maeflow" in saved:
-        model = build_model(config_from_dict(saved["maeflow"]["config"]))
+        model = mae_from_config(config_from_dict(saved["maeflow"]["config"]))
     elif preset:
         model = build_mae(preset, img_size=img_size)
     else:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(bad[0])
     try:
         model, origin = load_encoder(Path(args.source), args.tag, args.model, args.img_size)
-        monitor = KnnMonitor(args.data, args.split, args.train_samples, args.val_samples,
+        monitor = knn_monitor(args.data, args.split, args.train_samples, args.val_samples,
                              local_batch_size=args.batch, img_size=model.img_size[0])
     except (FileNotFoundError, ValueError, RuntimeError) as err:  # ResumeError and ConfigError among them
         print(f"error: {err}", file=sys.stderr)

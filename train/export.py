@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from model.weights import DECODER_PREFIXES, load_weights_file
 from pipeline.atomic import atomic_path
 from train.checkpoint import LATEST, resume_tag
 from train.config import config_from_json
-from train.engine import build_model
+from train.engine import mae_from_config
 
 
 def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[str, torch.Tensor], dict]:
@@ -40,17 +39,19 @@ def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[st
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:  # ZeRO stage 0 in fp32: no optimizer shards, the module's own weights are the full ones
         weights = load_weights_file(ckpt_dir / tag / "mp_rank_00_model_states.pt")["module"]
-    if "head.weight" in weights or "head.1.weight" in weights:  # a train/finetune.py run: its classifier
-        head = weights.get("head.weight", weights.get("head.1.weight"))
+    head = weights.get("head.weight", weights.get("head.1.weight"))
+    if head is not None and cfg.TASK != "finetune":  # a config written before configs named their task
+        cfg = config_from_json(output / "config.json", task="finetune")
+    if head is not None:  # a train/finetune.py run: its classifier
         model = build_classifier(cfg.model.name, cfg.data.img_size, head.shape[0],
                                  probe=cfg.finetune.mode == "linear_probe")
     else:
-        model = build_model(cfg)
+        model = mae_from_config(cfg)
     # The sin-cos position embeddings are frozen and fixed by the config: rebuild any DeepSpeed omitted.
     fixed = {k: v for k, v in model.state_dict().items() if k not in weights and "pos_embed" in k}
     model.load_state_dict({**weights, **fixed}, strict=True)
     state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    return state, {"config": asdict(cfg), "checkpoint": str(ckpt_dir / tag)}
+    return state, {"config": cfg.to_dict(), "checkpoint": str(ckpt_dir / tag)}
 
 
 def main(argv: list[str] | None = None) -> int:

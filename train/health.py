@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# The hung run's exit status (README, "Exit codes"); train.pretrain.RunEnd.HUNG has the same value.
+# The hung run's exit status (README, "Exit codes"); train.outcome.RunEnd.HUNG has the same value.
 HUNG_EXIT_STATUS = 6
 SLOW_PHASE_FACTOR = 4  # start-up, checkpoints and evaluations may take this many step timeouts
 
@@ -210,17 +210,17 @@ class SpikeDetector:
         self.grad_norms: deque[float] = deque(maxlen=history)
 
     def check(self, loss: float, grad_norm: float | None) -> dict[str, Any] | None:
-        """The spike's figures, or None; then remembers this window."""
+        """The spike's figures, or None; then remembers this window. Each check has its own switch (factor 0)."""
+        full = self.losses.maxlen
+        median_loss = statistics.median(self.losses) if len(self.losses) == full else None
+        median_grad = statistics.median(self.grad_norms) if len(self.grad_norms) == full else None
+        loss_jump = self.loss_factor > 0 and median_loss is not None and loss > (1 + self.loss_factor) * median_loss
+        grad_jump = (self.grad_factor > 0 and grad_norm is not None and median_grad is not None
+                     and grad_norm > self.grad_factor * median_grad)
         spike = None
-        if self.loss_factor > 0 and len(self.losses) == self.losses.maxlen:
-            median_loss = statistics.median(self.losses)
-            median_grad = statistics.median(self.grad_norms) if len(self.grad_norms) == self.losses.maxlen else None
-            loss_jump = loss > (1 + self.loss_factor) * median_loss
-            grad_jump = (grad_norm is not None and median_grad is not None and self.grad_factor > 0
-                         and grad_norm > self.grad_factor * median_grad)
-            if loss_jump or grad_jump:
-                spike = {"loss": loss, "median_loss": median_loss, "grad_norm": grad_norm,
-                         "median_grad_norm": median_grad, "cause": "loss" if loss_jump else "grad_norm"}
+        if loss_jump or grad_jump:
+            spike = {"loss": loss, "median_loss": median_loss, "grad_norm": grad_norm,
+                     "median_grad_norm": median_grad, "cause": "loss" if loss_jump else "grad_norm"}
         self.losses.append(loss)
         if grad_norm is not None:
             self.grad_norms.append(grad_norm)

@@ -94,12 +94,11 @@ def knn_top1(train: Embedded, val: Embedded, k: int = 20, temperature: float = 0
 
 
 class KnnMonitor:
-    """The k-NN evaluation a run repeats, with its two evaluation-mode loaders built once."""
+    """The k-NN evaluation a run repeats, over two evaluation-mode loaders built once: the train memory and the
+    held-out queries (labelled with the same classes: `check_same_classes`)."""
 
-    def __init__(self, shards: str, split: str, train_samples: int, val_samples: int, **loader_options: Any) -> None:
-        check_same_classes(shards, "train", split)  # else label k is one class in memory, another in the queries
-        self.memory = build_loader(shards, split="train", train=False, limit=train_samples or None, **loader_options)
-        self.queries = build_loader(shards, split=split, train=False, limit=val_samples or None, **loader_options)
+    def __init__(self, memory: Loader, queries: Loader) -> None:
+        self.memory, self.queries = memory, queries
 
     def embed(self, encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> tuple[Embedded, Embedded]:
         """(the train memory's features, the held-out split's features) on this rank."""
@@ -108,3 +107,10 @@ class KnnMonitor:
     def __call__(self, encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device, k: int,
                  temperature: float) -> dict[str, float]:
         return knn_top1(*self.embed(encode, device), k, temperature)
+
+
+def knn_monitor(shards: str, split: str, train_samples: int, val_samples: int, **loader_options: Any) -> KnnMonitor:
+    """A monitor over the train split (its first `train_samples`, 0 = all) and `split` (`val_samples`)."""
+    check_same_classes(shards, "train", split)  # else label k is one class in memory, another in the queries
+    return KnnMonitor(build_loader(shards, split="train", train=False, limit=train_samples or None, **loader_options),
+                      build_loader(shards, split=split, train=False, limit=val_samples or None, **loader_options))

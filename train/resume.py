@@ -24,7 +24,7 @@ from train.checkpoint import (
     read_train_state,
     resume_tag,
 )
-from train.config import ConfigError, TrainConfig, config_from_json, flat_fields
+from train.config import TASK_NAMES, TASK_SCRIPTS, ConfigError, RunConfig, config_from_json, flat_fields
 from train.run_folder import keep_config, set_aside_branch
 
 # What a resumed run may not change: the model's shape, its optimizer's kind (whose state the checkpoint holds),
@@ -33,7 +33,7 @@ FIXED_ON_RESUME = ("model.name", "data.img_size", "runtime.seed", "optim.optimiz
                    "finetune.num_classes")
 
 
-def config_changes(saved: TrainConfig, new: TrainConfig, fixed_keys: tuple[str, ...] = FIXED_ON_RESUME) -> list[str]:
+def config_changes(saved: RunConfig, new: RunConfig, fixed_keys: tuple[str, ...] = FIXED_ON_RESUME) -> list[str]:
     """`key: old -> new` for every field `new` changes; a ConfigError if it changes one of `fixed_keys`."""
     before, after = flat_fields(saved), flat_fields(new)
     changed = [key for key in after if before.get(key) != after[key]]
@@ -86,17 +86,26 @@ class ResumePlan:
         return done
 
 
-def plan_resume(output: Path, wanted: str, cfg: TrainConfig, world_size: int) -> ResumePlan:
+def saved_config(path: Path, cfg: RunConfig) -> RunConfig:
+    """The config a run folder's config.json holds; a ResumeError if another task's script wrote it."""
+    saved = config_from_json(path, task=cfg.TASK)
+    if saved.TASK != cfg.TASK:
+        raise ResumeError(f"{path.parent} holds a {TASK_NAMES[saved.TASK]} run: resume it with "
+                          f"{TASK_SCRIPTS[saved.TASK]}, not {TASK_SCRIPTS[cfg.TASK]}")
+    return saved
+
+
+def plan_resume(output: Path, wanted: str, cfg: RunConfig, world_size: int) -> ResumePlan:
     """Check a `--resume [TAG]` of the run in `output` with config `cfg` on `world_size` ranks, reading only."""
     ckpt_dir = output / "checkpoints"
     tag = resume_tag(ckpt_dir, wanted)
     config_path = output / "config.json"
     if tag is None:  # nothing to continue: an earlier attempt's config is only kept, whatever it says
-        changes = config_changes(config_from_json(config_path), cfg, ()) if config_path.is_file() else []
+        changes = config_changes(saved_config(config_path, cfg), cfg, ()) if config_path.is_file() else []
         return ResumePlan(output, None, None, tuple(changes), False, False, ())
     if not config_path.is_file():
         raise ResumeError(f"{config_path} is missing: the run's config is needed to resume it")
-    saved_cfg = config_from_json(config_path)
+    saved_cfg = saved_config(config_path, cfg)
     changes = tuple(config_changes(saved_cfg, cfg))
     loader_state = torch.load(ckpt_dir / tag / "rank00000.pt", weights_only=True)["loader"]
     shard_sizes = sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples)
@@ -106,7 +115,7 @@ def plan_resume(output: Path, wanted: str, cfg: TrainConfig, world_size: int) ->
         raise ResumeError(f"--resume from {ckpt_dir / tag} with --data {cfg.data.shards}: {err}") from None
     return ResumePlan(
         output=output, tag=tag, saved=read_train_state(ckpt_dir, tag), changes=changes,
-        masks_change=saved_cfg.runtime.mask_seed != cfg.runtime.mask_seed,
+        masks_change=any(change.startswith("runtime.mask_seed:") for change in changes),
         universal=needs_universal(ckpt_dir, tag, world_size),
         newer=tuple(t for t in complete_tags(ckpt_dir) if t > tag),
     )

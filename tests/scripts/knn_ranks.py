@@ -8,12 +8,12 @@ import torch
 import torch.distributed as dist
 
 from tests.helpers import tiny_preset_model
-from train.knn import KnnMonitor
+from train.knn import knn_monitor
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 model = tiny_preset_model().eval()
-monitor = KnnMonitor(sys.argv[1], "val", 0, 0, local_batch_size=4, img_size=64, rank=dist.get_rank(),
+monitor = knn_monitor(sys.argv[1], "val", 0, 0, local_batch_size=4, img_size=64, rank=dist.get_rank(),
                      world_size=dist.get_world_size(), device="cpu", num_threads=1)
 with torch.no_grad():
     result = monitor(model.forward_features, torch.device("cpu"), 20, 0.07)

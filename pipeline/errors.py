@@ -1,0 +1,7 @@
+"""The data path's one error type for data that cannot serve what was asked: the message names the file and the
+cause, and a training run refuses to start on it (exit status 2) rather than crash."""
+
+
+class DataError(ValueError):
+    """Shards, manifests or indexes that do not fit together, or do not fit the request (a batch larger than the
+    data, unlabelled shards where labels are needed)."""

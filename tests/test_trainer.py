@@ -1,0 +1,172 @@
+"""The trainer's shape, on real parts without a training run: resources released on every path out of set-up,
+the exit status of a refusal and of a bug, errors agreed across ranks, presets that belong to their task, and
+periodic jobs named as themselves."""
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from model import build_mae
+from model.vit import build_classifier
+from tests.helpers import REPO, start_job
+from tests.runs import free_port, rank_env
+from train import finetune, launch, pretrain
+from train.classifier_task import ClassifierTask, Top1Job
+from train.config import load_config
+from train.health import Watchdog
+from train.mae_task import KnnJob, MaeTask, ReconstructionJob
+from train.metrics import MetricsLog
+from train.recipe import plan_batch
+from train.run_folder import lock_folder
+from train.task import PeriodicJob, RunContext
+from train.trainer import run_job
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """What a launcher tells a single rank, so that the trainer can join its process group in this process."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(name, value)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    yield
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+
+
+def assert_released(output) -> None:
+    """Nothing of the run is left in this process: no watchdog thread, no process group, the folder's lock free."""
+    assert not [t for t in threading.enumerate() if t.name == "maeflow-watchdog" and t.is_alive()]
+    assert not dist.is_initialized()
+    lock_folder(output).close()  # raises FolderInUse while the run's own handle is still open
+
+
+def test_a_run_refused_inside_the_trainer_releases_everything_it_took(one_rank, shards, tmp_path, capsys):
+    output = tmp_path / "refused"
+    argv = ["--config", "finetune_tiny", "--data", str(shards), "--output", str(output),
+            "--set", "finetune.num_classes=3", "--set", "runtime.hang_timeout_s=600"]
+    assert finetune.main(argv) == 2  # the shards label 4 classes: refused once the group is joined
+    assert "finetune.num_classes is 3, but the train shards" in capsys.readouterr().err
+    assert_released(output)
+    assert not (output / "config.json").exists()  # refused before the folder was written
+
+
+class TaskWithABug(MaeTask):
+    """A third task, as a user writes one: a file with a Task subclass (here with a bug in it)."""
+
+    name = "a task with a bug"
+
+    def build_model(self, initialise: bool) -> torch.nn.Module:
+        raise ValueError("shapes that cannot be: a bug, not the user's mistake")
+
+
+def test_a_bug_is_not_a_refusal_it_propagates_and_the_trainer_still_closes(one_rank, shards, tmp_path):
+    output = tmp_path / "bug"
+    with pytest.raises(ValueError, match="a bug, not the user's mistake"):  # uncaught: status 1 with the traceback
+        launch.main(TaskWithABug, ["--config", "tiny", "--data", str(shards), "--output", str(output)])
+    assert_released(output)
+
+
+def test_an_error_on_another_rank_keeps_its_type_and_names_the_rank():
+    port = free_port()
+    script = str(REPO / "tests" / "scripts" / "agree_ranks.py")
+    env = {"PYTHONPATH": str(REPO)}
+    ranks = [start_job([sys.executable, script], env={**rank_env(rank, 2, port), **env}) for rank in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outs
+    seen = [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for out in outs]
+    message = "shard train-000003.tar is damaged"
+    assert seen[1] == [{"type": "DataError", "message": message}, {"type": "KeyError", "message": repr(message)}]
+    assert seen[0] == [{"type": "DataError", "message": f"rank 1: {message}"},  # a refusal on every rank: exit 2
+                       {"type": "KeyError", "message": repr(f"rank 1: {message!r}")}]  # a bug everywhere: exit 1
+
+
+@pytest.mark.parametrize("script, preset, right", [(pretrain, "finetune_vit_b16", "train/finetune.py"),
+                                                   (pretrain, "linprobe_vit_l16", "train/finetune.py"),
+                                                   (finetune, "vit_b16_1600ep", "train/pretrain.py")])
+def test_a_preset_given_to_the_other_tasks_script_is_refused_naming_the_right_one(script, preset, right, capsys):
+    assert script.main(["--config", preset, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"preset: run it with {right}" in err and len(err.splitlines()) == 1, err
+
+
+def test_each_task_config_holds_only_what_that_task_reads(capsys):
+    assert finetune.main(["--config", "finetune_tiny", "--set", "model.mask_ratio=0.5", "--print-config"]) == 2
+    assert "model.mask_ratio is a setting of pre-training (train/pretrain.py)" in capsys.readouterr().err
+    assert pretrain.main(["--config", "tiny", "--set", "finetune.mode=linear_probe", "--print-config"]) == 2
+    assert "finetune.mode is a setting of fine-tuning (train/finetune.py)" in capsys.readouterr().err
+    assert finetune.main(["--config", "finetune_tiny", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "finetune.layer_decay = 0.75" in printed and "mask_ratio" not in printed and "viz_every" not in printed
+
+
+def test_periodic_jobs_are_named_as_themselves_in_hang_reports(tmp_path):
+    assert {job.name for job in (KnnJob, ReconstructionJob, Top1Job)} == {
+        "k-NN evaluation", "reconstruction", "top-1 evaluation"}
+
+    class Stuck(PeriodicJob):
+        name = Top1Job.name
+
+        def run(self, step: int, finished_epochs: int) -> None:
+            self.report = watchdog.report().read_text()  # what the watchdog writes if the job hangs here
+
+    watchdog = Watchdog(0, tmp_path, 0, lambda: 7)
+    job = Stuck(every_epochs=1)
+    run_job(job, watchdog, step=7, finished_epochs=2)
+    assert "no progress for" in job.report and "during top-1 evaluation" in job.report
+    assert job.last_step == 7 and watchdog.phase is None
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def one_rank_context(cfg, resources: contextlib.ExitStack) -> RunContext:
+    """What the trainer hands a task on one CPU rank (the process group: `one_rank_group`)."""
+    return RunContext(cfg, torch.device("cpu"), 0, 1, plan_batch(cfg.optim, 1), torch.float32, dist.group.WORLD,
+                      MetricsLog(Path(cfg.output), True, False), print, resources)
+
+
+def test_fine_tuning_starts_from_the_pretrained_encoder_unless_a_checkpoint_follows(shards, tmp_path, one_rank_group):
+    torch.manual_seed(1)
+    pretrained = build_mae("mae_vit_tiny_patch16", img_size=64)
+    torch.save({"model": pretrained.state_dict()}, tmp_path / "encoder.pth")
+    cfg = load_config("finetune_tiny", [f"data.shards={shards}", f"output={tmp_path}",
+                                        f"model.init={tmp_path / 'encoder.pth'}"])
+    with contextlib.ExitStack() as resources:
+        task = ClassifierTask(one_rank_context(cfg, resources))
+        started = task.build_model(initialise=True).state_dict()
+        for key, value in pretrained.state_dict().items():
+            if key in started and key != "pos_embed":  # the decoder and the mask token stay behind
+                assert torch.equal(started[key], value), key
+        torch.testing.assert_close(started["pos_embed"], pretrained.state_dict()["pos_embed"])
+        fresh = task.build_model(initialise=False).state_dict()  # a resume: the checkpoint's weights follow
+        assert not torch.equal(fresh["blocks.0.attn.qkv.weight"], started["blocks.0.attn.qkv.weight"])
+
+
+def test_the_best_top1_so_far_is_the_jobs_state_so_best_pth_never_gets_worse(shards, tmp_path, one_rank_group):
+    cfg = load_config("finetune_tiny", [f"data.shards={shards}", f"output={tmp_path}"])
+    with contextlib.ExitStack() as resources:
+        ctx = one_rank_context(cfg, resources)
+        torch.manual_seed(0)
+        model = build_classifier(cfg.model.name, cfg.data.img_size, 4)
+        job = Top1Job(ctx, model, model, ctx.loader("val", train=False))
+        job.load_state_dict({"best_top1": 1.01})  # a resumed run's best so far: better than any evaluation
+        job.run(step=5, finished_epochs=1)
+        assert not (tmp_path / "best.pth").exists() and job.state_dict() == {"best_top1": 1.01}
+        job.load_state_dict({"best_top1": -1.0})
+        job.run(step=6, finished_epochs=2)
+        top1 = [json.loads(line)["top1"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert job.state_dict() == {"best_top1": top1[-1]} and (tmp_path / "best.pth").is_file()
+        legacy = Top1Job(ctx, model, model, ctx.loader("val", train=False))
+        legacy.load_state_dict(None)  # a checkpoint of an older release: best.pth says how good the best was
+        assert legacy.state_dict() == {"best_top1": top1[-1]}

@@ -1,0 +1,120 @@
+"""The command line every task's script shares: parse, refuse what can be refused before any work, hand the task
+to the trainer, and map how the run ended to the exit status (`train.outcome.RunEnd`).
+
+Exit 2 is only for what the user can fix (`REFUSALS`); a bug propagates with its traceback (status 1); an error
+while training (damaged data, a full disk, a lost rank) is 5, and the checkpoint before it is intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from pipeline.loader import sample_counts
+from train.checkpoint import resume_tag
+from train.config import TASK_SCRIPTS, ConfigError, RunConfig, describe, load_config
+from train.distributed import leave_process_group
+from train.engine import deepspeed_config
+from train.outcome import REFUSALS, RunEnd
+from train.recipe import optimizer_steps_per_epoch, peak_lr, plan_batch
+from train.run_folder import existing_run
+from train.task import Task
+from train.trainer import Trainer
+
+EXAMPLE_PRESETS = {"pretrain": "vit_h14_1600ep", "finetune": "finetune_vit_b16"}
+
+
+def parse_args(argv: list[str] | None, task: type[Task]) -> argparse.Namespace:
+    kind = task.config_type.TASK
+    parser = argparse.ArgumentParser(prog=TASK_SCRIPTS[kind], description=f"{task.name} with DeepSpeed ZeRO")
+    parser.add_argument("--config", help=f"preset file, or a name in configs/ (e.g. {EXAMPLE_PRESETS[kind]})")
+    parser.add_argument("--data", help="shard folder or brace pattern (sets data.shards)")
+    parser.add_argument("--output", help="output folder (sets output)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
+    parser.add_argument("--log-every", type=int, help="steps between metric reductions (sets log.log_every)")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="TAG",
+                        help="continue from the newest checkpoint in the output, or from TAG (e.g. step00001200 or "
+                             "1200; what the run did after it is set aside in OUTPUT/abandoned/), on any number of "
+                             "ranks")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--print-config", action="store_true",
+                        help="dry run: print every config field with its doc, the batch plan for --ranks, the lr and "
+                             "the DeepSpeed config, check --data, and exit")
+    parser.add_argument("--ranks", type=int, help="with --print-config: the number of ranks to plan for (default: "
+                                                  "WORLD_SIZE, or 1)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def print_plan(cfg: RunConfig, ranks: int) -> None:
+    """--print-config: what a run of `cfg` on `ranks` ranks would do, checked as far as it can be without them."""
+    if ranks < 1:
+        raise ConfigError(f"--ranks must be at least 1, got {ranks}")
+    plan = plan_batch(cfg.optim, ranks)
+    lines = [*describe(cfg), "",
+             f"batch on {ranks} ranks: {plan.global_batch_size} = {plan.local_batch_size} local x "
+             f"{plan.grad_accum_steps} accumulation x {ranks} ranks ({plan.note})",
+             f"peak lr: {peak_lr(cfg.optim, plan.global_batch_size):.4g}"]
+    if cfg.data.shards or cfg.data.backend == "synthetic":
+        samples = sum(sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples))
+        steps = optimizer_steps_per_epoch(samples, plan)
+        where = "synthetic images" if cfg.data.backend == "synthetic" else cfg.data.shards
+        lines.append(f"data: {samples} training samples ({where}): {steps} optimizer steps per epoch")
+    lines += ["deepspeed config:", json.dumps(deepspeed_config(cfg, plan), indent=1)]
+    print("\n".join(lines))
+
+
+def checked_config(args: argparse.Namespace, task: type[Task]) -> RunConfig:
+    """The run's config, and every check that needs no process group: refused here, nothing has started."""
+    overrides = list(args.set)
+    for flag, key in ((args.data, "data.shards"), (args.output, "output"), (args.max_steps, "max_steps"),
+                      (args.log_every, "log.log_every")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    cfg = load_config(args.config, overrides, task=task.config_type.TASK)
+    if args.print_config:
+        return cfg
+    if not cfg.data.shards and cfg.data.backend != "synthetic":
+        raise ConfigError("no training data: pass --data SHARDS, set data.shards, or train on synthetic images "
+                          "with --set data.backend=synthetic")
+    sample_counts(cfg.data.shards, "train", cfg.data.backend)  # the shards are there and whole
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise ConfigError(f"--output {cfg.output} is a file, not a folder")
+    found = existing_run(Path(cfg.output))
+    if args.resume:
+        resume_tag(Path(cfg.output) / "checkpoints", args.resume)  # a tag that is not there: refused before work
+    elif found:
+        raise ConfigError(f"{cfg.output} already holds a run ({found}): pass --resume to continue it, or choose "
+                          "another --output")
+    return cfg
+
+
+def main(task: type[Task], argv: list[str] | None = None) -> int:
+    """Exit status: a RunEnd (README, "Exit codes")."""
+    args = parse_args(argv, task)
+    try:
+        cfg = checked_config(args, task)
+        if args.print_config:
+            print_plan(cfg, args.ranks if args.ranks is not None else int(os.environ.get("WORLD_SIZE", "1")))
+            return RunEnd.FINISHED
+        trainer = Trainer(cfg, task, args.resume)  # closes what it took if it refuses
+    except REFUSALS as err:
+        print(f"error: {err}", file=sys.stderr)
+        leave_process_group()
+        return RunEnd.REFUSED
+    with trainer:
+        try:
+            return trainer.fit()
+        except (RuntimeError, OSError) as err:  # damaged data, a full disk, a lost rank: the run stops, resumably
+            if trainer.watchdog.overdue():  # this rank was the frozen one: its stuck call failed as it woke
+                trainer.watchdog.report("".join(traceback.format_exception(err)))
+                return RunEnd.HUNG
+            lost = trainer.peers.lost()
+            print(f"error: training stopped at step {trainer.state.step} on rank {trainer.rank}: "
+                  f"{lost + ' ' if lost else ''}({str(err).strip()})\nfix that, then continue with --resume (the "
+                  "last checkpoint is intact)", file=sys.stderr)
+            return RunEnd.FAILED

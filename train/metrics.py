@@ -1,0 +1,89 @@
+"""What a run writes down: the device-side sums between log steps (`MetricWindow`), and rank 0's records in
+OUTPUT/metrics.jsonl with their numbers in TensorBoard (`MetricsLog`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from train.dashboard import Board
+
+
+class MetricWindow:
+    """Device-side sums between log steps, so the loop itself never synchronizes."""
+
+    NO_BAD_STEP = 2**62
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.first_bad_step = torch.full((), self.NO_BAD_STEP, device=device, dtype=torch.int64)
+        self.grad_norm: torch.Tensor | None = None  # where maeflow computes it: at the last scheduled log step
+        self.forward_passes = 0
+        self.steps = 0
+        self.started = time.perf_counter()
+        self.wait_at_start = 0.0
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        self.loss_sum += loss.detach().double()
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step = torch.where(bad, torch.clamp(self.first_bad_step, max=step), self.first_bad_step)
+        self.forward_passes += 1
+
+    def reduce(self) -> tuple[float, int | None]:
+        """(mean loss over all ranks, first non-finite step or None). A host sync and two all-reduces."""
+        loss = self.loss_sum.clone()
+        bad = self.first_bad_step.clone()
+        dist.all_reduce(loss)
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        mean = loss.item() / max(1, self.forward_passes * dist.get_world_size())
+        bad_step = int(bad.item())
+        return mean, None if bad_step == self.NO_BAD_STEP else bad_step
+
+    def restart(self, loader_wait_s: float) -> None:
+        self.loss_sum.zero_()
+        self.grad_norm = None
+        self.forward_passes = self.steps = 0
+        self.started = time.perf_counter()
+        self.wait_at_start = loader_wait_s
+
+
+class MetricsLog:
+    """Rank 0's records: JSON lines in OUTPUT/metrics.jsonl and, for records with numbers, TensorBoard scalars.
+    Other ranks' calls do nothing, so every rank may call it."""
+
+    def __init__(self, output: Path, is_main: bool, tensorboard: bool) -> None:
+        self.output, self.is_main, self.tensorboard = output, is_main, tensorboard
+        self._board: Board | None = None  # opened at the first record: nothing is written before the run starts
+
+    @property
+    def board(self) -> Board:
+        if self._board is None:
+            self._board = Board(self.output / "tb", self.tensorboard and self.is_main)
+        return self._board
+
+    def record(self, record: dict[str, Any]) -> None:
+        """A record of figures (a logged window, an evaluation): metrics.jsonl and TensorBoard."""
+        self.note(record)
+        if self.is_main:
+            self.board.scalars(record, record["step"])
+
+    def image(self, name: str, picture: Image.Image, step: int) -> None:
+        """A picture for TensorBoard (rank 0)."""
+        if self.is_main:
+            self.board.image(name, picture, step)
+
+    def note(self, record: dict[str, Any]) -> None:
+        """An event (a resume, a loss spike): metrics.jsonl only."""
+        if self.is_main:
+            with open(self.output / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._board is not None:
+            self._board.close()

@@ -1,0 +1,159 @@
+"""What a task is to the trainer (`train.trainer`): the trainer owns the loop, the checkpoints, the logs and the
+run's health; a task owns its model, the loss of a batch (with its own random streams) and its periodic jobs.
+
+A new objective (say, distillation) is one new file: a `Task` subclass with its config type, and a
+`__main__` that hands it to `train.launch.main`, as train/pretrain.py and train/finetune.py do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from pipeline import Loader, build_loader
+from pipeline.augment import PRETRAIN, Augmentation
+from train.cadence import EveryEpochs
+from train.config import RunConfig
+from train.distributed import agree
+from train.metrics import MetricsLog
+from train.recipe import BatchPlan, build_optimizer
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a task may use of the run it is part of (built by the trainer before the task)."""
+
+    cfg: RunConfig
+    device: torch.device
+    rank: int
+    world_size: int
+    plan: BatchPlan
+    dtype: torch.dtype
+    """the images' dtype: bf16 for bf16 weights, else fp32 (under autocast as in the reference code)"""
+    control: Any
+    """the CPU side-channel process group (gloo): votes and refusals, no device sync"""
+    metrics: MetricsLog
+    say: Callable[[str], None]
+    """rank 0 prints a line without breaking the progress bar"""
+    resources: contextlib.ExitStack
+    """the run's resources, released in reverse order on every path out of it: enter what a task opens here"""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def output(self) -> Path:
+        return Path(self.cfg.output)
+
+    @property
+    def loader_device(self) -> str:
+        """Where this rank's loaders decode and deliver: "gpu" (DALI's mixed decoding) on a CUDA rank, else "cpu"."""
+        return "gpu" if self.device.type == "cuda" else "cpu"
+
+    def agree(self, work: Callable[[], T]) -> T:
+        """`work` on every rank; refused on any rank, refused on all (train.distributed.agree)."""
+        return agree(work, self.control)
+
+    def loader(self, split: str, *, train: bool, augment: Augmentation = PRETRAIN, limit: int | None = None,
+               verbose: bool = False) -> Loader:
+        """A loader of this run's shards for this rank: the one place the run's loader settings are written."""
+        data = self.cfg.data
+        loader = build_loader(
+            data.shards, split=split, local_batch_size=self.plan.local_batch_size, img_size=data.img_size,
+            train=train, rank=self.rank, world_size=self.world_size, seed=self.cfg.runtime.seed,
+            device=self.loader_device, backend=data.backend, num_threads=data.num_threads or None, dtype=self.dtype,
+            synthetic_samples=data.synthetic_samples, limit=limit, augment=augment, verbose=verbose)
+        self.resources.callback(loader.close)
+        return loader
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Where a local batch falls in the run: `step` optimizer steps are done before it, and it is forward pass
+    `index` of the next one's gradient accumulation."""
+
+    step: int
+    index: int
+
+
+class PeriodicJob(ABC):
+    """Work a task does every few epochs and at the end of a run (an evaluation, a picture). `name` is what hang
+    reports and logs call it."""
+
+    name: ClassVar[str]
+    runs_when_stopped: ClassVar[bool] = False
+    """also at the end of a run a signal stopped (cheap work a user wants to see then)"""
+
+    def __init__(self, every_epochs: int) -> None:
+        self.cadence = EveryEpochs(every_epochs)
+        self.last_step = -1  # the step of its last run: the end of a run does not repeat it
+
+    def due(self, finished_epochs: int) -> bool:
+        return self.cadence.due(finished_epochs)
+
+    @abstractmethod
+    def run(self, step: int, finished_epochs: int) -> None:
+        """Collective: every rank calls it, after optimizer step `step`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs to continue the job as an unbroken run would (the same on every rank)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:  # noqa: B027 - optional, as state_dict
+        """`state` None: the checkpoint holds none (written before jobs had state)."""
+
+
+class Task(ABC):
+    """One training objective. The trainer calls, in order: `build_model`, `build_optimizer`, then per forward pass
+    `loss`; `jobs` once the engine exists; `rank_state_dict`/`load_rank_state_dict` around checkpoints."""
+
+    config_type: ClassVar[type[RunConfig]]
+    name: ClassVar[str]
+    """what the start-up line calls it ("MAE pre-training")"""
+
+    def __init__(self, ctx: RunContext) -> None:
+        """Checks that may refuse the run belong here, reading only: nothing has been written yet."""
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+
+    @property
+    def augmentation(self) -> Augmentation:
+        """What the training loader does to each image."""
+        return PRETRAIN
+
+    @abstractmethod
+    def build_model(self, initialise: bool) -> nn.Module:
+        """The model to train (on the CPU; the engine moves it); `initialise`: load model.init (not when a
+        checkpoint will be loaded into it)."""
+
+    def build_optimizer(self, model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+        return build_optimizer(model, self.cfg.optim, peak_lr)
+
+    @abstractmethod
+    def flops_per_image(self, model: nn.Module) -> int:
+        """Matmul FLOPs of one training image, forward and backward (for MFU)."""
+
+    @abstractmethod
+    def loss(self, engine: Any, images: torch.Tensor, labels: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+        """The scalar loss of one local batch, through `engine` (DeepSpeed's wrapped model)."""
+
+    def jobs(self, engine: Any, model: nn.Module) -> list[PeriodicJob]:
+        return []
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This rank's random streams, kept in its checkpoint file."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict[str, Any] | None, step: int, reseed: bool) -> None:  # noqa: B027
+        """`state` None (another rank count) or `reseed` (the config changed a stream's seed): draw afresh from
+        `step` on."""

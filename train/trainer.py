@@ -1,0 +1,407 @@
+"""The one training loop every task runs (`train.task`): DeepSpeed ZeRO, gradient accumulation, the lr set every
+optimizer step, logging, checkpoints, exact and elastic resume, and the run's health.
+
+Set-up order (`Trainer.__init__`): join the group; take the output folder; check the resume and let the task
+check its inputs (reading only); build the model; only then change the folder; then the loader, the engine and
+the checkpoint's state. Every resource is entered in one exit stack, which `close()` (or leaving the `with`
+block) unwinds on every path: a finished run, a refusal, a crash.
+
+One step, on every rank: a batch from the loader -> the task's loss -> engine.backward -> engine.step, the lr set
+before the first forward pass of each accumulation. The loop waits on the device only at log steps (every
+`log.log_every` optimizer steps), when the window's losses are reduced across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import json
+import logging
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model.flops import peak_flops
+from pipeline.atomic import atomic_write_text
+from pipeline.loader import sample_counts
+from train.cadence import EverySteps
+from train.checkpoint import Checkpointer, TrainState, check_shared_folder, describe_norms, latest_tag
+from train.config import RunConfig, describe
+from train.distributed import Peers, agree, join_process_group, leave_process_group
+from train.engine import apply_model_switches, attention_backend, deepspeed_config
+from train.health import SLOW_PHASE_FACTOR, RankTimes, SpikeDetector, Watchdog, dump_stacks_on
+from train.metrics import MetricsLog, MetricWindow
+from train.outcome import RunEnd
+from train.profiling import step_profiler, write_profile
+from train.recipe import lr_at, optimizer_steps_per_epoch, peak_lr, plan_batch
+from train.resume import plan_resume
+from train.run_folder import lock_folder
+from train.task import MicroBatch, PeriodicJob, RunContext, Task
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and ends with RunEnd.STOPPED."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One run of `task_class` with `cfg`; every rank builds one. Use as `with Trainer(...) as trainer:
+    trainer.fit()`, so that everything it holds is released on every path.
+
+    Its own state, what a resume restores besides the engine's (`state_dict`): the step, epoch and samples seen,
+    the periodic jobs' state, this rank's loader position and the task's random streams.
+    """
+
+    def __init__(self, cfg: RunConfig, task_class: type[Task], resume: str | None) -> None:
+        self.resources = contextlib.ExitStack()
+        try:
+            self._start(cfg, task_class, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every resource the run took, in the reverse order (idempotent)."""
+        self.resources.close()
+
+    # ---------------------------------------------------------------- set-up
+
+    def _start(self, cfg: RunConfig, task_class: type[Task], resume: str | None) -> None:
+        hold = self.resources
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        # Collectives time out after the longest a healthy rank may be silent; the watchdog reports sooner.
+        collective_timeout_s = cfg.runtime.hang_timeout_s * (SLOW_PHASE_FACTOR + 1)
+        hold.callback(leave_process_group)
+        device = join_process_group(collective_timeout_s)
+        self.cfg, self.output = cfg, Path(cfg.output)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        # CPU side-channel for votes, refusals and per-rank figures: no GPU sync.
+        self.control = dist.new_group(backend="gloo", **({"timeout": timedelta(seconds=collective_timeout_s)}
+                                                         if collective_timeout_s else {}))
+        self.state = TrainState(world_size=self.world)
+        self.watchdog = Watchdog(cfg.runtime.hang_timeout_s, self.output, self.rank, lambda: self.state.step)
+        hold.callback(self.watchdog.close)
+        self.peers = Peers(self.control)
+        lock = agree(lambda: lock_folder(self.output) if self.is_main else None, self.control)
+        if lock is not None:
+            hold.callback(lock.close)
+        check_shared_folder(self.output, self.control)
+        self.plan = plan_batch(cfg.optim, self.world)
+        train_samples = sum(sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples))
+        self.steps_per_epoch = optimizer_steps_per_epoch(train_samples, self.plan)
+        self.peak_lr = peak_lr(cfg.optim, self.plan.global_batch_size)
+        self.resume = agree(lambda: plan_resume(self.output, resume, cfg, self.world), self.control) if resume \
+            else None
+        self.metrics = MetricsLog(self.output, self.is_main, cfg.log.tensorboard)
+        hold.callback(self.metrics.close)
+        # bf16 weights take bf16 images; under autocast the images stay fp32, as in the reference code.
+        dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
+        self.ctx = RunContext(cfg, device, self.rank, self.world, self.plan, dtype, self.control, self.metrics,
+                              self.say, hold)
+        self.task = task_class(self.ctx)
+        torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
+        self.model = self.task.build_model(initialise=not (self.resume and self.resume.tag))
+        self.ds_config = deepspeed_config(cfg, self.plan)
+        if self.resume and self.resume.universal:
+            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+        self._prepare_folder()  # the first write: every check above passed on every rank
+
+        self.loader = self.ctx.loader("train", train=True, augment=self.task.augmentation, verbose=self.is_main)
+        apply_model_switches(self.model, cfg)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.task.build_optimizer(self.model, self.peak_lr), config=self.ds_config)
+        # ZeRO stage 0 with a torch optimizer DeepSpeed only wraps (not its bf16 master copies): every rank holds
+        # the whole optimizer state and the whole gradients, and DeepSpeed computes no gradient norm.
+        self.replicated = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.output / "checkpoints", self.engine, self.replicated,
+                                         self.control, self.say)
+        self.jobs: list[PeriodicJob] = self.task.jobs(self.engine, self.model)
+        if self.resume and self.resume.tag:
+            self._load()
+
+        self.first_step = self.state.step
+        total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self.stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+        self.logging = EverySteps(cfg.log.log_every)
+        self.flops_per_image = self.task.flops_per_image(self.model)
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self.sample_log = self._open_sample_log() if cfg.log.sample_ids else None
+        self.lr = 0.0  # the schedule's lr of the current step (each group trains at it x its lr_scale)
+        self.stop = StopRequest()
+        hold.callback(self.stop.close)
+        stack_file = dump_stacks_on(signal.SIGUSR1, self.output, self.rank)
+        hold.callback(stack_file.close)
+        hold.callback(faulthandler.unregister, signal.SIGUSR1)
+        self.rank_times = RankTimes(device, self.control, self.peers.hosts, cfg.log.straggler_margin,
+                                    cfg.log.straggler_windows)
+        self.spikes = SpikeDetector(cfg.log.spike_loss_factor, cfg.log.spike_grad_factor, cfg.log.spike_history)
+        self.window = MetricWindow(device)
+        self.profiler = None
+        if cfg.log.profile_steps:
+            write = write_profile(self.output) if self.is_main else lambda table: None
+            self.profiler = hold.enter_context(step_profiler(cfg.log.profile_steps, device, write))
+        # A terminal gets a progress bar; a log file (SLURM's) a plain line per logged window instead.
+        self.plain_lines = self.is_main and not sys.stderr.isatty()
+        self.bar = tqdm(total=self.stop_at, initial=self.state.step, unit="step", dynamic_ncols=True,
+                        disable=not self.is_main or self.plain_lines)
+        hold.callback(self.bar.close)
+
+    def _prepare_folder(self) -> None:
+        """Rank 0, once every check passed: apply the resume's changes to the folder, write the configs."""
+        if self.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            for line in self.resume.apply() if self.resume else []:
+                print(line)
+            print("\n".join([f"{self.task.name}, resolved config:", *("  " + line for line in describe(self.cfg))]))
+            plan = self.plan
+            print(f"batch: {plan.global_batch_size} = {plan.local_batch_size} local x {plan.grad_accum_steps} "
+                  f"accumulation x {self.world} ranks ({plan.note}); peak lr {self.peak_lr:.3g}")
+            atomic_write_text(self.output / "config.json", self.cfg.to_json())
+            atomic_write_text(self.output / "deepspeed_config.json", json.dumps(self.ds_config, indent=1))
+        dist.barrier()
+
+    def _open_sample_log(self) -> TextIO:
+        """OUTPUT/samples/rank<r>.txt: one line per local batch, `<optimizer step> <sample keys...>`."""
+        folder = self.output / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        return self.resources.enter_context(open(folder / f"rank{self.rank:05d}.txt", "a"))
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume restores besides the engine's weights and optimizer: the run's place (the same on every
+        rank) and this rank's own (its loader position, the task's random streams)."""
+        run = TrainState(self.state.step, self.state.epoch, self.state.samples, self.world,
+                         {job.name: job.state_dict() for job in self.jobs})
+        return {"run": run, "rank": {"loader": self.loader.state_dict(), **self.task.rank_state_dict()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """`state["rank"]` holds only the loader's position where the checkpoint was written on another rank count."""
+        saved: TrainState = state["run"]
+        self.state = TrainState(saved.step, saved.epoch, saved.samples, self.world)
+        self.loader.load_state_dict(state["rank"]["loader"])
+        same_ranks = saved.world_size == self.world
+        self.task.load_rank_state_dict(state["rank"] if same_ranks else None, saved.step,
+                                       reseed=self.resume is not None and self.resume.masks_change)
+        for job in self.jobs:
+            job.load_state_dict(saved.jobs.get(job.name))
+
+    def _load(self) -> None:
+        began, plan = time.perf_counter(), self.resume
+        saved, rank_state = self.checkpointer.load(plan.tag, plan.universal, self.cfg.optim.gradient_clipping)
+        self.load_state_dict({"run": saved, "rank": rank_state})
+        norms = self.checkpointer.norms()
+        self.metrics.note({"step": self.state.step, "event": "resumed", "from": plan.tag, "world_size": self.world,
+                           "saved_world_size": saved.world_size, "universal": plan.universal,
+                           "adamw_norms": list(norms), "jobs": {job.name: job.state_dict() for job in self.jobs}})
+        how = f"on {self.world} rank{'s' if self.world > 1 else ''}"
+        if saved.world_size != self.world:
+            how += f" instead of {saved.world_size}"
+        if plan.universal:
+            how += f", through DeepSpeed's universal checkpoint ({time.perf_counter() - began:.1f} s)"
+        self.say(f"resumed from {plan.tag} {how}: step {self.state.step}, epoch {self.state.epoch}, "
+                 f"{self.state.samples} samples seen; {describe_norms(norms)}")
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self) -> RunEnd:
+        """Train to `stop_at` steps, to a stop signal, or until the loss is not finite."""
+        self.window.restart(self.loader.wait_s)
+        end = RunEnd.FINISHED
+        while self.state.step < self.stop_at:
+            self.loader.set_epoch(self.state.epoch)
+            if (end := self.run_epoch()) is not None:
+                break
+        self._finish(end or RunEnd.FINISHED)
+        return end or RunEnd.FINISHED
+
+    def run_epoch(self) -> RunEnd | None:
+        """The rest of the current epoch; None when it is done, else how the run ends."""
+        accum = self.plan.grad_accum_steps
+        usable = len(self.loader) // accum * accum  # local batches that fill whole optimizer steps
+        for images, labels in self.loader:
+            index = self.loader.position.batch - 1  # of this epoch's local batches
+            if index >= usable:
+                break  # trailing local batches that cannot fill an optimizer step
+            micro = MicroBatch(self.state.step, index % accum)
+            if micro.index == 0:
+                self.set_lr()
+            if self.sample_log is not None:
+                self.sample_log.write(f"{self.state.step + 1} {' '.join(self.loader.batch_keys(index))}\n")
+            with attention_backend(self.cfg.runtime.attention), self.rank_times.forward():
+                loss = self.task.loss(self.engine, images, labels, micro)
+            self.engine.backward(loss)  # divided by the accumulation count
+            last = micro.index == accum - 1
+            if last and self.replicated and self.logging.due(self.state.step + 1):
+                self.window.grad_norm = total_grad_norm(self.model)  # on the device: read at the log
+            self.engine.step()  # the optimizer steps after the accumulation's last forward pass only
+            self.window.add(loss, self.state.step + 1)
+            if last:
+                epoch_done = index + 1 == usable
+                end = self.after_optimizer_step(epoch_done)
+                if end is not None or epoch_done:
+                    return end
+        self.end_epoch()  # its remaining samples made no optimizer step (an epoch handed over to more ranks)
+        return None
+
+    def set_lr(self) -> None:
+        # Progress counted in steps, so that an epoch finished on another rank count (a resume on a new
+        # allocation) continues the schedule where it was.
+        self.lr = lr_at(self.state.step / self.steps_per_epoch, self.peak_lr, self.cfg.optim)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
+
+    def after_optimizer_step(self, epoch_done: bool) -> RunEnd | None:
+        """Count the step; every rank votes on stopping and checkpointing; log, end the epoch, checkpoint when due.
+        An epoch's jobs run before its last step's checkpoint, so that the checkpoint holds what they found."""
+        state = self.state
+        state.step += 1
+        state.samples += self.plan.global_batch_size
+        self.watchdog.beat()
+        if self.profiler is not None:
+            self.profiler.step()
+        self.window.steps += 1
+        self.bar.update(1)
+        votes = torch.tensor([self.stop.signal_name is not None, self.checkpointer.due(state.step)],
+                             dtype=torch.int32)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.control)
+        stopping, checkpoint_due = bool(votes[0]), bool(votes[1])
+        finished = state.step >= self.stop_at
+        if self.logging.due(state.step) or checkpoint_due or stopping or finished:
+            loss, bad_step = self.window.reduce()
+            if bad_step is not None:
+                self.say(f"non-finite loss at step {bad_step}: stopping. The last good checkpoint "
+                         f"({latest_tag(self.checkpointer.ckpt_dir) or 'none written yet'}) is left intact.")
+                return RunEnd.DIVERGED
+            if self.log(loss) and self.cfg.checkpoint.on_spike:
+                self.checkpoint(milestone=True)
+        if stopping:
+            self.checkpoint()
+            self.say(f"stopped by {self.stop.signal_name or 'a signal on another rank'} after step {state.step}; "
+                     "resume with --resume")
+            return RunEnd.STOPPED
+        if epoch_done:
+            self.end_epoch()
+        if finished:
+            return RunEnd.FINISHED  # its checkpoint follows the end's jobs (_finish)
+        if checkpoint_due:
+            self.checkpoint()
+        return None
+
+    def end_epoch(self) -> None:
+        """Collective: the epoch is done; its periodic jobs and milestone, when due."""
+        self.state.epoch += 1
+        for job in self.jobs:
+            if job.due(self.state.epoch):
+                self.run_job(job)
+        if self.checkpointer.milestones.due(self.state.epoch):
+            self.checkpoint(milestone=True)
+
+    def _finish(self, end: RunEnd) -> None:
+        """The end of a run that did not diverge: the jobs the end asks for, then the last checkpoint."""
+        self.bar.close()
+        if self.state.step == self.first_step:
+            self.say(f"nothing to train: the run is at step {self.state.step}, its end is step {self.stop_at}")
+        elif end is not RunEnd.DIVERGED:
+            for job in self.jobs:
+                if (end is RunEnd.FINISHED or job.runs_when_stopped) and job.last_step != self.state.step:
+                    self.run_job(job)
+            if self.checkpointer.saved_step != self.state.step and (self.cfg.checkpoint.at_end
+                                                                   or end is RunEnd.STOPPED):
+                self.checkpoint()
+        self.say(f"{end.name.lower()}: step {self.state.step} of {self.stop_at}, epoch {self.state.epoch}, "
+                 f"{self.state.samples} samples; outputs in {self.output}")
+
+    def run_job(self, job: PeriodicJob) -> None:
+        run_job(job, self.watchdog, self.state.step, self.state.epoch)
+
+    def checkpoint(self, milestone: bool = False) -> None:
+        """Collective: this step's checkpoint (a milestone is kept apart from checkpoint.keep_last)."""
+        if self.checkpointer.saved_step == self.state.step and not milestone:
+            return
+        with self.watchdog.slow_phase("a checkpoint"):
+            if self.sample_log is not None:
+                self.sample_log.flush()
+            state = self.state_dict()
+            self.checkpointer.save(state["run"], state["rank"], milestone)
+
+    # ---------------------------------------------------------------- what the loop records
+
+    def say(self, line: str) -> None:
+        """Rank 0 prints a line without breaking the progress bar."""
+        if self.is_main:
+            tqdm.write(line)
+
+    def log(self, loss: float) -> bool:
+        """Collective: the window's record (every rank's figures gathered); True when the loss spiked."""
+        window = self.window
+        elapsed = time.perf_counter() - window.started
+        img_per_s = window.steps * self.plan.global_batch_size / elapsed
+        grad_norm = window.grad_norm if self.replicated else self.engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        data_wait_s = self.loader.wait_s - window.wait_at_start
+        ranks, straggler = self.rank_times.gather(data_wait_s)
+        self.metrics.record({
+            "step": self.state.step, "epoch": self.state.epoch, "samples": self.state.samples, "loss": loss,
+            "lr": self.lr, "grad_norm": grad_norm, "img_per_s": img_per_s,
+            "data_stall_pct": 100 * data_wait_s / elapsed,
+            "mfu": None if self.peak_flops is None else self.flops_per_image * img_per_s / self.peak_flops / self.world,
+            "step_time_s": elapsed / window.steps, **ranks,
+        })
+        if self.plain_lines:
+            print(f"step {self.state.step}/{self.stop_at} epoch {self.state.epoch} loss {loss:.4f} "
+                  f"{img_per_s:.0f} img/s", flush=True)
+        elif self.is_main:
+            self.bar.set_postfix(epoch=self.state.epoch, loss=f"{loss:.4f}", img_s=f"{img_per_s:.0f}")
+        if straggler:
+            self.say(straggler)
+        spike = self.spikes.check(loss, grad_norm)
+        if spike:
+            last = latest_tag(self.checkpointer.ckpt_dir) or "none yet"
+            self.metrics.note({"step": self.state.step, "event": "loss_spike", **spike, "last_checkpoint": last})
+            value, median = ((loss, spike["median_loss"]) if spike["cause"] == "loss"
+                             else (grad_norm, spike["median_grad_norm"]))
+            self.say(f"loss spike at step {self.state.step}: {spike['cause']} {value:.4f} against a recent median of "
+                     f"{median:.4f}; the last checkpoint before it is {last}")
+        window.restart(self.loader.wait_s)
+        return spike is not None
+
+
+def run_job(job: PeriodicJob, watchdog: Watchdog, step: int, finished_epochs: int) -> None:
+    """Collective: a periodic job, in a slow phase named as the job itself (what a hang report says it was in)."""
+    with watchdog.slow_phase(job.name):
+        job.run(step, finished_epochs)
+    job.last_step = step
+
+
+def total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The global L2 norm of the gradients every rank holds in full (ZeRO stage 0, after the all-reduce)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
