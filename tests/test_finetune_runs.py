@@ -73,6 +73,18 @@ def test_fine_tuning_a_pretrained_encoder_learns_the_classes(pretrained, finetun
     assert all(g["lr"] == pytest.approx(last_lr * g["lr_scale"]) for g in groups)
 
 
+def test_a_compiled_and_recomputed_fine_tuning_run_gives_the_eager_losses(pretrained, finetuned, tmp_path):
+    shards, encoder = pretrained
+    output = tmp_path / "compiled"
+    run(shards, output, *BUDGET, "--set", f"model.init={encoder}", "--max-steps", "10",
+        "--set", "runtime.compile=true", "--set", "model.activation_recompute=true", **FINETUNE)
+    eager = {r["step"]: r["loss"] for r in metrics(finetuned)}
+    compiled = {r["step"]: r["loss"] for r in metrics(output)}
+    assert sorted(compiled) == [5, 10]
+    assert compiled == pytest.approx({step: eager[step] for step in compiled}, rel=1e-5)
+    assert len(evaluations(output)) == 1  # the evaluation at the end ran through the compiled blocks too
+
+
 def test_the_linear_probe_trains_its_head_on_the_frozen_encoder(pretrained, tmp_path):
     shards, encoder = pretrained
     run(shards, tmp_path / "probe", "--set", f"model.init={encoder}", "--set", "finetune.mode=linear_probe",

@@ -9,6 +9,7 @@ save.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from model.flops import classifier_train_flops
 from model.vit import VisionTransformer, build_classifier, load_encoder
-from model.weights import load_weights_file, read_weights
+from model.weights import read_weights
 from pipeline import Loader
 from pipeline.atomic import atomic_path
 from pipeline.augment import Augmentation
@@ -126,9 +127,11 @@ class Top1Job(PeriodicJob):
         return {"best_top1": self.best_top1}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if state is None:  # a checkpoint of an older release: the best weights file says how good they were
-            best = self.ctx.output / BEST_WEIGHTS
-            state = {"best_top1": load_weights_file(best)["maeflow"]["top1"] if best.is_file() else -1.0}
+        if state is None:  # a checkpoint of an older release: the branch's evaluations say (a rollback set later
+            # records aside), read from metrics.jsonl rather than by every rank from best.pth (GBs at ViT-H)
+            metrics = self.ctx.output / "metrics.jsonl"
+            records = map(json.loads, metrics.read_text().splitlines()) if metrics.is_file() else []
+            state = {"best_top1": max((r["top1"] for r in records if "top1" in r), default=-1.0)}
         self.best_top1 = state["best_top1"]
 
     def run(self, step: int, finished_epochs: int) -> None:

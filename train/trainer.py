@@ -93,13 +93,23 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
 
     def _start(self, cfg: RunConfig, task_class: type[Task], resume: str | None) -> None:
-        hold = self.resources
+        """The set-up, in the order the module docstring gives: each phase needs the ones before it."""
         deepspeed.utils.logger.setLevel(logging.WARNING)
+        self.cfg, self.output = cfg, Path(cfg.output)
+        self._join()
+        self._plan(resume)
+        self._build(task_class)
+        if self.resume and self.resume.tag:
+            self._load()
+        self._instrument()
+
+    def _join(self) -> None:
+        """The process group, the CPU side-channel, the watchdog, the peers' names and the folder's lock."""
+        hold, cfg = self.resources, self.cfg
         # Collectives time out after the longest a healthy rank may be silent; the watchdog reports sooner.
         collective_timeout_s = cfg.runtime.hang_timeout_s * (SLOW_PHASE_FACTOR + 1)
         hold.callback(leave_process_group)
-        device = join_process_group(collective_timeout_s)
-        self.cfg, self.output = cfg, Path(cfg.output)
+        self.device = join_process_group(collective_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         # CPU side-channel for votes, refusals and per-rank figures: no GPU sync.
@@ -113,17 +123,28 @@ class Trainer:
         if lock is not None:
             hold.callback(lock.close)
         check_shared_folder(self.output, self.control)
+
+    def _plan(self, resume: str | None) -> None:
+        """The batch plan, the schedule's length and peak lr, and the checked resume (reading only)."""
+        cfg = self.cfg
         self.plan = plan_batch(cfg.optim, self.world)
         train_samples = sum(sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples))
         self.steps_per_epoch = optimizer_steps_per_epoch(train_samples, self.plan)
+        total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self.stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
         self.peak_lr = peak_lr(cfg.optim, self.plan.global_batch_size)
         self.resume = agree(lambda: plan_resume(self.output, resume, cfg, self.world), self.control) if resume \
             else None
+
+    def _build(self, task_class: type[Task]) -> None:
+        """The task (its checks) and its model; then, every check passed, the folder's first write; then the
+        loader, the engine, the checkpointer and the task's periodic jobs."""
+        hold, cfg = self.resources, self.cfg
         self.metrics = MetricsLog(self.output, self.is_main, cfg.log.tensorboard)
         hold.callback(self.metrics.close)
         # bf16 weights take bf16 images; under autocast the images stay fp32, as in the reference code.
         dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
-        self.ctx = RunContext(cfg, device, self.rank, self.world, self.plan, dtype, self.control, self.metrics,
+        self.ctx = RunContext(cfg, self.device, self.rank, self.world, self.plan, dtype, self.control, self.metrics,
                               self.say, hold)
         self.task = task_class(self.ctx)
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
@@ -131,7 +152,7 @@ class Trainer:
         self.ds_config = deepspeed_config(cfg, self.plan)
         if self.resume and self.resume.universal:
             self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
-        self._prepare_folder()  # the first write: every check above passed on every rank
+        self._prepare_folder()
 
         self.loader = self.ctx.loader("train", train=True, augment=self.task.augmentation, verbose=self.is_main)
         apply_model_switches(self.model, cfg)
@@ -143,12 +164,12 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg.checkpoint, self.output / "checkpoints", self.engine, self.replicated,
                                          self.control, self.say)
         self.jobs: list[PeriodicJob] = self.task.jobs(self.engine, self.model)
-        if self.resume and self.resume.tag:
-            self._load()
 
+    def _instrument(self) -> None:
+        """What watches the loop: the stop signals, stacks on demand, per-rank times, spikes, the metric window,
+        the profiler, the progress bar."""
+        hold, cfg, device = self.resources, self.cfg, self.device
         self.first_step = self.state.step
-        total_steps = self.steps_per_epoch * cfg.optim.epochs
-        self.stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
         self.logging = EverySteps(cfg.log.log_every)
         self.flops_per_image = self.task.flops_per_image(self.model)
         self.peak_flops = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
