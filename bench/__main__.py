@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--preset {args.preset}: no such preset (known: {known})")
 
     if args.stage == "report":
-        report = write_report(Path(args.history or DEFAULT_HISTORY), Path(args.out or REPO / "bench"))
+        history = Path(args.history or DEFAULT_HISTORY)
+        if not history.is_dir() or not any(history.glob("*.json")):  # an empty report would replace a real one
+            what = "holds no history file (*.json)" if history.is_dir() else "does not exist"
+            parser.error(f"--history {history} {what}: the report is left as it is")
+        report = write_report(history, Path(args.out or REPO / "bench"))
         print(f"wrote {report}")
         return 0
 

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import time
@@ -127,13 +126,6 @@ def kernels_backend(choice: str) -> Iterator[None]:
             os.environ.pop("MAE_KERNELS")
         else:
             os.environ["MAE_KERNELS"] = previous
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, for one more rendezvous on this machine."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _git(*args: str) -> str:

@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 
 from bench.context import BenchContext, StageUnavailable, require
-from bench.harness import REPO, Record, Stat, free_port, kernels_backend, rate, stat_of, time_repeats
+from bench.harness import REPO, Record, Stat, kernels_backend, rate, stat_of, time_repeats
 from model.flops import mae_train_flops, peak_flops
 from train.config import load_config
+from train.distributed import free_port
 from train.engine import attention_backend, mae_from_config
 from train.health import RankTimes, Watchdog
 from train.profiling import WARMUP_STEPS

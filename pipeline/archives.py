@@ -53,22 +53,23 @@ class Entry:
     """why it cannot be an image ("a link", "an unsafe name", "cut short"); reported, never read"""
 
 
-def read_entry(entry: Entry) -> bytes:
-    """The entry's bytes; OSError when the container is cut short or damaged there."""
-    if entry.offset < 0:
-        return Path(entry.path).read_bytes()
+def read_entry(entry: Entry, head: int | None = None) -> bytes:
+    """The entry's bytes (its first `head` bytes, when given); OSError when the container is cut short or damaged
+    there."""
+    wanted = entry.size if head is None else min(head, entry.size)
     with open(entry.path, "rb") as f:
-        f.seek(entry.offset)
+        f.seek(max(entry.offset, 0))
         if not entry.packed_size:
-            data = f.read(entry.size)
+            data = f.read(wanted)
         else:
             header = ZIP_LOCAL_HEADER.unpack(f.read(ZIP_LOCAL_HEADER.size))
             if header[0] != b"PK\x03\x04":
                 raise OSError("no zip member header where the central directory says")
             f.seek(header[9] + header[10], 1)
             packed = f.read(entry.packed_size)
-            data = packed if entry.method == zipfile.ZIP_STORED else zlib.decompressobj(-15).decompress(packed)
-    if len(data) != entry.size:
+            data = packed[:wanted] if entry.method == zipfile.ZIP_STORED else \
+                zlib.decompressobj(-15).decompress(packed, wanted)
+    if len(data) != wanted:
         raise OSError(f"the archive ends inside this member ({len(data)} of {entry.size} bytes)")
     return data
 

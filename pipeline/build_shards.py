@@ -36,6 +36,7 @@ from pipeline.shard_sources import (
     class_folder_images,
     file_list_images,
     flat_val_images,
+    images_only,
     read_class_list,
     source_entries,
     unlabeled_images,
@@ -113,6 +114,7 @@ def build(options: BuildOptions) -> int:
     classes, images, skipped = list_images(options, scratch)
     if not images:
         raise BuildError(f"{src}: no image files found")
+    images = images_only(images, skipped)
     if classes and not options.classes:
         _refuse_other_class_lists(out, split, classes)
     source = str(src.resolve())
@@ -203,7 +205,8 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
                         "of them, e.g. img2dataset's): repacked, keeping each sample's key and .txt/.json")
     parser.add_argument("--file-list", action="store_true", help="SRC is a text file: one image path per line "
                         "(relative to the file), optionally followed by an integer label")
-    parser.add_argument("--synsets", help="devkit meta.mat or text file mapping ILSVRC ids (line number) to wnids")
+    parser.add_argument("--synsets", help="the devkit's meta.mat, or a text file of '<ILSVRC2012_ID> <wnid>' lines "
+                        "(a bare wnid list is refused: its order is not the ids')")
     parser.add_argument("--classes", help="class list to reuse (the train manifest, or one class per line)")
     parser.add_argument("--shard-size-mb", type=float, default=1024, help="target shard size in MiB")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel processes")

@@ -7,11 +7,13 @@ epoch plan), so it shuffles nothing itself.
 
 from __future__ import annotations
 
+import nvidia.dali.math as dmath
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.data_node import DataNode
 
 from pipeline.dali_rand_augment import rand_augment
-from pipeline.loader_base import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, LoaderSpec
+from pipeline.loader_base import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, eval_geometry
 
 # GPU decoding settings, from NVIDIA's ResNet-50 DALI recipe: nvJPEG's scratch buffers sized once
 # for ImageNet-like JPEGs so they are not reallocated, and 65% of images on the hardware decoder.
@@ -30,6 +32,16 @@ def ascii_labels(padded: torch.Tensor) -> torch.Tensor:
     place = lengths - 1 - torch.arange(padded.shape[1], device=padded.device) + negative.long().unsqueeze(1)
     value = (digits * valid * torch.pow(10, place.clamp_min(0))).sum(1)
     return torch.where(negative, -value, value)
+
+
+def center_crop(images: DataNode, size: int) -> DataNode:
+    """Evaluation's resize and centre crop, per sample, with the geometry the PIL path and torchvision use
+    (`eval_geometry`, computed here from each decoded image's shape)."""
+    shape = images.shape(dtype=types.INT32)  # (H, W, C)
+    width, height, left, top = eval_geometry(shape[1], shape[0], size, dmath.min, dmath.max)
+    images = fn.resize(images, resize_x=fn.cast(width, dtype=types.FLOAT), resize_y=fn.cast(height, dtype=types.FLOAT),
+                       interp_type=types.INTERP_CUBIC, antialias=True)
+    return fn.slice(images, fn.stack(top, left), fn.stack(top * 0 + size, left * 0 + size), axes=[0, 1])
 
 
 @pipeline_def(enable_checkpointing=True, enable_conditionals=True)
@@ -53,16 +65,13 @@ def image_pipeline(spec: LoaderSpec, tars: list[str], indexes: list[str], hw_dec
             images = rand_augment(images, spec.augment)
         mirror = fn.random.coin_flip(probability=0.5)
     else:
-        images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB, **gpu_options)
-        images = fn.resize(images, resize_shorter=int(size / EVAL_CROP_FRACTION), interp_type=types.INTERP_CUBIC,
-                           antialias=True)
+        images = center_crop(fn.decoders.image(jpegs, device=decode, output_type=types.RGB, **gpu_options), size)
         mirror = 0
     # DALI has no bfloat16: half precision halves what leaves the pipeline, and the cast to bf16 is one
     # cheap pass on the device.
     low_precision = spec.dtype in (torch.float16, torch.bfloat16)
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT16 if low_precision else types.FLOAT, output_layout="CHW",
-        crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, mean=[255 * m for m in IMAGENET_MEAN],
-        std=[255 * s for s in IMAGENET_STD], mirror=mirror,
+        mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD], mirror=mirror,
     )
     return images, fn.pad(labels, fill_value=0)

@@ -34,7 +34,31 @@ from pipeline.sample_table import SampleTable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_CROP_FRACTION = 0.875
+
+
+def eval_geometry(width: Any, height: Any, size: int, smaller: Any = min,
+                  larger: Any = max) -> tuple[Any, Any, Any, Any]:
+    """Evaluation's resize and centre crop, exactly as the reference's torchvision transforms place them:
+    (resized width, resized height, crop left, crop top) for a `size` x `size` crop of a width x height image.
+
+    The shorter side goes to int(size / crop fraction), the fraction 224/256 up to 224 and 1 above (Resize(448) +
+    CenterCrop(448) at 448); the longer side is truncated as torchvision's Resize does, and the crop's offset is
+    Python's round((resized - size) / 2), halves to even, as torchvision's CenterCrop rounds it. Written in + - *
+    // % and comparisons alone, so that the DALI graph computes the same numbers from its per-sample shapes
+    (`smaller`, `larger`: min and max of the number type)."""
+    shorter = int(size / (224 / 256 if size <= 224 else 1.0))
+    short, long = smaller(width, height), larger(width, height)
+    resized_long = shorter * long // short
+    portrait = width <= height  # 1 or 0: the width is the short side
+    resized_width = portrait * shorter + (1 - portrait) * resized_long
+    resized_height = portrait * resized_long + (1 - portrait) * shorter
+    return resized_width, resized_height, _half_to_even(resized_width - size), _half_to_even(resized_height - size)
+
+
+def _half_to_even(margin: Any) -> Any:
+    """round(margin / 2) for a whole margin >= 0, an odd margin's half rounded to the even neighbour."""
+    half = margin // 2
+    return half + (margin % 2) * (half % 2)
 
 Backend = Literal["dali", "pil", "synthetic"]
 Device = Literal["gpu", "cpu"]
@@ -134,16 +158,21 @@ class Loader:
         self._epoch_read()
         self.position = self.position.rewound()  # iterating again replays this epoch; set_epoch moves on
 
+    @property
+    def data_identity(self) -> str:
+        return data_identity(self.spec.shards, sum(self.table.shard_sizes))
+
     def state_dict(self) -> dict[str, Any]:
         spec, position = self.spec, self.position
         return {"backend": self.backend, "epoch": position.epoch, "position": position.batch, "seed": spec.seed,
                 "rank": spec.rank, "world_size": spec.world_size, "local_batch_size": spec.local_batch_size,
-                "segments": [asdict(s) for s in position.handed_over], "shard_sizes": list(self.table.shard_sizes)}
+                "segments": [asdict(s) for s in position.handed_over], "shard_sizes": list(self.table.shard_sizes),
+                "data": self.data_identity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` was taken: exactly, at the same rank count and local batch size (the
         same crops too, where the backend and rank match); otherwise with the rest of that epoch."""
-        check_loader_state(state, self.spec.seed, self.table.shard_sizes)
+        check_loader_state(state, self.spec.seed, self.table.shard_sizes, self.data_identity)
         saved = ReadPosition(state["epoch"], state["position"], tuple(Segment(**s) for s in state["segments"]))
         spec = self.spec
         if (state["world_size"], state["local_batch_size"]) == (spec.world_size, spec.local_batch_size):
@@ -170,8 +199,14 @@ class Loader:
         self._epoch_read()
 
 
-def check_loader_state(state: dict[str, Any], seed: int, shard_sizes: list[int]) -> None:
-    """A ValueError unless a saved loader state is a position in data of these shard sizes and this data seed."""
+def data_identity(shards: ShardSet | None, samples: int) -> str:
+    """What a reading position belongs to: the shards' fingerprint, or a synthetic split's size."""
+    return shards.identity() if shards is not None else f"synthetic {samples}"
+
+
+def check_loader_state(state: dict[str, Any], seed: int, shard_sizes: list[int], identity: str) -> None:
+    """A ValueError unless a saved loader state is a position in exactly this data (`identity`: `data_identity`;
+    states of older releases, which lack it, are checked by shard sizes alone) and this data seed."""
     if state["seed"] != seed:
         raise ValueError(f"loader state is for data seed {state['seed']}, this loader has {seed}: the "
                          "epoch's sample order would differ")
@@ -179,3 +214,7 @@ def check_loader_state(state: dict[str, Any], seed: int, shard_sizes: list[int])
         raise ValueError(f"loader state was taken on {sum(state['shard_sizes'])} samples in "
                          f"{len(state['shard_sizes'])} shards, these shards hold {sum(shard_sizes)} in "
                          f"{len(shard_sizes)}: a position in one data set means nothing in another")
+    if state.get("data", identity) != identity:
+        raise ValueError(f"loader state was taken on other shards than these, with the same sizes (data fingerprint "
+                         f"{state['data']}, these shards {identity}: rebuilt with another seed or from other images?): "
+                         "a position in one data set means nothing in another")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,18 @@ class ShardSet:
     tars: list[Path]
     indexes: list[Path]
     manifest: Manifest | None
+
+    def identity(self) -> str:
+        """A fingerprint of exactly the data these shards hold, in their order: each shard's digest from the
+        manifest and the plan it was cut from (without a manifest: each tar's name and size). A reading position
+        is a position in this data and no other: shards rebuilt with another seed have the same sizes, not the same
+        identity."""
+        if self.manifest is not None:
+            digests = {s.name: s.sha256 for s in self.manifest.shards}
+            parts = [self.manifest.plan, *(f"{tar.name} {digests[tar.name]}" for tar in self.tars)]
+        else:
+            parts = [f"{tar.name} {tar.stat().st_size}" for tar in self.tars]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def sample_counts(self) -> list[int]:
         """Samples per shard from the index headers (`v1.2 <count>`), checked against the manifest."""

@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.augment import Augmentation
 from pipeline.epoch_plan import ReadPosition
 from pipeline.loader_base import (
-    EVAL_CROP_FRACTION,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Loader,
     LoaderSpec,
+    eval_geometry,
 )
 from pipeline.sample_table import SampleTable
 from pipeline.timm_ops import timm_data_module
@@ -86,10 +86,8 @@ class ShardSamples(Dataset):
                 np.random.seed(seed)
                 img = self.rand_augment(img)
         else:
-            scale = int(size / EVAL_CROP_FRACTION) / min(img.width, img.height)
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
-            left, top = (img.width - size) // 2, (img.height - size) // 2
-            img = img.crop((left, top, left + size, top + size))
+            width, height, left, top = eval_geometry(img.width, img.height, size)
+            img = img.resize((width, height), Image.BICUBIC).crop((left, top, left + size, top + size))
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label
 
 

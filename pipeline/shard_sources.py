@@ -18,10 +18,11 @@ so they give the same shards.
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
+import struct
 import tarfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from pipeline.archives import (
     read_entry,
     tar_entries,
 )
+from pipeline.matfile import MatFileError, read_mat
 
 UNLABELED = -1
 KAGGLE_ROOT = "ILSVRC/Data/CLS-LOC/"
@@ -43,6 +45,9 @@ KAGGLE_VAL_LABELS = "LOC_val_solution.csv"
 DEVKIT_GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 DEVKIT_META = "data/meta.mat"
 IGNORED_FOLDERS = ("__MACOSX",)  # macOS archive clutter
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
+                  ".pgm", ".pbm", ".tga", ".ico")
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"P4", b"P5", b"P6")
 
 
 class BuildError(Exception):
@@ -141,6 +146,27 @@ def _usable(entries: list[Entry], rejected: list[dict]) -> list[Entry]:
             continue  # hidden files and archive clutter, as a folder listing leaves them out
         usable.append(entry)
     return usable
+
+
+def images_only(images: list[SourceImage], rejected: list[dict]) -> list[SourceImage]:
+    """The listed files that are images by their name or by their first bytes; the others (a Thumbs.db, a README)
+    reported in `rejected` here, so that they never take a place in the shuffle: the shards follow the images
+    alone, whatever else lies beside them. (The writers decode and check every image that stays.)"""
+    kept = []
+    for image in images:
+        if image.entry.name.lower().endswith(IMAGE_SUFFIXES) or _image_signature(image.entry):
+            kept.append(image)
+        else:
+            rejected.append({"path": image.rel, "reason": "not an image (format not recognised)"})
+    return kept
+
+
+def _image_signature(entry: Entry) -> bool:
+    try:
+        head = read_entry(entry, head=16)
+    except OSError:
+        return True  # damaged there: the writer reports it with its reason
+    return head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 # ---------------------------------------------------------------- labels
@@ -321,24 +347,44 @@ def _devkit_labels(devkit: Path, synsets: Path | None) -> dict[str, str]:
             return _ilsvrc_id_to_wnid(synsets)
         if DEVKIT_META not in found:
             raise BuildError(f"{devkit}: no {DEVKIT_META} inside: pass --synsets")
-        return _meta_mat_wnids(io.BytesIO(found[DEVKIT_META]))
+        return _meta_mat_wnids(found[DEVKIT_META])
 
     return _parse_val_labels(devkit.name, found[DEVKIT_GROUND_TRUTH].decode(), id_to_wnid)
 
 
 def _ilsvrc_id_to_wnid(synsets: Path | None) -> dict[int, str]:
     if synsets is None:
-        raise BuildError("a devkit ground-truth file needs --synsets (meta.mat, or a text file: line k = wnid of id k)")
+        raise BuildError("a devkit ground-truth file needs --synsets: the devkit's meta.mat, or a text file of "
+                         "'<ILSVRC2012_ID> <wnid>' lines")
     if synsets.suffix == ".mat":
         return _meta_mat_wnids(synsets)
-    lines = [line.split()[0] for line in synsets.read_text().splitlines() if line.strip()]
-    return {i + 1: wnid for i, wnid in enumerate(lines)}
+    return _id_wnid_lines(synsets)
 
 
-def _meta_mat_wnids(source) -> dict[int, str]:
+def _id_wnid_lines(synsets: Path) -> dict[int, str]:
+    """A synsets text file that names each id: '<ILSVRC2012_ID> <wnid>' lines. A bare list of wnids is refused:
+    its order is not the ids' (the usual synsets.txt and LOC_synset_mapping.txt are sorted by wnid, which
+    labels every val image wrongly)."""
+    mapping: dict[int, str] = {}
+    for number, line in enumerate(synsets.read_text().splitlines(), 1):
+        words = line.split()
+        if not words:
+            continue
+        if len(words) < 2 or not words[0].isdigit():
+            raise BuildError(f"--synsets {synsets}, line {number}: expected '<ILSVRC2012_ID> <wnid>', got {line!r} "
+                             "(a bare wnid list is not in id order: pass the devkit's meta.mat, or its .tar.gz as "
+                             "--val-labels)")
+        if int(words[0]) in mapping:
+            raise BuildError(f"--synsets {synsets}, line {number}: id {words[0]} is given twice")
+        mapping[int(words[0])] = words[1]
+    return mapping
+
+
+def _meta_mat_wnids(source: Path | bytes) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid from the devkit's meta.mat (its `synsets` struct array)."""
     try:
-        from scipy.io import loadmat  # optional: only the devkit's meta.mat needs it
-    except ImportError:
-        raise BuildError("reading meta.mat needs scipy (pip install scipy), or pass a synsets text file") from None
-    rows = loadmat(source if not isinstance(source, Path) else str(source), squeeze_me=True)["synsets"]
-    return {int(r["ILSVRC2012_ID"]): str(r["WNID"]) for r in rows}
+        rows = read_mat(source)["synsets"]
+        return {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in rows}
+    except (MatFileError, KeyError, TypeError, struct.error, zlib.error) as err:
+        raise BuildError(f"{source if isinstance(source, Path) else DEVKIT_META}: not the devkit's meta.mat "
+                         f"(a struct array 'synsets' with ILSVRC2012_ID and WNID): {err}") from None

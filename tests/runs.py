@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.harness import free_port
 from pipeline.build_shards import main as build_shards
 from pipeline.sample_data import main as sample_data
 from tests.helpers import REPO, start_job
+from train.distributed import free_port
 
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 

@@ -89,3 +89,13 @@ def test_report_builds_from_a_fixture_history_and_keeps_devices_apart(tmp_path):
     assert "visible_tokens" not in gpu_part
     plots = sorted((tmp_path / "out").glob("epoch_hours_*.png"))
     assert len(plots) == 1 and Image.open(plots[0]).size == (720, 360)
+
+
+def test_a_report_from_a_history_that_is_not_there_is_refused_and_keeps_the_report(tmp_path, capsys):
+    (tmp_path / "REPORT.md").write_text("the real report\n")
+    (tmp_path / "empty").mkdir()
+    for history in (tmp_path / "nowhere", tmp_path / "empty"):
+        with pytest.raises(SystemExit) as refused:
+            bench_main(["report", "--history", str(history), "--out", str(tmp_path)])
+        assert refused.value.code == 2 and "the report is left as it is" in capsys.readouterr().err
+    assert (tmp_path / "REPORT.md").read_text() == "the real report\n"

@@ -197,7 +197,7 @@ def test_flat_val_with_kaggle_csv_devkit_labels_and_train_classes(built, tmp_pat
     classes = ["--classes", str(train_out / "train.json"), "--split", "val"]
     assert build(val, tmp_path / "v1", "--val-labels", str(csv), *classes) == 0
     synsets = tmp_path / "synsets.txt"
-    synsets.write_text("n01000002 two\nn01000001 one\nn01000003 three\n")  # ILSVRC ids 1, 2, 3
+    synsets.write_text("2 n01000001\n1 n01000002\n3 n01000003\n")  # each line names its ILSVRC id
     ground_truth = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
     ground_truth.write_text("3\n2\n1\n2\n")
     assert build(val, tmp_path / "v2", "--val-labels", str(ground_truth), "--synsets", str(synsets), *classes) == 0

@@ -3,11 +3,14 @@ resumed mid-epoch on the same and on another rank count, and refused on inputs t
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from model.weights import load_weights_file
+from tests.helpers import REPO
 from tests.runs import events, make_sample_shards, metrics, records, run
 from train.config import load_config
 from train.export import consolidated_state_dict
@@ -83,6 +86,21 @@ def test_a_compiled_and_recomputed_fine_tuning_run_gives_the_eager_losses(pretra
     assert sorted(compiled) == [5, 10]
     assert compiled == pytest.approx({step: eager[step] for step in compiled}, rel=1e-5)
     assert len(evaluations(output)) == 1  # the evaluation at the end ran through the compiled blocks too
+
+
+def test_an_evaluation_only_run_of_best_pth_gives_the_runs_own_figures(pretrained, finetuned, tmp_path):
+    """The reference's --eval --resume: one command, no launcher needed (a plain `python` is one rank), nothing
+    written; the figures of the run's evaluation whose weights best.pth kept."""
+    shards, _ = pretrained
+    command = [sys.executable, "train/finetune.py", "--config", "configs/finetune_tiny.toml", "--data", str(shards),
+               "--output", str(tmp_path / "unused"), "--eval", str(finetuned / "best.pth")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (result,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    best = max(evaluations(finetuned), key=lambda r: r["top1"])
+    assert (result["top1"], result["top5"], result["val_samples"]) == (best["top1"], best["top5"], 96)
+    assert result["val_loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+    assert not (tmp_path / "unused").exists()
 
 
 def test_the_linear_probe_trains_its_head_on_the_frozen_encoder(pretrained, tmp_path):

@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bench.harness import free_port
 from model import build_mae
 from pipeline.build_shards import main as build_shards
 from pipeline.sample_data import main as sample_data
 from tests.helpers import REPO, start_job, tiny_preset_model
+from train.distributed import free_port
 from train.evaluate import linear_probe
 from train.evaluate import main as evaluate_main
 from train.knn import Embedded, knn_correct, knn_top1

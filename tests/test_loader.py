@@ -1,5 +1,6 @@
 """Both loader backends over real shards from the builder, with real DALI CPU pipelines."""
 
+import io
 import os
 from pathlib import Path
 
@@ -383,3 +384,54 @@ def test_synthetic_data_follows_the_epoch_plan_and_resumes_exactly():
     resumed.load_state_dict(first.state_dict())
     for got, want in zip(head + list(resumed), batches, strict=True):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+ODD_SIZES = [(640, 427), (427, 640), (503, 375), (375, 503), (500, 500), (257, 300)]
+
+
+def torchvision_eval_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """The reference's evaluation transform, written out as torchvision computes it: Resize(int(size / crop_pct))
+    with crop_pct 224/256 up to 224 and 1.0 above, then CenterCrop(size). (resized w, resized h, left, top)."""
+    shorter = int(size / (224 / 256 if size <= 224 else 1.0))
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shorter, int(shorter * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    return new_w, new_h, round((new_w - size) / 2.0), round((new_h - size) / 2.0)  # torchvision: int(round(..))
+
+
+def smooth_image(width: int, height: int, seed: int) -> Image.Image:
+    """Low-frequency random colours: a one-pixel shift of a crop changes it measurably, JPEG keeps it well."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+
+
+@pytest.mark.parametrize("size", [224, 448, 64])
+def test_eval_geometry_is_the_references_resize_and_centre_crop(size):
+    from pipeline.loader_base import eval_geometry
+
+    for width, height in ODD_SIZES:
+        assert eval_geometry(width, height, size) == torchvision_eval_box(width, height, size), (width, height)
+
+
+def test_both_backends_crop_odd_sizes_where_the_reference_does(tmp_path):
+    """640x427 and 503x375 (each way round) at 224: PIL's pixels equal the reference transform's; DALI's come
+    within a grey level of them, and a crop one pixel off would not."""
+    (tmp_path / "tree" / "c0").mkdir(parents=True)
+    for seed, (width, height) in enumerate(ODD_SIZES[:4]):
+        smooth_image(width, height, seed).save(tmp_path / "tree" / "c0" / f"{seed}.JPEG", quality=98)
+    shards = shards_from(tmp_path / "tree", tmp_path / "shards")
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for backend in BACKENDS:
+        loader = loader_of(shards, backend, local_batch_size=4, img_size=224, train=False)
+        batch, _ = next(iter(loader))
+        pixels = ((batch * std + mean) * 255).permute(0, 2, 3, 1).double().numpy()
+        for sample, got in zip(loader.samples(), pixels, strict=True):
+            img = Image.open(io.BytesIO(loader.table.jpeg(int(sample)))).convert("RGB")
+            new_w, new_h, left, top = torchvision_eval_box(img.width, img.height, 224)
+            resized = np.asarray(img.resize((new_w, new_h), Image.BICUBIC), dtype=np.float64)
+            error = {(dy, dx): np.abs(got - resized[top + dy:top + dy + 224, left + dx:left + dx + 224]).mean()
+                     for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)) if min(top + dy, left + dx) >= 0}
+            assert error[(0, 0)] < (0.5 if backend == "pil" else 1.5), (backend, img.size, error)
+            assert all(e > error[(0, 0)] + 0.3 for shift, e in error.items() if shift != (0, 0)), \
+                (backend, img.size, error)

@@ -1,5 +1,6 @@
 """The recipe: how the global batch splits, the lr schedule, and the optimizer's decay groups."""
 
+import dataclasses
 import itertools
 import math
 
@@ -79,3 +80,15 @@ def test_the_optimizer_decays_weights_but_not_biases_and_norms():
     assert decay_of[id(model.blocks[0].attn.qkv.weight)] == cfg.optim.weight_decay
     assert decay_of[id(model.cls_token)] == cfg.optim.weight_decay  # [1, 1, D]: decayed, as in the reference
     assert optimizer.defaults["betas"] == cfg.optim.betas and optimizer.defaults["fused"]
+
+
+def test_the_schedule_counts_samples_so_a_batch_change_keeps_its_place_and_its_end():
+    from train.recipe import Schedule
+
+    optim = load_config("configs/tiny.toml").optim
+    before = Schedule.of(64, plan_batch(optim, 2), epochs=40)  # 4 steps of 16 an epoch
+    assert [before.progress(16 * step) for step in (0, 3, 10)] == [0, 0.75, 2.5]  # = step / steps per epoch
+    assert before.steps_left(0, 16) == 160
+    halved = Schedule.of(64, plan_batch(dataclasses.replace(optim, global_batch_size=8), 2), epochs=40)
+    assert halved.progress(160) == before.progress(160) == 2.5  # 10 steps of 16 done: epoch 2.5 either way
+    assert 10 + halved.steps_left(160, 8) == 10 + 300  # the run still ends after 40 epochs of samples

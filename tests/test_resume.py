@@ -142,6 +142,25 @@ def test_a_resume_onto_resharded_data_is_refused_before_anything_is_written(shar
                                           r"taken on 64 samples in 3 shards, these shards hold 64 in \d+"):
         plan_resume(output, "latest", moved, 2)
     assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
+    # The same images in shards of the same sizes, another order (another --seed): a position there would read
+    # other samples, some twice and some never.
+    for seed in (0, 7):
+        assert build_shards([str(images), str(tmp_path / f"seed{seed}"), "--shard-size-mb", "100", "--workers", "1",
+                             "--quiet", "--seed", str(seed)]) == 0
+    first = build_loader(tmp_path / "seed0", local_batch_size=8, img_size=16, device="cpu", backend="pil",
+                         num_threads=1)
+    other = tmp_path / "other_order"
+    fake_checkpoint(other, 6, first.state_dict())
+    (other / "config.json").write_text(cfg.to_json())
+    for seed, refused in ((0, False), (7, True)):
+        data = load_config(REPO / "configs" / "tiny.toml", [f"data.shards={tmp_path / f'seed{seed}'}",
+                                                            f"output={other}"])
+        if not refused:
+            assert plan_resume(other, "latest", data, 2).tag == "step00000006"
+            continue
+        with pytest.raises(ResumeError, match="loader state was taken on other shards than these, with the same "
+                                              "sizes"):
+            plan_resume(other, "latest", data, 2)
 
 
 def test_a_checkpoint_whose_save_was_killed_is_never_counted_and_is_pruned(tmp_path):

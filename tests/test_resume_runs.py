@@ -45,6 +45,14 @@ def test_a_run_resumes_on_another_rank_count(shards, tmp_path, stage, precision,
             kept = json.loads((output / "config.step00000006.json").read_text())
             assert kept["optim"]["global_batch_size"] == 16
             assert json.loads((output / "config.json").read_text())["optim"]["global_batch_size"] == 12
+            # The schedule follows the samples seen, in epochs of the new plan (5 steps of 12 = 60 samples): no step
+            # back into the warm-up. The resume's record states the change and the lr it implies.
+            assert (resumed["saved_global_batch_size"], resumed["global_batch_size"]) == (16, 12)
+            assert resumed["peak_lr"] == resumed["saved_peak_lr"] == 2e-3  # optim.lr is set: it does not scale
+            optim = load_config("configs/tiny.toml").optim
+            after = [r for r in metrics(output) if r["step"] > 6]
+            assert [r["lr"] for r in after] == pytest.approx([lr_at((r["samples"] - 12) / 60, 2e-3, optim)
+                                                              for r in after])
         # Epoch 1 is steps 5-8 wherever it was read: 32 samples before the stop, the rest after.
         epoch_one = samples_read(output, range(5, 9))
         assert len(epoch_one) == len(set(epoch_one))

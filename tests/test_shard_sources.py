@@ -136,21 +136,61 @@ def test_val_from_the_imagenet_val_tar_and_the_devkit_archive(tree, tmp_path):
         (folder / f"ILSVRC2012_val_{i + 1:08d}.JPEG").write_bytes(jpeg_bytes(48, 40, seed=300 + i))
         truth.append(str(i % 3 + 1))  # ILSVRC ids 1..3 = the classes in order
     (tmp_path / "truth.txt").write_text("\n".join(truth) + "\n")
-    (tmp_path / "synsets.txt").write_text("\n".join(classes) + "\n")
+    (tmp_path / "synsets.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
     with tarfile.open(tmp_path / "ILSVRC2012_img_val.tar", "w") as tar:
         for f in sorted(folder.iterdir()):
             tar.add(f, arcname=f.name)
     with tarfile.open(tmp_path / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
         add_bytes(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
                   (tmp_path / "truth.txt").read_bytes())
+        add_bytes(tar, "ILSVRC2012_devkit_t12/data/meta.mat", devkit_meta_mat(classes, compressed=True))
     train = tree / "from_tree" / "train.json"
     common = ["--split", "val", "--classes", str(train)]
     assert build(folder, tmp_path / "a", *common, "--val-labels", str(tmp_path / "truth.txt"), "--synsets",
                  str(tmp_path / "synsets.txt")) == 0
+    # The README's command: the devkit archive alone, its meta.mat read in place (no scipy needed).
     assert build(tmp_path / "ILSVRC2012_img_val.tar", tmp_path / "b", *common, "--val-labels",
-                 str(tmp_path / "ILSVRC2012_devkit_t12.tar.gz"), "--synsets", str(tmp_path / "synsets.txt")) == 0
-    assert shard_bytes(tmp_path / "a", "val") == shard_bytes(tmp_path / "b", "val") != {}
+                 str(tmp_path / "ILSVRC2012_devkit_t12.tar.gz")) == 0
+    (tmp_path / "meta.mat").write_bytes(devkit_meta_mat(classes, compressed=False))
+    assert build(folder, tmp_path / "c", *common, "--val-labels", str(tmp_path / "truth.txt"), "--synsets",
+                 str(tmp_path / "meta.mat")) == 0
+    assert shard_bytes(tmp_path / "a", "val") == shard_bytes(tmp_path / "b", "val") == shard_bytes(
+        tmp_path / "c", "val") != {}
     assert Manifest.load(tmp_path / "b" / "val.json").samples == 9
+
+
+def devkit_meta_mat(classes: list[str], compressed: bool) -> bytes:
+    """The devkit's meta.mat as MATLAB lays it out (a struct array `synsets`, one row per synset: the classes
+    first, ids 1..N, then inner synsets of the hierarchy), written by scipy."""
+    import numpy as np
+    from scipy.io import savemat
+
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images"]
+    rows = np.zeros((len(classes) + 2, 1), dtype=[(f, "O") for f in fields])
+    for i, wnid in enumerate([*classes, "n00001740", "n00002137"]):
+        inner = i >= len(classes)
+        rows[i, 0] = (np.array([[i + 1.0]]), wnid, f"synset {i}", "a gloss", np.array([[2.0 if inner else 0.0]]),
+                      np.array([[1.0, 2.0]]) if inner else np.zeros((1, 0)), np.array([[0.0]]), np.array([[732.0]]))
+    out = io.BytesIO()
+    savemat(out, {"synsets": rows}, do_compression=compressed)
+    return out.getvalue()
+
+
+def test_val_ids_are_never_mapped_to_classes_through_an_unchecked_list(tree, tmp_path, capsys):
+    """A synsets.txt sorted by wnid (the usual file of that name) is not in ILSVRC id order: refused, not used."""
+    folder = tmp_path / "val"
+    folder.mkdir()
+    (folder / "ILSVRC2012_val_00000001.JPEG").write_bytes(jpeg_bytes(48, 40, seed=300))
+    (tmp_path / "truth.txt").write_text("1\n")
+    classes = list(class_files(tree))
+    for listing in (sorted(classes), list(reversed(classes))):
+        (tmp_path / "synsets.txt").write_text("\n".join(listing) + "\n")
+        capsys.readouterr()
+        assert build(folder, tmp_path / "out", "--split", "val", "--classes", str(tree / "from_tree" / "train.json"),
+                     "--val-labels", str(tmp_path / "truth.txt"), "--synsets", str(tmp_path / "synsets.txt")) == 2
+        assert "expected '<ILSVRC2012_ID> <wnid>'" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
 
 
 def test_kaggle_val_takes_its_labels_from_the_csv_inside_the_zip(tree, tmp_path):
@@ -352,3 +392,17 @@ def test_webdataset_members_with_several_dots_stay_one_sample(tmp_path):
     assert manifest.samples == 3 and not manifest.rejected
     samples = list(wds.WebDataset([str(p) for p in sorted(out.glob("train-*.tar"))], shardshuffle=False))
     assert sorted(json.loads(s["json"])["key"] for s in samples) == ["k0", "k1", "k2"]
+
+
+def test_a_stray_non_image_in_the_container_changes_no_shard(tree, tmp_path):
+    """A Thumbs.db in one class of the archive (and not in the extracted tree): reported, and the shards are the
+    tree's, byte for byte: the shuffle follows the images alone."""
+    target = class_folder_archive(tree, tmp_path / "train.tar")
+    cls = next(iter(class_files(tree)))
+    with tarfile.open(target, "a") as tar:
+        add_bytes(tar, f"train/{cls}/Thumbs.db", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))  # an OLE2 file
+    out = tmp_path / "shards"
+    assert build(target, out) == 0
+    assert shard_bytes(out) == shard_bytes(tree / "from_tree")
+    assert {"path": f"{cls}/Thumbs.db", "reason": "not an image (format not recognised)"} in Manifest.load(
+        out / "train.json").rejected

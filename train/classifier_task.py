@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from model.flops import classifier_train_flops
 from model.vit import VisionTransformer, build_classifier, load_encoder
-from model.weights import read_weights
+from model.weights import WeightsError, read_weights
 from pipeline import Loader
 from pipeline.atomic import atomic_path
 from pipeline.augment import Augmentation
@@ -111,6 +111,23 @@ class ClassifierTask(Task):
     def jobs(self, engine: Any, model: VisionTransformer) -> list[PeriodicJob]:
         return [Top1Job(self.ctx, engine, model, self.val_loader)] if self.val_loader is not None else []
 
+    def evaluate(self, weights: Path) -> dict[str, Any]:
+        """Collective: what the run's own evaluation measures, for a classifier weight file (`best.pth`, a
+        `train.export` of a fine-tuning run, the reference's checkpoint) on the val split."""
+        loader = self.val_loader or self.ctx.agree(self._val_loader)
+        if loader is None:
+            raise ConfigError(f"{self.cfg.data.shards} has no {self.cfg.eval.split} split to evaluate on")
+        model = self.build_model(initialise=False)
+        untrained = self.ctx.agree(lambda: load_encoder(model, read_weights(weights), str(weights)))
+        if untrained:
+            raise WeightsError(f"{weights} is not a classifier of this config: it lacks {', '.join(untrained)}")
+        dtype = torch.bfloat16 if self.cfg.runtime.precision == "bf16" else torch.float32
+        model = model.to(self.ctx.device, dtype)
+        autocast = torch.autocast(self.ctx.device.type, torch.bfloat16,
+                                  enabled=self.cfg.runtime.precision == "autocast_bf16")
+        with autocast:
+            return evaluate_classifier(model, loader, self.ctx.device)
+
 
 class Top1Job(PeriodicJob):
     """Top-1, top-5 and the loss over every val image once (all ranks); the best weights so far are kept apart as
@@ -136,27 +153,16 @@ class Top1Job(PeriodicJob):
 
     def run(self, step: int, finished_epochs: int) -> None:
         began, ctx = time.perf_counter(), self.ctx
-        totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # top-1 hits, top-5 hits, images, loss
-        self.engine.eval()
-        self.val_loader.set_epoch(0)
-        with torch.no_grad():
-            for images, labels in self.val_loader:
-                logits = self.engine(images).float()
-                top1, top5 = top_hits(logits, labels)
-                totals += torch.stack([top1, top5, labels.new_tensor(len(labels)),
-                                       F.cross_entropy(logits, labels, reduction="sum")]).to(totals)
-        self.engine.train()
-        dist.all_reduce(totals)
-        top1, top5, val_loss = (float(totals[0] / totals[2]), float(totals[1] / totals[2]),
-                                float(totals[3] / totals[2]))
-        ctx.metrics.record({"step": step, "epoch": finished_epochs, "top1": top1, "top5": top5, "val_loss": val_loss,
-                            "val_samples": int(totals[2]), "eval_s": time.perf_counter() - began})
+        result = evaluate_classifier(self.engine, self.val_loader, ctx.device)
+        ctx.metrics.record({"step": step, "epoch": finished_epochs, **result, "eval_s": time.perf_counter() - began})
+        top1, top5 = result["top1"], result["top5"]
         best = top1 > self.best_top1
         if best:
             self.best_top1 = top1
             self._save_best({"step": step, "epoch": finished_epochs, "top1": top1, "top5": top5})
+        kept = f"; the best so far: {ctx.output / BEST_WEIGHTS}" if best else ""
         ctx.say(f"{ctx.cfg.eval.split} top-1 {100 * top1:.2f}%, top-5 {100 * top5:.2f}% at step {step} "
-                f"({int(totals[2])} images){'; the best so far: ' + str(ctx.output / BEST_WEIGHTS) if best else ''}")
+                f"({result['val_samples']} images){kept}")
 
     def _save_best(self, result: dict) -> None:
         """OUTPUT/best.pth, written atomically by rank 0 (ZeRO-3 gathers the weights on every rank first)."""
@@ -166,6 +172,25 @@ class Top1Job(PeriodicJob):
                 state = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
                 with atomic_path(self.ctx.output / BEST_WEIGHTS) as tmp:
                     torch.save({"model": state, "maeflow": {**result, "config": self.ctx.cfg.to_dict()}}, tmp)
+
+
+def evaluate_classifier(model: Any, loader: Loader, device: torch.device) -> dict[str, Any]:
+    """Collective: top-1, top-5 and the mean loss of `model` (a module or DeepSpeed's engine) over every image
+    `loader` gives the ranks together, and how many there were."""
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images, loss
+    model.eval()
+    loader.set_epoch(0)
+    with torch.no_grad():
+        for images, labels in loader:
+            logits = model(images).float()
+            top1, top5 = top_hits(logits, labels)
+            totals += torch.stack([top1, top5, labels.new_tensor(len(labels)),
+                                   F.cross_entropy(logits, labels, reduction="sum")]).to(totals)
+    model.train()
+    dist.all_reduce(totals)
+    images = float(totals[2])
+    return {"top1": float(totals[0]) / images, "top5": float(totals[1]) / images,
+            "val_loss": float(totals[3]) / images, "val_samples": int(images)}
 
 
 def mix_config(ft: ClassifierRecipe) -> MixConfig:

@@ -21,6 +21,8 @@ from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 from pipeline.loader import default_threads
 
 T = TypeVar("T")
+# Where a launcher says which rank a process is: torchrun, deepspeed and srun scripts set RANK; mpirun its own.
+LAUNCHER_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
 class JoinError(RuntimeError):
@@ -30,6 +32,10 @@ class JoinError(RuntimeError):
 def join_process_group(timeout_s: float = 0) -> torch.device:
     """Join the group (gloo on CPUs, NCCL on GPUs) and return this rank's device. `timeout_s` bounds every
     collective (0: the library's default), so that a rank whose peer died stops instead of waiting forever."""
+    if not any(name in os.environ for name in LAUNCHER_VARIABLES):  # `python train/pretrain.py`: one process
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+            os.environ[name] = value
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -48,6 +54,13 @@ def join_process_group(timeout_s: float = 0) -> torch.device:
             "machine uses that port, pick a free one: deepspeed --master_port N, or torchrun --master-port N "
             "(--rdzv-endpoint HOST:N)") from err
     return device
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for one more rendezvous on this machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def skip_shared_memory_op() -> None:

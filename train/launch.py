@@ -8,21 +8,26 @@ while training (damaged data, a full disk, a lost rank) is 5, and the checkpoint
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from pipeline.loader import sample_counts
 from train.checkpoint import resume_tag
 from train.config import TASK_SCRIPTS, ConfigError, RunConfig, describe, load_config
-from train.distributed import leave_process_group
+from train.distributed import join_process_group, leave_process_group
 from train.engine import deepspeed_config
+from train.metrics import MetricsLog
 from train.outcome import REFUSALS, RunEnd
 from train.recipe import optimizer_steps_per_epoch, peak_lr, plan_batch
 from train.run_folder import existing_run
-from train.task import Task
+from train.task import RunContext, Task
 from train.trainer import Trainer
 
 EXAMPLE_PRESETS = {"pretrain": "vit_h14_1600ep", "finetune": "finetune_vit_b16"}
@@ -46,6 +51,10 @@ def parse_args(argv: list[str] | None, task: type[Task]) -> argparse.Namespace:
                              "the DeepSpeed config, check --data, and exit")
     parser.add_argument("--ranks", type=int, help="with --print-config: the number of ranks to plan for (default: "
                                                   "WORLD_SIZE, or 1)")
+    parser.add_argument("--eval", metavar="WEIGHTS", type=Path,
+                        help="evaluate a weight file on the held-out split (eval.split) as the run's own evaluation "
+                             "does, print the figures as one JSON line and exit; trains nothing, writes nothing "
+                             "(fine-tuning: best.pth, an export, a reference checkpoint)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -78,6 +87,11 @@ def checked_config(args: argparse.Namespace, task: type[Task]) -> RunConfig:
     cfg = load_config(args.config, overrides, task=task.config_type.TASK)
     if args.print_config:
         return cfg
+    if args.eval is not None:
+        if not args.eval.is_file():
+            raise FileNotFoundError(f"--eval {args.eval}: no such weight file")
+        sample_counts(cfg.data.shards, cfg.eval.split, cfg.data.backend)  # the split is there and whole
+        return cfg
     if not cfg.data.shards and cfg.data.backend != "synthetic":
         raise ConfigError("no training data: pass --data SHARDS, set data.shards, or train on synthetic images "
                           "with --set data.backend=synthetic")
@@ -93,6 +107,22 @@ def checked_config(args: argparse.Namespace, task: type[Task]) -> RunConfig:
     return cfg
 
 
+def evaluate_only(cfg: RunConfig, task_class: type[Task], weights: Path) -> int:
+    """--eval: the task's evaluation of `weights` on every rank; rank 0 prints the figures as one JSON line."""
+    with contextlib.ExitStack() as hold:
+        hold.callback(leave_process_group)
+        device = join_process_group()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
+        silent = MetricsLog(Path(cfg.output), is_main=False, tensorboard=False)  # an evaluation records nothing
+        ctx = RunContext(cfg, device, rank, world, plan_batch(cfg.optim, world), dtype,
+                         dist.new_group(backend="gloo"), silent, lambda line: None, hold)
+        result = task_class(ctx).evaluate(weights)
+        if rank == 0:
+            print(json.dumps({"weights": str(weights), "split": cfg.eval.split, **result}), flush=True)
+    return RunEnd.FINISHED
+
+
 def main(task: type[Task], argv: list[str] | None = None) -> int:
     """Exit status: a RunEnd (README, "Exit codes")."""
     args = parse_args(argv, task)
@@ -101,6 +131,8 @@ def main(task: type[Task], argv: list[str] | None = None) -> int:
         if args.print_config:
             print_plan(cfg, args.ranks if args.ranks is not None else int(os.environ.get("WORLD_SIZE", "1")))
             return RunEnd.FINISHED
+        if args.eval is not None:
+            return evaluate_only(cfg, task, args.eval)
         trainer = Trainer(cfg, task, args.resume)  # closes what it took if it refuses
     except REFUSALS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -69,6 +69,29 @@ def optimizer_steps_per_epoch(train_samples: int, plan: BatchPlan) -> int:
     return steps
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length and its progress counted in samples seen: a resume with another global batch (a lost node,
+    a batch that does not split over the new rank count) continues the lr schedule where it was and ends the run
+    where it would have ended. Unchanged, it is the per-step schedule (progress = step / steps per epoch)."""
+
+    epoch_samples: int
+    """samples one epoch trains on under the current batch plan (its optimizer steps x the global batch)"""
+    epochs: int
+
+    @classmethod
+    def of(cls, train_samples: int, plan: BatchPlan, epochs: int) -> Schedule:
+        return cls(optimizer_steps_per_epoch(train_samples, plan) * plan.global_batch_size, epochs)
+
+    def progress(self, samples_seen: int) -> float:
+        """Epochs done, fractionally: what the lr schedule is a function of."""
+        return samples_seen / self.epoch_samples
+
+    def steps_left(self, samples_seen: int, global_batch_size: int) -> int:
+        """Optimizer steps of `global_batch_size` until the schedule's `epochs` are done."""
+        return max(0, math.ceil((self.epochs * self.epoch_samples - samples_seen) / global_batch_size))
+
+
 def peak_lr(optim: OptimConfig, global_batch_size: int) -> float:
     """optim.lr when set, else the linear scaling rule blr x global batch / 256."""
     return optim.lr or optim.blr * global_batch_size / 256

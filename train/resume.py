@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from pipeline.loader import sample_counts
-from pipeline.loader_base import check_loader_state
+from pipeline.loader_base import check_loader_state, data_identity
+from pipeline.manifest import resolve_shards
 from train.checkpoint import (
     ResumeError,
     TrainState,
@@ -25,6 +26,7 @@ from train.checkpoint import (
     resume_tag,
 )
 from train.config import TASK_NAMES, TASK_SCRIPTS, ConfigError, RunConfig, config_from_json, flat_fields
+from train.recipe import peak_lr
 from train.run_folder import keep_config, set_aside_branch
 
 # What a resumed run may not change: the model's shape, its optimizer's kind (whose state the checkpoint holds),
@@ -62,6 +64,10 @@ class ResumePlan:
     """DeepSpeed loads through its universal checkpoint (partitioned optimizer state, another rank count)"""
     newer: tuple[str, ...]
     """complete checkpoints after `tag`, set aside when the run goes back to it"""
+    saved_global_batch_size: int = 0
+    """the global batch the checkpoint was trained with (0: no checkpoint)"""
+    saved_peak_lr: float = 0.0
+    """its peak lr"""
 
     @property
     def step(self) -> int:
@@ -109,8 +115,9 @@ def plan_resume(output: Path, wanted: str, cfg: RunConfig, world_size: int) -> R
     changes = tuple(config_changes(saved_cfg, cfg))
     loader_state = torch.load(ckpt_dir / tag / "rank00000.pt", weights_only=True)["loader"]
     shard_sizes = sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples)
+    shards = None if cfg.data.backend == "synthetic" else resolve_shards(cfg.data.shards, "train")
     try:
-        check_loader_state(loader_state, cfg.runtime.seed, shard_sizes)
+        check_loader_state(loader_state, cfg.runtime.seed, shard_sizes, data_identity(shards, sum(shard_sizes)))
     except ValueError as err:
         raise ResumeError(f"--resume from {ckpt_dir / tag} with --data {cfg.data.shards}: {err}") from None
     return ResumePlan(
@@ -118,4 +125,6 @@ def plan_resume(output: Path, wanted: str, cfg: RunConfig, world_size: int) -> R
         masks_change=any(change.startswith("runtime.mask_seed:") for change in changes),
         universal=needs_universal(ckpt_dir, tag, world_size),
         newer=tuple(t for t in complete_tags(ckpt_dir) if t > tag),
+        saved_global_batch_size=saved_cfg.optim.global_batch_size,
+        saved_peak_lr=peak_lr(saved_cfg.optim, saved_cfg.optim.global_batch_size),
     )

@@ -20,7 +20,7 @@ from torch import nn
 from pipeline import Loader, build_loader
 from pipeline.augment import PRETRAIN, Augmentation
 from train.cadence import EveryEpochs
-from train.config import RunConfig
+from train.config import ConfigError, RunConfig
 from train.distributed import agree
 from train.metrics import MetricsLog
 from train.recipe import BatchPlan, build_optimizer
@@ -153,6 +153,10 @@ class Task(ABC):
     def rank_state_dict(self) -> dict[str, Any]:
         """This rank's random streams, kept in its checkpoint file."""
         return {}
+
+    def evaluate(self, weights: Path) -> dict[str, Any]:
+        """Collective: the task's evaluation of a weight file, without training (`--eval`)."""
+        raise ConfigError(f"{self.name} has no evaluation of a weight file (--eval)")
 
     def load_rank_state_dict(self, state: dict[str, Any] | None, step: int, reseed: bool) -> None:  # noqa: B027
         """`state` None (another rank count) or `reseed` (the config changed a stream's seed): draw afresh from

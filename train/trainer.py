@@ -41,7 +41,7 @@ from train.health import SLOW_PHASE_FACTOR, RankTimes, SpikeDetector, Watchdog, 
 from train.metrics import MetricsLog, MetricWindow
 from train.outcome import RunEnd
 from train.profiling import step_profiler, write_profile
-from train.recipe import lr_at, optimizer_steps_per_epoch, peak_lr, plan_batch
+from train.recipe import Schedule, lr_at, peak_lr, plan_batch
 from train.resume import plan_resume
 from train.run_folder import lock_folder
 from train.task import MicroBatch, PeriodicJob, RunContext, Task
@@ -129,12 +129,13 @@ class Trainer:
         cfg = self.cfg
         self.plan = plan_batch(cfg.optim, self.world)
         train_samples = sum(sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples))
-        self.steps_per_epoch = optimizer_steps_per_epoch(train_samples, self.plan)
-        total_steps = self.steps_per_epoch * cfg.optim.epochs
-        self.stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+        self.schedule = Schedule.of(train_samples, self.plan, cfg.optim.epochs)
         self.peak_lr = peak_lr(cfg.optim, self.plan.global_batch_size)
         self.resume = agree(lambda: plan_resume(self.output, resume, cfg, self.world), self.control) if resume \
             else None
+        saved = self.resume.saved if self.resume and self.resume.saved else TrainState()
+        end = saved.step + self.schedule.steps_left(saved.samples, self.plan.global_batch_size)
+        self.stop_at = min(end, cfg.max_steps) if cfg.max_steps else end
 
     def _build(self, task_class: type[Task]) -> None:
         """The task (its checks) and its model; then, every check passed, the folder's first write; then the
@@ -239,9 +240,19 @@ class Trainer:
         saved, rank_state = self.checkpointer.load(plan.tag, plan.universal, self.cfg.optim.gradient_clipping)
         self.load_state_dict({"run": saved, "rank": rank_state})
         norms = self.checkpointer.norms()
+        batch = self.plan.global_batch_size
         self.metrics.note({"step": self.state.step, "event": "resumed", "from": plan.tag, "world_size": self.world,
                            "saved_world_size": saved.world_size, "universal": plan.universal,
+                           "global_batch_size": batch, "saved_global_batch_size": plan.saved_global_batch_size,
+                           "peak_lr": self.peak_lr, "saved_peak_lr": plan.saved_peak_lr,
                            "adamw_norms": list(norms), "jobs": {job.name: job.state_dict() for job in self.jobs}})
+        if plan.saved_global_batch_size != batch:
+            optim = self.cfg.optim
+            rule = (f"optim.lr is set, so it does not follow the batch (the linear scaling rule would give "
+                    f"{optim.blr * batch / 256:.4g})" if optim.lr else "the linear scaling rule, blr x batch / 256")
+            self.say(f"global batch {plan.saved_global_batch_size} -> {batch}: peak lr {plan.saved_peak_lr:.4g} -> "
+                     f"{self.peak_lr:.4g} ({rule}); the schedule continues from {self.state.samples} samples seen, "
+                     f"epoch {self.schedule.progress(self.state.samples):.3f}, and ends at step {self.stop_at}")
         how = f"on {self.world} rank{'s' if self.world > 1 else ''}"
         if saved.world_size != self.world:
             how += f" instead of {saved.world_size}"
@@ -293,9 +304,7 @@ class Trainer:
         return None
 
     def set_lr(self) -> None:
-        # Progress counted in steps, so that an epoch finished on another rank count (a resume on a new
-        # allocation) continues the schedule where it was.
-        self.lr = lr_at(self.state.step / self.steps_per_epoch, self.peak_lr, self.cfg.optim)
+        self.lr = lr_at(self.schedule.progress(self.state.samples), self.peak_lr, self.cfg.optim)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self.lr * group.get("lr_scale", 1.0)
 
