@@ -54,7 +54,7 @@ class Augmentation:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect-ratio range of the crop
     rand_augment_layers: int = 0  # RandAugment layers per image (0 = off)
     rand_augment_magnitude: int = 9  # level of every op, of MAGNITUDE_LEVELS
-    rand_augment_magnitude_std: float = 0.5  # timm's per-op noise on the level (the PIL baseline; DALI: none)
+    rand_augment_magnitude_std: float = 0.5  # timm's per-op noise on the level (std of a gaussian, clipped to [0, 10])
     rand_augment_prob: float = 0.5  # probability each layer applies its op
 
     def timm_policy(self) -> str:

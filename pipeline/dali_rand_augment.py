@@ -3,10 +3,10 @@ DALI's own `auto_aug` operators, for the fine-tuning graph in `pipeline.dali_gra
 
 from __future__ import annotations
 
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
 from nvidia.dali.auto_aug import augmentations as auto_aug_ops
-from nvidia.dali.auto_aug.core import augmentation
-from nvidia.dali.auto_aug.rand_augment import apply_rand_augment
+from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.data_node import DataNode
 
 from pipeline.augment import MAGNITUDE_LEVELS, RAND_AUGMENT_OPS, Augmentation
@@ -43,11 +43,24 @@ def rand_augment_suite(augment: Augmentation) -> list:
 
 def rand_augment(images: DataNode, augment: Augmentation) -> DataNode:
     """timm's RandAugment layers on uint8 HWC images: each layer applies, with probability p, one op drawn
-    uniformly from the set, at the policy's level (DALI draws no per-op noise on the level)."""
+    uniformly from the set, at the policy's level with timm's per-op noise (`magnitude_bins`)."""
     suite = rand_augment_suite(augment)
     shape = images.shape(dtype=types.FLOAT)[0:2]  # (H, W): translations are relative to it
     for _ in range(augment.rand_augment_layers):
         if fn.random.coin_flip(probability=augment.rand_augment_prob, dtype=types.BOOL):
-            images = apply_rand_augment(suite, images, n=1, m=augment.rand_augment_magnitude,
-                                        num_magnitude_bins=MAGNITUDE_LEVELS + 1, shape=shape)
+            op = fn.random.uniform(values=list(range(len(suite))), dtype=types.INT32)
+            images = select(suite, op, data=images, magnitude_bin=signed_bin(magnitude_bins(augment)),
+                            num_magnitude_bins=NOISY_BINS, shape=shape)
     return images
+
+
+BINS_PER_LEVEL = 10  # a noisy level is applied to a tenth of a level
+NOISY_BINS = MAGNITUDE_LEVELS * BINS_PER_LEVEL + 1
+
+
+def magnitude_bins(augment: Augmentation) -> DataNode:
+    """Each sample's magnitude bin (of NOISY_BINS) for one layer: timm's level, gauss(magnitude, std) clipped to
+    [0, 10] (`mstd0.5`: the paper's recipe), to a tenth of a level."""
+    level = augment.rand_augment_magnitude + fn.random.normal(stddev=augment.rand_augment_magnitude_std)
+    level = dmath.clamp(level, 0.0, float(MAGNITUDE_LEVELS))
+    return fn.cast(level * BINS_PER_LEVEL, dtype=types.INT32)  # DALI's cast rounds to the nearest bin

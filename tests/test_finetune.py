@@ -384,3 +384,54 @@ def test_exporting_a_fine_tuning_run_keeps_its_learned_position_embedding(tmp_pa
     exported, provenance = consolidated_state_dict(run)
     assert torch.equal(exported["pos_embed"], trained["pos_embed"])
     assert exported["head.weight"].shape == (8, 192) and provenance["config"]["task"] == "finetune"
+
+
+def test_dali_rand_augment_draws_timms_magnitude_noise():
+    """`mstd0.5`: each op's level is gauss(9, 0.5) clipped to [0, 10], as timm draws it, not 9 every time."""
+    from dataclasses import replace
+
+    from nvidia.dali import pipeline_def
+
+    from pipeline.dali_rand_augment import BINS_PER_LEVEL, magnitude_bins
+
+    def levels(augment) -> np.ndarray:
+        @pipeline_def(batch_size=4000, num_threads=1, device_id=None, seed=5)
+        def bins():
+            return magnitude_bins(augment)
+
+        pipe = bins()
+        pipe.build()
+        return np.array(pipe.run()[0].as_tensor()).ravel() / BINS_PER_LEVEL
+
+    noisy = levels(FINETUNE)
+    assert noisy.mean() == pytest.approx(9.0, abs=0.05) and noisy.std() == pytest.approx(0.5, abs=0.03)
+    assert set(np.unique(levels(replace(FINETUNE, rand_augment_magnitude_std=0.0)))) == {9.0}
+    clipped = levels(replace(FINETUNE, rand_augment_magnitude=10))
+    # Half the draws above 10, clipped, and those within half a bin below it: P(level > 9.95) = 0.54.
+    assert clipped.max() == 10.0 and (clipped == 10.0).mean() == pytest.approx(0.54, abs=0.03)
+
+
+def test_the_dali_graphs_rand_augment_applies_the_noisy_levels():
+    """Grey images through one always-applied layer: with the noise, brightness alone gives each image its own
+    shade; at a fixed level the 14 ops and their signs leave a handful of shades."""
+    from dataclasses import replace
+
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipeline.dali_rand_augment import rand_augment
+
+    grey = [np.full((32, 32, 3), 100, dtype=np.uint8)] * 2000
+
+    def shades(std: float) -> int:
+        @pipeline_def(batch_size=len(grey), num_threads=1, device_id=None, seed=3, enable_conditionals=True)
+        def augmented():
+            images = fn.external_source(source=lambda: grey, batch=True, layout="HWC", dtype=types.UINT8)
+            policy = replace(FINETUNE, rand_augment_layers=1, rand_augment_prob=1.0, rand_augment_magnitude_std=std)
+            return rand_augment(images, policy)
+
+        pipe = augmented()
+        pipe.build()
+        out = pipe.run()[0]
+        return len({round(float(np.asarray(out[i]).mean()), 3) for i in range(len(grey))})
+
+    assert shades(0.0) < 40 and shades(0.5) > 100
