@@ -58,5 +58,7 @@ class SyntheticLoader(Loader):
             # Each batch from its own seed: the same images at the same position, however it was reached.
             generator.manual_seed(self.augmentation_seed(ReadPosition(position.epoch, batch, position.handed_over)))
             pixels = torch.rand(len(ids), 3, size, size, device=self._device, generator=generator) * 255
-            labels = torch.from_numpy(ids % SYNTHETIC_CLASSES).to(self._device)
+            labels = torch.from_numpy(ids % SYNTHETIC_CLASSES)
+            if self._device.type == "cuda":  # from pinned memory, so that the copy does not hold the host up
+                labels = labels.pin_memory().to(self._device, non_blocking=True)
             yield ((pixels - self._mean) / self._std).to(self.spec.dtype), labels

@@ -26,7 +26,7 @@ from train.metrics import MetricsLog
 from train.recipe import plan_batch
 from train.run_folder import lock_folder
 from train.task import PeriodicJob, RunContext
-from train.trainer import run_job
+from train.trainer import Trainer, run_job
 
 
 @pytest.fixture
@@ -170,3 +170,44 @@ def test_the_best_top1_so_far_is_the_jobs_state_so_best_pth_never_gets_worse(sha
         legacy = Top1Job(ctx, model, model, ctx.loader("val", train=False))
         legacy.load_state_dict(None)  # a checkpoint of an older release: the run's evaluations say
         assert legacy.state_dict() == {"best_top1": max(top1)}
+
+
+def test_the_loop_never_waits_on_the_device_between_log_steps(one_rank, tmp_path, monkeypatch):
+    """The real trainer, 12 steps on synthetic data, a log every 12: no accelerator synchronize(), no read of a
+    tensor's value and no reduction of one in steps 1-11. The CPU-side tensor the loop may reduce and read: the stop
+    and checkpoint votes (int32 [2] on the side-channel, every step)."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setenv("MAE_KERNELS", "torch")  # the interpreter is for the kernels' tests, not for the loop's
+    cfg = load_config("tiny", ["data.backend=synthetic", "data.synthetic_samples=512", f"output={tmp_path / 'run'}",
+                               "max_steps=12", "log.log_every=12", "checkpoint.at_end=false", "eval.every_epochs=0",
+                               "log.tensorboard=false"])
+    waits: list[tuple[int, str]] = []
+    accelerator = get_accelerator()
+    synchronize = accelerator.synchronize
+
+    def counted_synchronize(*args, **kwargs):
+        waits.append((trainer.state.step, "synchronize"))
+        return synchronize(*args, **kwargs)
+
+    def what(tensor: torch.Tensor) -> str:
+        base = tensor._base if tensor._base is not None else tensor
+        vote = base.dtype == torch.int32 and tuple(base.shape) == (2,) and base.device.type == "cpu"
+        return "a vote" if vote else f"{base.dtype} {tuple(base.shape)}"
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._local_scalar_dense:
+                waits.append((trainer.state.step, f"read {what(args[0])}"))
+            elif func.overloadpacket is torch.ops.c10d.allreduce_:
+                waits.append((trainer.state.step, f"all-reduce {', '.join(what(t) for t in args[0])}"))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(accelerator, "synchronize", counted_synchronize)
+    with Trainer(cfg, MaeTask, None) as trainer, Reads():
+        assert trainer.fit() == 0
+    between_logs = [(step, event) for step, event in waits if 0 < step < 12]
+    # No gradient all-reduce either: at one rank there is no peer to reduce with.
+    expected = [(step, event) for step in range(1, 12) for event in ("all-reduce a vote", "read a vote", "read a vote")]
+    assert between_logs == expected, between_logs

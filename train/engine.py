@@ -59,6 +59,9 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
         "gradient_clipping": cfg.optim.gradient_clipping,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronizes the device at every forward and step: a
+        # stall per micro-step. maeflow times its windows itself; a user's JSON may turn the timer back on.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if cfg.runtime.precision == "bf16":
         ours["bf16"] = {"enabled": True}

@@ -162,6 +162,8 @@ class Trainer:
         # ZeRO stage 0 with a torch optimizer DeepSpeed only wraps (not its bf16 master copies): every rank holds
         # the whole optimizer state and the whole gradients, and DeepSpeed computes no gradient norm.
         self.replicated = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
+        if self.replicated and self.world == 1:  # no peer: DeepSpeed would still flatten, all-reduce and copy back
+            self.engine.enable_backward_allreduce = False
         self.checkpointer = Checkpointer(cfg.checkpoint, self.output / "checkpoints", self.engine, self.replicated,
                                          self.control, self.say)
         self.jobs: list[PeriodicJob] = self.task.jobs(self.engine, self.model)
