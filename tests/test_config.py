@@ -125,3 +125,14 @@ def test_a_saved_config_reads_back_and_a_damaged_one_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"optim": {"lr": ')
     with pytest.raises(ConfigError, match=r"config.json is not a saved maeflow config"):
         config_from_json(tmp_path / "config.json")
+
+
+def test_a_runs_config_json_is_a_config_and_presets_are_found_from_any_folder(tmp_path, monkeypatch):
+    cfg = load_config("tiny", ["optim.lr=0.5"])
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    monkeypatch.chdir(tmp_path)  # not the repository: preset names still resolve
+    again = load_config(tmp_path / "config.json", ["max_steps=3"], task="pretrain")
+    assert dataclasses.replace(again, max_steps=0) == cfg and load_config("vit_b16_1600ep").model.name == \
+        "mae_vit_base_patch16"
+    with pytest.raises(ConfigError, match=r"is a pre-training preset: run it with train/pretrain\.py"):
+        load_config(tmp_path / "config.json", task="finetune")

@@ -369,7 +369,8 @@ def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def find_preset(preset: str | Path) -> Path:
-    """A preset file, or the name of one in the repository's configs/ (wherever the command runs from)."""
+    """A preset file (or a run's config.json), or the name of one in the repository's configs/ (wherever the
+    command runs from)."""
     path = Path(preset)
     if not path.is_file() and (PRESET_DIR / f"{preset}.toml").is_file():
         path = PRESET_DIR / f"{preset}.toml"
@@ -385,9 +386,9 @@ def load_config(preset: str | Path | None, overrides: list[str] = (), task: str 
     table: dict[str, Any] = {}
     if preset:
         path = find_preset(preset)
-        try:
-            table = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
+        try:  # a preset (TOML), or a run's config.json passed back (the same sections, as JSON)
+            table = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"{path}: {err}") from None
         declared = table.pop("task", None)
         if declared not in (None, *CONFIG_TYPES):
