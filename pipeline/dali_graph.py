@@ -41,7 +41,7 @@ def center_crop(images: DataNode, size: int) -> DataNode:
     width, height, left, top = eval_geometry(shape[1], shape[0], size, dmath.min, dmath.max)
     images = fn.resize(images, resize_x=fn.cast(width, dtype=types.FLOAT), resize_y=fn.cast(height, dtype=types.FLOAT),
                        interp_type=types.INTERP_CUBIC, antialias=True)
-    return fn.slice(images, fn.stack(top, left), fn.stack(top * 0 + size, left * 0 + size), axes=[0, 1])
+    return fn.slice(images, start=fn.stack(top, left), shape=[size, size], axes=[0, 1])
 
 
 @pipeline_def(enable_checkpointing=True, enable_conditionals=True)

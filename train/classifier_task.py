@@ -121,8 +121,7 @@ class ClassifierTask(Task):
         untrained = self.ctx.agree(lambda: load_encoder(model, read_weights(weights), str(weights)))
         if untrained:
             raise WeightsError(f"{weights} is not a classifier of this config: it lacks {', '.join(untrained)}")
-        dtype = torch.bfloat16 if self.cfg.runtime.precision == "bf16" else torch.float32
-        model = model.to(self.ctx.device, dtype)
+        model = model.to(self.ctx.device, self.ctx.dtype)  # the images' dtype: bf16 only for bf16 weights
         autocast = torch.autocast(self.ctx.device.type, torch.bfloat16,
                                   enabled=self.cfg.runtime.precision == "autocast_bf16")
         with autocast:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import MaskedAutoencoderViT, build_mae
@@ -40,6 +41,12 @@ ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.C
 def mae_from_config(cfg: PretrainConfig) -> MaskedAutoencoderViT:
     """The MAE a pre-training config describes: its preset at the loader's resolution, with its loss."""
     return build_mae(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+
+
+def image_dtype(cfg: RunConfig) -> torch.dtype:
+    """What the loaders deliver and the model takes: bf16 for bf16 weights; under autocast the images stay fp32,
+    as in the reference code."""
+    return torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
 
 
 def apply_model_switches(model: TransformerHooks, cfg: RunConfig) -> None:

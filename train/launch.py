@@ -15,14 +15,13 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from pipeline.loader import sample_counts
 from train.checkpoint import resume_tag
 from train.config import TASK_SCRIPTS, ConfigError, RunConfig, describe, load_config
 from train.distributed import join_process_group, leave_process_group
-from train.engine import deepspeed_config
+from train.engine import deepspeed_config, image_dtype
 from train.metrics import MetricsLog
 from train.outcome import REFUSALS, RunEnd
 from train.recipe import optimizer_steps_per_epoch, peak_lr, plan_batch
@@ -113,9 +112,8 @@ def evaluate_only(cfg: RunConfig, task_class: type[Task], weights: Path) -> int:
         hold.callback(leave_process_group)
         device = join_process_group()
         rank, world = dist.get_rank(), dist.get_world_size()
-        dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
         silent = MetricsLog(Path(cfg.output), is_main=False, tensorboard=False)  # an evaluation records nothing
-        ctx = RunContext(cfg, device, rank, world, plan_batch(cfg.optim, world), dtype,
+        ctx = RunContext(cfg, device, rank, world, plan_batch(cfg.optim, world), image_dtype(cfg),
                          dist.new_group(backend="gloo"), silent, lambda line: None, hold)
         result = task_class(ctx).evaluate(weights)
         if rank == 0:

@@ -36,7 +36,7 @@ from train.cadence import EverySteps
 from train.checkpoint import Checkpointer, TrainState, check_shared_folder, describe_norms, latest_tag
 from train.config import RunConfig, describe
 from train.distributed import Peers, agree, join_process_group, leave_process_group
-from train.engine import apply_model_switches, attention_backend, deepspeed_config
+from train.engine import apply_model_switches, attention_backend, deepspeed_config, image_dtype
 from train.health import SLOW_PHASE_FACTOR, RankTimes, SpikeDetector, Watchdog, dump_stacks_on
 from train.metrics import MetricsLog, MetricWindow
 from train.outcome import RunEnd
@@ -143,10 +143,8 @@ class Trainer:
         hold, cfg = self.resources, self.cfg
         self.metrics = MetricsLog(self.output, self.is_main, cfg.log.tensorboard)
         hold.callback(self.metrics.close)
-        # bf16 weights take bf16 images; under autocast the images stay fp32, as in the reference code.
-        dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
-        self.ctx = RunContext(cfg, self.device, self.rank, self.world, self.plan, dtype, self.control, self.metrics,
-                              self.say, hold)
+        self.ctx = RunContext(cfg, self.device, self.rank, self.world, self.plan, image_dtype(cfg), self.control,
+                              self.metrics, self.say, hold)
         self.task = task_class(self.ctx)
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
         self.model = self.task.build_model(initialise=not (self.resume and self.resume.tag))
@@ -222,8 +220,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """What a resume restores besides the engine's weights and optimizer: the run's place (the same on every
         rank) and this rank's own (its loader position, the task's random streams)."""
-        run = TrainState(self.state.step, self.state.epoch, self.state.samples, self.world,
-                         {job.name: job.state_dict() for job in self.jobs})
+        run = TrainState(self.state.step, self.state.epoch, self.state.samples, self.world, self._job_states())
         return {"run": run, "rank": {"loader": self.loader.state_dict(), **self.task.rank_state_dict()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -237,6 +234,9 @@ class Trainer:
         for job in self.jobs:
             job.load_state_dict(saved.jobs.get(job.name))
 
+    def _job_states(self) -> dict[str, dict[str, Any]]:
+        return {job.name: job.state_dict() for job in self.jobs}
+
     def _load(self) -> None:
         began, plan = time.perf_counter(), self.resume
         saved, rank_state = self.checkpointer.load(plan.tag, plan.universal, self.cfg.optim.gradient_clipping)
@@ -247,7 +247,7 @@ class Trainer:
                            "saved_world_size": saved.world_size, "universal": plan.universal,
                            "global_batch_size": batch, "saved_global_batch_size": plan.saved_global_batch_size,
                            "peak_lr": self.peak_lr, "saved_peak_lr": plan.saved_peak_lr,
-                           "adamw_norms": list(norms), "jobs": {job.name: job.state_dict() for job in self.jobs}})
+                           "adamw_norms": list(norms), "jobs": self._job_states()})
         if plan.saved_global_batch_size != batch:
             optim = self.cfg.optim
             rule = (f"optim.lr is set, so it does not follow the batch (the linear scaling rule would give "
@@ -268,13 +268,13 @@ class Trainer:
     def fit(self) -> RunEnd:
         """Train to `stop_at` steps, to a stop signal, or until the loss is not finite."""
         self.window.restart(self.loader.wait_s)
-        end = RunEnd.FINISHED
-        while self.state.step < self.stop_at:
+        end = None
+        while end is None and self.state.step < self.stop_at:
             self.loader.set_epoch(self.state.epoch)
-            if (end := self.run_epoch()) is not None:
-                break
-        self._finish(end or RunEnd.FINISHED)
-        return end or RunEnd.FINISHED
+            end = self.run_epoch()
+        end = RunEnd.FINISHED if end is None else end
+        self._finish(end)
+        return end
 
     def run_epoch(self) -> RunEnd | None:
         """The rest of the current epoch; None when it is done, else how the run ends."""
@@ -365,9 +365,8 @@ class Trainer:
             for job in self.jobs:
                 if (end is RunEnd.FINISHED or job.runs_when_stopped) and job.last_step != self.state.step:
                     self.run_job(job)
-            if self.checkpointer.saved_step != self.state.step and (self.cfg.checkpoint.at_end
-                                                                   or end is RunEnd.STOPPED):
-                self.checkpoint()
+            if self.cfg.checkpoint.at_end or end is RunEnd.STOPPED:
+                self.checkpoint()  # unless this step's is written already
         self.say(f"{end.name.lower()}: step {self.state.step} of {self.stop_at}, epoch {self.state.epoch}, "
                  f"{self.state.samples} samples; outputs in {self.output}")
 
