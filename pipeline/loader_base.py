@@ -198,6 +198,12 @@ class Loader:
         """Free what the loader holds (pipelines, threads, scratch files) now rather than at exit; it reads no more."""
         self._epoch_read()
 
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
 
 def data_identity(shards: ShardSet | None, samples: int) -> str:
     """What a reading position belongs to: the shards' fingerprint, or a synthetic split's size."""

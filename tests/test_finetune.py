@@ -200,10 +200,10 @@ def test_rand_augment_changes_most_images_and_keeps_their_shape(shards, backend)
     """Each of 2 layers applies with probability 1/2: about 3 images in 4 get an op (some ops leave an image
     nearly as it was, so the share visibly changed is lower)."""
     def batch(augment):
-        loader = build_loader(shards, local_batch_size=32, img_size=32, device="cpu", backend=backend,
-                              num_threads=1, augment=augment, seed=3)
-        loader.set_epoch(0)
-        return next(iter(loader))[0]
+        with build_loader(shards, local_batch_size=32, img_size=32, device="cpu", backend=backend,
+                          num_threads=1, augment=augment, seed=3) as loader:
+            loader.set_epoch(0)
+            return next(iter(loader))[0]
 
     plain, augmented = batch(FINETUNE.__class__(crop_scale=FINETUNE.crop_scale)), batch(FINETUNE)
     assert augmented.shape == plain.shape == (32, 3, 32, 32)

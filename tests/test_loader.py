@@ -55,11 +55,22 @@ def uniform_shards(tmp_path_factory):
     return shards_from(root / "tree", root / "shards")
 
 
-def loader_of(shards, backend: str, **options):
-    """build_loader on the CPU with one thread, checking the backend asked for is the one that runs."""
-    loader = build_loader(shards, backend=backend, device="cpu", num_threads=1, **options)
-    assert loader.backend == backend, f"asked for the {backend} backend, got {loader.backend}"
-    return loader
+@pytest.fixture
+def open_loader():
+    """build_loader on the CPU with one thread, checking the backend asked for is the one that runs. Each loader
+    is closed when its test ends, as the trainer closes its own: DALI pipelines left to the garbage collector are
+    torn down at a moment nobody chose, from whichever thread it runs in, while other pipelines decode."""
+    opened = []
+
+    def open_(shards, backend: str, **options):
+        loader = build_loader(shards, backend=backend, device="cpu", num_threads=1, **options)
+        opened.append(loader)
+        assert loader.backend == backend, f"asked for the {backend} backend, got {loader.backend}"
+        return loader
+
+    yield open_
+    for loader in opened:
+        loader.close()
 
 
 def epoch_labels(loader, epoch: int) -> list[int]:
@@ -69,8 +80,8 @@ def epoch_labels(loader, epoch: int) -> list[int]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("train", [True, False])
-def test_shapes_dtype_and_normalization(uniform_shards, backend, train):
-    loader = loader_of(uniform_shards, backend, local_batch_size=2, img_size=32, train=train)
+def test_shapes_dtype_and_normalization(uniform_shards, backend, train, open_loader):
+    loader = open_loader(uniform_shards, backend, local_batch_size=2, img_size=32, train=train)
     batches = list(loader)
     assert len(batches) == len(loader) == 2
     images, labels = batches[0]
@@ -83,14 +94,14 @@ def test_shapes_dtype_and_normalization(uniform_shards, backend, train):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bfloat16_output(uniform_shards, backend):
-    loader = loader_of(uniform_shards, backend, local_batch_size=2, img_size=32, dtype=torch.bfloat16)
+def test_bfloat16_output(uniform_shards, backend, open_loader):
+    loader = open_loader(uniform_shards, backend, local_batch_size=2, img_size=32, dtype=torch.bfloat16)
     assert next(iter(loader))[0].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_train_crops_respect_scale_and_ratio_and_flip_half_the_time(gradient_shards, backend):
-    loader = loader_of(gradient_shards, backend, local_batch_size=8, img_size=32)
+def test_train_crops_respect_scale_and_ratio_and_flip_half_the_time(gradient_shards, backend, open_loader):
+    loader = open_loader(gradient_shards, backend, local_batch_size=8, img_size=32)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     areas, ratios, flips = [], [], 0
@@ -115,9 +126,9 @@ def test_train_crops_respect_scale_and_ratio_and_flip_half_the_time(gradient_sha
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_ranks_see_disjoint_samples_and_nearly_all(id_shards, backend):
+def test_two_ranks_see_disjoint_samples_and_nearly_all(id_shards, backend, open_loader):
     batch, world = 4, 2
-    loaders = [loader_of(id_shards, backend, local_batch_size=batch, img_size=16, rank=r, world_size=world)
+    loaders = [open_loader(id_shards, backend, local_batch_size=batch, img_size=16, rank=r, world_size=world)
                for r in range(world)]
     assert len(loaders[0]) == len(loaders[1]) == (41 // 2) // 4
     for epoch in range(2):
@@ -128,19 +139,19 @@ def test_two_ranks_see_disjoint_samples_and_nearly_all(id_shards, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_rank_reads_different_samples_in_different_epochs(id_shards, backend):
+def test_a_rank_reads_different_samples_in_different_epochs(id_shards, backend, open_loader):
     """Each rank must move through the data set over epochs, not train on one fixed share of it."""
-    loader = loader_of(id_shards, backend, local_batch_size=4, img_size=16, rank=0, world_size=2)
+    loader = open_loader(id_shards, backend, local_batch_size=4, img_size=16, rank=0, world_size=2)
     first, second = set(epoch_labels(loader, 0)), set(epoch_labels(loader, 1))
     assert len(first) == len(second) == len(loader) * 4
     assert len(first & second) <= 0.75 * len(first), (first, second)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_eval_crop_is_centred(gradient_shards, backend):
+def test_eval_crop_is_centred(gradient_shards, backend, open_loader):
     """Evaluation resizes the shorter side to S/0.875 and takes the central S x S: on a gradient image
     (red = 2x, green = 2y over 128 px) the crop's mean colour is the image centre's, 128."""
-    loader = loader_of(gradient_shards, backend, local_batch_size=8, img_size=32, train=False)
+    loader = open_loader(gradient_shards, backend, local_batch_size=8, img_size=32, train=False)
     images, _ = next(iter(loader))
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -150,19 +161,19 @@ def test_eval_crop_is_centred(gradient_shards, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world", [2, 3])
-def test_eval_yields_every_sample_exactly_once(id_shards, backend, world):
+def test_eval_yields_every_sample_exactly_once(id_shards, backend, world, open_loader):
     labels = []
     for rank in range(world):
-        loader = loader_of(id_shards, backend, local_batch_size=4, img_size=16, train=False, rank=rank,
+        loader = open_loader(id_shards, backend, local_batch_size=4, img_size=16, train=False, rank=rank,
                            world_size=world)
         labels += epoch_labels(loader, 0)
     assert sorted(labels) == list(range(41))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_epochs_differ_and_a_seed_reproduces_the_stream(id_shards, backend):
+def test_epochs_differ_and_a_seed_reproduces_the_stream(id_shards, backend, open_loader):
     def stream(seed):
-        loader = loader_of(id_shards, backend, local_batch_size=4, img_size=16, seed=seed)
+        loader = open_loader(id_shards, backend, local_batch_size=4, img_size=16, seed=seed)
         return [epoch_labels(loader, e) for e in range(2)]
     first = stream(0)
     assert first == stream(0)
@@ -172,11 +183,11 @@ def test_epochs_differ_and_a_seed_reproduces_the_stream(id_shards, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loop_ended", [False, True])
-def test_resume_mid_epoch_continues_with_the_same_batches(id_shards, backend, loop_ended):
+def test_resume_mid_epoch_continues_with_the_same_batches(id_shards, backend, loop_ended, open_loader):
     """Bitwise: the state taken mid-epoch (while the loop runs, as a periodic checkpoint does, or after
     it stopped, as at the end of a run) reproduces the rest of the stream, crops included."""
     def make():
-        return loader_of(id_shards, backend, local_batch_size=4, img_size=16, rank=1, world_size=2)
+        return open_loader(id_shards, backend, local_batch_size=4, img_size=16, rank=1, world_size=2)
 
     whole = make()
     whole.set_epoch(2)
@@ -235,7 +246,7 @@ def test_clear_errors(id_shards, tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_corrupt_image_in_a_shard_fails_naming_it(tmp_path, backend):
+def test_corrupt_image_in_a_shard_fails_naming_it(tmp_path, backend, open_loader):
     rng = np.random.default_rng(1)
     for i in range(6):
         write_jpeg(tmp_path / "tree" / "c0" / f"{i}.JPEG", rng.integers(0, 255, (32, 32, 3)))
@@ -245,17 +256,17 @@ def test_corrupt_image_in_a_shard_fails_naming_it(tmp_path, backend):
     first_jpg = int((out / "train-000000.idx").read_text().splitlines()[1].split()[1])
     data[first_jpg:first_jpg + 4] = b"GIF8"  # no longer a JPEG: no decoder accepts it
     tar.write_bytes(bytes(data))
-    loader = loader_of(out, backend, local_batch_size=2, img_size=16)
+    loader = open_loader(out, backend, local_batch_size=2, img_size=16)
     with pytest.raises(RuntimeError, match="build_shards --verify") as err:
         list(loader)
     assert "train-000000" in str(err.value)
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_both_backends_read_the_same_samples_in_the_same_order(id_shards, train):
+def test_both_backends_read_the_same_samples_in_the_same_order(id_shards, train, open_loader):
     streams = []
     for backend in BACKENDS:
-        loader = loader_of(id_shards, backend, local_batch_size=4, img_size=16, rank=1, world_size=2, train=train)
+        loader = open_loader(id_shards, backend, local_batch_size=4, img_size=16, rank=1, world_size=2, train=train)
         streams.append([epoch_labels(loader, epoch) for epoch in range(2)])
     assert streams[0] == streams[1]
 
@@ -268,16 +279,16 @@ def read_batches(loader, count: int) -> list[int]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("new_world", [1, 3])
-def test_an_epoch_interrupted_on_two_ranks_finishes_on_another_count(id_shards, backend, new_world):
+def test_an_epoch_interrupted_on_two_ranks_finishes_on_another_count(id_shards, backend, new_world, open_loader):
     """The rest of an interrupted epoch is read exactly once by the new ranks, in equal batch counts;
     the epochs after it are whole epochs at the new rank count."""
-    old = [loader_of(id_shards, backend, local_batch_size=4, img_size=16, rank=r, world_size=2) for r in range(2)]
+    old = [open_loader(id_shards, backend, local_batch_size=4, img_size=16, rank=r, world_size=2) for r in range(2)]
     before = []
     for loader in old:
         loader.set_epoch(5)
         before += read_batches(loader, 2)
     state = old[0].state_dict()
-    new = [loader_of(id_shards, backend, local_batch_size=3, img_size=16, rank=r, world_size=new_world)
+    new = [open_loader(id_shards, backend, local_batch_size=3, img_size=16, rank=r, world_size=new_world)
            for r in range(new_world)]
     after = []
     for loader in new:
@@ -312,11 +323,11 @@ def test_threads_default_to_the_usable_cores_over_the_ranks_on_the_node(monkeypa
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_checkpoint_taken_after_an_exact_resume_resumes_exactly_too(id_shards, backend):
+def test_a_checkpoint_taken_after_an_exact_resume_resumes_exactly_too(id_shards, backend, open_loader):
     """A run checkpointed, resumed, checkpointed again and resumed again reads the batches an uninterrupted
     one reads: the exact (DALI) state must survive the first resume."""
     def make():
-        return loader_of(id_shards, backend, local_batch_size=2, img_size=16, rank=0, world_size=2)
+        return open_loader(id_shards, backend, local_batch_size=2, img_size=16, rank=0, world_size=2)
 
     whole = make()
     whole.set_epoch(1)
@@ -343,12 +354,12 @@ def read_tensors(loader, count: int) -> list:
     return [next(batches) for _ in range(count)]
 
 
-def test_evaluation_pixels_agree_between_backends_and_are_never_flipped(gradient_shards):
+def test_evaluation_pixels_agree_between_backends_and_are_never_flipped(gradient_shards, open_loader):
     """The same eval images through DALI and PIL: the same centre crop, bicubic-resized, within a few grey
     levels; and a left-to-right gradient stays left-to-right (evaluation never mirrors)."""
     streams = {backend: [] for backend in BACKENDS}
     for backend, stream in streams.items():
-        loader = loader_of(gradient_shards, backend, local_batch_size=8, img_size=32, train=False)
+        loader = open_loader(gradient_shards, backend, local_batch_size=8, img_size=32, train=False)
         for epoch in range(2):
             loader.set_epoch(epoch)
             stream += [images for images, _ in loader]
@@ -413,7 +424,7 @@ def test_eval_geometry_is_the_references_resize_and_centre_crop(size):
         assert eval_geometry(width, height, size) == torchvision_eval_box(width, height, size), (width, height)
 
 
-def test_both_backends_crop_odd_sizes_where_the_reference_does(tmp_path):
+def test_both_backends_crop_odd_sizes_where_the_reference_does(tmp_path, open_loader):
     """640x427 and 503x375 (each way round) at 224: PIL's pixels equal the reference transform's; DALI's come
     within a grey level of them, and a crop one pixel off would not."""
     (tmp_path / "tree" / "c0").mkdir(parents=True)
@@ -423,7 +434,7 @@ def test_both_backends_crop_odd_sizes_where_the_reference_does(tmp_path):
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     for backend in BACKENDS:
-        loader = loader_of(shards, backend, local_batch_size=4, img_size=224, train=False)
+        loader = open_loader(shards, backend, local_batch_size=4, img_size=224, train=False)
         batch, _ = next(iter(loader))
         pixels = ((batch * std + mean) * 255).permute(0, 2, 3, 1).double().numpy()
         for sample, got in zip(loader.samples(), pixels, strict=True):
