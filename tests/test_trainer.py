@@ -211,3 +211,40 @@ def test_the_loop_never_waits_on_the_device_between_log_steps(one_rank, tmp_path
     # No gradient all-reduce either: at one rank there is no peer to reduce with.
     expected = [(step, event) for step in range(1, 12) for event in ("all-reduce a vote", "read a vote", "read a vote")]
     assert between_logs == expected, between_logs
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_under_autocast_each_weight_is_cast_to_bf16_once_per_optimizer_step(one_rank, tmp_path, monkeypatch,
+                                                                            accumulation):
+    """The real trainer under autocast, 3 optimizer steps of 1 and of 4 micro-steps: each weight's bf16 copy is
+    made once per optimizer step (counted as aten._to_copy of a parameter), never once per micro-step, and every
+    matmul weight has one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setenv("MAE_KERNELS", "torch")
+    cfg = load_config("tiny", ["data.backend=synthetic", "data.synthetic_samples=512", f"output={tmp_path / 'run'}",
+                               "max_steps=3", "checkpoint.at_end=false", "eval.every_epochs=0", "log.viz_every=100",
+                               "log.tensorboard=false", "runtime.precision=autocast_bf16",
+                               f"optim.grad_accum_steps={accumulation}"])
+    casts: dict[tuple[int, str], int] = {}
+
+    class WeightCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = weights.get(args[0].data_ptr()) if func is torch.ops.aten._to_copy.default else None
+            if name is not None and kwargs.get("dtype") == torch.bfloat16:
+                key = (trainer.state.step, name)
+                casts[key] = casts.get(key, 0) + 1
+            return func(*args, **kwargs)
+
+    with Trainer(cfg, MaeTask, None) as trainer:
+        assert trainer.plan.grad_accum_steps == accumulation
+        weights = {p.data_ptr(): name for name, p in trainer.model.named_parameters()}
+        with WeightCasts():
+            assert trainer.fit() == 0
+    twice = {key: count for key, count in casts.items() if count > 1}
+    assert not twice, f"weights cast more than once in an optimizer step: {sorted(twice)[:4]}"
+    matmul_weights = {name for name, module in trainer.model.named_modules() if isinstance(module, torch.nn.Linear)
+                      for name in (f"{name}.weight",)}
+    for step in range(3):
+        assert matmul_weights <= {name for s, name in casts if s == step}, step

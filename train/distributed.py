@@ -78,7 +78,10 @@ def leave_process_group() -> None:
     the process ("terminate called without an active exception") and turn a refusal's status into a crash's."""
     if dist.is_initialized():
         with contextlib.suppress(RuntimeError):  # after a lost peer the group may refuse; the process ends anyway
-            dist.destroy_process_group()
+            if deepspeed.comm.is_initialized():  # DeepSpeed's call also drops the groups it cached: a later run in
+                deepspeed.comm.destroy_process_group()  # this process would otherwise meet the dead group's
+            else:
+                dist.destroy_process_group()
 
 
 def agree(work: Callable[[], T], group: Any) -> T:

@@ -97,6 +97,17 @@ def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def weights_cast_once(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Around an optimizer step's whole accumulation: under autocast each weight's bf16 copy is made once per
+    optimizer step, not once per micro-step (at ViT-H, 8 GB of copies per micro-step otherwise).
+
+    Autocast keeps the copies it makes of weights until its outermost region ends, and DeepSpeed's autocast around
+    each forward pass nests inside this one. This region itself is disabled: the backward passes and the optimizer
+    step run outside autocast, as they would without it. It ends right after the optimizer step, so no copy outlives
+    the weights it was made from."""
+    return torch.autocast(device.type, enabled=False)
+
+
 @contextlib.contextmanager
 def attention_backend(name: str) -> Iterator[None]:
     """SDPA restricted to one backend ("auto": torch's own choice, which on an H100 in bf16 is flash)."""

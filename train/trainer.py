@@ -36,7 +36,7 @@ from train.cadence import EverySteps
 from train.checkpoint import Checkpointer, TrainState, check_shared_folder, describe_norms, latest_tag
 from train.config import RunConfig, describe
 from train.distributed import Peers, agree, join_process_group, leave_process_group
-from train.engine import apply_model_switches, attention_backend, deepspeed_config, image_dtype
+from train.engine import apply_model_switches, attention_backend, deepspeed_config, image_dtype, weights_cast_once
 from train.health import SLOW_PHASE_FACTOR, RankTimes, SpikeDetector, Watchdog, dump_stacks_on
 from train.metrics import MetricsLog, MetricWindow
 from train.outcome import RunEnd
@@ -280,30 +280,34 @@ class Trainer:
         """The rest of the current epoch; None when it is done, else how the run ends."""
         accum = self.plan.grad_accum_steps
         usable = len(self.loader) // accum * accum  # local batches that fill whole optimizer steps
-        for images, labels in self.loader:
-            index = self.loader.position.batch - 1  # of this epoch's local batches
-            if index >= usable:
-                break  # trailing local batches that cannot fill an optimizer step
-            micro = MicroBatch(self.state.step, index % accum)
-            if micro.index == 0:
-                self.set_lr()
-            if self.sample_log is not None:
-                self.sample_log.write(f"{self.state.step + 1} {' '.join(self.loader.batch_keys(index))}\n")
-            with attention_backend(self.cfg.runtime.attention), self.rank_times.forward():
-                loss = self.task.loss(self.engine, images, labels, micro)
-            self.engine.backward(loss)  # divided by the accumulation count
-            last = micro.index == accum - 1
-            if last and self.replicated and self.logging.due(self.state.step + 1):
-                self.window.grad_norm = total_grad_norm(self.model)  # on the device: read at the log
-            self.engine.step()  # the optimizer steps after the accumulation's last forward pass only
-            self.window.add(loss, self.state.step + 1)
-            if last:
-                epoch_done = index + 1 == usable
-                end = self.after_optimizer_step(epoch_done)
-                if end is not None or epoch_done:
-                    return end
+        batches = iter(self.loader)
+        while self.loader.position.batch < usable:
+            with weights_cast_once(self.device):
+                for micro_index in range(accum):
+                    images, labels = next(batches)
+                    self.micro_step(images, labels, MicroBatch(self.state.step, micro_index))
+            epoch_done = self.loader.position.batch == usable
+            end = self.after_optimizer_step(epoch_done)
+            if end is not None or epoch_done:
+                return end
         self.end_epoch()  # its remaining samples made no optimizer step (an epoch handed over to more ranks)
         return None
+
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, micro: MicroBatch) -> None:
+        """One forward and backward pass of an accumulation; DeepSpeed's step updates the weights after the last."""
+        if micro.index == 0:
+            self.set_lr()
+        if self.sample_log is not None:
+            index = self.loader.position.batch - 1  # of this epoch's local batches
+            self.sample_log.write(f"{self.state.step + 1} {' '.join(self.loader.batch_keys(index))}\n")
+        with attention_backend(self.cfg.runtime.attention), self.rank_times.forward():
+            loss = self.task.loss(self.engine, images, labels, micro)
+        self.engine.backward(loss)  # divided by the accumulation count
+        last = micro.index == self.plan.grad_accum_steps - 1
+        if last and self.replicated and self.logging.due(self.state.step + 1):
+            self.window.grad_norm = total_grad_norm(self.model)  # on the device: read at the log
+        self.engine.step()  # the optimizer steps after the accumulation's last forward pass only
+        self.window.add(loss, self.state.step + 1)
 
     def set_lr(self) -> None:
         self.lr = lr_at(self.schedule.progress(self.state.samples), self.peak_lr, self.cfg.optim)
