@@ -228,7 +228,7 @@ class MaskedAutoencoderViT(TransformerHooks):
         x = self.decoder_embed(latent)
         x = kernels.decoder_tokens(x, self.mask_token, self.decoder_pos_embed, ids_restore)
         for block in self.decoder_blocks:
-            x = block(x)
+            x = self.run_block(block, x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

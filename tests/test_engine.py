@@ -106,3 +106,34 @@ def test_the_classifier_compiles_and_recomputes_through_the_config_switches_with
     for a, b in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert saved < 0.5 * eager_saved, (saved, eager_saved)  # the blocks kept only their inputs
+
+
+def test_a_compiler_failing_on_a_node_costs_that_node_speed_never_the_run():
+    """A backend that fails as a node without its compiler does: one line naming the cause, every block eager, the
+    eager loss and gradients; and a backend torch does not know is refused before any work."""
+    import torch._dynamo as dynamo
+
+    from train.engine import apply_model_switches
+
+    def no_compiler_here(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found on this node")
+
+    if "maeflow_test_broken" not in dynamo.list_backends(exclude_tags=()):
+        dynamo.register_backend(no_compiler_here, name="maeflow_test_broken")
+    imgs, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 16)
+    results, lines = [], []
+    for switches in ([], ["runtime.compile=true", "runtime.compile_backend=maeflow_test_broken"]):
+        torch.manual_seed(0)
+        model = tiny_preset_model()
+        apply_model_switches(model, load_config("configs/tiny.toml", switches), lines.append)
+        for _ in range(2):
+            model.zero_grad()
+            loss, _, _ = model(imgs, noise=noise)
+            loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    assert len(lines) == 1 and "every block runs eager" in lines[0] and "no C++ compiler found" in lines[0], lines
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for compiled, eager in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(compiled, eager)
+    with pytest.raises(ConfigError, match=r"runtime.compile_backend 'inductr' is not one of .*inductor"):
+        load_config("configs/tiny.toml", ["runtime.compile=true", "runtime.compile_backend=inductr"])

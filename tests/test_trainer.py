@@ -248,3 +248,41 @@ def test_under_autocast_each_weight_is_cast_to_bf16_once_per_optimizer_step(one_
                       for name in (f"{name}.weight",)}
     for step in range(3):
         assert matmul_weights <= {name for s, name in casts if s == step}, step
+
+
+@pytest.mark.parametrize("task, preset", [(MaeTask, "tiny"), (ClassifierTask, "finetune_tiny")])
+def test_compiled_blocks_compile_in_the_first_step_only_and_give_the_eager_losses(one_rank, shards, tmp_path,
+                                                                                  monkeypatch, task, preset):
+    """The real trainer, eager then compiled, one epoch and its evaluation (k-NN or top-1) and, in pre-training, a
+    reconstruction: after the first optimizer step nothing recompiles (dynamo refuses to), no graph breaks, no
+    fallback to eager, and every step's loss is eager's."""
+    import torch._dynamo as dynamo
+
+    monkeypatch.setenv("MAE_KERNELS", "torch")
+    losses = []
+    for compiled in (False, True):
+        output = tmp_path / f"compiled_{compiled}"
+        cfg = load_config(preset, [f"data.shards={shards}", f"output={output}", "max_steps=4", "log.log_every=1",
+                                   "eval.every_epochs=1", "log.tensorboard=false", "checkpoint.at_end=false",
+                                   f"runtime.compile={str(compiled).lower()}", "runtime.compile_backend=aot_eager"])
+        dynamo.reset()
+        dynamo.utils.counters.clear()
+        with Trainer(cfg, task, None) as trainer, contextlib.ExitStack() as after_the_first_step:
+            first_step = trainer.after_optimizer_step
+
+            def then_no_recompile(epoch_done: bool, first_step=first_step):
+                if trainer.state.step == 0:  # the first step is done
+                    after_the_first_step.enter_context(dynamo.config.patch(error_on_recompile=True))
+                return first_step(epoch_done)
+
+            monkeypatch.setattr(trainer, "after_optimizer_step", then_no_recompile)
+            assert trainer.fit() == 0
+            assert compiled == (trainer.model.training_graphs is not None)
+            assert not compiled or trainer.model.training_graphs.failure is None
+        assert not dynamo.utils.counters["graph_break"]
+        assert compiled == bool(dynamo.utils.counters["stats"]["unique_graphs"])
+        records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        assert any(key in r for r in records for key in ("knn_top1_cls", "top1"))  # the evaluation ran
+        losses.append([r["loss"] for r in records if "loss" in r and "step" in r and "top1" not in r])
+    assert len(losses[0]) == 4
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

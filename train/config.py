@@ -111,8 +111,10 @@ class RuntimeConfig:
     """bf16 (bf16 weights, fp32 master copies), autocast_bf16 (fp32 weights, bf16 matmuls) or fp32; no fp16 (NaNs)"""
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     """scaled-dot-product attention backend; auto lets torch choose"""
-    compile: bool = False
-    """torch.compile each transformer block (the first steps compile; not with ZeRO-3)"""
+    compile: bool = True
+    """torch.compile each transformer block for the training step (the first step compiles; eager where it fails)"""
+    compile_backend: str = "inductor"
+    """torch.compile's backend: inductor (fused kernels); aot_eager traces the same graphs without generating code"""
     deepspeed_config: str = ""
     """a DeepSpeed JSON merged over the derived config (bucket sizes, overlap, monitors...)"""
     seed: int = 0
@@ -445,12 +447,23 @@ def validate(cfg: RunConfig) -> None:
         (not cfg.runtime.deepspeed_config or Path(cfg.runtime.deepspeed_config).is_file(),
          f"runtime.deepspeed_config {cfg.runtime.deepspeed_config}: no such file"),
         (not (cfg.runtime.compile and cfg.runtime.zero_stage == 3),
-         "runtime.compile does not work with ZeRO-3 (its parameter gathering hooks break the graphs)"),
+         "runtime.compile does not work with ZeRO-3 (its parameter gathering hooks break the graphs): set "
+         "runtime.compile=false"),
+        (not cfg.runtime.compile or cfg.runtime.compile_backend in compile_backends(),
+         f"runtime.compile_backend {cfg.runtime.compile_backend!r} is not one of torch.compile's backends: "
+         f"{', '.join(compile_backends())}"),
         *cfg.checks(),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def compile_backends() -> list[str]:
+    """torch.compile's backends here, registered ones included (imports the compiler: call only with compile on)."""
+    import torch._dynamo
+
+    return torch._dynamo.list_backends(exclude_tags=())
 
 
 def describe(cfg: Any, prefix: str = "") -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +49,12 @@ def image_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
 
 
-def apply_model_switches(model: TransformerHooks, cfg: RunConfig) -> None:
-    """The config's speed and memory switches, through the hooks every model family has (model.hooks)."""
+def apply_model_switches(model: TransformerHooks, cfg: RunConfig, report: Callable[[str], None] = print) -> None:
+    """The config's speed and memory switches, through the hooks every model family has (model.hooks). `report`:
+    where a rank says that compiling failed on it and it runs eager."""
     model.set_grad_checkpointing(cfg.model.activation_recompute)
     if cfg.runtime.compile:
-        model.compile_blocks()
+        model.compile_blocks(cfg.runtime.compile_backend, report)
 
 
 def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:

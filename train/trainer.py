@@ -154,7 +154,7 @@ class Trainer:
         self._prepare_folder()
 
         self.loader = self.ctx.loader("train", train=True, augment=self.task.augmentation, verbose=self.is_main)
-        apply_model_switches(self.model, cfg)
+        apply_model_switches(self.model, cfg, self.say_on_every_rank)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.task.build_optimizer(self.model, self.peak_lr), config=self.ds_config)
         # ZeRO stage 0 with a torch optimizer DeepSpeed only wraps (not its bf16 master copies): every rank holds
@@ -393,6 +393,10 @@ class Trainer:
         """Rank 0 prints a line without breaking the progress bar."""
         if self.is_main:
             tqdm.write(line)
+
+    def say_on_every_rank(self, line: str) -> None:
+        """What one rank finds of itself (a compiler missing on its node), named by that rank."""
+        tqdm.write(f"rank {self.rank}: {line}", file=sys.stderr)
 
     def log(self, loss: float) -> bool:
         """Collective: the window's record (every rank's figures gathered); True when the loss spiked."""
