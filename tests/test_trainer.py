@@ -286,3 +286,26 @@ def test_compiled_blocks_compile_in_the_first_step_only_and_give_the_eager_losse
         losses.append([r["loss"] for r in records if "loss" in r and "step" in r and "top1" not in r])
     assert len(losses[0]) == 4
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_with_peers_the_gradients_leave_in_bf16_buckets_while_the_backward_pass_runs(tmp_path):
+    """Two gloo ranks of the real trainer under autocast_bf16, 3 optimizer steps of 2 micro-steps, 1 MB buckets.
+    In every optimizer step each trainable parameter's gradient is all-reduced exactly once, in bf16 (half of
+    fp32's bytes) and in several buckets; nothing in the first micro-step, which only accumulates; and the first
+    bucket leaves while the last micro-step's backward pass still has operators to run."""
+    port = free_port()
+    script = str(REPO / "tests" / "scripts" / "reduction_ranks.py")
+    ranks = [start_job([sys.executable, script, str(tmp_path / "run"), "autocast_bf16"],
+                       env={**rank_env(rank, 2, port), "PYTHONPATH": str(REPO)}) for rank in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], [out[-3000:] for out in outs]
+    for out in outs:
+        counted = json.loads(out.strip().splitlines()[-1])
+        assert len(counted["steps"]) == 3
+        for step in counted["steps"]:
+            assert {dtype for dtype, _ in step["reduced"]} == {"torch.bfloat16"}
+            assert sum(elements for _, elements in step["reduced"]) == counted["parameters"]
+            assert len(step["reduced"]) > 2
+            assert step["first_sent_in_micro_step"] == 1
+            assert step["ops_after_first_send"] > 50, step  # the backward pass went on after the first bucket left

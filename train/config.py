@@ -115,6 +115,8 @@ class RuntimeConfig:
     """torch.compile each transformer block for the training step (the first step compiles; eager where it fails)"""
     compile_backend: str = "inductor"
     """torch.compile's backend: inductor (fused kernels); aot_eager traces the same graphs without generating code"""
+    reduce_bucket_mb: float = 25.0
+    """ZeRO stage 0 on several ranks: gradient MB per all-reduce bucket, each sent during the backward pass"""
     deepspeed_config: str = ""
     """a DeepSpeed JSON merged over the derived config (bucket sizes, overlap, monitors...)"""
     seed: int = 0
@@ -432,6 +434,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.checkpoint.every_minutes >= 0 and cfg.checkpoint.every_steps >= 0,
          "checkpoint.every_minutes and checkpoint.every_steps must be >= 0 (0 = off)"),
         (cfg.log.profile_steps >= 0, "log.profile_steps must be >= 0"),
+        (cfg.runtime.reduce_bucket_mb > 0, f"runtime.reduce_bucket_mb must be positive, got "
+                                           f"{cfg.runtime.reduce_bucket_mb}"),
         (cfg.runtime.hang_timeout_s >= 0, "runtime.hang_timeout_s must be >= 0 (0 = no watchdog)"),
         (cfg.log.straggler_margin > 0 and cfg.log.straggler_windows >= 1,
          "log.straggler_margin must be positive and log.straggler_windows >= 1"),

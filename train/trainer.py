@@ -37,6 +37,7 @@ from train.checkpoint import Checkpointer, TrainState, check_shared_folder, desc
 from train.config import RunConfig, describe
 from train.distributed import Peers, agree, join_process_group, leave_process_group
 from train.engine import apply_model_switches, attention_backend, deepspeed_config, image_dtype, weights_cast_once
+from train.grad_reduce import OverlappedAllReduce
 from train.health import SLOW_PHASE_FACTOR, RankTimes, SpikeDetector, Watchdog, dump_stacks_on
 from train.metrics import MetricsLog, MetricWindow
 from train.outcome import RunEnd
@@ -160,8 +161,13 @@ class Trainer:
         # ZeRO stage 0 with a torch optimizer DeepSpeed only wraps (not its bf16 master copies): every rank holds
         # the whole optimizer state and the whole gradients, and DeepSpeed computes no gradient norm.
         self.replicated = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
-        if self.replicated and self.world == 1:  # no peer: DeepSpeed would still flatten, all-reduce and copy back
+        self.reducer: OverlappedAllReduce | None = None
+        if self.replicated:  # DeepSpeed's reduction starts after the backward pass, in fp32, and at one rank too
             self.engine.enable_backward_allreduce = False
+            if self.world > 1:
+                send = torch.bfloat16 if cfg.runtime.precision == "autocast_bf16" else torch.float32
+                self.reducer = OverlappedAllReduce(self.model, None, send, int(cfg.runtime.reduce_bucket_mb * 2**20))
+                hold.callback(self.reducer.close)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.output / "checkpoints", self.engine, self.replicated,
                                          self.control, self.say)
         self.jobs: list[PeriodicJob] = self.task.jobs(self.engine, self.model)
@@ -302,8 +308,12 @@ class Trainer:
             self.sample_log.write(f"{self.state.step + 1} {' '.join(self.loader.batch_keys(index))}\n")
         with attention_backend(self.cfg.runtime.attention), self.rank_times.forward():
             loss = self.task.loss(self.engine, images, labels, micro)
-        self.engine.backward(loss)  # divided by the accumulation count
         last = micro.index == self.plan.grad_accum_steps - 1
+        if last and self.reducer is not None:
+            self.reducer.arm()  # the gradients leave in buckets while this backward pass runs
+        self.engine.backward(loss)  # divided by the accumulation count
+        if last and self.reducer is not None:
+            self.reducer.finish()
         if last and self.replicated and self.logging.due(self.state.step + 1):
             self.window.grad_norm = total_grad_norm(self.model)  # on the device: read at the log
         self.engine.step()  # the optimizer steps after the accumulation's last forward pass only
