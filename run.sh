@@ -3,6 +3,9 @@
 #   bash run.sh demo   sample data -> shards -> 2-rank CPU/GPU training -> reconstruction, k-NN, fine-tuning,
 #                      bench report
 #   bash run.sh test   the test suite (what CI runs)
+#   bash run.sh setup [--cuda|--cpu]   only the .venv; the torch build for where the jobs run (default: a CUDA
+#                      build where nvidia-smi sees a GPU, else the CPU one; a cluster's login node has no GPU, so
+#                      name --cuda there). MAEFLOW_TORCH=cuda|cpu does the same for demo and test.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -14,14 +17,23 @@ PY=$VENV/bin/python
 
 has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
+torch_target() {  # cuda or cpu: MAEFLOW_TORCH when set, else what this machine has
+    case "${MAEFLOW_TORCH:-auto}" in
+        cuda|cpu) echo "$MAEFLOW_TORCH" ;;
+        auto) has_cuda && echo cuda || echo cpu ;;
+        *) echo "MAEFLOW_TORCH must be cuda, cpu or auto, not '$MAEFLOW_TORCH'" >&2; exit 2 ;;
+    esac
+}
+
 setup() {
     [ -x "$PY" ] || python3 -m venv "$VENV"
-    local stamp="$VENV/.maeflow-setup" want
-    want="$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)-$(has_cuda && echo cuda || echo cpu)"
+    local stamp="$VENV/.maeflow-setup" want target
+    target=$(torch_target) || exit 2
+    want="$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)-$target"
     if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return; fi
-    echo "[setup] installing into $VENV ($(has_cuda && echo 'CUDA found: CUDA torch' || echo 'no CUDA: CPU torch'))"
+    echo "[setup] installing into $VENV ($target torch$( [ -z "${MAEFLOW_TORCH:-}" ] && echo ', from this machine: --cuda or --cpu to choose'))"
     "$PY" -m pip install -q --upgrade pip
-    if has_cuda; then
+    if [ "$target" = cuda ]; then
         "$PY" -m pip install -q "torch==$TORCH_VERSION"
     else
         # The plain PyPI wheel is the multi-GB CUDA build; the CPU one lives on PyTorch's own index.
@@ -77,6 +89,13 @@ run_tests() {
 case "${1:-}" in
     demo) setup; demo ;;
     test) shift; setup; run_tests "$@" ;;
-    setup) setup ;;
-    *) echo "usage: bash run.sh {demo|test [pytest args]|setup}" >&2; exit 2 ;;
+    setup)
+        case "${2:-}" in
+            --cuda) MAEFLOW_TORCH=cuda ;;
+            --cpu) MAEFLOW_TORCH=cpu ;;
+            "") ;;
+            *) echo "usage: bash run.sh setup [--cuda|--cpu]" >&2; exit 2 ;;
+        esac
+        setup ;;
+    *) echo "usage: bash run.sh {demo|test [pytest args]|setup [--cuda|--cpu]}" >&2; exit 2 ;;
 esac

@@ -1,5 +1,6 @@
-"""`python -m bench {shards,pipeline,kernels,model,train,finetune,all} [--quick] [--device cpu|gpu] [--out DIR]`
-measures and appends to the history; `python -m bench report` turns the history into REPORT.md."""
+"""`python -m bench {shards,pipeline,kernels,model,train,train_shards,finetune,all} [--quick] [--device cpu|gpu]
+[--out DIR] [--mirror DIR]` measures and appends each record to the history as it is measured; `python -m bench
+report` turns the history into REPORT.md."""
 
 from __future__ import annotations
 
@@ -14,25 +15,27 @@ from pathlib import Path
 import torch
 
 from bench.context import BenchContext, StageUnavailable
-from bench.harness import DEFAULT_HISTORY, REPO, History
+from bench.harness import DEFAULT_HISTORY, REPO, History, Record
 from bench.report import write_report
-from pipeline.atomic import atomic_write_text
 
 # The stage modules are imported one by one below: the kernel stage's Triton kernels must see
 # TRITON_INTERPRET before they are defined, and a stage's packages may be missing on this machine.
-STAGES = ["shards", "pipeline", "kernels", "model", "train", "finetune"]
+STAGES = {"shards": ("bench.shards", "run"), "pipeline": ("bench.pipeline", "run"),
+          "kernels": ("bench.kernels", "run"), "model": ("bench.model", "run"),
+          "train": ("bench.train", "run"),  # the trainer on synthetic data against its bare step
+          "train_shards": ("bench.train", "run_on_shards"),  # the trainer on shards against the reference-style one
+          "finetune": ("bench.finetune", "run")}
 
 
-def keep_profiles_beside(records: list, history_path: Path) -> list:
+def keep_profile_beside(record: Record, history: History) -> Record:
     """A record's profile table goes to its own file beside the history file; the record keeps its name."""
-    for record in records:
-        table = record.extra.get("profile")
-        if table:
-            path = history_path.with_name(f"{history_path.stem}.profile.{record.name.split('.')[-1]}.txt")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, table)
-            record.extra["profile"] = path.name
-    return records
+    table = record.extra.get("profile")
+    if table:
+        path = history.path.with_name(f"{history.path.stem}.profile.{record.name.split('.')[-1]}.txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        history.write(path, table)
+        record.extra["profile"] = path.name
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "gpu"], help="default: gpu if CUDA is available")
     parser.add_argument("--out", help="history folder to append to (default bench/history)")
     parser.add_argument("--history", help="report: history folder to read (default bench/history)")
+    parser.add_argument("--mirror", help="also keep a copy of the history file and its profiles here, refreshed as "
+                                         "each record lands (the folder a job's outputs are collected from)")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "maeflow-bench"),
                         help="where generated bench data is cached")
     parser.add_argument("--data", help="pipeline: measure the loader on these shards (a folder with train.json)")
@@ -71,26 +76,28 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
     if device == "gpu" and not torch.cuda.is_available():
         parser.error("--device gpu but torch sees no CUDA device")
-    stages = STAGES if args.stage == "all" else [args.stage]
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
     if device == "cpu" and "kernels" in stages:
         # Triton kernels can only run on a CPU in the interpreter, which must be on before they are defined.
         os.environ["TRITON_INTERPRET"] = "1"
 
     ctx = BenchContext(device, args.quick, Path(args.work), Path(args.data) if args.data else None,
                        args.local_batch_size, args.preset)
-    history = History(Path(args.out or DEFAULT_HISTORY), device, args.quick)
+    history = History(Path(args.out or DEFAULT_HISTORY), device, args.quick,
+                      Path(args.mirror) if args.mirror else None)
     for stage in stages:
         began = time.perf_counter()
+        module, function = STAGES[stage]
+        history.start_run()
         try:
-            records = importlib.import_module(f"bench.{stage}").run(ctx)
+            for r in getattr(importlib.import_module(module), function)(ctx):  # each record kept as it comes
+                history.add(keep_profile_beside(r, history))
+                base = f" vs {r.baseline.median:.4g} ({r.baseline_name}): x{r.ratio:.2f}" if r.baseline else ""
+                tag = " [interpreter]" if r.interpreter else ""
+                print(f"{r.stage:8} {r.name:45} {r.ours.median:>10.4g} {r.unit}{base}{tag}", flush=True)
         except StageUnavailable as why:
             print(f"{stage}: skipped ({why})")
             continue
-        history.append(keep_profiles_beside(records, history.path))
-        for r in records:
-            base = f" vs {r.baseline.median:.4g} ({r.baseline_name}): x{r.ratio:.2f}" if r.baseline else ""
-            tag = " [interpreter]" if r.interpreter else ""
-            print(f"{r.stage:8} {r.name:45} {r.ours.median:>10.4g} {r.unit}{base}{tag}")
         print(f"{stage}: {time.perf_counter() - began:.0f} s")
     print(f"history: {history.path}")
     return 0

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -94,29 +94,28 @@ def bare_step_rate(config: str, batch: int, device: str, repeats: int) -> tuple[
     return rate(batch, seconds), classifier_train_flops(model)
 
 
-def run(ctx: BenchContext) -> list[Record]:
+def run(ctx: BenchContext) -> Iterator[Record]:
     require("deepspeed", "braceexpand")
     gpu = ctx.device == "gpu"
     setups = [("configs/finetune_vit_b16.toml", 128), ("configs/finetune_vit_h14.toml", 32)] if gpu else \
         [("configs/finetune_tiny.toml", 16)]
     steps, log_every = ((30, 5) if ctx.quick else (100, 10)) if gpu else ((15, 5) if ctx.quick else (60, 10))
     peak = peak_flops(torch.cuda.get_device_name()) if gpu else None
-    records = []
     for config, batch in setups:
         bare, flops = bare_step_rate(config, batch, ctx.torch_device, 10 if gpu else 5)
         windows, _ = trainer_run(config, None, steps, log_every, batch, script="train/finetune.py")
         trainer, _, trainer_mfu = summarize(windows)
-        records.append(Record(
+        yield Record(
             "finetune", f"synthetic_images_per_s.{Path(config).stem}", "img/s", trainer, bare,
             "bare classifier step (same model, precision, layer-decay AdamW; images in memory)",
             {"config": config, "local_batch_size": batch, "ranks": 1, "steps": steps, "log_every": log_every},
             extra={"mfu": trainer_mfu, "bare_step_mfu": flops * bare.median / peak if peak else None,
-                   "train_flops_per_image": flops}))
+                   "train_flops_per_image": flops})
     try:
         require("nvidia.dali")
     except StageUnavailable as why:
         print(f"finetune: the data path skipped ({why})")
-        return records
+        return
     from pipeline.dali_graph import HW_DECODER_LOAD  # imports DALI
     threads = os.cpu_count() or 1
     batch = 256 if gpu else 32
@@ -142,9 +141,8 @@ def run(ctx: BenchContext) -> list[Record]:
                          num_threads=threads, augment=FINETUNE, limit=limit)
     ceiling = raw_graph_rate(graph, HW_DECODER_LOAD, len(graph), repeats=epochs - 1)
     baseline_name = f"PIL + timm RandAugment in {threads} DataLoader workers, timm RandomErasing and Mixup on the batch"
-    records += [Record("finetune", "data_path_raw_graph_vs_delivered", "img/s", ceiling, ours,
-                       "build_loader with the batch augmentation, epoch boundaries included", config),
-                Record("finetune", "data_path_dali_vs_pil_timm", "img/s", ours, baseline, baseline_name, config),
-                Record("finetune", "data_path_within_epoch_dali_vs_pil_timm", "img/s", ours_within, baseline_within,
-                       baseline_name, config)]
-    return records
+    yield Record("finetune", "data_path_raw_graph_vs_delivered", "img/s", ceiling, ours,
+                 "build_loader with the batch augmentation, epoch boundaries included", config)
+    yield Record("finetune", "data_path_dali_vs_pil_timm", "img/s", ours, baseline, baseline_name, config)
+    yield Record("finetune", "data_path_within_epoch_dali_vs_pil_timm", "img/s", ours_within, baseline_within,
+                 baseline_name, config)

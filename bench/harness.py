@@ -173,22 +173,46 @@ def device_label(device: str) -> str:
 
 
 class History:
-    """`<dir>/<date>-<sha>-<device>.json`: the run's machine description and its records, appended."""
+    """`<dir>/<date>-<sha>-<device>.json`: the machine description and, per stage run, its records, each written
+    as soon as it is measured, so that a stage cut short keeps what it had measured. `mirror`: a folder that holds
+    a copy of the file (and of its profiles) at every moment, such as the folder a job's outputs are collected from.
+    """
 
-    def __init__(self, folder: Path, device: str, quick: bool) -> None:
-        self.device = device
+    def __init__(self, folder: Path, device: str, quick: bool, mirror: Path | None = None) -> None:
+        self.device, self.mirror = device, mirror
         sha = _git("rev-parse", "--short", "HEAD") or "nogit"
         dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
         date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
         self.path = Path(folder) / f"{date}-{sha}{'-dirty' if dirty else ''}-{device_label(device)}.json"
         self.meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_sha": sha,
                      "dirty": dirty, "quick": quick, "machine": machine_info(device)}
+        self._run: int | None = None  # this stage run's index in the file
 
-    def append(self, records: list[Record]) -> None:
+    def start_run(self) -> None:
+        """The next records belong to a new stage run."""
+        self._run = None
+
+    def add(self, record: Record) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.loads(self.path.read_text()) if self.path.is_file() else {"runs": []}
-        payload["runs"].append({**self.meta, "records": [r.to_json() for r in records]})
-        atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
+        if self._run is None:
+            payload["runs"].append({**self.meta, "records": []})
+            self._run = len(payload["runs"]) - 1
+        payload["runs"][self._run]["records"].append(record.to_json())
+        self.write(self.path, json.dumps(payload, indent=1) + "\n")
+
+    def append(self, records: list[Record]) -> None:
+        """One stage run of `records`."""
+        self.start_run()
+        for record in records:
+            self.add(record)
+
+    def write(self, path: Path, text: str) -> None:
+        """A file of this history (it, or a profile beside it), and its copy in the mirror."""
+        atomic_write_text(path, text)
+        if self.mirror is not None:
+            self.mirror.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.mirror / path.name, text)
 
 
 def load_history(folder: Path) -> list[dict[str, Any]]:

@@ -99,15 +99,17 @@ def copy_bandwidth(device: str, repeats: int) -> Record:
                   config={"bytes": src.numel()})
 
 
-def run(ctx: BenchContext) -> list[Record]:
+def run(ctx: BenchContext) -> Iterator[Record]:
     gpu = ctx.device == "gpu"
     if not gpu and not interpreter_enabled():
         raise RuntimeError("the CPU kernel bench needs TRITON_INTERPRET=1 before kernels are imported")
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     repeats = (20 if ctx.quick else 100) if gpu else 3
     with_compile = gpu or not ctx.quick
-    records = [copy_bandwidth(device, repeats)] if gpu else []
-    copy_gb_per_s = records[0].ours.median if gpu else None
+    copy = copy_bandwidth(device, repeats) if gpu else None
+    if copy is not None:
+        yield copy
+    copy_gb_per_s = copy.ours.median if copy is not None else None
     for shape in GPU_SHAPES if gpu else CPU_SHAPES:
         for name, ours, reference, inputs, trained, extra, nbytes in cases(shape, device, dtype):
             gigabytes = nbytes / 1e9
@@ -128,7 +130,5 @@ def run(ctx: BenchContext) -> list[Record]:
             if with_compile:
                 extra_info["compiled_gb_per_s"] = busy["compiled"].median
                 extra_info["ratio_vs_compiled"] = busy["ours"].median / busy["compiled"].median
-            records.append(Record("kernels", f"{name}.{shape.name}", "GB/s", busy["ours"], busy["eager"],
-                                  "eager torch (reference formulation)", config, interpreter=not gpu,
-                                  extra=extra_info))
-    return records
+            yield Record("kernels", f"{name}.{shape.name}", "GB/s", busy["ours"], busy["eager"],
+                         "eager torch (reference formulation)", config, interpreter=not gpu, extra=extra_info)

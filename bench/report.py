@@ -68,7 +68,9 @@ def stage_tables(latest: dict) -> list[str]:
             base = record["baseline"]
             baseline = f"{_fmt(base['median'])} {unit} ({record['baseline_name']})" if base else "–"
             ratio = f"**×{record['ratio']:.2f}**" if record["ratio"] else "–"
-            note = " (Triton interpreter: not a speed)" if record["interpreter"] else ""
+            note = " (Triton interpreter: not a speed)" if record["interpreter"] else (
+                " (a projection from counted traffic, not a measurement)" if record["config"].get("projection")
+                else "")
             spread = f" [{_fmt(record['ours']['min'])}–{_fmt(record['ours']['max'])}]"
             lines.append(f"| {record['name']}{note} | {_fmt(record['ours']['median'])} {unit}{spread} | {baseline} | "
                          f"{ratio} | {run['git_sha']} |")
@@ -94,7 +96,7 @@ def epoch_table(latest: dict, on_gpu: bool) -> list[str]:
     for record, _run in train:
         per_device = record["ours"]["median"]
         extra = record["extra"]
-        bare = extra.get("bare_step_img_per_s")
+        bare = extra.get("bare_step_img_per_s") or bare_step(latest, record["config"]["config"])
         mfu = f"{100 * extra['mfu']:.1f}%" if extra.get("mfu") is not None else "–"
         cells = [record["config"]["config"], _fmt(per_device), _fmt(bare),
                  f"{per_device / bare:.2f}" if bare else "–", _fmt(record["baseline"]["median"]),
@@ -106,6 +108,12 @@ def epoch_table(latest: dict, on_gpu: bool) -> list[str]:
                 cells += [_hours(hours / n), _hours(hours * EPOCHS / n)]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def bare_step(latest: dict, config: str) -> float | None:
+    """The bare model step of `config` (img/s), as the newest synthetic-data record of it measured it."""
+    found = latest.get(("train", f"synthetic_images_per_s.{Path(config).stem}"))
+    return found[0]["baseline"]["median"] if found else None
 
 
 def is_trainer_on_shards(stage: str, record: dict) -> bool:
@@ -131,6 +139,30 @@ def synthetic_table(latest: dict) -> list[str]:
             "| config | local batch | trainer img/s | bare step img/s | trainer efficiency | MFU | peak memory "
             "| profile |",
             "|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def projection_table(latest: dict, gpu_runs: dict[str, list[dict]]) -> list[str]:
+    """Counted traffic budgets and the H200 steps they project to, beside any GPU's measured step of that model."""
+    rows, basis = [], ""
+    for (stage, _name), (record, _run) in sorted(latest.items()):
+        if stage != "model" or not record["config"].get("projection"):
+            continue
+        model, extra, basis = record["config"]["model"], record["extra"], record["config"]["projection"]
+        measured = [f"{_fmt(r['ours']['median'])} img/s on {device}" for device, runs in sorted(gpu_runs.items())
+                    for (s, n), (r, _) in latest_records(runs).items() if (s, n) == ("model", f"mae_step.{model}")]
+        top = ", ".join(f"{op} {gb:.3g}" for op, gb in extra["top_ops_gb_per_image"].items())
+        rows.append(f"| {model} | {record['config']['local_batch_size']} | {extra['matmul_gflop_per_image']:.1f} | "
+                    f"{extra['other_gb_per_image']:.3g} + {extra['other_gb_per_step']:.3g} per step | {top} | "
+                    f"{100 * extra['memory_share']:.0f}% | {_fmt(record['ours']['median'])} | "
+                    f"{100 * extra['projected_mfu']:.1f}% | {'; '.join(measured) or '–'} |")
+    if not rows:
+        return []
+    return ["#### projected H200 step from counted traffic (not a measurement)", "",
+            f"{basis}: each part at its own ceiling, an eager "
+            "step's bytes (compiled blocks fuse some away). Counted op by op on this CPU under bf16 autocast.", "",
+            "| model | local batch | matmul GFLOP/img | other ops' GB/img | most bytes (GB/img) | memory share "
+            "| projected img/s | projected MFU | measured |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def shards_projection(latest: dict) -> list[str]:
@@ -196,7 +228,7 @@ def plot_epoch_hours(runs: list[dict], path: Path, title: str) -> Path | None:
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         label_x = min(max(points[-1][0] + 6, margin + 4), width - 180)
-        draw.text((label_x, points[-1][1] - 16), name, fill=colour)
+        draw.text((label_x, points[-1][1] - 16), name.removeprefix("images_per_s."), fill=colour)  # the preset
     img.save(path)
     return path
 
@@ -212,6 +244,8 @@ def write_report(history: Path, out: Path) -> Path:
     by_device = defaultdict(list)
     for run in runs:
         by_device[_device_of(run)].append(run)
+    for stale in out.glob("epoch_hours_*.png"):  # every plot is drawn again below, from the records it names
+        stale.unlink()
     for number, (device, device_runs) in enumerate(sorted(by_device.items())):
         latest = latest_records(device_runs)
         lines += [f"## {device}", ""]
@@ -219,7 +253,9 @@ def write_report(history: Path, out: Path) -> Path:
             lines += ["CPU numbers: the tiny preset and small shapes, for tracking changes on the development "
                       "machine. They say nothing about GPU speed and are never compared with GPU numbers.", ""]
         on_gpu = "CPU" not in device
-        lines += (stage_tables(latest) + shards_projection(latest) + synthetic_table(latest)
+        gpu_runs = {d: r for d, r in by_device.items() if "CPU" not in d}
+        lines += (stage_tables(latest) + projection_table(latest, gpu_runs) + shards_projection(latest)
+                  + synthetic_table(latest)
                   + epoch_table(latest, on_gpu) + history_table(device_runs, on_gpu))
         plot = plot_epoch_hours(device_runs, out / f"epoch_hours_{number}.png", device) if on_gpu else None
         if plot:

@@ -1,11 +1,14 @@
-"""End-to-end training throughput, measured per preset in one run on one device:
+"""End-to-end training throughput, measured per preset on one device, in two stages.
 
+`bench train`, the records that matter most, ViT-H first:
 - maeflow's trainer on synthetic data (`data.backend=synthetic`: no decoding): what the trainer costs on top of
   the model step, its MFU, peak memory and a profile (OUTPUT/profile.txt, kept beside the history file);
   this needs DeepSpeed alone, so it runs before DALI is installed;
+- maeflow's bare model step: the same model, precision, optimizer and compiled blocks in a plain loop on images
+  already in memory, the ceiling the trainer is held against (trainer / bare step = the trainer's efficiency).
+
+`bench train_shards`:
 - maeflow's trainer: `train/pretrain.py` under the deepspeed launcher, one rank, DALI, fused kernels;
-- maeflow's bare model step: the same model, precision and optimizer in a plain loop on images already
-  in memory, the ceiling the trainer is held against (trainer / bare step = the trainer's efficiency);
 - the reference-style trainer (`bench/reference_trainer.py`: DDP, autocast, fused AdamW, PIL DataLoader,
   the reference formulation of the model); trainer / reference-style = the epoch speedup.
 """
@@ -20,17 +23,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from bench.context import BenchContext, StageUnavailable, require
+from bench.context import BenchContext, require
 from bench.harness import REPO, Record, Stat, kernels_backend, rate, stat_of, time_repeats
 from model.flops import mae_train_flops, peak_flops
 from train.config import load_config
 from train.distributed import free_port
-from train.engine import attention_backend, mae_from_config
+from train.engine import apply_model_switches, attention_backend, mae_from_config
 from train.health import RankTimes, Watchdog
 from train.profiling import WARMUP_STEPS
 from train.recipe import build_optimizer
@@ -92,11 +96,11 @@ def reference_run(config: str, shards: Path, steps: int, log_every: int, batch: 
 
 
 def bare_step_rate(config: str, batch: int, device: str, repeats: int) -> tuple[Stat, int]:
-    """img/s of forward + backward + optimizer step of the trainer's model, precision and optimizer (both
-    bf16 modes timed as autocast bf16), and its FLOPs per image."""
+    """img/s of forward + backward + optimizer step of the trainer's model, precision, optimizer and model switches
+    (both bf16 modes timed as autocast bf16), and its FLOPs per image."""
     cfg = load_config(config)
     model = mae_from_config(cfg).to(device)
-    model.set_grad_checkpointing(cfg.model.activation_recompute)
+    apply_model_switches(model, cfg)  # compiled blocks and recompute, as the trainer has them
     optimizer = build_optimizer(model, cfg.optim, 1e-4)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.runtime.precision != "fp32")
     images = torch.randn(batch, 3, cfg.data.img_size, cfg.data.img_size, device=device)
@@ -146,54 +150,55 @@ def summarize(records: list[dict]) -> tuple:
             statistics.median(mfu) if mfu else None)
 
 
-def run(ctx: BenchContext) -> list[Record]:
+def setups(ctx: BenchContext) -> tuple[list[tuple[str, int]], int, int]:
+    """(config, local batch) per preset measured, the steps of each trainer run and its log interval."""
+    if ctx.device == "gpu":
+        return [("configs/vit_h14_1600ep.toml", 128), ("configs/vit_b16_1600ep.toml", 256)], *(
+            (20, 5) if ctx.quick else (100, 10))
+    return [("configs/tiny.toml", 16)], *((25, 5) if ctx.quick else (60, 10))
+
+
+def run(ctx: BenchContext) -> Iterator[Record]:
+    """The trainer on synthetic data against its bare model step, ViT-H first; then what run health costs."""
     require("deepspeed", "braceexpand")
-    gpu = ctx.device == "gpu"
-    if gpu:
-        setups = [("configs/vit_b16_1600ep.toml", 256), ("configs/vit_h14_1600ep.toml", 128)]
-        steps, log_every = (30, 5) if ctx.quick else (100, 10)
-    else:
-        setups = [("configs/tiny.toml", 16)]
-        steps, log_every = (25, 5) if ctx.quick else (60, 10)
-    peak = peak_flops(torch.cuda.get_device_name()) if gpu else None
-    records = []
-    for config, batch in setups:
-        bare, flops = bare_step_rate(config, batch, ctx.torch_device, 10 if gpu else 5)
+    presets, steps, log_every = setups(ctx)
+    peak = peak_flops(torch.cuda.get_device_name()) if ctx.device == "gpu" else None
+    step_s = None
+    for config, batch in presets:
+        bare, flops = bare_step_rate(config, batch, ctx.torch_device, 10 if ctx.device == "gpu" else 5)
         windows, profile = trainer_run(config, None, steps, log_every, batch)
         synthetic, _, synthetic_mfu = summarize(windows)
         memory = [r["peak_memory_gb"] for r in windows if r.get("peak_memory_gb") is not None]
-        records.append(Record(
+        step_s = step_s or batch / synthetic.median  # the first preset's seconds per step on synthetic data
+        yield Record(
             "train", f"synthetic_images_per_s.{Path(config).stem}", "img/s", synthetic, bare,
-            "bare model step (same model, precision, optimizer; images in memory)",
+            "bare model step (same model, precision, optimizer, compile; images in memory)",
             {"config": config, "local_batch_size": batch, "ranks": 1, "steps": steps, "log_every": log_every},
             extra={"mfu": synthetic_mfu, "peak_memory_gb": max(memory) if memory else None,
                    "bare_step_mfu": flops * bare.median / peak if peak else None, "profile": profile},
-        ))
-    step_s = 1 / records[-1].ours.median * setups[-1][1]  # the last preset's seconds per step on synthetic data
+        )
     per_step_us, parts = health_overhead(torch.device(ctx.torch_device), 50)  # the presets log every 50 steps
-    records.append(Record("train", "health_overhead_per_step", "us", Stat(per_step_us, per_step_us, per_step_us, 1),
-                          config={"preset_log_every": 50},
-                          extra={**parts, "fraction_of_step": per_step_us / 1e6 / step_s,
-                                 "step_s": step_s, "step_config": setups[-1][0]}))
-    try:
-        require("nvidia.dali")
-    except StageUnavailable as why:
-        print(f"train: trainer on shards and the reference-style trainer skipped ({why})")
-        return records
-    if gpu:
+    yield Record("train", "health_overhead_per_step", "us", Stat(per_step_us, per_step_us, per_step_us, 1),
+                 config={"preset_log_every": 50},
+                 extra={**parts, "fraction_of_step": per_step_us / 1e6 / step_s, "step_s": step_s,
+                        "step_config": presets[0][0]})
+
+
+def run_on_shards(ctx: BenchContext) -> Iterator[Record]:
+    """The trainer on ImageNet-like shards against the reference-style trainer, per preset."""
+    require("deepspeed", "braceexpand", "nvidia.dali")
+    presets, steps, log_every = setups(ctx)
+    if ctx.device == "gpu":
         shards = ctx.shards_of(ctx.imagenet_like_tree(10_240), workers=os.cpu_count() or 1)
     else:
         shards = ctx.shards_of(ctx.sample_tree())
-    for config, batch in setups:
+    for config, batch in presets:
         ours, ours_stall, ours_mfu = summarize(trainer_run(config, shards, steps, log_every, batch)[0])
-        bare = next(r.baseline for r in records if r.config.get("config") == config)
         base, base_stall, base_mfu = summarize(reference_run(config, shards, steps, log_every, batch))
-        records.append(Record(
+        yield Record(
             "train", f"images_per_s.{Path(config).stem}", "img/s", ours, base,
             "reference-style trainer: DDP, autocast, fused AdamW, PIL DataLoader, reference formulation",
             {"config": config, "local_batch_size": batch, "ranks": 1, "steps": steps, "log_every": log_every},
-            extra={"data_stall_pct": ours_stall, "mfu": ours_mfu, "bare_step_img_per_s": bare.median,
-                   "trainer_efficiency": ours.median / bare.median, "baseline_data_stall_pct": base_stall,
+            extra={"data_stall_pct": ours_stall, "mfu": ours_mfu, "baseline_data_stall_pct": base_stall,
                    "baseline_mfu": base_mfu},
-        ))
-    return records
+        )

@@ -45,10 +45,15 @@ def classifier_train_flops(model: VisionTransformer, trains_encoder: bool = True
     return (3 if trains_encoder else 1) * encoder + 3 * head
 
 
-# Dense bf16 tensor-core peaks by device-name fragment, for MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+# Dense (no sparsity) bf16 tensor-core peaks, per card, for MFU; the first fragment a device's name holds wins, so
+# the PCIe and NVL H100s come before the SXM one ("NVIDIA H100 80GB HBM3"). Cards not listed, and CPUs, report no
+# MFU unless log.peak_tflops names their peak.
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+    "B200": 2250e12, "B100": 1750e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+}
 
 
 def peak_flops(device_name: str) -> float | None:
-    """The bf16 peak of a named GPU, or None (CPUs, unknown cards): MFU is then not reported."""
+    """The dense bf16 peak of a named GPU, or None (CPUs, cards not in the table): MFU is then not reported."""
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in device_name), None)

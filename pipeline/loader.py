@@ -47,14 +47,23 @@ def local_rank_count() -> int:
 
 
 def default_threads() -> int:
-    """CPU threads for one rank's decoding. Under SLURM, the task's own CPUs (--cpus-per-task): srun may bind
-    each task to its share already, and dividing that share again by the ranks on the node would leave one
-    thread. Elsewhere, the cores this process may use (affinity, cgroups) shared evenly by the node's ranks."""
+    """CPU threads for one rank's decoding: the CPUs it may use, shared evenly by the ranks that share them. Under
+    SLURM, a task's own CPUs (--cpus-per-task) shared by the ranks that task started: one each when srun starts the
+    ranks itself (srun may bind each task to its share already), all of them when one task per node starts a
+    launcher. Elsewhere, the cores this process may use (affinity, cgroups) shared by the node's ranks."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
     if per_task.isdigit() and int(per_task) > 0:
-        return min(usable, int(per_task))
+        ranks_per_task = max(1, local_rank_count() // slurm_tasks_on_node())
+        return max(1, min(usable, int(per_task)) // ranks_per_task)
     return max(1, usable // local_rank_count())
+
+
+def slurm_tasks_on_node() -> int:
+    """SLURM tasks on this node: --ntasks-per-node, or the first count of SLURM_TASKS_PER_NODE ("4(x2),3")."""
+    value = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "")
+    first = value.split(",")[0].split("(")[0]
+    return int(first) if first.isdigit() and int(first) > 0 else 1
 
 
 def sample_counts(shards: str | Path | None, split: str, backend: Backend,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,34 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     """What srun's variables become in a task: every rank its own process, one per node here."""
     return dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+
+
+def fake_slurm(folder: Path, tasks: int) -> dict[str, str]:
+    """srun and scontrol as a one-node allocation runs them: srun starts `tasks` copies with SLURM's task
+    variables and returns the highest status; scontrol names this host and records a requeue."""
+    folder.mkdir()
+    scripts = {
+        "srun": f"""#!/usr/bin/env bash
+while [ "${{1#-}}" != "$1" ]; do echo "$1" >> {folder}/srun_options; shift; done  # srun's own options
+pids=()
+for task in $(seq 0 {tasks - 1}); do
+    SLURM_PROCID=$task SLURM_LOCALID=$task "$@" &
+    pids+=($!)
+done
+worst=0
+for pid in "${{pids[@]}}"; do wait "$pid"; code=$?; [ $code -gt $worst ] && worst=$code; done
+exit $worst
+""",
+        "scontrol": f"""#!/usr/bin/env bash
+case "$1 $2" in
+    "show hostnames") echo 127.0.0.1 ;;
+    requeue*) echo "$2" >> {folder}/requeued ;;
+esac
+""",
+    }
+    for name, text in scripts.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod((folder / name).stat().st_mode | stat.S_IEXEC)
+    return {"PATH": f"{folder}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node0",
+            "SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(tasks), "SLURM_CPUS_PER_TASK": "1",
+            "MASTER_PORT": str(free_port()), "MAEFLOW_PYTHON": sys.executable}

@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 from bench.__main__ import main as bench_main
@@ -39,8 +40,10 @@ def test_a_real_stage_writes_records_with_ratios_from_the_same_run(tmp_path, cap
     (path,) = tmp_path.glob("*.json")
     records = json.loads(path.read_text())["runs"][0]["records"]
     assert {r["name"] for r in records} == {"encoder_visible_vs_mask_tokens.mae_vit_tiny_patch16",
-                                            "mae_step.mae_vit_tiny_patch16"}
-    for r in records:
+                                            "mae_step.mae_vit_tiny_patch16", "projected_h200_step.mae_vit_tiny_patch16"}
+    measured = [r for r in records if not r["config"].get("projection")]
+    assert len(measured) == 2
+    for r in measured:
         assert r["ours"]["min"] <= r["ours"]["median"] <= r["ours"]["max"]
         assert r["ratio"] == pytest.approx(r["ours"]["median"] / r["baseline"]["median"])
     assert "history:" in capsys.readouterr().out
@@ -74,6 +77,8 @@ def test_report_builds_from_a_fixture_history_and_keeps_devices_apart(tmp_path):
         fixture_run("2026-11-02T10:00:00+00:00", "bbbbbbb", gpu, [train_record(1000.0, 400.0, 0.52)])]}))
     (history / "2026-11-02-bbbbbbb-cpu.json").write_text(json.dumps({"runs": [
         fixture_run("2026-11-02T11:00:00+00:00", "bbbbbbb", cpu, [kernel, train_record(400.0, 250.0, None, "tiny")])]}))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "epoch_hours_3.png").write_bytes(b"a plot of records no longer in the history")
     report = write_report(history, tmp_path / "out").read_text()
     gpu_part, cpu_part = report.split("\n## NVIDIA H100")[1], report.split("\n## CPU: AMD EPYC")[1].split("\n## ")[0]
     # Newest GPU run: 1000 img/s -> 1,281,167 / 1000 s = 21.4 min per epoch on one GPU, 2.5x the baseline,
@@ -87,7 +92,7 @@ def test_report_builds_from_a_fixture_history_and_keeps_devices_apart(tmp_path):
     assert "| configs/tiny.toml | 400 | 500 | 0.80 | 250 | **×1.60** | 1.0% | – |" in cpu_part
     assert "no epoch times are projected" in cpu_part and " min |" not in cpu_part and " h |" not in cpu_part
     assert "visible_tokens" not in gpu_part
-    plots = sorted((tmp_path / "out").glob("epoch_hours_*.png"))
+    plots = sorted((tmp_path / "out").glob("epoch_hours_*.png"))  # the stale plot gone, the GPU's drawn again
     assert len(plots) == 1 and Image.open(plots[0]).size == (720, 360)
 
 
@@ -99,3 +104,21 @@ def test_a_report_from_a_history_that_is_not_there_is_refused_and_keeps_the_repo
             bench_main(["report", "--history", str(history), "--out", str(tmp_path)])
         assert refused.value.code == 2 and "the report is left as it is" in capsys.readouterr().err
     assert (tmp_path / "REPORT.md").read_text() == "the real report\n"
+
+
+def test_the_traffic_count_takes_the_bytes_of_real_ops_and_neither_views_nor_matmuls():
+    from bench.traffic import OtherBytes, mae_budget
+    from tests.helpers import tiny_preset_model
+
+    x = torch.randn(8, 16)
+    with OtherBytes() as counter:
+        x.view(16, 8).t()  # views move nothing
+        torch.add(x, x)  # reads two, writes one
+        x @ x.T  # a matmul: counted in FLOPs
+    assert dict(counter.by_op) == {"add": 3 * x.numel() * 4}
+    # The tiny MAE: a step's fixed part holds at least the bf16 copy of every matmul weight (fp32 read, bf16
+    # written), made once per step whatever the batch; each image adds its activations.
+    budget = mae_budget("mae_vit_tiny_patch16", 64, 16)
+    weights = sum(m.weight.numel() for m in tiny_preset_model().modules() if isinstance(m, torch.nn.Linear))
+    assert budget.other_bytes_per_step >= 6 * weights
+    assert budget.other_bytes_per_image > 0 and 0 < budget.memory_share < 1

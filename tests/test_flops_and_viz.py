@@ -8,7 +8,7 @@ from model import build_mae
 from model.flops import block_flops, mae_forward_flops, mae_train_flops, peak_flops
 from pipeline import IMAGENET_MEAN
 from tests.helpers import small_model
-from train.viz import MIN_CELL, reconstruction_grid
+from train.viz import MIN_CELL, TITLE_BAND, reconstruction_grid
 
 
 @pytest.mark.parametrize("name, gmacs", [("mae_vit_base_patch16", 9.8), ("mae_vit_large_patch16", 20.8),
@@ -31,6 +31,9 @@ def test_peak_flops_are_known_for_datacenter_gpus_only():
     assert peak_flops("NVIDIA H200") == peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("cpu") is None and peak_flops("NVIDIA GeForce GTX 1080") is None
+    # The PCIe and NVL H100s are not the SXM one; a B200 is not an H100.
+    assert (peak_flops("NVIDIA H100 PCIe"), peak_flops("NVIDIA H100 NVL"), peak_flops("NVIDIA B200")) == (
+        756e12, 835e12, 2250e12)
 
 
 def test_the_reconstruction_grid_shows_original_masked_reconstruction_and_paste():
@@ -44,9 +47,11 @@ def test_the_reconstruction_grid_shows_original_masked_reconstruction_and_paste(
     mask[:, :4] = 1  # the top row of patches removed
     picture = reconstruction_grid(model, images, pred, mask)
     scale = MIN_CELL // 32
-    assert picture.size == (4 * 32 * scale, 2 * 32 * scale)
-    pixels = np.asarray(picture).astype(int)
+    assert picture.size == (4 * 32 * scale, TITLE_BAND + 2 * 32 * scale)
+    titles, pixels = np.split(np.asarray(picture).astype(int), [TITLE_BAND])
     cell = 32 * scale
+    for column in range(4):  # each column has its title written above it
+        assert (titles[:, column * cell:(column + 1) * cell] < 128).any(), column
     original, masked, pasted = (pixels[:cell, c * cell:(c + 1) * cell] for c in (0, 1, 3))
     mean_colour = np.round(255 * np.array(IMAGENET_MEAN)).astype(int)
     assert (np.abs(masked[: 8 * scale] - mean_colour) <= 1).all()  # the removed row is blanked in the masked view

@@ -1,10 +1,13 @@
 """The run-health parts on their own: the watchdog's timing and report, the straggler rule, the spike rule."""
 
+import os
+import subprocess
 import threading
 import time
 
 import torch
 
+from tests.helpers import REPO
 from train.health import RankTimes, SpikeDetector, Watchdog, WindowTimes
 
 
@@ -94,3 +97,45 @@ def test_a_gradient_norm_just_above_the_factor_times_the_median_is_a_spike():
     for _ in range(3):
         loss_off.check(1.0, 0.5)
     assert loss_off.check(100.0, 1.0) is None and loss_off.check(1.0, 5.1)["cause"] == "grad_norm"
+
+
+def slurm_job(tmp_path, slurm: dict[str, str], *args: str, exits: int, restarts: int = 0,
+              latest: str = "step00000008") -> tuple[int, str, str, bool]:
+    """train/slurm.sbatch with stand-in srun and scontrol (`slurm`: tests.runs.fake_slurm) and a stand-in trainer
+    that exits `exits`, the run folder holding checkpoint `latest`: the job's exit status, its output, the options
+    srun was given, and whether the job requeued itself."""
+    trainer = tmp_path / "trainer"
+    trainer.write_text(f'#!/usr/bin/env bash\necho "$@" > {tmp_path}/argv.$SLURM_PROCID\nexit {exits}\n')
+    trainer.chmod(0o755)
+    output = tmp_path / "run"
+    (output / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (output / "checkpoints" / "latest").write_text(latest)
+    requeued = tmp_path / "slurm" / "requeued"
+    requeued.unlink(missing_ok=True)
+    env = {**os.environ, **slurm, "MAEFLOW_PYTHON": str(trainer), "MAEFLOW_REPO": str(REPO),
+           "SLURM_RESTART_COUNT": str(restarts)}
+    done = subprocess.run(["bash", str(REPO / "train" / "slurm.sbatch"), str(tmp_path), str(output), *args],
+                          env=env, capture_output=True, text=True, timeout=60)
+    srun = (tmp_path / "slurm" / "srun_options").read_text()
+    return done.returncode, done.stdout + done.stderr, srun, requeued.exists()
+
+
+def test_the_slurm_script_ends_a_step_on_a_dead_rank_and_requeues_only_what_will_not_recur(tmp_path):
+    from tests.runs import fake_slurm
+
+    slurm = fake_slurm(tmp_path / "slurm", tasks=2)
+    code, out, srun, requeued = slurm_job(tmp_path, slurm, exits=3)
+    assert (code, requeued) == (3, True) and "--wait=120" in srun.split()  # a dead rank ends the step in 2 min
+    assert "train/pretrain.py" in (tmp_path / "argv.0").read_text()  # no --config: the ViT-H pre-training preset
+    assert slurm_job(tmp_path, slurm, exits=3, restarts=20)[3] is False  # the cap (MAEFLOW_MAX_REQUEUES)
+    for failure in (2, 4, 5, 1, 137):  # refused, diverged, failed, crashed, killed: each would recur
+        assert slurm_job(tmp_path, slurm, exits=failure)[3] is False, failure
+    code, out, _, requeued = slurm_job(tmp_path, slurm, exits=6)  # a hang: requeued once
+    assert requeued and "requeueing" in out
+    code, out, _, requeued = slurm_job(tmp_path, slurm, exits=6)  # hung again at the same checkpoint: it would recur
+    assert not requeued and "would recur" in out, out
+    assert slurm_job(tmp_path, slurm, exits=6, latest="step00000012")[3] is True  # progress since: requeued again
+    # Fine-tuning: the config's task line picks its script.
+    slurm_job(tmp_path, slurm, "--config", "finetune_vit_b16", exits=0)
+    argv = (tmp_path / "argv.1").read_text().split()
+    assert argv[0] == "train/finetune.py" and argv[argv.index("--config") + 1] == "finetune_vit_b16"

@@ -1,10 +1,11 @@
 """Run health on real CPU ranks, each started as srun starts one (no launcher to tear the others down): a
 frozen rank, a killed rank, stacks on demand, a straggler, and the SLURM script itself."""
 
+import datetime as dt
 import json
 import os
+import re
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import psutil
 import pytest
 
 from tests.helpers import REPO, start_job
-from tests.runs import events, free_port, metrics, rank_env, run, samples_read
+from tests.runs import events, fake_slurm, free_port, metrics, rank_env, run, samples_read
 from train.health import SLOW_PHASE_FACTOR
 
 pytestmark = pytest.mark.slow
@@ -127,37 +128,6 @@ def test_a_rank_slowed_from_outside_is_named_as_the_straggler(shards, tmp_path):
     assert json.loads((output / "metrics.jsonl").read_text().splitlines()[-1])  # the folder is intact
 
 
-def fake_slurm(folder: Path, tasks: int) -> dict[str, str]:
-    """srun and scontrol as a one-node allocation runs them: srun starts `tasks` copies with SLURM's task
-    variables and returns the highest status; scontrol names this host and records a requeue."""
-    folder.mkdir()
-    scripts = {
-        "srun": f"""#!/usr/bin/env bash
-while [ "${{1#-}}" != "$1" ]; do shift; done  # srun's own options
-pids=()
-for task in $(seq 0 {tasks - 1}); do
-    SLURM_PROCID=$task SLURM_LOCALID=$task "$@" &
-    pids+=($!)
-done
-worst=0
-for pid in "${{pids[@]}}"; do wait "$pid"; code=$?; [ $code -gt $worst ] && worst=$code; done
-exit $worst
-""",
-        "scontrol": f"""#!/usr/bin/env bash
-case "$1 $2" in
-    "show hostnames") echo 127.0.0.1 ;;
-    requeue*) echo "$2" >> {folder}/requeued ;;
-esac
-""",
-    }
-    for name, text in scripts.items():
-        (folder / name).write_text(text)
-        (folder / name).chmod((folder / name).stat().st_mode | stat.S_IEXEC)
-    return {"PATH": f"{folder}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node0",
-            "SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(tasks), "SLURM_CPUS_PER_TASK": "1",
-            "MASTER_PORT": str(free_port()), "MAEFLOW_PYTHON": sys.executable}
-
-
 def test_the_slurm_script_takes_a_users_arguments_from_anywhere_and_requeues_a_stopped_run(shards, tmp_path):
     slurm = fake_slurm(tmp_path / "slurm", tasks=2)
     submit_dir = tmp_path / "submitted_from_here"
@@ -172,7 +142,11 @@ def test_the_slurm_script_takes_a_users_arguments_from_anywhere_and_requeues_a_s
     cfg = json.loads((output / "config.json").read_text())
     assert (cfg["model"]["name"], cfg["optim"]["lr"]) == ("mae_vit_tiny_patch16", 0.001)  # the user's arguments
     assert [r["step"] for r in metrics(output)] == [1, 2, 3, 4]
-    assert "step 4/4 epoch 0 loss" in done.stdout and "\r" not in done.stdout  # plain lines in a log file, no bar
+    assert "\r" not in done.stdout  # plain lines in a log file, no bar; what an operator reads in each:
+    line = (r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 4/4 epoch 0 loss [\d.]+ lr [\d.e-]+ grad [\d.e-]+ \d+ img/s "
+            r"stall \d+% eta 0:00:00")
+    assert re.search(line, done.stdout), done.stdout[-2000:]
+    assert all(dt.datetime.fromisoformat(r["time"]) for r in metrics(output))  # each record's wall-clock time
     assert not (tmp_path / "slurm" / "requeued").exists()
     # A preempted job: SIGTERM to the job's processes; the script requeues it, and the requeue resumes.
     job = start_job([*args[:6], "--max-steps", "100000", "--log-every", "1"], cwd=tmp_path, env=env)

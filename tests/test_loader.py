@@ -307,7 +307,7 @@ def test_threads_default_to_the_usable_cores_over_the_ranks_on_the_node(monkeypa
     from pipeline.loader import LOCAL_RANK_COUNT_VARIABLES, default_threads
 
     usable = len(os.sched_getaffinity(0))
-    for name in (*LOCAL_RANK_COUNT_VARIABLES, "SLURM_CPUS_PER_TASK"):
+    for name in (*LOCAL_RANK_COUNT_VARIABLES, "SLURM_CPUS_PER_TASK", "SLURM_TASKS_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
     assert default_threads() == usable
     monkeypatch.setenv("LOCAL_SIZE", "2")  # what the deepspeed launcher sets
@@ -320,6 +320,13 @@ def test_threads_default_to_the_usable_cores_over_the_ranks_on_the_node(monkeypa
     assert default_threads() == 1
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(usable))
     assert default_threads() == usable
+    # One task per node starting a launcher of two ranks: the task's CPUs are shared by both.
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_threads() == max(1, usable // 2)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "1(x2)")  # what SLURM sets without --ntasks-per-node
+    assert default_threads() == max(1, usable // 2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -66,6 +66,23 @@ class TaskWithABug(MaeTask):
         raise ValueError("shapes that cannot be: a bug, not the user's mistake")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a torch without CUDA is what this refuses")
+def test_gpus_allocated_to_a_torch_without_cuda_are_refused_in_one_line(one_rank, shards, tmp_path, monkeypatch,
+                                                                        capsys):
+    """A .venv installed on a login node (CPU torch) and a job given GPUs: refused, not trained on the CPU."""
+    output = tmp_path / "refused"
+    monkeypatch.setenv("SLURM_JOB_GPUS", "0,1")
+    assert pretrain.main(["--config", "tiny", "--data", str(shards), "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SLURM_JOB_GPUS=0,1 gives this rank GPUs" in err[0], err
+    assert "a CPU build" in err[0] and "bash run.sh setup --cuda" in err[0]
+    assert not output.exists()
+    monkeypatch.delenv("SLURM_JOB_GPUS")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # what the deepspeed launcher sets on a CPU machine too
+    from train.distributed import allocated_gpus
+    assert allocated_gpus() is None
+
+
 def test_a_bug_is_not_a_refusal_it_propagates_and_the_trainer_still_closes(one_rank, shards, tmp_path):
     output = tmp_path / "bug"
     with pytest.raises(ValueError, match="a bug, not the user's mistake"):  # uncaught: status 1 with the traceback
@@ -182,7 +199,7 @@ def test_the_loop_never_waits_on_the_device_between_log_steps(one_rank, tmp_path
     monkeypatch.setenv("MAE_KERNELS", "torch")  # the interpreter is for the kernels' tests, not for the loop's
     cfg = load_config("tiny", ["data.backend=synthetic", "data.synthetic_samples=512", f"output={tmp_path / 'run'}",
                                "max_steps=12", "log.log_every=12", "checkpoint.at_end=false", "eval.every_epochs=0",
-                               "log.tensorboard=false"])
+                               "log.tensorboard=false", "log.peak_tflops=0.5"])
     waits: list[tuple[int, str]] = []
     accelerator = get_accelerator()
     synchronize = accelerator.synchronize
@@ -211,6 +228,10 @@ def test_the_loop_never_waits_on_the_device_between_log_steps(one_rank, tmp_path
     # No gradient all-reduce either: at one rank there is no peer to reduce with.
     expected = [(step, event) for step in range(1, 12) for event in ("all-reduce a vote", "read a vote", "read a vote")]
     assert between_logs == expected, between_logs
+    # A card the table does not know (here the CPU) reports MFU against the peak its config names.
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                 if '"loss"' in line]
+    assert record["mfu"] == pytest.approx(trainer.flops_per_image * record["img_per_s"] / 0.5e12)
 
 
 @pytest.mark.parametrize("accumulation", [1, 4])

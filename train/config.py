@@ -151,6 +151,8 @@ class CheckpointConfig:
 class LogConfig:
     log_every: int = 50
     """optimizer steps between metric reductions (the only host syncs of the loop)"""
+    peak_tflops: float = 0.0
+    """the accelerator's dense bf16 peak for MFU, TFLOP/s (0 = model.flops' table by the device's name)"""
     tensorboard: bool = True
     """write scalars and reconstructions for TensorBoard under OUTPUT/tb/ (when it is installed)"""
     sample_ids: bool = False
@@ -434,6 +436,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.checkpoint.every_minutes >= 0 and cfg.checkpoint.every_steps >= 0,
          "checkpoint.every_minutes and checkpoint.every_steps must be >= 0 (0 = off)"),
         (cfg.log.profile_steps >= 0, "log.profile_steps must be >= 0"),
+        (cfg.log.peak_tflops >= 0, "log.peak_tflops must be >= 0 (0 = from the device's name)"),
         (cfg.runtime.reduce_bucket_mb > 0, f"runtime.reduce_bucket_mb must be positive, got "
                                            f"{cfg.runtime.reduce_bucket_mb}"),
         (cfg.runtime.hang_timeout_s >= 0, "runtime.hang_timeout_s must be >= 0 (0 = no watchdog)"),

@@ -29,6 +29,43 @@ class JoinError(RuntimeError):
     """The process group could not be formed; the message names the address and the flag to change."""
 
 
+class DeviceError(RuntimeError):
+    """The scheduler gave this rank GPUs that its torch cannot use (a CPU build, installed on a login node)."""
+
+
+# Where a scheduler says it gave a process GPUs (lists of GPU ids). CUDA_VISIBLE_DEVICES counts only on a machine
+# with NVIDIA devices: launchers set it on CPU machines too (deepspeed --num_gpus 2 sets "0,1").
+SLURM_GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+
+
+def allocated_gpus() -> str | None:
+    """`NAME=value` of the variable that gives this process GPUs, or None."""
+    present = Path("/dev/nvidia0").exists() or any(Path("/proc/driver/nvidia/gpus").glob("*"))
+    for name in (*SLURM_GPU_VARIABLES, *(("CUDA_VISIBLE_DEVICES",) if present else ())):
+        value = os.environ.get(name, "").strip()
+        if value and value != "NoDevFiles" and not value.startswith("-"):
+            return f"{name}={value}"
+    count = os.environ.get("SLURM_GPUS_ON_NODE", "")
+    return f"SLURM_GPUS_ON_NODE={count}" if count.isdigit() and int(count) > 0 else None
+
+
+def rank_device() -> torch.device:
+    """This rank's device: its GPU among those it sees, else the CPU. A task bound to its own GPU sees that one
+    alone (srun --gpus-per-task, --gpu-bind): index 0; a task seeing the whole node takes its local rank's; in
+    general the local rank modulo the GPUs it sees. GPUs allocated to a torch without CUDA are refused."""
+    if not torch.cuda.is_available():
+        allocated = allocated_gpus()
+        if allocated:
+            build = f"a CPU build ({torch.__version__})" if torch.version.cuda is None else \
+                f"built for CUDA {torch.version.cuda} but sees no GPU (a driver problem: try nvidia-smi)"
+            raise DeviceError(f"{allocated} gives this rank GPUs, and its torch is {build}: install the CUDA build "
+                              "with `bash run.sh setup --cuda` (on a login node without GPUs, setup picks the CPU "
+                              "build unless told)")
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 def join_process_group(timeout_s: float = 0) -> torch.device:
     """Join the group (gloo on CPUs, NCCL on GPUs) and return this rank's device. `timeout_s` bounds every
     collective (0: the library's default), so that a rank whose peer died stops instead of waiting forever."""
@@ -36,8 +73,7 @@ def join_process_group(timeout_s: float = 0) -> torch.device:
         for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
                             ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
             os.environ[name] = value
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = rank_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:

@@ -3,6 +3,7 @@ OUTPUT/metrics.jsonl with their numbers in TensorBoard (`MetricsLog`)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from pathlib import Path
@@ -79,10 +80,11 @@ class MetricsLog:
             self.board.image(name, picture, step)
 
     def note(self, record: dict[str, Any]) -> None:
-        """An event (a resume, a loss spike): metrics.jsonl only."""
+        """An event (a resume, a loss spike): metrics.jsonl only, with the wall-clock time it was written (UTC)."""
         if self.is_main:
+            written = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             with open(self.output / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "time": written}) + "\n")
 
     def close(self) -> None:
         if self._board is not None:

@@ -179,7 +179,8 @@ class Trainer:
         self.first_step = self.state.step
         self.logging = EverySteps(cfg.log.log_every)
         self.flops_per_image = self.task.flops_per_image(self.model)
-        self.peak_flops = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        named = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self.peak_flops = self.cfg.log.peak_tflops * 1e12 or named
         self.sample_log = self._open_sample_log() if cfg.log.sample_ids else None
         self.lr = 0.0  # the schedule's lr of the current step (each group trains at it x its lr_scale)
         self.stop = StopRequest()
@@ -425,8 +426,8 @@ class Trainer:
             "step_time_s": elapsed / window.steps, **ranks,
         })
         if self.plain_lines:
-            print(f"step {self.state.step}/{self.stop_at} epoch {self.state.epoch} loss {loss:.4f} "
-                  f"{img_per_s:.0f} img/s", flush=True)
+            print(self.log_line(loss, grad_norm, img_per_s, 100 * data_wait_s / elapsed, ranks.get("peak_memory_gb"),
+                                elapsed / window.steps), flush=True)
         elif self.is_main:
             self.bar.set_postfix(epoch=self.state.epoch, loss=f"{loss:.4f}", img_s=f"{img_per_s:.0f}")
         if straggler:
@@ -441,6 +442,17 @@ class Trainer:
                      f"{median:.4f}; the last checkpoint before it is {last}")
         window.restart(self.loader.wait_s)
         return spike is not None
+
+
+    def log_line(self, loss: float, grad_norm: float | None, img_per_s: float, stall_pct: float,
+                 memory_gb: float | None, step_s: float) -> str:
+        """The line a log file gets per window: when, where the run is, how it learns, how fast, when it ends."""
+        eta = timedelta(seconds=round(step_s * (self.stop_at - self.state.step)))
+        parts = [time.strftime("%Y-%m-%d %H:%M:%S"), f"step {self.state.step}/{self.stop_at}",
+                 f"epoch {self.state.epoch}", f"loss {loss:.4f}", f"lr {self.lr:.3g}",
+                 f"grad {grad_norm:.3g}" if grad_norm is not None else "", f"{img_per_s:.0f} img/s",
+                 f"stall {stall_pct:.0f}%", f"mem {memory_gb:.1f} GB" if memory_gb is not None else "", f"eta {eta}"]
+        return " ".join(part for part in parts if part)
 
 
 def run_job(job: PeriodicJob, watchdog: Watchdog, step: int, finished_epochs: int) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from model import MaskedAutoencoderViT
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, build_loader
@@ -14,6 +14,8 @@ from pipeline.atomic import atomic_path
 
 RECONSTRUCTION = "reconstruction_step"  # viz/reconstruction_step00001200.png
 MIN_CELL = 128  # small images are enlarged (nearest) so patches stay visible
+TITLE_BAND = 14  # pixels above the columns for their titles
+COLUMN_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
 
 
 def fixed_images(shards: str, split: str, count: int, img_size: int, device: torch.device,
@@ -53,7 +55,19 @@ def reconstruction_grid(model: MaskedAutoencoderViT, images: torch.Tensor, pred:
     pixels = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     picture = Image.fromarray(pixels, "RGB")
     scale = max(1, MIN_CELL // images.shape[-1])
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    return with_column_titles(picture, images.shape[-1] * scale)
+
+
+def with_column_titles(picture: Image.Image, cell: int) -> Image.Image:
+    """The grid under a white band naming each column, as the reference's notebook titles its figure."""
+    titled = Image.new("RGB", (picture.width, picture.height + TITLE_BAND), "white")
+    titled.paste(picture, (0, TITLE_BAND))
+    draw = ImageDraw.Draw(titled)
+    for column, title in enumerate(COLUMN_TITLES):
+        draw.text((column * cell + 3, 1), title, fill="black")
+    return titled
 
 
 def reconstructions_after(out_dir: Path, step: int) -> list[Path]:
