@@ -6,8 +6,10 @@ check its inputs (reading only); build the model; only then change the folder; t
 the checkpoint's state. Every resource is entered in one exit stack, which `close()` (or leaving the `with`
 block) unwinds on every path: a finished run, a refusal, a crash.
 
-One step, on every rank: a batch from the loader -> the task's loss -> engine.backward -> engine.step, the lr set
-before the first forward pass of each accumulation. The loop waits on the device only at log steps (every
+One optimizer step, on every rank, inside one region that keeps the weights' bf16 copies (`weights_cast_once`):
+per micro-step a batch from the loader -> the task's loss -> engine.backward -> engine.step, the lr set before the
+first forward pass. At ZeRO stage 0 the last micro-step's gradients leave in buckets while its backward pass runs
+(`train.grad_reduce`); nothing is reduced at one rank. The loop waits on the device only at log steps (every
 `log.log_every` optimizer steps), when the window's losses are reduced across ranks.
 """
 
