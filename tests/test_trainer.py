@@ -330,3 +330,37 @@ def test_with_peers_the_gradients_leave_in_bf16_buckets_while_the_backward_pass_
             assert len(step["reduced"]) > 2
             assert step["first_sent_in_micro_step"] == 1
             assert step["ops_after_first_send"] > 50, step  # the backward pass went on after the first bucket left
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 MB file system of its own (tmpfs), for a run that fills it; skipped where mounting is not allowed."""
+    import subprocess
+
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_checkpoint_with_no_room_is_refused_in_one_line_and_the_last_one_resumes(one_rank, small_disk, capsys):
+    """The tiny MAE's checkpoint is 29.5 MB: on a 48 MB disk the first fits and the second does not. The run stops
+    at it (exit 5) naming the folder, the room it needs and the free space; nothing of it is left half-written, and
+    the run resumes from the first."""
+    output = small_disk / "run"
+    argv = ["--config", "tiny", "--output", str(output), "--set", "data.backend=synthetic", "--set",
+            "data.synthetic_samples=512", "--set", "checkpoint.every_steps=2", "--set", "eval.every_epochs=0",
+            "--set", "log.viz_every=100", "--set", "log.tensorboard=false"]
+    assert pretrain.main([*argv, "--max-steps", "6"]) == 5
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "checkpoint" in line and "GB free" in line]
+    assert f"checkpoint {output / 'checkpoints' / 'step00000004'} needs about 0.03 GB" in line, line
+    assert "the last checkpoint (step00000002) is intact" in line
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["latest", "step00000002"]
+    # Resumable from it (here to a step that writes no checkpoint, the disk being as full as it was).
+    assert pretrain.main([*argv, "--max-steps", "3", "--resume", "--set", "checkpoint.at_end=false"]) == 0, \
+        capsys.readouterr().err[-2000:]
+    resumed = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if "resumed" in line]
+    assert resumed[-1]["from"] == "step00000002"

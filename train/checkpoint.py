@@ -95,17 +95,54 @@ def resume_tag(ckpt_dir: Path, wanted: str) -> str | None:
     return tag
 
 
+class CheckpointNotWritten(OSError):
+    """No room for the next checkpoint, or a write that failed: the message names the folder and the free space."""
+
+
+def checkpoint_bytes(ckpt_dir: Path, engine: Any) -> int:
+    """What the next checkpoint will take: the newest complete one's size, or before the first one an estimate
+    (fp32 weights and AdamW's two moments: 12 bytes a parameter)."""
+    done = complete_tags(ckpt_dir)
+    if done:
+        return sum(f.stat().st_size for f in (ckpt_dir / done[-1]).rglob("*") if f.is_file())
+    return 12 * sum(p.numel() for p in engine.module.parameters())
+
+
+def check_room(ckpt_dir: Path, tag: str, need: int, group: Any) -> None:
+    """Collective: CheckpointNotWritten on every rank unless every rank's file system has room for one more
+    checkpoint (with a 5% margin): the new one is written before the old ones are pruned."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    free = torch.tensor([shutil.disk_usage(ckpt_dir).free], dtype=torch.int64)
+    dist.all_reduce(free, op=dist.ReduceOp.MIN, group=group)
+    if int(free) < need * 1.05:
+        raise CheckpointNotWritten(
+            f"checkpoint {ckpt_dir / tag} needs about {need / 1e9:.2f} GB and its file system has "
+            f"{int(free) / 1e9:.2f} GB free; nothing was written, the last checkpoint "
+            f"({latest_tag(ckpt_dir) or 'none yet'}) is intact: free space or move the run, then --resume")
+
+
 def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: dict, keep_last: int,
-                    adamw_norms: tuple[float, float], milestone: bool = False) -> str:
+                    adamw_norms: tuple[float, float], group: Any, milestone: bool = False) -> str:
     """Collective: every rank calls it. Returns the tag written. `adamw_norms` (optimizer_state_norms) is kept
-    beside it: a resume on any rank count must reproduce it."""
+    beside it: a resume on any rank count must reproduce it. `group`: the CPU side-channel the room check agrees
+    on. A save that fails part-way (a disk that filled up regardless) removes what it wrote of this checkpoint."""
     tag = tag_of(state.step)
     rank = dist.get_rank()
     tag_dir = ckpt_dir / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(tag_dir / f"rank{rank:05d}.pt") as tmp:
-        torch.save(rank_state, tmp)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"train_state": asdict(state)}, save_latest=False)
+    check_room(ckpt_dir, tag, checkpoint_bytes(ckpt_dir, engine), group)
+    try:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(tag_dir / f"rank{rank:05d}.pt") as tmp:
+            torch.save(rank_state, tmp)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"train_state": asdict(state)},
+                               save_latest=False)
+    except (RuntimeError, OSError) as err:  # torch.save reports ENOSPC as "[enforce fail ...] unexpected pos"
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        free = shutil.disk_usage(ckpt_dir).free
+        raise CheckpointNotWritten(
+            f"writing checkpoint {tag_dir} failed ({str(err).strip().splitlines()[0]}) with {free / 1e9:.2f} GB "
+            f"free on its file system; the partial checkpoint was removed, the last one "
+            f"({latest_tag(ckpt_dir) or 'none yet'}) is intact") from err
     dist.barrier()
     if rank == 0:
         if milestone:
@@ -243,7 +280,8 @@ class Checkpointer:
 
     def save(self, state: TrainState, rank_state: dict[str, Any], milestone: bool = False) -> str:
         norms = optimizer_state_norms(self.engine, self.replicated, self.control)
-        tag = save_checkpoint(self.engine, self.ckpt_dir, state, rank_state, self.cfg.keep_last, norms, milestone)
+        tag = save_checkpoint(self.engine, self.ckpt_dir, state, rank_state, self.cfg.keep_last, norms,
+                              self.control, milestone)
         self.cadence.saved()
         self.saved_step = state.step
         self.say(f"{'milestone ' if milestone else ''}checkpoint {self.ckpt_dir / tag}; {describe_norms(norms)}")
