@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 METRIC_FIELDS = {"step", "epoch", "samples", "loss", "lr", "grad_norm", "img_per_s", "data_stall_pct", "mfu",
                  "step_time_s", "rank_forward_s_max", "rank_forward_s_median", "rank_data_wait_s_max",
-                 "rank_data_wait_s_median", "slowest_rank", "slowest_host", "peak_memory_gb"}
+                 "rank_data_wait_s_median", "slowest_rank", "slowest_host", "peak_memory_gb", "time"}
 TINY = load_config("configs/tiny.toml")
 
 
