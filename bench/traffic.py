@@ -68,15 +68,14 @@ class Budget:
         return 1 - matmuls / self.projected_seconds_per_image
 
 
-def _count(name: str, img_size: int, batch: int) -> Counter[str]:
-    torch.manual_seed(0)
-    model = build_mae(name, img_size=img_size, norm_pix_loss=True)
+def _count(model: torch.nn.Module, img_size: int, batch: int) -> Counter[str]:
     images = torch.randn(batch, 3, img_size, img_size)
     counter = OtherBytes()
     with kernels_backend("torch"), counter:
         with torch.autocast("cpu", torch.bfloat16):  # the forward only, as DeepSpeed runs it
             loss, _, _ = model(images, 0.75)
         loss.backward()
+    model.zero_grad(set_to_none=True)  # the next count starts, as a step does, without gradients
     return counter.by_op
 
 
@@ -84,10 +83,12 @@ def mae_budget(name: str, img_size: int, local_batch_size: int) -> Budget:
     """One forward and backward of MAE `name` under bf16 autocast (the torch references of the fused ops, as an
     eager step runs them), counted at batch 1 and 2 on the CPU: their difference is what each image adds, the rest
     what a step moves whatever its batch."""
-    one, two = _count(name, img_size, 1), _count(name, img_size, 2)
+    torch.manual_seed(0)
+    model = build_mae(name, img_size=img_size, norm_pix_loss=True)
+    one, two = _count(model, img_size, 1), _count(model, img_size, 2)
     per_image = {op: two[op] - one[op] for op in two}
     per_step = sum(one.values()) - sum(per_image.values())
     share = {op: per_image[op] + (one[op] - per_image[op]) / local_batch_size for op in two}
     top = sorted(share.items(), key=lambda item: -item[1])[:6]
-    flops = mae_train_flops(build_mae(name, img_size=img_size))
+    flops = mae_train_flops(model)
     return Budget(name, local_batch_size, float(flops), float(sum(per_image.values())), float(per_step), top)
