@@ -1,7 +1,8 @@
 """Data path, in images/s at 224: what `build_loader` delivers against the DALI graph it wraps (driven
 directly, one pipeline kept running), what an epoch boundary costs, and the decoders a user could
 choose from (DALI on the GPU with and without the hardware decoder, DALI on the CPU, PIL with every
-core), on ImageNet-like JPEGs (~115 KB, mostly ~500x375).
+core), on ImageNet-like JPEGs (~115 KB, mostly ~500x375); first, what a rank pays for the size of the data set
+(`bench.data_scale`: its epoch plan up to 2 B samples, its start-up over 100,000 shards).
 
     python -m bench pipeline [--device gpu]                 generated data, enough for >= 20 batches an epoch
     python -m bench pipeline --data SHARDS [--local-batch-size 256] [--preset vit_b16_1600ep]
@@ -14,12 +15,13 @@ import itertools
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from bench.context import BenchContext, require
+from bench.data_scale import plan_records, startup_records
 from bench.harness import Record, Stat, load_history, stat_of
 
 
@@ -157,10 +159,14 @@ def data_path_images(ctx: BenchContext) -> int:
     return 768 if ctx.quick else 1536
 
 
-def run(ctx: BenchContext) -> list[Record]:
-    require("nvidia.dali", "braceexpand")
+def run(ctx: BenchContext) -> Iterator[Record]:
     if ctx.data is not None:
-        return user_shards(ctx)
+        require("nvidia.dali", "braceexpand")
+        yield from user_shards(ctx)
+        return
+    yield from plan_records(ctx)  # the data set's size: no DALI needed
+    yield from startup_records(ctx)
+    require("nvidia.dali", "braceexpand")
     gpu = ctx.device == "gpu"
     cores = os.cpu_count() or 1
     batch = 256 if gpu else 32
@@ -181,7 +187,7 @@ def run(ctx: BenchContext) -> list[Record]:
                 "boundary_in_batches": dali["boundary_s"] / dali["batch_s"],
                 "memory_growth_mb_over_epochs": dali["memory_growth_mb"]}
     decode = "mixed (nvJPEG + HW decoder 0.65)" if gpu else "cpu"
-    records = [
+    yield from [
         Record("pipeline", "loader_vs_raw_graph", "img/s", dali["delivered"], ceiling,
                "the same DALI graph driven directly", {**config, "decode": decode}, extra=boundary),
         Record("pipeline", "loader_within_epoch_vs_raw_graph", "img/s", dali["within_epoch"], ceiling,
@@ -194,10 +200,9 @@ def run(ctx: BenchContext) -> list[Record]:
         cpu_decoding = loader_run(shards, "dali", "cpu", cores, batch, epochs)
         probe = loader_run(shards, "dali", "gpu", cores, batch, 2)
         no_hw = raw_graph_rate(probe["loader"], 0.0, probe["batches"], repeats=epochs - 1)
-        records += [
+        yield from [
             Record("pipeline", "raw_graph_hw_decoder", "img/s", ceiling, no_hw, "hw_decoder_load 0 (nvJPEG on SMs)",
                    config),
             Record("pipeline", "dali_gpu_vs_dali_cpu", "img/s", dali["delivered"], cpu_decoding["delivered"],
                    f"DALI CPU decoding, {cores} threads", config),
         ]
-    return records

@@ -25,6 +25,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.dali_graph import HW_DECODER_LOAD, PREFETCH_QUEUE_DEPTH, ascii_labels, image_pipeline
 from pipeline.epoch_plan import ReadPosition
+from pipeline.errors import DamagedIndex
 from pipeline.loader_base import Loader, LoaderSpec
 from pipeline.wds_format import INDEX_VERSION
 
@@ -103,14 +104,14 @@ class DaliLoader(Loader):
 
     def _write_indexes(self, samples: np.ndarray, folder: Path) -> tuple[list[str], list[str]]:
         """One (tar, index) pair per run of consecutive samples from the same shard."""
-        shards = self.table.rows[samples, 0]
-        cuts = np.flatnonzero(np.diff(shards)) + 1
+        entries = self.table.entries(samples)
+        shards = entries.rows[:, 0]
+        lines = entries.index_lines()
         tars, indexes = [], []
-        for number, run in enumerate(np.split(np.arange(len(samples)), cuts)):
-            lines = self.table.index_lines(samples[run])
+        for number, run in enumerate(np.split(np.arange(len(samples)), np.flatnonzero(np.diff(shards)) + 1)):
             index = folder / f"{number:06d}.idx"
-            index.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
-            tars.append(self.table.tars[int(shards[run[0]])])
+            index.write_text(f"{INDEX_VERSION} {len(run)}\n" + "\n".join(lines[run[0]:run[-1] + 1]) + "\n")
+            tars.append(entries.tars[int(shards[run[0]])])
             indexes.append(str(index))
         return tars, indexes
 
@@ -145,6 +146,9 @@ class DaliLoader(Loader):
                 labels = ascii_labels(labels).to(images.device, non_blocking=True)
                 reading.consumed += 1
                 yield images.to(self.spec.dtype), labels
+        except DamagedIndex:
+            self._epoch_read()
+            raise
         except RuntimeError as err:
             self._epoch_read()
             # DALI's decoder error does not say which sample failed: find it before reporting.

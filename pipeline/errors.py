@@ -5,3 +5,8 @@ cause, and a training run refuses to start on it (exit status 2) rather than cra
 class DataError(ValueError):
     """Shards, manifests or indexes that do not fit together, or do not fit the request (a batch larger than the
     data, unlabelled shards where labels are needed)."""
+
+
+class DamagedIndex(RuntimeError):
+    """A shard's index that does not match its manifest, found when a loader first reads that shard (a rank reads
+    the indexes of its own share only): the run stops as on any damaged data (exit 5), resumable once rebuilt."""

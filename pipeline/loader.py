@@ -114,7 +114,7 @@ def build_loader(
         backend = "pil"
     threads = num_threads or default_threads()
     shard_set = None if backend == "synthetic" else resolve_shards(shards, split)
-    samples = sum(sample_counts(shards, split, backend, synthetic_samples))
+    samples = synthetic_samples if shard_set is None else sum(shard_set.sample_counts())
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")

@@ -16,19 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
 from pipeline.augment import PRETRAIN, Augmentation
-from pipeline.epoch_plan import (
-    ReadPosition,
-    Segment,
-    epoch_order,
-    rank_samples,
-    remaining_after,
-)
+from pipeline.epoch_plan import ORDER_RULE, EpochPlan, ReadPosition, Segment
 from pipeline.manifest import ShardSet
 from pipeline.sample_table import SampleTable
 
@@ -83,6 +77,14 @@ class LoaderSpec:
     augment: Augmentation = PRETRAIN  # what training does to each image
 
 
+class Table(Protocol):
+    """What the loader needs of a split: its shard sizes and its samples' keys (`SampleTable`, `SyntheticTable`)."""
+
+    shard_sizes: list[int]
+
+    def keys(self, samples: np.ndarray) -> list[str]: ...
+
+
 class Loader:
     """Iterable over (images [B, 3, S, S], labels [B]) for the current epoch; subclasses yield batches.
 
@@ -92,9 +94,10 @@ class Loader:
 
     backend = "base"
 
-    def __init__(self, spec: LoaderSpec, table: SampleTable | None = None) -> None:
+    def __init__(self, spec: LoaderSpec, table: Table | None = None) -> None:
         self.spec = spec
         self.table = table or SampleTable(spec.shards)
+        self.plan = EpochPlan(np.asarray(self.table.shard_sizes, dtype=np.int64), spec.seed, spec.train, spec.limit)
         self.position = ReadPosition()
         self.wait_s = 0.0
         self.last_wait_s = 0.0
@@ -112,10 +115,7 @@ class Loader:
         key = (position.epoch, position.handed_over)
         if self._samples_cache is None or self._samples_cache[0] != key:
             spec = self.spec
-            order = epoch_order(self.table.shard_sizes, spec.seed, position.epoch, shuffle=spec.train)[:spec.limit]
-            for segment in position.handed_over:
-                order = remaining_after(order, segment)
-            mine = rank_samples(order, spec.rank, spec.world_size, spec.local_batch_size, spec.train)
+            mine = self.plan.rank_samples(position, spec.rank, spec.world_size, spec.local_batch_size)
             self._samples_cache = (key, mine)
         return self._samples_cache[1]
 
@@ -126,7 +126,7 @@ class Loader:
     def batch_keys(self, batch: int) -> list[str]:
         """Sample keys of batch `batch` of the current epoch (since its last change of hands)."""
         b = self.spec.local_batch_size
-        return [key.decode() for key in self.table.keys[self.samples()[batch * b:(batch + 1) * b]]]
+        return self.table.keys(self.samples()[batch * b:(batch + 1) * b])
 
     def augmentation_seed(self, position: ReadPosition) -> int:
         """Seeds one reading's random crops and flips: different per rank, epoch, hand-over and start batch."""
@@ -167,7 +167,7 @@ class Loader:
         return {"backend": self.backend, "epoch": position.epoch, "position": position.batch, "seed": spec.seed,
                 "rank": spec.rank, "world_size": spec.world_size, "local_batch_size": spec.local_batch_size,
                 "segments": [asdict(s) for s in position.handed_over], "shard_sizes": list(self.table.shard_sizes),
-                "data": self.data_identity}
+                "data": self.data_identity, "order_rule": ORDER_RULE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` was taken: exactly, at the same rank count and local batch size (the
@@ -212,7 +212,8 @@ def data_identity(shards: ShardSet | None, samples: int) -> str:
 
 def check_loader_state(state: dict[str, Any], seed: int, shard_sizes: list[int], identity: str) -> None:
     """A ValueError unless a saved loader state is a position in exactly this data (`identity`: `data_identity`;
-    states of older releases, which lack it, are checked by shard sizes alone) and this data seed."""
+    states of older releases, which lack it, are checked by shard sizes alone), this data seed and this sample-order
+    rule (a state at an epoch's start, where nothing of it was read, is a position under any rule)."""
     if state["seed"] != seed:
         raise ValueError(f"loader state is for data seed {state['seed']}, this loader has {seed}: the "
                          "epoch's sample order would differ")
@@ -224,3 +225,9 @@ def check_loader_state(state: dict[str, Any], seed: int, shard_sizes: list[int],
         raise ValueError(f"loader state was taken on other shards than these, with the same sizes (data fingerprint "
                          f"{state['data']}, these shards {identity}: rebuilt with another seed or from other images?): "
                          "a position in one data set means nothing in another")
+    rule = state.get("order_rule", 1)
+    if rule != ORDER_RULE and (state["position"] or state["segments"]):
+        raise ValueError(f"loader state was taken {state['position']} batches into epoch {state['epoch']} under sample-"
+                         f"order rule {rule}, and this maeflow orders an epoch's samples by rule {ORDER_RULE}: the "
+                         "rest of that epoch would repeat some samples and skip others; resume from a checkpoint "
+                         "taken at an epoch's end, or finish the epoch with the maeflow that started it")

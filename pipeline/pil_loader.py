@@ -27,7 +27,7 @@ from pipeline.loader_base import (
     LoaderSpec,
     eval_geometry,
 )
-from pipeline.sample_table import SampleTable
+from pipeline.sample_table import Entries
 from pipeline.timm_ops import timm_data_module
 
 
@@ -54,27 +54,27 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 
 
 class ShardSamples(Dataset):
-    """Map-style view of the shards: item (sample, epoch) -> (uint8 [3, S, S], label)."""
+    """Map-style view of one epoch's samples: item i -> (uint8 [3, S, S], label) of `entries`' sample i."""
 
-    def __init__(self, spec: LoaderSpec, table: SampleTable) -> None:
-        self.table = table
+    def __init__(self, spec: LoaderSpec, entries: Entries, epoch: int) -> None:
+        self.entries, self.epoch = entries, epoch
         self.img_size, self.train, self.seed, self.augment = spec.img_size, spec.train, spec.seed, spec.augment
         self.rand_augment = rand_augment(spec.augment, spec.img_size) if spec.train else None
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.entries)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        sample, epoch = item
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        entries = self.entries
         try:
-            img = Image.open(io.BytesIO(self.table.jpeg(sample))).convert("RGB")
+            img = Image.open(io.BytesIO(entries.jpeg(item))).convert("RGB")
         except Exception as err:
-            raise RuntimeError(f"{self.table.name(sample)} does not decode ({err}); find damaged shards with "
+            raise RuntimeError(f"{entries.name(item)} does not decode ({err}); find damaged shards with "
                                "`python -m pipeline.build_shards --verify DIR`") from err
-        label = self.table.label(sample)
+        label = entries.label(item)
         size = self.img_size
         if self.train:
-            rng = np.random.default_rng([self.seed, epoch, sample])
+            rng = np.random.default_rng([self.seed, self.epoch, int(entries.samples[item])])
             left, top, w, h = random_resized_crop_box(img.width, img.height, rng, self.augment)
             img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
             if rng.random() < 0.5:
@@ -111,7 +111,6 @@ class PilLoader(Loader):
 
     def __init__(self, spec: LoaderSpec) -> None:
         super().__init__(spec)
-        self.dataset = ShardSamples(spec, self.table)
         device = "cuda" if spec.device == "gpu" else "cpu"
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
@@ -119,8 +118,10 @@ class PilLoader(Loader):
     def _epoch_batches(self, position: ReadPosition) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         b = self.spec.local_batch_size
         samples = self.samples(position)[position.batch * b:]
-        plan = [[(int(s), position.epoch) for s in samples[i:i + b]] for i in range(0, len(samples), b)]
-        loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.spec.num_threads,
+        # Located here, once: the workers inherit where every sample lies and read no index.
+        dataset = ShardSamples(self.spec, self.table.entries(samples), position.epoch)
+        plan = [list(range(i, min(i + b, len(samples)))) for i in range(0, len(samples), b)]
+        loader = DataLoader(dataset, batch_sampler=plan, num_workers=self.spec.num_threads,
                             collate_fn=_collate, pin_memory=self.spec.device == "gpu")
         for images, labels in loader:
             images = images.to(self._mean.device, non_blocking=True)

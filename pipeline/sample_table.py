@@ -1,71 +1,120 @@
 """Random access to the samples of a shard set, through the DALI index files (tar offset and size
-of every member): what the PIL backend reads with, and how a DALI error is traced to its sample."""
+of every member): what the PIL backend reads with, what the DALI backend writes its per-epoch index
+files from, and how a DALI error is traced to its sample.
+
+Sample i of a split is row i in shard order. The table holds only the shard sizes: a shard's index is
+read when a sample of it is asked for, so a rank reads the indexes of its own share, not the data set's.
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import DataError
+from pipeline.errors import DamagedIndex
 from pipeline.manifest import ShardSet
-from pipeline.wds_format import read_index
+from pipeline.wds_format import index_sample_count, read_index
+
+# Shards whose parsed index stays at hand: a batch falls in one or two, and a logged batch asks again.
+_SHARDS_KEPT = 8
 
 
-class SampleTable:
-    """Row i = sample i of the split in shard order: which tar, and where its jpg and cls members lie."""
+@dataclass(frozen=True)
+class Entries:
+    """Where some samples lie: `rows[i]` = (shard, jpg offset, jpg size, cls offset, cls size) of sample
+    `samples[i]`, whose key is `keys[i]`; `tars[shard]` is the shard's tar."""
 
-    def __init__(self, shards: ShardSet) -> None:
-        self.tars = [str(p) for p in shards.tars]
-        rows, keys, self.shard_sizes = [], [], []
-        for shard, (idx, count) in enumerate(zip(shards.indexes, shards.sample_counts(), strict=True)):
-            for key, members in read_index(idx):
-                if "jpg" not in members or "cls" not in members:
-                    raise DataError(f"{idx}: sample {key} lacks a jpg or cls member")
-                rows.append((shard, *members["jpg"], *members["cls"]))
-                keys.append(key)
-            if len(rows) != sum(self.shard_sizes) + count:
-                raise DataError(f"{idx}: the header says {count} samples, the file lists "
-                                 f"{len(rows) - sum(self.shard_sizes)}")
-            self.shard_sizes.append(count)
-        # (shard, jpg offset, jpg size, cls offset, cls size)
-        self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
-        self.keys = np.asarray(keys, dtype=np.bytes_)  # compact: an ImageNet split has 1.28M of them
+    samples: np.ndarray
+    rows: np.ndarray
+    keys: np.ndarray
+    tars: list[str]
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.samples)
 
-    def _read(self, shard: int, offset: int, size: int) -> bytes:
-        with open(self.tars[shard], "rb") as f:
+    def _read(self, i: int, member: int) -> bytes:
+        offset, size = (int(v) for v in self.rows[i, 1 + 2 * member: 3 + 2 * member])
+        with open(self.tars[int(self.rows[i, 0])], "rb") as f:
             f.seek(offset)
             return f.read(size)
 
-    def jpeg(self, sample: int) -> bytes:
-        shard, offset, size = (int(v) for v in self.rows[sample, :3])
-        return self._read(shard, offset, size)
+    def jpeg(self, i: int) -> bytes:
+        return self._read(i, 0)
 
-    def label(self, sample: int) -> int:
-        shard, _, _, offset, size = (int(v) for v in self.rows[sample])
-        return int(self._read(shard, offset, size))
+    def label(self, i: int) -> int:
+        return int(self._read(i, 1))
 
-    def name(self, sample: int) -> str:
+    def name(self, i: int) -> str:
         """'<tar>: sample <key>', how errors name a sample."""
-        return f"{self.tars[int(self.rows[sample, 0])]}: sample {self.keys[sample].decode()}"
+        return f"{self.tars[int(self.rows[i, 0])]}: sample {self.keys[i].decode()}"
 
-    def index_lines(self, samples: np.ndarray) -> list[str]:
-        """DALI index lines (jpg and cls members) for `samples`, in that order."""
-        rows, keys = self.rows[samples], self.keys[samples]
-        return [f"jpg {r[1]} {r[2]} {k.decode()}.jpg cls {r[3]} {r[4]} {k.decode()}.cls" for r, k in zip(rows, keys,
-                                                                                                     strict=True)]
+    def index_lines(self) -> list[str]:
+        """DALI index lines (jpg and cls members) of these samples, in their order."""
+        return [f"jpg {r[1]} {r[2]} {k}.jpg cls {r[3]} {r[4]} {k}.cls"
+                for r, k in zip(self.rows.tolist(), np.char.decode(self.keys).tolist(), strict=True)]
+
+
+class SampleTable:
+    """The samples of a shard set, located on demand from the shards' index files."""
+
+    def __init__(self, shards: ShardSet) -> None:
+        self.tars = [str(p) for p in shards.tars]
+        self.indexes = list(shards.indexes)
+        self.shard_sizes = shards.sample_counts()
+        self._ends = np.cumsum(np.asarray(self.shard_sizes, dtype=np.int64))
+        self._shard = lru_cache(maxsize=_SHARDS_KEPT)(self._read_shard)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def _read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, keys) of every sample of one shard, checked against its size."""
+        idx, rows, keys = self.indexes[shard], [], []
+        if index_sample_count(idx) != self.shard_sizes[shard]:
+            raise DamagedIndex(f"{idx}: the index header lists {index_sample_count(idx)} samples, the manifest "
+                             f"{self.shard_sizes[shard]}")
+        for key, members in read_index(idx):
+            if "jpg" not in members or "cls" not in members:
+                raise DamagedIndex(f"{idx}: sample {key} lacks a jpg or cls member")
+            rows.append((shard, *members["jpg"], *members["cls"]))
+            keys.append(key)
+        if len(rows) != self.shard_sizes[shard]:
+            raise DamagedIndex(f"{idx}: the header says {self.shard_sizes[shard]} samples, the file lists {len(rows)}")
+        return np.asarray(rows, dtype=np.int64).reshape(-1, 5), np.asarray(keys, dtype=np.bytes_)
+
+    def entries(self, samples: np.ndarray) -> Entries:
+        """Where `samples` lie, reading the index of each shard they fall in once."""
+        samples = np.asarray(samples, dtype=np.int64)
+        shards = np.searchsorted(self._ends, samples, side="right")
+        by_shard = np.argsort(shards, kind="stable")
+        rows = np.zeros((len(samples), 5), dtype=np.int64)
+        found = []
+        for group in np.split(by_shard, np.flatnonzero(np.diff(shards[by_shard])) + 1) if len(samples) else []:
+            shard = int(shards[group[0]])
+            shard_rows, shard_keys = self._shard(shard)
+            local = samples[group] - (self._ends[shard] - self.shard_sizes[shard])
+            rows[group] = shard_rows[local]
+            found.append((group, shard_keys[local]))
+        keys = np.zeros(len(samples), dtype=f"S{max((k.dtype.itemsize for _, k in found), default=1)}")
+        for group, shard_keys in found:
+            keys[group] = shard_keys
+        return Entries(samples, rows, keys, self.tars)
+
+    def keys(self, samples: np.ndarray) -> list[str]:
+        return np.char.decode(self.entries(samples).keys).tolist()
 
     def first_undecodable(self, samples: Iterable[int]) -> str | None:
         """The name of the first of `samples` PIL cannot decode, if any."""
-        for sample in samples:
+        entries = self.entries(np.fromiter(samples, dtype=np.int64))
+        for i in range(len(entries)):
             try:
-                with Image.open(io.BytesIO(self.jpeg(sample))) as img:
+                with Image.open(io.BytesIO(entries.jpeg(i))) as img:
                     img.load()
             except Exception:
-                return self.name(sample)
+                return entries.name(i)
         return None

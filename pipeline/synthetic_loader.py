@@ -21,22 +21,18 @@ SYNTHETIC_CLASSES = 1000
 IMAGENET_TRAIN_SAMPLES = 1_281_167
 
 
-class _SyntheticNames:
-    """Sample keys on demand: "synthetic00000042" (a split of a million names need not be stored)."""
-
-    def __getitem__(self, samples: np.ndarray) -> np.ndarray:
-        return np.asarray([f"synthetic{int(i):08d}".encode() for i in np.atleast_1d(samples)], dtype=np.bytes_)
-
-
 class SyntheticTable:
-    """The sample table of a virtual split: one shard of `samples` samples."""
+    """The sample table of a virtual split: one shard of `samples` samples, whose keys are made on demand
+    ("synthetic00000042": a split of a million names need not be stored)."""
 
     def __init__(self, samples: int) -> None:
         self.shard_sizes = [samples]
-        self.keys = _SyntheticNames()
 
     def __len__(self) -> int:
         return self.shard_sizes[0]
+
+    def keys(self, samples: np.ndarray) -> list[str]:
+        return [f"synthetic{int(i):08d}" for i in samples]
 
 
 class SyntheticLoader(Loader):

@@ -2,12 +2,14 @@
 rules first, then the same rules through a real loader's state (PIL backend: no decoding needed to count)."""
 
 import itertools
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from pipeline import build_loader
-from pipeline.epoch_plan import ReadPosition, Segment, epoch_order, rank_samples, remaining_after
+from pipeline import epoch_plan as plan_module
+from pipeline.epoch_plan import EpochPlan, ReadPosition, Segment, order_in_shard, whole_epoch_order
 
 SHARDS = [5, 7, 6, 4]  # samples per shard
 
@@ -16,42 +18,114 @@ def shard_of(sample: int) -> int:
     return int(np.searchsorted(np.cumsum(SHARDS), sample, side="right"))
 
 
+def whole_epoch(sizes: list[int], seed: int, epoch: int) -> np.ndarray:
+    return whole_epoch_order(np.asarray(sizes), seed, epoch)
+
+
+def rank_share(order: np.ndarray, rank: int, world: int, local_batch_size: int, train: bool,
+               segments: tuple[Segment, ...] = ()) -> np.ndarray:
+    """The specification of a rank's share: drop what each hand-over segment read (each of its ranks the start of
+    its block), take the rank-th contiguous block of the rest, in training cut to every rank's full batches."""
+    for segment in segments:
+        n, read = len(order), np.zeros(len(order), dtype=bool)
+        for r in range(segment.world_size):
+            start = n * r // segment.world_size
+            read[start:start + segment.batches * segment.local_batch_size] = True
+        order = order[~read]
+    n = len(order)
+    mine = order[n * rank // world:n * (rank + 1) // world]
+    return mine[:(n // world) // local_batch_size * local_batch_size] if train else mine
+
+
+def plan(sizes: list[int], seed: int = 0, train: bool = True, limit: int | None = None) -> EpochPlan:
+    return EpochPlan(np.asarray(sizes, dtype=np.int64), seed, train, limit)
+
+
 def test_an_epoch_reads_every_sample_once_a_shard_at_a_time():
-    order = epoch_order(SHARDS, seed=0, epoch=3, shuffle=True)
+    order = whole_epoch(SHARDS, seed=0, epoch=3)
     assert sorted(order.tolist()) == list(range(sum(SHARDS)))
     runs = [shard_of(s) for s in order]
     assert sum(a != b for a, b in itertools.pairwise(runs)) == len(SHARDS) - 1  # each shard in one piece
-    assert epoch_order(SHARDS, 0, 3, shuffle=False).tolist() == list(range(sum(SHARDS)))
+    stored = plan(SHARDS, train=False).rank_samples(ReadPosition(3), 0, 1, 4)
+    assert stored.tolist() == list(range(sum(SHARDS)))
 
 
 def test_samples_inside_a_shard_come_in_a_new_order_every_epoch():
     """Not only the shard order: a shard read in the same order every epoch would give the same neighbours in
     every batch."""
     def within(epoch: int) -> dict[int, list[int]]:
-        order = epoch_order(SHARDS, seed=0, epoch=epoch, shuffle=True)
+        order = whole_epoch(SHARDS, seed=0, epoch=epoch)
         return {shard: [s for s in order if shard_of(s) == shard] for shard in range(len(SHARDS))}
 
     epochs = [within(e) for e in range(4)]
     for shard in range(len(SHARDS)):
         orders = {tuple(e[shard]) for e in epochs}
         assert len(orders) >= 3, f"shard {shard} read in {len(orders)} orders over 4 epochs"
-    assert epoch_order(SHARDS, 0, 1, True).tolist() == epoch_order(SHARDS, 0, 1, True).tolist()  # reproducible
-    assert epoch_order(SHARDS, 0, 1, True).tolist() != epoch_order(SHARDS, 1, 1, True).tolist()  # seeded
+    assert whole_epoch(SHARDS, 0, 1).tolist() == whole_epoch(SHARDS, 0, 1).tolist()  # reproducible
+    assert whole_epoch(SHARDS, 0, 1).tolist() != whole_epoch(SHARDS, 1, 1).tolist()  # seeded
 
 
 def test_ranks_take_disjoint_blocks_of_equal_batch_counts():
-    order = epoch_order(SHARDS, 0, 0, True)
-    blocks = [rank_samples(order, r, 3, 2, train=True) for r in range(3)]
+    blocks = [plan(SHARDS).rank_samples(ReadPosition(0), r, 3, 2) for r in range(3)]
     assert [len(b) for b in blocks] == [6, 6, 6]  # 22 samples / 3 ranks = 7 each: 3 full batches of 2
     assert not set(blocks[0].tolist()) & set(blocks[1].tolist())
-    evaluation = [rank_samples(order, r, 3, 2, train=False) for r in range(3)]
-    assert sorted(np.concatenate(evaluation).tolist()) == sorted(order.tolist())
+    evaluation = [plan(SHARDS, train=False).rank_samples(ReadPosition(0), r, 3, 2) for r in range(3)]
+    assert sorted(np.concatenate(evaluation).tolist()) == list(range(sum(SHARDS)))
 
 
-def test_remaining_after_drops_exactly_what_each_rank_read():
-    order = np.arange(20)
-    rest = remaining_after(order, Segment(world_size=2, local_batch_size=3, batches=2))
+def test_a_hand_over_drops_exactly_what_each_rank_read():
+    rest = plan([20], train=False).rank_samples(ReadPosition(0, 0, (Segment(2, 3, 2),)), 0, 1, 1)
     assert rest.tolist() == [6, 7, 8, 9, 16, 17, 18, 19]  # rank 0 read 0-5, rank 1 read 10-15
+
+
+@pytest.mark.parametrize("case", range(60))
+def test_each_rank_computes_exactly_its_share_of_the_whole_epoch_after_any_hand_overs(case):
+    """The rank's own computation (runs of places, the shards they fall in) against the specification, which
+    orders the whole epoch: random shard sizes, rank counts, batch sizes, limits and chains of hand-overs."""
+    rng = np.random.default_rng(case)
+    sizes = rng.integers(0 if case % 3 else 1, 40, rng.integers(1, 12)).tolist()
+    total = sum(sizes)
+    train = bool(case % 4)
+    limit = int(rng.integers(1, total + 2)) if case % 5 == 0 and total else None
+    samples = total if limit is None else min(limit, total)
+    order = whole_epoch(sizes, 7, case) if train else np.arange(total)
+    order = order[:samples]
+    segments: list[Segment] = []
+    for _ in range(rng.integers(0, 4)):  # each segment reads part of what the ones before it left
+        world, local_batch = int(rng.integers(1, 6)), int(rng.integers(1, 5))
+        left = len(rank_share(order, 0, 1, 1, False, tuple(segments)))
+        most = (left // world) // local_batch
+        if most:
+            segments.append(Segment(world, local_batch, int(rng.integers(1, most + 1))))
+    world, local_batch = int(rng.integers(1, 7)), int(rng.integers(1, 5))
+    position = ReadPosition(case, 0, tuple(segments))
+    for rank in range(world):
+        got = plan(sizes, 7, train, limit).rank_samples(position, rank, world, local_batch)
+        want = rank_share(order, rank, world, local_batch, train, tuple(segments))
+        assert got.tolist() == want.tolist(), (sizes, segments, world, local_batch, rank)
+
+
+def test_a_rank_orders_only_the_shards_it_reads_in_memory_that_follows_its_share(monkeypatch):
+    """100 M samples in 20,000 shards over 512 ranks: rank 5's share is 195,312 samples in about 40 shards. Its
+    plan draws the order of exactly the shards its block touches, and its peak allocation is a few times its share,
+    where the whole epoch's order alone is 800 MB."""
+    sizes = np.full(20_000, 5_000, dtype=np.int64)
+    ordered: list[int] = []
+
+    def counted(size: int, seed: int, epoch: int, shard: int) -> np.ndarray:
+        ordered.append(shard)
+        return order_in_shard(size, seed, epoch, shard)
+
+    monkeypatch.setattr(plan_module, "order_in_shard", counted)
+    tracemalloc.start()
+    mine = EpochPlan(sizes, 0, True).rank_samples(ReadPosition(2, 0, (Segment(256, 1024, 3),)), 5, 512, 256)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(mine) == (sizes.sum() - 256 * 3 * 1024) // 512 // 256 * 256
+    touched = set((np.searchsorted(np.cumsum(sizes), mine, side="right")).tolist())
+    assert sorted(ordered) == sorted(touched) and len(touched) < 45
+    share_mib = mine.nbytes / 2**20
+    assert peak < 12 * mine.nbytes + 8 * sizes.nbytes, f"{peak / 2**20:.0f} MiB for a share of {share_mib:.1f} MiB"
 
 
 def test_read_position_transitions():
@@ -129,8 +203,11 @@ def test_an_epoch_handed_over_twice_reads_every_sample_at_most_once(id_shards):
 def test_an_epoch_handed_over_to_a_rank_count_that_divides_nothing_reads_every_sample_once():
     """41 samples; 3 ranks read 2 batches of 4 each, then the rest (17, a prime) goes to 5 ranks, whose blocks
     (evaluation mode: every sample, the last batch partial) are 3 or 4 long."""
-    order = epoch_order([*SHARDS, 19], seed=1, epoch=2, shuffle=True)
-    before = [s for rank in range(3) for s in rank_samples(order, rank, 3, 4, train=True)[:8]]
-    rest = remaining_after(order, Segment(world_size=3, local_batch_size=4, batches=2))
-    after = [s for rank in range(5) for s in rank_samples(rest, rank, 5, 2, train=False)]
+    sizes = [*SHARDS, 19]
+    before = [s for rank in range(3) for s in plan(sizes, 1).rank_samples(ReadPosition(2), rank, 3, 4)[:8]]
+    handed = ReadPosition(2, 0, (Segment(world_size=3, local_batch_size=4, batches=2),))
+    # The rest in training's order, read as evaluation reads: every sample of each block.
+    rest = rank_share(whole_epoch(sizes, 1, 2), 0, 1, 1, False, handed.handed_over)
+    after = [s for rank in range(5) for s in rank_share(rest, rank, 5, 2, False)]
     assert len(rest) == 17 and sorted(before + after) == list(range(41))  # every sample, once
+    assert plan(sizes, 1).rank_samples(handed, 0, 1, 1).tolist() == rest.tolist()

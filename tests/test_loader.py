@@ -12,6 +12,7 @@ from PIL import Image
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, build_loader
 from pipeline.build_shards import main as build_shards
 from pipeline.dali_graph import ascii_labels
+from pipeline.errors import DamagedIndex
 
 BACKENDS = ["dali", "pil"]
 
@@ -246,6 +247,26 @@ def test_clear_errors(id_shards, tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_an_index_that_disagrees_with_its_manifest_stops_the_reading_naming_it(id_shards, tmp_path, backend,
+                                                                              open_loader):
+    """A loader reads a shard's index when it first reads the shard (a rank reads its own share's, not all of
+    them): an index cut short, or whose header disagrees with the manifest, stops that reading, naming the file."""
+    for damage, message in ((lambda lines: lines[:-1], r"train-000000.idx: the header says \d+ samples, the file "
+                                                       r"lists \d+"),
+                            (lambda lines: ["v1.2 999", *lines[1:]], r"train-000000.idx: the index header lists 999 "
+                                                                     r"samples, the manifest \d+")):
+        bad = tmp_path / f"bad{len(message)}"
+        bad.mkdir()
+        for p in id_shards.iterdir():
+            (bad / p.name).write_bytes(p.read_bytes())
+        idx = bad / "train-000000.idx"
+        idx.write_text("\n".join(damage(idx.read_text().splitlines())) + "\n")
+        loader = open_loader(bad, backend, local_batch_size=4, img_size=16, train=False)
+        with pytest.raises(DamagedIndex, match=message):  # a RuntimeError: a run stops with exit 5, resumable
+            list(loader)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_corrupt_image_in_a_shard_fails_naming_it(tmp_path, backend, open_loader):
     rng = np.random.default_rng(1)
     for i in range(6):
@@ -444,8 +465,9 @@ def test_both_backends_crop_odd_sizes_where_the_reference_does(tmp_path, open_lo
         loader = open_loader(shards, backend, local_batch_size=4, img_size=224, train=False)
         batch, _ = next(iter(loader))
         pixels = ((batch * std + mean) * 255).permute(0, 2, 3, 1).double().numpy()
-        for sample, got in zip(loader.samples(), pixels, strict=True):
-            img = Image.open(io.BytesIO(loader.table.jpeg(int(sample)))).convert("RGB")
+        entries = loader.table.entries(loader.samples())
+        for i, got in enumerate(pixels):
+            img = Image.open(io.BytesIO(entries.jpeg(i))).convert("RGB")
             new_w, new_h, left, top = torchvision_eval_box(img.width, img.height, 224)
             resized = np.asarray(img.resize((new_w, new_h), Image.BICUBIC), dtype=np.float64)
             error = {(dy, dx): np.abs(got - resized[top + dy:top + dy + 224, left + dx:left + dx + 224]).mean()

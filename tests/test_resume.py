@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.build_shards import main as build_shards
+from pipeline.epoch_plan import ReadPosition
 from tests.helpers import REPO
 from train.checkpoint import ResumeError, TrainState, resume_tag
 from train.config import ConfigError, load_config
@@ -161,6 +162,29 @@ def test_a_resume_onto_resharded_data_is_refused_before_anything_is_written(shar
         with pytest.raises(ResumeError, match="loader state was taken on other shards than these, with the same "
                                               "sizes"):
             plan_resume(other, "latest", data, 2)
+
+
+def test_a_position_taken_mid_epoch_under_the_old_sample_order_is_refused_and_one_at_an_epoch_start_is_not(
+        shards, tmp_path):
+    """Checkpoints of the release before `ORDER_RULE` 2 hold positions in rule 1's order (no `order_rule` key): the
+    rest of an epoch started under it would repeat and skip samples, so only a state at an epoch's start resumes."""
+    from pipeline import build_loader
+
+    loader = build_loader(shards, local_batch_size=8, img_size=16, device="cpu", backend="pil", num_threads=1)
+    loader.set_epoch(3)
+    next(iter(loader))
+    old_mid_epoch = {k: v for k, v in loader.state_dict().items() if k != "order_rule"}
+    output = tmp_path / "run"
+    cfg = load_config(REPO / "configs" / "tiny.toml", [f"data.shards={shards}", f"output={output}"])
+    fake_checkpoint(output, 6, old_mid_epoch)
+    (output / "config.json").write_text(cfg.to_json())
+    with pytest.raises(ResumeError, match=r"loader state was taken 1 batches into epoch 3 under sample-order rule 1, "
+                                          r"and this maeflow orders an epoch's samples by rule 2"):
+        plan_resume(output, "latest", cfg, 2)
+    loader.load_state_dict({**old_mid_epoch, "position": 0})  # at an epoch's start: nothing of it was read
+    assert loader.position == ReadPosition(3)
+    loader.load_state_dict(loader.state_dict() | {"position": 1})  # this rule's own states resume mid-epoch
+    assert loader.position == ReadPosition(3, 1)
 
 
 def test_a_checkpoint_whose_save_was_killed_is_never_counted_and_is_pruned(tmp_path):
