@@ -35,7 +35,7 @@ class VisionTransformer(TransformerHooks):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Learned while fine-tuning; it starts from the pre-trained (sin-cos) values.
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, *self.patch_embed.grid).unsqueeze(0))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks are dropped more often
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # deeper blocks are dropped more often
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, norm_layer, rate) for rate in rates])
         self.global_pool = global_pool
         if global_pool:

@@ -17,8 +17,9 @@ import torch
 from pipeline.epoch_plan import ReadPosition
 from pipeline.loader_base import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderSpec
 
-SYNTHETIC_CLASSES = 1000
-IMAGENET_TRAIN_SAMPLES = 1_281_167
+IMAGENET_CLASSES = 1000
+IMAGENET_TRAIN_SAMPLES = 1_281_167  # what a virtual split, and --print-config without data, stands in for
+SYNTHETIC_CLASSES = IMAGENET_CLASSES
 
 
 class SyntheticTable:

@@ -6,6 +6,7 @@ import pytest
 
 from tests.helpers import REPO
 from train.config import ConfigError, PretrainConfig, config_from_json, describe, flat_fields, load_config
+from train.finetune import main as finetune_main
 from train.pretrain import main as pretrain_main
 from train.recipe import plan_batch
 
@@ -111,6 +112,15 @@ def test_print_config_plans_the_batch_for_a_rank_count_and_checks_the_data(shard
     assert pretrain_main(["--config", "configs/vit_h14_1600ep.toml", "--print-config", "--ranks", "8"]) == 0
     out = capsys.readouterr().out
     assert "batch on 8 ranks: 4096 = 128 local x 4 accumulation x 8 ranks" in out and "peak lr: 0.0024" in out
+    # Without --data: ImageNet-1k's size, the run's length, and its checkpoints from the model's shapes (ViT-H MAE).
+    assert ("data: 1,281,167 training samples (no --data: ImageNet-1k's train split assumed): 312 optimizer steps "
+            "per epoch") in out
+    assert "run: 1600 epochs = 499,200 optimizer steps, 2,044.7 M images" in out
+    assert "checkpoints: about 7.88 GB each (657.1 M parameters' fp32 weights" in out and "(31.5 GB)" in out
+    assert finetune_main(["--config", "finetune_vit_b16", "--print-config", "--ranks", "8", "--set",
+                          "finetune.mode=linear_probe"]) == 0
+    out = capsys.readouterr().out  # a probe trains the head: AdamW's moments for it alone
+    assert "about 0.35 GB each (86.6 M parameters' fp32 weights, AdamW's two moments of the 0.8 M trained)" in out
     for ranks in ("-8", "0"):
         assert pretrain_main(["--config", "configs/vit_h14_1600ep.toml", "--print-config", "--ranks", ranks]) == 2
         assert f"--ranks must be at least 1, got {ranks}" in capsys.readouterr().err

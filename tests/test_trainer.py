@@ -19,6 +19,7 @@ from model.vit import build_classifier
 from tests.helpers import REPO, start_job
 from tests.runs import free_port, rank_env
 from train import finetune, launch, pretrain
+from train.checkpoint import estimated_checkpoint_bytes
 from train.classifier_task import ClassifierTask, Top1Job
 from train.config import load_config
 from train.health import Watchdog
@@ -361,6 +362,10 @@ def test_a_checkpoint_with_no_room_is_refused_in_one_line_and_the_last_one_resum
     assert f"checkpoint {output / 'checkpoints' / 'step00000004'} needs about 0.03 GB" in line, line
     assert "the last checkpoint (step00000002) is intact" in line
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["latest", "step00000002"]
+    written = sum(f.stat().st_size for f in (output / "checkpoints" / "step00000002").rglob("*"))
+    with torch.device("meta"):  # --print-config's estimate, from the shapes alone
+        estimate = estimated_checkpoint_bytes(MaeTask.model_shape(load_config("tiny", [], task="pretrain")))
+    assert abs(estimate - written) < 0.03 * written, (estimate, written)
     # Resumable from it (here to a step that writes no checkpoint, the disk being as full as it was).
     assert pretrain.main([*argv, "--max-steps", "3", "--resume", "--set", "checkpoint.at_end=false"]) == 0, \
         capsys.readouterr().err[-2000:]

@@ -100,12 +100,17 @@ class CheckpointNotWritten(OSError):
 
 
 def checkpoint_bytes(ckpt_dir: Path, engine: Any) -> int:
-    """What the next checkpoint will take: the newest complete one's size, or before the first one an estimate
-    (fp32 weights and AdamW's two moments: 12 bytes a parameter)."""
+    """What the next checkpoint will take: the newest complete one's size, or before the first one an estimate."""
     done = complete_tags(ckpt_dir)
     if done:
         return sum(f.stat().st_size for f in (ckpt_dir / done[-1]).rglob("*") if f.is_file())
-    return 12 * sum(p.numel() for p in engine.module.parameters())
+    return estimated_checkpoint_bytes(engine.module)
+
+
+def estimated_checkpoint_bytes(model: torch.nn.Module) -> int:
+    """A checkpoint's size before one exists: fp32 weights (4 bytes a parameter) and AdamW's two moments of each
+    trained one (8 more)."""
+    return sum((12 if p.requires_grad else 4) * p.numel() for p in model.parameters())
 
 
 def check_room(ckpt_dir: Path, tag: str, need: int, group: Any) -> None:

@@ -28,7 +28,7 @@ from pipeline.atomic import atomic_path
 from pipeline.augment import Augmentation
 from pipeline.batch_augment import MixConfig, draw_mix, mix_batch, random_erase, smooth_targets
 from pipeline.manifest import check_same_classes, resolve_shards
-from pipeline.synthetic_loader import SYNTHETIC_CLASSES
+from pipeline.synthetic_loader import IMAGENET_CLASSES, SYNTHETIC_CLASSES
 from train.config import ClassifierRecipe, ConfigError, FinetuneConfig, config_from_json
 from train.export import consolidated_state_dict
 from train.recipe import build_optimizer, layer_decay_groups
@@ -68,18 +68,19 @@ class ClassifierTask(Task):
         check_same_classes(cfg.data.shards, "train", cfg.eval.split)
         return self.ctx.loader(cfg.eval.split, train=False)
 
+    @staticmethod
+    def model_shape(cfg: FinetuneConfig) -> VisionTransformer:
+        given = cfg.data.shards or cfg.data.backend == "synthetic"
+        return classifier(cfg, class_count(cfg) if given else cfg.finetune.num_classes or IMAGENET_CLASSES)
+
     def build_model(self, initialise: bool) -> VisionTransformer:
         cfg = self.cfg
-        drop_path = 0.0 if self.probe else cfg.finetune.drop_path
-        model = build_classifier(cfg.model.name, cfg.data.img_size, self.num_classes, drop_path, self.probe)
+        model = classifier(cfg, self.num_classes)
         model.set_drop_path_generator(self.drop_path)
         if cfg.model.init and initialise:
             state = self.ctx.agree(lambda: pretrained_weights(cfg.model.init, cfg.model.name))
             fresh = self.ctx.agree(lambda: load_encoder(model, state, cfg.model.init))
             self.ctx.say(f"initialised from {cfg.model.init}; trained from scratch: {', '.join(fresh) or 'nothing'}")
-        if self.probe:  # only the head learns; the BatchNorm before it keeps running statistics
-            for name, param in model.named_parameters():
-                param.requires_grad = name.startswith("head.")
         return model
 
     def build_optimizer(self, model: VisionTransformer, peak_lr: float) -> torch.optim.Optimizer:
@@ -208,6 +209,18 @@ def top_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     """How many of the batch the top class, and any of the top 5 (all, with fewer classes), got right."""
     hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.unsqueeze(1)
     return hits[:, 0].sum(), hits.any(dim=1).sum()
+
+
+def classifier(cfg: FinetuneConfig, classes: int) -> VisionTransformer:
+    """The ViT `cfg` fine-tunes, with a head of `classes`; a linear probe trains the head alone, and its BatchNorm
+    before the head keeps running statistics."""
+    probe = cfg.finetune.mode == "linear_probe"
+    model = build_classifier(cfg.model.name, cfg.data.img_size, classes, 0.0 if probe else cfg.finetune.drop_path,
+                             probe)
+    if probe:
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith("head.")
+    return model
 
 
 def class_count(cfg: FinetuneConfig) -> int:

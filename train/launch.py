@@ -15,10 +15,12 @@ import sys
 import traceback
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from pipeline.loader import sample_counts
-from train.checkpoint import resume_tag
+from pipeline.synthetic_loader import IMAGENET_TRAIN_SAMPLES
+from train.checkpoint import estimated_checkpoint_bytes, resume_tag
 from train.config import TASK_SCRIPTS, ConfigError, RunConfig, describe, load_config
 from train.distributed import join_process_group, leave_process_group
 from train.engine import deepspeed_config, image_dtype
@@ -58,7 +60,7 @@ def parse_args(argv: list[str] | None, task: type[Task]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def print_plan(cfg: RunConfig, ranks: int) -> None:
+def print_plan(cfg: RunConfig, ranks: int, task: type[Task]) -> None:
     """--print-config: what a run of `cfg` on `ranks` ranks would do, checked as far as it can be without them."""
     if ranks < 1:
         raise ConfigError(f"--ranks must be at least 1, got {ranks}")
@@ -69,9 +71,24 @@ def print_plan(cfg: RunConfig, ranks: int) -> None:
              f"peak lr: {peak_lr(cfg.optim, plan.global_batch_size):.4g}"]
     if cfg.data.shards or cfg.data.backend == "synthetic":
         samples = sum(sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples))
-        steps = optimizer_steps_per_epoch(samples, plan)
         where = "synthetic images" if cfg.data.backend == "synthetic" else cfg.data.shards
-        lines.append(f"data: {samples} training samples ({where}): {steps} optimizer steps per epoch")
+    else:
+        samples, where = IMAGENET_TRAIN_SAMPLES, "no --data: ImageNet-1k's train split assumed"
+    steps = optimizer_steps_per_epoch(samples, plan)
+    lines.append(f"data: {samples:,} training samples ({where}): {steps:,} optimizer steps per epoch")
+    total = steps * cfg.optim.epochs
+    stops = f", stopped by max_steps at {cfg.max_steps:,}" if 0 < cfg.max_steps < total else ""
+    lines.append(f"run: {cfg.optim.epochs} epochs = {total:,} optimizer steps, "
+                 f"{total * plan.global_batch_size / 1e6:,.1f} M images{stops}")
+    with torch.device("meta"):  # the shapes alone: no memory, no initialisation
+        model = task.model_shape(cfg)
+    size, keep = estimated_checkpoint_bytes(model), cfg.checkpoint.keep_last
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines.append(f"checkpoints: about {size / 1e9:.2f} GB each ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
+                 f" M parameters' fp32 weights, AdamW's two moments of the {trained / 1e6:.1f} M trained); keep_last "
+                 f"{keep} peaks at "
+                 f"{keep + 1} of them ({(keep + 1) * size / 1e9:.1f} GB) while a new one is written"
+                 + (", plus one per milestone" if cfg.checkpoint.milestone_every_epochs else ""))
     lines += ["deepspeed config:", json.dumps(deepspeed_config(cfg, plan), indent=1)]
     print("\n".join(lines))
 
@@ -127,7 +144,7 @@ def main(task: type[Task], argv: list[str] | None = None) -> int:
     try:
         cfg = checked_config(args, task)
         if args.print_config:
-            print_plan(cfg, args.ranks if args.ranks is not None else int(os.environ.get("WORLD_SIZE", "1")))
+            print_plan(cfg, args.ranks if args.ranks is not None else int(os.environ.get("WORLD_SIZE", "1")), task)
             return RunEnd.FINISHED
         if args.eval is not None:
             return evaluate_only(cfg, task, args.eval)

@@ -38,6 +38,10 @@ class MaeTask(Task):
         runtime = self.cfg.runtime
         return hash((runtime.seed, runtime.mask_seed, self.ctx.rank, step)) % (2**63)
 
+    @staticmethod
+    def model_shape(cfg: PretrainConfig) -> MaskedAutoencoderViT:
+        return mae_from_config(cfg)
+
     def build_model(self, initialise: bool) -> MaskedAutoencoderViT:
         self.model = mae_from_config(self.cfg)
         init = self.cfg.model.init

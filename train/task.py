@@ -139,6 +139,12 @@ class Task(ABC):
     def build_optimizer(self, model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
         return build_optimizer(model, self.cfg.optim, peak_lr)
 
+    @staticmethod
+    @abstractmethod
+    def model_shape(cfg: RunConfig) -> nn.Module:
+        """The model `cfg` trains, uninitialised and reading no data or weights (`--print-config` builds it on the
+        meta device to size checkpoints: a split's class count falls back to ImageNet's where no data is given)."""
+
     @abstractmethod
     def flops_per_image(self, model: nn.Module) -> int:
         """Matmul FLOPs of one training image, forward and backward (for MFU)."""
