@@ -334,6 +334,62 @@ def test_with_peers_the_gradients_leave_in_bf16_buckets_while_the_backward_pass_
             assert step["ops_after_first_send"] > 50, step  # the backward pass went on after the first bucket left
 
 
+def wandb_records(run_file: Path) -> list:
+    """The records of a W&B run file (offline mode), read as W&B's own sync reads them: a header, then 32 KiB blocks of
+    chunks (crc32, length, type: 1 whole, 2 first, 3 middle, 4 last) holding its protobuf records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, records, pending = run_file.read_bytes(), [], b""
+    assert data[:4] == b":W&B", run_file
+    position = 7
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_a_run_logs_to_weights_and_biases_offline_and_its_resume_continues_the_same_wandb_run(one_rank, tmp_path,
+                                                                                            monkeypatch):
+    """log.wandb_project: the W&B run gets the run's config and every logged window's figures at its step, and the
+    reconstruction; a resume goes on in the same W&B run (its id kept in the output folder)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    output = tmp_path / "run"
+    argv = ["--config", "tiny", "--output", str(output), "--log-every", "2", "--set", "data.backend=synthetic",
+            "--set", "data.synthetic_samples=256", "--set", "eval.every_epochs=0", "--set", "log.tensorboard=false",
+            "--set", "log.wandb_project=maeflow-test", "--set", "checkpoint.every_steps=4"]
+    assert pretrain.main([*argv, "--max-steps", "4"]) == 0
+    assert pretrain.main([*argv, "--max-steps", "6", "--resume"]) == 0
+    run_id = (output / "wandb_run_id").read_text().strip()
+    runs = sorted((output / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(runs) == 2, sorted(p.name for p in (output / "wandb").iterdir())  # one W&B run, written twice
+    logged = {}
+    for run_file in runs:
+        for record in wandb_records(run_file):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                config = {item.key: item.value_json for item in record.run.config.update}
+                assert json.loads(config["model"])["name"] == "mae_vit_tiny_patch16"
+                assert json.loads(config["log"])["wandb_project"] == "maeflow-test"
+            if kind == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in
+                         record.history.item}
+                logged.setdefault(items["_step"], set()).update(items)
+    assert {2, 4, 6} <= set(logged) and all({"loss", "lr", "grad_norm"} <= logged[step] for step in (2, 4, 6)), logged
+    assert any("reconstruction" in name for keys in logged.values() for name in keys), logged
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 48 MB file system of its own (tmpfs), for a run that fills it; skipped where mounting is not allowed."""

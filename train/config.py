@@ -155,6 +155,8 @@ class LogConfig:
     """the accelerator's dense bf16 peak for MFU, TFLOP/s (0 = model.flops' table by the device's name)"""
     tensorboard: bool = True
     """write scalars and reconstructions for TensorBoard under OUTPUT/tb/ (when it is installed)"""
+    wandb_project: str = ""
+    """also log them to this Weights & Biases project (empty = off; WANDB_MODE=offline keeps them in OUTPUT/wandb/)"""
     sample_ids: bool = False
     """append the key of every sample each rank reads to OUTPUT/samples/rank<r>.txt (audits, loss spikes)"""
     straggler_margin: float = 0.25

@@ -1,5 +1,5 @@
 """What a run writes down: the device-side sums between log steps (`MetricWindow`), and rank 0's records in
-OUTPUT/metrics.jsonl with their numbers in TensorBoard (`MetricsLog`)."""
+OUTPUT/metrics.jsonl with their numbers in TensorBoard and W&B (`MetricsLog`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from train.dashboard import Board
+from train.dashboard import Board, WandbBoard
 
 
 class MetricWindow:
@@ -55,29 +55,36 @@ class MetricWindow:
 
 
 class MetricsLog:
-    """Rank 0's records: JSON lines in OUTPUT/metrics.jsonl and, for records with numbers, TensorBoard scalars.
-    Other ranks' calls do nothing, so every rank may call it."""
+    """Rank 0's records: JSON lines in OUTPUT/metrics.jsonl and, for records with numbers, dashboard scalars
+    (TensorBoard; W&B when `wandb_project` names a project, with `config` as the W&B run's config). Other ranks'
+    calls do nothing, so every rank may call it."""
 
-    def __init__(self, output: Path, is_main: bool, tensorboard: bool) -> None:
+    def __init__(self, output: Path, is_main: bool, tensorboard: bool, wandb_project: str = "",
+                 config: dict[str, Any] | None = None) -> None:
         self.output, self.is_main, self.tensorboard = output, is_main, tensorboard
-        self._board: Board | None = None  # opened at the first record: nothing is written before the run starts
+        self.wandb_project, self.config = wandb_project, config or {}
+        self._boards: list[Board | WandbBoard] | None = None  # opened at the first record: nothing before the run
 
     @property
-    def board(self) -> Board:
-        if self._board is None:
-            self._board = Board(self.output / "tb", self.tensorboard and self.is_main)
-        return self._board
+    def boards(self) -> list[Board | WandbBoard]:
+        if self._boards is None:
+            self._boards = [Board(self.output / "tb", self.tensorboard and self.is_main)]
+            if self.wandb_project and self.is_main:
+                self._boards.append(WandbBoard(self.output, self.wandb_project, self.config))
+        return self._boards
 
     def record(self, record: dict[str, Any]) -> None:
-        """A record of figures (a logged window, an evaluation): metrics.jsonl and TensorBoard."""
+        """A record of figures (a logged window, an evaluation): metrics.jsonl and the dashboards."""
         self.note(record)
         if self.is_main:
-            self.board.scalars(record, record["step"])
+            for board in self.boards:
+                board.scalars(record, record["step"])
 
     def image(self, name: str, picture: Image.Image, step: int) -> None:
-        """A picture for TensorBoard (rank 0)."""
+        """A picture for the dashboards (rank 0)."""
         if self.is_main:
-            self.board.image(name, picture, step)
+            for board in self.boards:
+                board.image(name, picture, step)
 
     def note(self, record: dict[str, Any]) -> None:
         """An event (a resume, a loss spike): metrics.jsonl only, with the wall-clock time it was written (UTC)."""
@@ -87,5 +94,5 @@ class MetricsLog:
                 f.write(json.dumps({**record, "time": written}) + "\n")
 
     def close(self) -> None:
-        if self._board is not None:
-            self._board.close()
+        for board in self._boards or []:
+            board.close()

@@ -144,7 +144,8 @@ class Trainer:
         """The task (its checks) and its model; then, every check passed, the folder's first write; then the
         loader, the engine, the checkpointer and the task's periodic jobs."""
         hold, cfg = self.resources, self.cfg
-        self.metrics = MetricsLog(self.output, self.is_main, cfg.log.tensorboard)
+        self.metrics = MetricsLog(self.output, self.is_main, cfg.log.tensorboard, cfg.log.wandb_project,
+                                  json.loads(cfg.to_json()))
         hold.callback(self.metrics.close)
         self.ctx = RunContext(cfg, self.device, self.rank, self.world, self.plan, image_dtype(cfg), self.control,
                               self.metrics, self.say, hold)
