@@ -97,33 +97,51 @@ def test_milestones_and_going_back_to_a_checkpoint_twice_with_other_masks_and_lr
     assert export_main([str(output), "--to", str(tmp_path / "m.pth"), "--tag", "step00000006"]) == 2
 
 
-def test_two_nodes_by_torchrun_then_by_srun_variables_then_stopped_by_a_signal(shards, tmp_path):
+def test_two_nodes_of_two_ranks_by_torchrun_then_one_node_of_three_by_srun_variables_then_stopped_by_a_signal(
+        shards, tmp_path):
+    """The README's multi-node launch, on one machine: two torchrun "nodes" (node ranks 0 and 1, one master address)
+    of two ranks each. Each node's ranks have local ranks 0 and 1; only global rank 0 writes the run's records; the
+    epoch (4 steps of 16) reads every sample once. The run then continues on one node of three ranks started as srun
+    starts them (a global batch of 12: 16 does not split over 3), reads its next epoch's samples at most once each,
+    and stops on a preemption's SIGTERM (exit 3)."""
     output = tmp_path / "two_nodes"
     args = ["train/pretrain.py", "--config", "configs/tiny.toml", "--data", str(shards), "--output", str(output),
-            "--log-every", "1"]
+            "--log-every", "1", "--set", "log.sample_ids=true", "--set", "eval.every_epochs=0"]
     port = free_port()
     nodes = [start_job([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
-                        "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                        "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
                         *args, "--max-steps", "4"], cwd=REPO) for n in (0, 1)]
     outs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert (output / "checkpoints" / "latest").read_text() == "step00000004"
-    # The same job continued with each rank started directly, as srun does, then preempted.
+    (started,) = events(output, "started")
+    assert [(r["rank"], r["local_rank"]) for r in started["ranks"]] == [(0, 0), (1, 1), (2, 0), (3, 1)]
+    assert [r["step"] for r in metrics(output)] == [1, 2, 3, 4]  # one writer: each record once
+    assert sorted(p.name for p in output.iterdir() if not p.name.startswith(".")) == [
+        "checkpoints", "config.json", "deepspeed_config.json", "metrics.jsonl", "samples", "stacks", "tb", "viz"]
+    first_epoch = samples_read(output, range(1, 5))
+    assert len(first_epoch) == len(set(first_epoch)) == 64  # every sample, once
+    # The same job continued on one node of three ranks, each started directly as srun does, then preempted.
     port = free_port()
-    ranks = [start_job([sys.executable, *args, "--max-steps", "100000", "--resume"], cwd=REPO,
-                       env=rank_env(r, 2, port)) for r in (0, 1)]
+    ranks = [start_job([sys.executable, *args, "--max-steps", "100000", "--resume", "--set",
+                        "optim.global_batch_size=12"], cwd=REPO,
+                       env={**rank_env(r, 3, port), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "3"}) for r in range(3)]
     deadline = time.monotonic() + 300
-    while len(metrics(output)) < 7:
-        assert all(p.poll() is None for p in ranks) and time.monotonic() < deadline
+    while len(metrics(output)) < 10:
+        ended = [p.communicate()[0][-3000:] for p in ranks if p.poll() is not None]
+        assert not ended and time.monotonic() < deadline, ended
         time.sleep(0.2)
     for p in ranks:
         p.send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=300)[0] for p in ranks]
-    assert [p.returncode for p in ranks] == [3, 3], outs[0][-3000:]  # stopped: a scheduler requeues on this
+    assert [p.returncode for p in ranks] == [3, 3, 3], outs[0][-3000:]  # stopped: a scheduler requeues on this
     (resumed,) = events(output, "resumed")
-    assert (resumed["from"], resumed["world_size"]) == ("step00000004", 2)
+    assert (resumed["from"], resumed["world_size"]) == ("step00000004", 3)
+    assert [r["local_rank"] for r in events(output, "started")[1]["ranks"]] == [0, 1, 2]
     stopped_at = int((output / "checkpoints" / "latest").read_text().removeprefix("step"))
-    assert stopped_at >= 7 and [r["step"] for r in metrics(output)] == list(range(1, stopped_at + 1))
+    assert stopped_at >= 10 and [r["step"] for r in metrics(output)] == list(range(1, stopped_at + 1))
+    second_epoch = samples_read(output, range(5, 10))  # 5 steps of 3 ranks x 4: 60 of the 64
+    assert len(second_epoch) == len(set(second_epoch)) == 60
 
 
 def test_an_output_folder_the_ranks_do_not_share_stops_the_run(tmp_path):

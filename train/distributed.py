@@ -62,8 +62,12 @@ def rank_device() -> torch.device:
                               "with `bash run.sh setup --cuda` (on a login node without GPUs, setup picks the CPU "
                               "build unless told)")
         return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cuda", local_rank() % torch.cuda.device_count())
+
+
+def local_rank() -> int:
+    """This rank's place on its node, as its launcher says (torchrun, deepspeed: LOCAL_RANK; srun: SLURM_LOCALID)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
 
 
 def join_process_group(timeout_s: float = 0) -> torch.device:
@@ -147,22 +151,28 @@ def _same_kind(kind: type, message: str) -> Exception:
 
 
 class Peers:
-    """(host, pid) of every rank, gathered once at start, to name the rank a failed collective lost."""
+    """Where every rank runs (host, pid, local rank, device), gathered once at start: to name the rank a failed
+    collective lost, and for the run's `started` record."""
 
-    def __init__(self, group: Any) -> None:
+    def __init__(self, group: Any, device: torch.device) -> None:
         self.rank = dist.get_rank()
-        self.ranks: list[tuple[str, int]] = [("", 0)] * dist.get_world_size()
-        dist.all_gather_object(self.ranks, (socket.gethostname(), os.getpid()), group=group)
+        self.ranks: list[tuple[str, int, int, str]] = [("", 0, 0, "")] * dist.get_world_size()
+        here = (socket.gethostname(), os.getpid(), local_rank(), str(device))
+        dist.all_gather_object(self.ranks, here, group=group)
 
     @property
     def hosts(self) -> list[str]:
-        return [host for host, _ in self.ranks]
+        return [host for host, *_ in self.ranks]
+
+    def placement(self) -> list[dict[str, Any]]:
+        return [{"rank": rank, "host": host, "local_rank": local, "device": device}
+                for rank, (host, _, local, device) in enumerate(self.ranks)]
 
     def lost(self) -> str:
         """Which ranks are gone, as far as this host can tell (a process on another host cannot be asked)."""
         here = socket.gethostname()
         gone, elsewhere = [], []
-        for rank, (host, pid) in enumerate(self.ranks):
+        for rank, (host, pid, *_) in enumerate(self.ranks):
             if rank == self.rank:
                 continue
             if host != here:

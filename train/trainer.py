@@ -102,6 +102,8 @@ class Trainer:
         self._join()
         self._plan(resume)
         self._build(task_class)
+        self.metrics.note({"step": self.resume.saved.step if self.resume and self.resume.saved else 0,
+                           "event": "started", "world_size": self.world, "ranks": self.peers.placement()})
         if self.resume and self.resume.tag:
             self._load()
         self._instrument()
@@ -121,7 +123,7 @@ class Trainer:
         self.state = TrainState(world_size=self.world)
         self.watchdog = Watchdog(cfg.runtime.hang_timeout_s, self.output, self.rank, lambda: self.state.step)
         hold.callback(self.watchdog.close)
-        self.peers = Peers(self.control)
+        self.peers = Peers(self.control, self.device)
         lock = agree(lambda: lock_folder(self.output) if self.is_main else None, self.control)
         if lock is not None:
             hold.callback(lock.close)
