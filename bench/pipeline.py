@@ -1,7 +1,7 @@
 """Data path, in images/s at 224: what `build_loader` delivers against the DALI graph it wraps (driven
 directly, one pipeline kept running), what an epoch boundary costs, and the decoders a user could
 choose from (DALI on the GPU with and without the hardware decoder, DALI on the CPU, PIL with every
-core), on ImageNet-like JPEGs (~115 KB, mostly ~500x375); first, what a rank pays for the size of the data set
+core), on ImageNet-like JPEGs (~115 KB, mostly ~500x375); then what a rank pays for the size of the data set
 (`bench.data_scale`: its epoch plan up to 2 B samples, its start-up over 100,000 shards).
 
     python -m bench pipeline [--device gpu]                 generated data, enough for >= 20 batches an epoch
@@ -164,8 +164,6 @@ def run(ctx: BenchContext) -> Iterator[Record]:
         require("nvidia.dali", "braceexpand")
         yield from user_shards(ctx)
         return
-    yield from plan_records(ctx)  # the data set's size: no DALI needed
-    yield from startup_records(ctx)
     require("nvidia.dali", "braceexpand")
     gpu = ctx.device == "gpu"
     cores = os.cpu_count() or 1
@@ -206,3 +204,6 @@ def run(ctx: BenchContext) -> Iterator[Record]:
             Record("pipeline", "dali_gpu_vs_dali_cpu", "img/s", dali["delivered"], cpu_decoding["delivered"],
                    f"DALI CPU decoding, {cores} threads", config),
         ]
+    # What the data set's size costs a rank (its CPU only): after the decoders, which a GPU's window is for.
+    yield from plan_records(ctx)
+    yield from startup_records(ctx)
