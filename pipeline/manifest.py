@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from braceexpand import braceexpand
@@ -72,14 +73,18 @@ class ShardSet:
 
     def sample_counts(self) -> list[int]:
         """Samples per shard: the manifest's counts where there is one (each index is checked against them when a
-        loader first reads it), else each index file's header line (`v1.2 <count>`)."""
+        loader first reads it), else each index file's header line (`v1.2 <count>`). Looked up once per shard set."""
+        return list(self._counts)
+
+    @cached_property
+    def _counts(self) -> tuple[int, ...]:
         missing = first_missing(self.indexes)
         if missing is not None:
             raise FileNotFoundError(f"index file {missing} is missing; rebuild the shards or run DALI's wds2idx on it")
         if self.manifest is None:
-            return [index_sample_count(idx) for idx in self.indexes]
+            return tuple(index_sample_count(idx) for idx in self.indexes)
         listed = {s.name: s.samples for s in self.manifest.shards}
-        return [listed[tar.name] for tar in self.tars]
+        return tuple(listed[tar.name] for tar in self.tars)
 
 
 def first_missing(paths: list[Path]) -> Path | None:
