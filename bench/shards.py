@@ -1,6 +1,7 @@
 """Shard builder throughput: against `tar cf` of the same files, and from an archive against the same images
 extracted (ImageNet's layout: a tar of per-class tars, read in place), with the builder's peak memory and a
-projection of ImageNet-1k's build time from the measured rate per core."""
+projection of ImageNet-1k's build time from the measured rate per core; and the memory the builder's listing and plan
+take at 1 M and 10 M simulated files, the trend per image beside it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from bench.context import BenchContext, require
-from bench.harness import Record, rate, time_repeats
+from bench.harness import Record, rate, stat_of, time_repeats
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -40,6 +41,49 @@ def peak_memory_mb(argv: list[str]) -> float:
     done = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "pipeline.build_shards", *argv],
                           capture_output=True, text=True, check=True)
     return int(done.stdout.split()[-1]) / 1024
+
+
+# The builder's memory before it writes anything: a class-folder listing of `n` ImageNet-style names, its labels, the
+# plan's fingerprint and the global shuffle cut into shards, as `build` does them (n = 0: the interpreter alone).
+PLAN_MEMORY_PROBE = """
+import resource, sys, tempfile
+from pathlib import Path
+from pipeline.archives import Entry
+from pipeline.shard_resume import plan_fingerprint
+from pipeline.shard_sources import class_folder_images
+from pipeline.shard_writing import plan_shards
+n = int(sys.argv[1])
+if n:
+    names = (f"n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG" for i in range(n))
+    entries = [Entry(name, "/data/imagenet/train/" + name, 110_000) for name in names]
+    classes, images = class_folder_images(entries, None, [])
+    plan_fingerprint(images, classes, ["train", 0, 1024, 0])
+    plan_shards(images, 0, 2**30, "train", Path(tempfile.gettempdir()))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def plan_memory_mb(images: int) -> float:
+    """Peak resident memory of the builder's listing and plan over `images` simulated files, less the interpreter's."""
+    def peak(n: int) -> float:
+        done = subprocess.run([sys.executable, "-c", PLAN_MEMORY_PROBE, str(n)], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent.parent)
+        return int(done.stdout.split()[-1]) / 1024
+
+    return peak(images) - peak(0)
+
+
+def plan_memory_record(ctx: BenchContext) -> Record:
+    """What the builder holds in memory grows with the listing: measured at two sizes, the trend per image."""
+    sizes = (100_000, 1_000_000) if ctx.quick else (1_000_000, 10_000_000)
+    peaks = {n: plan_memory_mb(n) for n in sizes}
+    per_image = (peaks[sizes[1]] - peaks[sizes[0]]) * 2**20 / (sizes[1] - sizes[0])
+    extra = {"peak_mb": {str(n): round(mb, 1) for n, mb in peaks.items()}, "bytes_per_image": round(per_image),
+             "projected_gb": {str(n): round(n * per_image / 1e9, 1) for n in (14_197_122, 100_000_000, 2_000_000_000)}}
+    return Record("shards", "builder_plan_images_per_mb", "img/MB", stat_of([sizes[1] / peaks[sizes[1]]]),
+                  config={"images": sizes[1], "simulated": "class-folder listing of ImageNet-style names, 110 KB each",
+                          "what": "listing, labels, plan fingerprint, global shuffle cut into 1 GiB shards"},
+                  extra=extra)
 
 
 def run(ctx: BenchContext) -> list[Record]:
@@ -82,6 +126,7 @@ def run(ctx: BenchContext) -> list[Record]:
                                            for cores in (16, 64)},
                   "peak_memory_mb": memory}
     return [
+        plan_memory_record(ctx),
         Record("shards", "builder_mb_per_s", "MB/s", rate(megabytes, tree_s), rate(megabytes, tar_s), "tar cf",
                config),
         Record("shards", "builder_img_per_s", "img/s", rate(len(files), tree_s), rate(len(files), tar_s), "tar cf",
