@@ -166,16 +166,25 @@ def projection_table(latest: dict, gpu_runs: dict[str, list[dict]]) -> list[str]
 
 
 def shards_projection(latest: dict) -> list[str]:
-    """ImageNet-1k's train build time from the builder's measured rate per core (validation included)."""
+    """ImageNet-1k's train build time from the builder's measured rate per core (validation included), and what its
+    listing and plan hold in memory by the data set's size."""
+    lines = []
     found = latest.get(("shards", "builder_img_per_s"))
     projection = found[0]["extra"] if found else {}
-    if "imagenet_build_hours" not in projection:
-        return []
-    hours = ", ".join(f"{_hours(h)} on {cores} cores" for cores, h in projection["imagenet_build_hours"].items())
-    memory = projection.get("peak_memory_mb", {})
-    peaks = ", ".join(f"{name} {mb:.0f} MB" for name, mb in memory.items())
-    return [f"Projected ImageNet-1k train build (1,281,167 images) at {projection['img_per_s_per_core']:.0f} img/s per "
-            f"core: {hours}, if storage delivers ~140 GB in that time. Peak builder memory: {peaks}.", ""]
+    if "imagenet_build_hours" in projection:
+        hours = ", ".join(f"{_hours(h)} on {cores} cores" for cores, h in projection["imagenet_build_hours"].items())
+        peaks = ", ".join(f"{name} {mb:.0f} MB" for name, mb in projection.get("peak_memory_mb", {}).items())
+        rate = projection["img_per_s_per_core"]
+        lines += [f"Projected ImageNet-1k train build (1,281,167 images) at {rate:.0f} img/s per core: {hours}, if "
+                  f"storage delivers ~140 GB in that time. Peak builder memory: {peaks}.", ""]
+    found = latest.get(("shards", "builder_plan_images_per_mb"))
+    if found:
+        extra = found[0]["extra"]
+        measured = ", ".join(f"{int(n):,} files {mb:,.0f} MB" for n, mb in extra["peak_mb"].items())
+        trend = ", ".join(f"{int(n):,} files {gb:,.1f} GB" for n, gb in extra["projected_gb"].items())
+        lines += [f"Builder listing and plan memory (simulated files): {measured}, {extra['bytes_per_image']} bytes a "
+                  f"file; by that trend {trend}.", ""]
+    return ["#### shard builder: projections", "", *lines] if lines else []
 
 
 def history_table(runs: list[dict], on_gpu: bool) -> list[str]:
