@@ -3,7 +3,9 @@
 #   bash bench/gpu_suite.sh             on a CUDA machine with maeflow's packages (`bash run.sh setup`, or
 #                                       PYTHON=... naming an interpreter that has them)
 #   bash bench/gpu_suite.sh --dry-run   the same stages, in the same order, with the same outputs, at tiny
-#                                       shapes on the CPU: what CI runs, so that a typo fails there, not on a GPU
+#                                       shapes on the CPU, so that a typo fails there, not on a GPU: run it, or
+#                                       MAEFLOW_SUITE_DRY_RUN=1 bash run.sh test tests/test_gpu_suite.py, before
+#                                       every GPU run (CI runs only the script's skeleton: its minutes are too many)
 # Stages, the records that matter most first, each cut at its budget (the rest still run): the trainer on synthetic
 # data against its bare step with MFU (ViT-H, then ViT-B; DeepSpeed alone), bench kernels, bench model, the kernel
 # and model tests on the GPU (compiled kernels, bf16 at the ViT-B/H shapes), the loader (pipeline), fine-tuning,

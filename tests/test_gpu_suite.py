@@ -14,6 +14,7 @@ STAGES = ["train", "kernels", "model", "tests", "pipeline", "finetune", "train_s
 
 
 @pytest.mark.slow
+@pytest.mark.suite_dry_run
 def test_the_dry_run_takes_every_stage_and_returns_a_few_small_files(tmp_path):
     """Every stage in the order that puts the records that matter most first; $OUT kept (an earlier attempt's file
     survives), every stage's output in one log, the history file with the records and the profile, the report."""

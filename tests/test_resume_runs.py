@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("stage, precision, new_rank_counts",
-                         [(1, "fp32", (1, 3)), (0, "autocast_bf16", (3,)), (2, "bf16", (1,)), (3, "fp32", (3,))],
+                         [(1, "fp32", (3,)), (0, "autocast_bf16", (3,)), (2, "bf16", (1,)), (3, "fp32", (3,))],
                          ids=["zero1", "zero0-autocast", "zero2-bf16", "zero3"])
 def test_a_run_resumes_on_another_rank_count(shards, tmp_path, stage, precision, new_rank_counts):
     """2 ranks stop mid-epoch; the run goes on with fewer or more: AdamW's state comes back unchanged, and the
