@@ -75,9 +75,10 @@ class SampleTable:
     def _read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, keys) of every sample of one shard, checked against its size."""
         idx, rows, keys = self.indexes[shard], [], []
-        if index_sample_count(idx) != self.shard_sizes[shard]:
-            raise DamagedIndex(f"{idx}: the index header lists {index_sample_count(idx)} samples, the manifest "
-                             f"{self.shard_sizes[shard]}")
+        header = index_sample_count(idx)
+        if header != self.shard_sizes[shard]:
+            raise DamagedIndex(f"{idx}: the index header lists {header} samples, the manifest "
+                               f"{self.shard_sizes[shard]}")
         for key, members in read_index(idx):
             if "jpg" not in members or "cls" not in members:
                 raise DamagedIndex(f"{idx}: sample {key} lacks a jpg or cls member")
