@@ -167,7 +167,7 @@ def projection_table(latest: dict, gpu_runs: dict[str, list[dict]]) -> list[str]
 
 def shards_projection(latest: dict) -> list[str]:
     """ImageNet-1k's train build time from the builder's measured rate per core (validation included), and what its
-    listing and plan hold in memory by the data set's size."""
+    listing and plan hold in memory at two data set sizes."""
     lines = []
     found = latest.get(("shards", "builder_img_per_s"))
     projection = found[0]["extra"] if found else {}
@@ -177,13 +177,13 @@ def shards_projection(latest: dict) -> list[str]:
         rate = projection["img_per_s_per_core"]
         lines += [f"Projected ImageNet-1k train build (1,281,167 images) at {rate:.0f} img/s per core: {hours}, if "
                   f"storage delivers ~140 GB in that time. Peak builder memory: {peaks}.", ""]
-    found = latest.get(("shards", "builder_plan_images_per_mb"))
+    found = latest.get(("shards", "builder_plan_peak_mb"))
     if found:
-        extra = found[0]["extra"]
+        extra, buffer = found[0]["extra"], found[0]["config"]["sort_buffer"]
         measured = ", ".join(f"{int(n):,} files {mb:,.0f} MB" for n, mb in extra["peak_mb"].items())
-        trend = ", ".join(f"{int(n):,} files {gb:,.1f} GB" for n, gb in extra["projected_gb"].items())
-        lines += [f"Builder listing and plan memory (simulated files): {measured}, {extra['bytes_per_image']} bytes a "
-                  f"file; by that trend {trend}.", ""]
+        lines += [f"Builder listing and plan memory (simulated files, a sort buffer of {buffer:,} images): {measured}; "
+                  f"{extra['growth_bytes_per_image']} bytes more a file, so bounded whatever the data set. Planning "
+                  f"takes {extra['plan_us_per_image']} µs a file.", ""]
     return ["#### shard builder: projections", "", *lines] if lines else []
 
 

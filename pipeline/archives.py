@@ -17,12 +17,14 @@ archive runs as fast as from the same files extracted, with memory independent o
 from __future__ import annotations
 
 import gzip
+import os
 import posixpath
 import shutil
 import struct
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,14 @@ class Entry:
     """a zip member's compression: 0 stored, 8 deflated"""
     problem: str = ""
     """why it cannot be an image ("a link", "an unsafe name", "cut short"); reported, never read"""
+
+    def row(self) -> list:
+        """The entry as a JSON row, for the builder's scratch files (a listed entry has no problem)."""
+        return [self.name, self.path, self.size, self.offset, self.packed_size, self.method]
+
+    @classmethod
+    def from_row(cls, row: list) -> Entry:
+        return cls(*row)
 
 
 def read_entry(entry: Entry, head: int | None = None) -> bytes:
@@ -88,15 +98,12 @@ def unsafe_name(name: str) -> str:
     return ""
 
 
-def archive_entries(archive: Path, scratch: Path) -> tuple[list[Entry], list[dict]]:
-    """Every file member of a tar, .tar.gz or zip (members of inner tars expanded, named "<inner stem>/<name>"),
-    and the problems met listing it ({"path", "reason"})."""
-    name = archive.name.lower()
-    if name.endswith(GZIP_SUFFIXES):
-        return tar_entries(ungzipped(archive, scratch), display=archive.name)
-    if name.endswith(".zip"):
-        return zip_entries(archive)
-    return tar_entries(archive, display=archive.name)
+def tar_archive_entries(archive: Path, scratch: Path, problems: list[dict]) -> Iterator[Entry]:
+    """Every file member of a tar or .tar.gz (members of inner tars expanded, named "<inner stem>/<name>"),
+    streamed; the problems met listing it ({"path", "reason"}) go to `problems`. (A zip: `zip_entries`.)"""
+    if archive.name.lower().endswith(GZIP_SUFFIXES):
+        return tar_entries(ungzipped(archive, scratch), archive.name, problems)
+    return tar_entries(archive, archive.name, problems)
 
 
 def ungzipped(archive: Path, scratch: Path) -> Path:
@@ -116,29 +123,35 @@ def ungzipped(archive: Path, scratch: Path) -> Path:
     return target
 
 
-def tar_entries(tar_path: Path, display: str, base: int = 0, fileobj=None, prefix: str = "") -> tuple[
-        list[Entry], list[dict]]:
-    """File members of a plain tar (at `base` inside `tar_path` when it is an inner tar), inner tars expanded."""
-    entries: list[Entry] = []
-    problems: list[dict] = []
+def tar_entries(tar_path: Path, display: str, problems: list[dict], base: int = 0, fileobj=None,
+                prefix: str = "") -> Iterator[Entry]:
+    """File members of a plain tar (at `base` inside `tar_path` when it is an inner tar), inner tars expanded,
+    streamed as its headers are read. A tar that cannot be opened at all raises ArchiveError at once."""
     try:
         tar = tarfile.open(tar_path if fileobj is None else None, mode="r:", fileobj=fileobj)  # noqa: SIM115
     except (tarfile.TarError, OSError) as err:
         raise ArchiveError(f"{display}: not a readable tar ({err})") from None
+    return _tar_members(tar, tar_path, display, problems, base, prefix)
+
+
+def _tar_members(tar: tarfile.TarFile, tar_path: Path, display: str, problems: list[dict], base: int,
+                 prefix: str) -> Iterator[Entry]:
     end = Path(tar_path).stat().st_size
+    members, first_cut = 0, ""
     with tar:
         while True:
             try:
                 info = tar.next()
             except (tarfile.TarError, OSError, EOFError) as err:
-                problems.append({"path": display, "reason": f"the tar ends early or is damaged after {len(entries)} "
+                problems.append({"path": display, "reason": f"the tar ends early or is damaged after {members} "
                                                             f"members ({err}): later members are missing"})
                 break
             if info is None:
                 break
             name = prefix + (info.name[2:] if info.name.startswith("./") else info.name)
             if info.isdir():
-                entries.append(Entry(name.rstrip("/") + "/", str(tar_path), 0, problem="a folder"))
+                members += 1
+                yield Entry(name.rstrip("/") + "/", str(tar_path), 0, problem="a folder")
                 continue
             if info.issym() or info.islnk():
                 problems.append({"path": name, "reason": "a link, not a file: skipped"})
@@ -148,38 +161,39 @@ def tar_entries(tar_path: Path, display: str, base: int = 0, fileobj=None, prefi
             offset = base + info.offset_data
             unsafe = unsafe_name(info.name)
             if info.name.lower().endswith(".tar") and not unsafe:  # an inner tar, whose whole members count even if cut
-                inner, inner_problems = _inner_tar(tar, info, tar_path, offset, name[:-4] + "/")
-                entries += inner
-                problems += inner_problems
+                members += 1
+                yield from _inner_tar(tar, info, tar_path, offset, name[:-4] + "/", problems)
                 continue
             problem = unsafe or ("cut short" if offset + info.size > end else "")
-            entries.append(Entry(name, str(tar_path), info.size, offset, problem=problem))
-    cut = [e.name for e in entries if e.problem == "cut short"]
-    if cut:
-        problems.append({"path": display, "reason": f"the tar is cut short inside {cut[0]}: the members after it "
+            first_cut = first_cut or (name if problem == "cut short" else "")
+            members += 1
+            yield Entry(name, str(tar_path), info.size, offset, problem=problem)
+    if first_cut:
+        problems.append({"path": display, "reason": f"the tar is cut short inside {first_cut}: the members after it "
                                                     "are missing"})
-    return entries, problems
 
 
 def _inner_tar(outer: tarfile.TarFile, info: tarfile.TarInfo, tar_path: Path, offset: int,
-               prefix: str) -> tuple[list[Entry], list[dict]]:
+               prefix: str, problems: list[dict]) -> Iterator[Entry]:
     """An inner tar's members, named "<inner stem>/<name>"; a damaged inner tar is reported, its class kept."""
+    yield Entry(prefix, str(tar_path), 0, problem="a folder")
     try:
-        entries, problems = tar_entries(tar_path, display=info.name, base=offset, fileobj=outer.extractfile(info),
-                                        prefix=prefix)
+        members = tar_entries(tar_path, info.name, problems, base=offset, fileobj=outer.extractfile(info),
+                              prefix=prefix)
     except ArchiveError as err:
-        reason = str(err).removeprefix(f"{info.name}: ")
-        return [Entry(prefix, str(tar_path), 0, problem="a folder")], [{"path": info.name, "reason": reason}]
-    return [Entry(prefix, str(tar_path), 0, problem="a folder"), *entries], problems
+        problems.append({"path": info.name, "reason": str(err).removeprefix(f"{info.name}: ")})
+        return
+    yield from members
 
 
-def zip_entries(archive: Path) -> tuple[list[Entry], list[dict]]:
+def zip_entries(archive: Path, problems: list[dict]) -> list[Entry]:
+    """A zip's members, from its central directory (which zipfile holds in memory whole)."""
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
     except (zipfile.BadZipFile, OSError) as err:
         raise ArchiveError(f"{archive.name}: not a readable zip ({err})") from None
-    entries, problems = [], []
+    entries = []
     for info in infos:
         if info.is_dir():
             entries.append(Entry(info.filename, str(archive), 0, problem="a folder"))
@@ -190,23 +204,24 @@ def zip_entries(archive: Path) -> tuple[list[Entry], list[dict]]:
         entries.append(Entry(info.filename, str(archive), info.file_size, info.header_offset,
                              packed_size=max(info.compress_size, 1), method=info.compress_type,
                              problem=unsafe_name(info.filename)))
-    return entries, problems
-
-
-def folder_entries(folder: Path, depth: int | None) -> list[Entry]:
-    """Files under `folder`, named relative to it (and its folders, as entries whose problem is "a folder"):
-    only `class/file` when `depth` is 2, any depth when None. Hidden files and folders are left out."""
-    paths = folder.rglob("*") if depth is None else [*folder.glob("*"), *folder.glob("/".join(["*"] * depth))]
-    entries = []
-    for path in sorted(paths):
-        rel = path.relative_to(folder).as_posix()
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue
-        if path.is_dir():
-            entries.append(Entry(rel + "/", str(path), 0, problem="a folder"))
-        elif path.is_file():
-            entries.append(Entry(rel, str(path), path.stat().st_size))
     return entries
+
+
+def folder_entries(folder: Path, depth: int | None, under: str = "") -> Iterator[Entry]:
+    """Files under `folder`, named relative to it (and its folders, as entries whose problem is "a folder"):
+    only `class/file` when `depth` is 2, any depth when None. Hidden files and folders are left out. One folder's
+    listing at a time, in name order."""
+    with os.scandir(folder) as listing:
+        children = sorted((child.name, child.is_dir(), child.path) for child in listing
+                          if not child.name.startswith("."))
+    for name, is_dir, path in children:
+        rel = under + name
+        if is_dir:
+            yield Entry(rel + "/", path, 0, problem="a folder")
+            if depth is None or depth > 1:
+                yield from folder_entries(Path(path), None if depth is None else depth - 1, rel + "/")
+        elif os.path.isfile(path):
+            yield Entry(rel, path, os.stat(path).st_size)
 
 
 def basename(name: str) -> str:

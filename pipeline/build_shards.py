@@ -21,6 +21,8 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,21 +31,21 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_write_text
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.manifest import Manifest, class_mismatch
-from pipeline.shard_resume import finished_shards, plan_fingerprint, save_progress
+from pipeline.shard_order import DEFAULT_SORT_BUFFER, ordered, spill
+from pipeline.shard_resume import Fingerprint, ProgressLog, finished_shards
 from pipeline.shard_sources import (
     BuildError,
-    SourceImage,
-    class_folder_images,
-    file_list_images,
-    flat_val_images,
-    images_only,
+    ClassFolders,
+    FileList,
+    FlatVal,
+    Labelling,
+    Unlabeled,
+    WebDatasetSamples,
     read_class_list,
     source_entries,
-    unlabeled_images,
-    webdataset_images,
 )
 from pipeline.shard_verify import verify
-from pipeline.shard_writing import plan_shards, run_jobs
+from pipeline.shard_writing import ShardPlan, ShardResult, plan_shards, run_jobs, shard_jobs
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class BuildOptions:
     unlabeled: bool = False
     file_list: bool = False
     webdataset: bool = False
+    sort_buffer: int = DEFAULT_SORT_BUFFER
 
 
 @dataclass(frozen=True)
@@ -73,64 +76,101 @@ class VerifyOptions:
     split: str
 
 
-SCRATCH = ".scratch"  # inside OUT: a .tar.gz's tar while a build runs
+SCRATCH = ".scratch"  # inside OUT while a build runs: its listing and plan, a .tar.gz's tar
 
 # Exit status when damaged data was found: a shard --verify rejects, or an image --strict would not skip. The same
 # code as a training run that failed on its data (README, "Exit codes"); 2 is a refused command.
 DAMAGED_DATA = 5
 
 
-def list_images(options: BuildOptions, scratch: Path) -> tuple[list[str], list[SourceImage], list[dict]]:
-    """(classes, images, what was skipped while listing) for the build's input and labelling options."""
+def labelling(options: BuildOptions, scratch: Path, rejected: list[dict]) -> Labelling:
+    """How the build's input is listed and labelled, for its labelling options."""
     src = options.src
     if not src.exists():
         raise BuildError(f"SRC {src} does not exist")
     classes = read_class_list(options.classes) if options.classes else None
-    rejected: list[dict] = []
     if options.file_list:
-        classes, images = file_list_images(src, rejected)
-        return classes, images, rejected
-    listing = source_entries(src, options.split, scratch, any_depth=options.unlabeled)
-    rejected += listing.problems
+        return FileList(src, rejected)
+    listing = source_entries(src, options.split, scratch, rejected, any_depth=options.unlabeled)
     if options.unlabeled:
-        return [], unlabeled_images(listing.entries, rejected), rejected
+        return Unlabeled(listing, rejected)
     if options.webdataset:
-        classes, images = webdataset_images(listing.entries, rejected)
-        return classes, images, rejected
-    flat = not any("/" in e.name for e in listing.entries if not e.problem)
+        return WebDatasetSamples(listing, rejected)
+    if options.val_labels or (listing.val_labels is not None and listing.flat):
+        return FlatVal(listing, options.val_labels, options.synsets, classes, rejected)
+    return ClassFolders(listing, classes, rejected)
+
+
+def shuffled(options: BuildOptions, labels: Labelling, scratch: Path, skipped: list[dict]) -> tuple[
+        list[str], ShardPlan, str]:
+    """List, label and shuffle the input into a plan of shards (on disk under `scratch`): the class list, the plan
+    and its fingerprint. Raises BuildError before any shard is written. Memory: `options.sort_buffer` images."""
+    spilled = spill(labels.candidates(), options.seed, scratch / f"{options.split}.listing")
     try:
-        if options.val_labels or (listing.val_labels is not None and flat):
-            classes, images = flat_val_images(listing, options.val_labels, options.synsets, classes, rejected)
-        else:
-            classes, images = class_folder_images(listing.entries, classes, rejected)
+        labels.settle()
     except BuildError as err:
-        raise BuildError(f"{src}: {err}") from None
-    return classes, images, rejected
+        raise BuildError(f"{options.src}: {err}") from None
+    if not spilled.count:
+        raise BuildError(f"{options.src}: no image files found")
+    fingerprint = Fingerprint()
+    images = ordered(spilled, labels, options.sort_buffer, skipped)
+    plan = plan_shards(fingerprint.watch(images), int(options.shard_size_mb * 2**20),
+                       scratch / f"{options.split}.plan")
+    classes = labels.classes()
+    if classes and not options.classes:
+        _refuse_other_class_lists(options.out, options.split, classes)
+    settings = [options.split, options.seed, options.shard_size_mb, options.max_pixels]
+    return classes, plan, fingerprint.hexdigest(classes, settings)
+
+
+@contextmanager
+def scratch_space(out: Path) -> Iterator[Path]:
+    """OUT/.scratch for the build's listing and plan, removed when the build ends; a refused build leaves OUT as it
+    found it (a .tar.gz's decompressed tar is kept there for a rerun of a killed build)."""
+    created = not out.exists()
+    scratch = out / SCRATCH
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        yield scratch
+    except BuildError:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def build(options: BuildOptions) -> int:
-    src, out, split = options.src, options.out, options.split
-    scratch = out / SCRATCH
-    classes, images, skipped = list_images(options, scratch)
-    if not images:
-        raise BuildError(f"{src}: no image files found")
-    images = images_only(images, skipped)
-    if classes and not options.classes:
-        _refuse_other_class_lists(out, split, classes)
-    source = str(src.resolve())
-    plan = plan_fingerprint(images, classes, [split, options.seed, options.shard_size_mb, options.max_pixels])
-    jobs = plan_shards(images, options.seed, int(options.shard_size_mb * 2**20), split, out, options.max_pixels)
-    done = finished_shards(out, split, plan, source)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [j for j in jobs if j.index not in done]
-    if done and todo:
-        print(f"resuming: {len(done)} of {len(jobs)} shards already complete, {len(todo)} to write")
-    elif done:
-        print(f"all {len(jobs)} shards already complete and intact")
+    out, split = options.out, options.split
+    source = str(options.src.resolve())
+    skipped: list[dict] = []
+    with scratch_space(out) as scratch:
+        classes, plan, fingerprint = shuffled(options, labelling(options, scratch, skipped), scratch, skipped)
+        done = finished_shards(out, split, fingerprint, source)
+        shards = len(plan.shard_sizes)
+        if done and len(done) < shards:
+            print(f"resuming: {len(done)} of {shards} shards already complete, {shards - len(done)} to write")
+        elif done:
+            print(f"all {shards} shards already complete and intact")
+        _write_shards(options, plan, done, ProgressLog(out, split, fingerprint, source, done))
+    results = [done[i] for i in range(shards)]
+    rejected = skipped + [r for res in results for r in res.rejected]
+    manifest = Manifest(
+        split=split, samples=sum(r.record.samples for r in results), classes=classes,
+        shards=[r.record for r in results if r.record.samples], rejected=rejected,
+        converted=[c for res in results for c in res.converted], seed=options.seed, source=source, plan=fingerprint,
+    )
+    atomic_write_text(Manifest.path(out, split), manifest.to_json())
+    _print_summary(manifest, out)
+    return DAMAGED_DATA if options.strict and rejected else 0
 
+
+def _write_shards(options: BuildOptions, plan: ShardPlan, done: dict[int, ShardResult], log: ProgressLog) -> None:
+    """Write the plan's shards not in `done`, adding each to `done` and to the progress log as it completes."""
+    shards = len(plan.shard_sizes)
     started = time.perf_counter()
-    total_images = sum(len(j.samples) for j in todo)
-    with tqdm(total=total_images, unit="img", desc=f"{split} shards", disable=options.quiet) as bar:
+    todo = sum(size for i, size in enumerate(plan.shard_sizes) if i not in done)
+    with tqdm(total=todo, unit="img", desc=f"{options.split} shards", disable=options.quiet) as bar:
         read = [0]
 
         def advance(images: int, size: int) -> None:
@@ -140,25 +180,13 @@ def build(options: BuildOptions) -> int:
 
         def show_rate() -> None:
             elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(MBps=f"{read[0] / elapsed / 2**20:.1f}", shards=f"{len(done)}/{len(jobs)}",
-                            refresh=False)
+            bar.set_postfix(MBps=f"{read[0] / elapsed / 2**20:.1f}", shards=f"{len(done)}/{shards}", refresh=False)
 
-        for result in run_jobs(todo, options.workers, advance):
+        jobs = shard_jobs(plan, options.split, options.out, options.max_pixels, skip=set(done))
+        for result in run_jobs(jobs, options.workers, advance):
             done[result.index] = result
-            save_progress(out, split, plan, source, done)
+            log.add(result)
             show_rate()
-
-    results = [done[j.index] for j in jobs]
-    rejected = skipped + [r for res in results for r in res.rejected]
-    manifest = Manifest(
-        split=split, samples=sum(r.record.samples for r in results), classes=classes,
-        shards=[r.record for r in results if r.record.samples], rejected=rejected,
-        converted=[c for res in results for c in res.converted], seed=options.seed, source=source, plan=plan,
-    )
-    atomic_write_text(Manifest.path(out, split), manifest.to_json())
-    shutil.rmtree(scratch, ignore_errors=True)  # a decompressed .tar.gz, kept only for a rerun of a killed build
-    _print_summary(manifest, out)
-    return DAMAGED_DATA if options.strict and rejected else 0
 
 
 def _refuse_other_class_lists(out: Path, split: str, classes: list[str]) -> None:
@@ -214,6 +242,8 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images")
     parser.add_argument("--strict", action="store_true", help="exit non-zero if any image was rejected")
     parser.add_argument("--verify", metavar="OUT", help="re-read and check the shards in OUT instead of building")
+    parser.add_argument("--sort-buffer", type=int, default=DEFAULT_SORT_BUFFER, help="images the global shuffle "
+                        "holds in memory at once (about 1 KB each); the shards are the same whatever it is")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.verify:
@@ -224,8 +254,8 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
                                    ("--file-list", args.file_list), ("--webdataset", args.webdataset)) if on]
     if len(modes) > 1:
         parser.error(f"{modes[0]} and {modes[1]} are different inputs: pass one")
-    if args.shard_size_mb <= 0 or args.workers < 1 or args.max_pixels < 1:
-        parser.error("--shard-size-mb and --max-pixels must be positive and --workers at least 1")
+    if args.shard_size_mb <= 0 or args.workers < 1 or args.max_pixels < 1 or args.sort_buffer < 1:
+        parser.error("--shard-size-mb and --max-pixels must be positive, --workers and --sort-buffer at least 1")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.split):
         parser.error(f"--split {args.split!r}: a split name is letters, digits, '_' and '-' (it names files)")
     return BuildOptions(
@@ -234,7 +264,7 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
         synsets=Path(args.synsets) if args.synsets else None, classes=Path(args.classes) if args.classes else None,
         shard_size_mb=args.shard_size_mb, workers=args.workers, seed=args.seed, max_pixels=args.max_pixels,
         strict=args.strict, quiet=args.quiet, unlabeled=args.unlabeled, file_list=args.file_list,
-        webdataset=args.webdataset,
+        webdataset=args.webdataset, sort_buffer=args.sort_buffer,
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,24 +17,33 @@ from pipeline.shard_writing import ShardResult
 from pipeline.wds_format import file_sha256, index_path
 
 
-def plan_fingerprint(images: list[SourceImage], classes: list[str], settings: list) -> str:
-    """Identifies a build: its settings and every source file's name, size and label."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([*settings, classes]).encode())
-    for image in images:
-        digest.update(f"{image.rel}\0{image.size}\0{image.label}\n".encode())
-    return digest.hexdigest()[:16]
+class Fingerprint:
+    """Identifies a build: its settings, its class list and every image's name, size and label, in shuffle order;
+    the images are taken in as they stream past (`watch`)."""
+
+    def __init__(self) -> None:
+        self.images = hashlib.sha256()
+
+    def watch(self, images: Iterable[SourceImage]) -> Iterator[SourceImage]:
+        for image in images:
+            self.images.update(f"{image.rel}\0{image.size}\0{image.label}\n".encode())
+            yield image
+
+    def hexdigest(self, classes: list[str], settings: list) -> str:
+        digest = hashlib.sha256(json.dumps([*settings, classes]).encode())
+        digest.update(self.images.digest())
+        return digest.hexdigest()[:16]
 
 
 def _progress_path(out: Path, split: str) -> Path:
-    return out / f".{split}.progress.json"
+    return out / f".{split}.progress.jsonl"
 
 
 def finished_shards(out: Path, split: str, plan: str, source: str) -> dict[int, ShardResult]:
     """Shards an earlier run of the same command completed, re-checked by size and sha256.
 
-    The progress file (kept after a build finishes) holds each shard's record and rejections, so a
-    rerun, complete or interrupted, can rebuild the manifest without re-reading finished shards.
+    The progress file (kept after a build finishes) holds each shard's record and rejections, a line per shard as
+    it finished, so a rerun, complete or interrupted, can rebuild the manifest without re-reading finished shards.
     """
     manifest_path, progress_path = Manifest.path(out, split), _progress_path(out, split)
     if manifest_path.is_file():
@@ -44,11 +55,17 @@ def finished_shards(out: Path, split: str, plan: str, source: str) -> dict[int, 
             )
     saved = {}
     if progress_path.is_file():
-        progress = json.loads(progress_path.read_text())
+        header, *lines = progress_path.read_text().splitlines()
+        progress = json.loads(header)
         if (progress["plan"], progress["source"]) != (plan, source):
             raise BuildError(f"{out} holds an unfinished {split} build of {progress['source']} with other settings; "
                              "choose another OUT or delete it first")
-        saved = {int(i): r for i, r in progress["done"].items()}
+        for line in lines:
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the line a kill cut short: its shard is written again
+            saved[raw["index"]] = raw
     elif not manifest_path.is_file():
         strays = sorted(out.glob(f"{split}-*.tar")) if out.is_dir() else []
         if strays:
@@ -67,6 +84,21 @@ def finished_shards(out: Path, split: str, plan: str, source: str) -> dict[int, 
     return finished
 
 
-def save_progress(out: Path, split: str, plan: str, source: str, done: dict[int, ShardResult]) -> None:
-    payload = {"plan": plan, "source": source, "done": {str(i): asdict(r) for i, r in sorted(done.items())}}
-    atomic_write_text(_progress_path(out, split), json.dumps(payload))
+class ProgressLog:
+    """Appends each finished shard to the progress file: a line per shard, so that its cost stays the same
+    whether the build has a hundred shards or a hundred thousand."""
+
+    def __init__(self, out: Path, split: str, plan: str, source: str, done: dict[int, ShardResult]) -> None:
+        self.path = _progress_path(out, split)
+        header = json.dumps({"plan": plan, "source": source})
+        atomic_write_text(self.path, "".join([header + "\n", *(self._line(r) for _, r in sorted(done.items()))]))
+
+    @staticmethod
+    def _line(result: ShardResult) -> str:
+        return json.dumps(asdict(result)) + "\n"
+
+    def add(self, result: ShardResult) -> None:
+        with open(self.path, "a") as log:
+            log.write(self._line(result))
+            log.flush()
+            os.fsync(log.fileno())

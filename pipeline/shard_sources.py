@@ -23,19 +23,22 @@ import posixpath
 import struct
 import tarfile
 import zlib
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from pipeline.archives import (
     ArchiveError,
     Entry,
-    archive_entries,
     basename,
     folder_entries,
     is_archive,
     read_entry,
+    tar_archive_entries,
     tar_entries,
+    zip_entries,
 )
 from pipeline.matfile import MatFileError, read_mat
 
@@ -75,6 +78,17 @@ class SourceImage:
     def read(self) -> bytes:
         return read_entry(self.entry)
 
+    def row(self) -> list:
+        """The image as a JSON row, for the builder's scratch files."""
+        return [self.entry.row(), self.rel, self.class_name, self.label, [[ext, e.row()] for ext, e in self.side],
+                self.key]
+
+    @classmethod
+    def from_row(cls, row: list) -> SourceImage:
+        entry, rel, class_name, label, side, key = row
+        return cls(Entry.from_row(entry), rel, class_name, label, tuple((ext, Entry.from_row(e)) for ext, e in side),
+                   key)
+
 
 def read_class_list(path: Path) -> list[str]:
     """Classes from a manifest (`train.json`) or a text file with one class name first on each line."""
@@ -90,62 +104,62 @@ def read_class_list(path: Path) -> list[str]:
 
 @dataclass
 class Listing:
-    """The input's files as entries, the problems met listing them, and a labels file found beside them."""
+    """The input's files as a stream of entries, and a labels file found beside them."""
 
-    entries: list[Entry]
-    problems: list[dict]
+    entries: Iterator[Entry]
     val_labels: Entry | None = None  # the Kaggle zip's LOC_val_solution.csv
+    flat: bool = False  # a zip whose files all lie at its top (or at its Kaggle split's top)
 
 
-def source_entries(src: Path, split: str, scratch: Path, any_depth: bool = False) -> Listing:
-    """List SRC. A Kaggle-layout archive is narrowed to `split`'s folder; a folder holding only tars is a folder
-    of per-class tars (ImageNet-21k as distributed)."""
+def source_entries(src: Path, split: str, scratch: Path, problems: list[dict], any_depth: bool = False) -> Listing:
+    """List SRC, streamed; the problems met listing it go to `problems` as they are met. A Kaggle-layout zip is
+    narrowed to `split`'s folder; a folder holding only tars is a folder of per-class tars (ImageNet-21k as
+    distributed)."""
     if src.is_dir():
         tars = sorted(p for p in src.iterdir() if p.is_file() and p.name.endswith(".tar"))
         if tars and not any(p.is_dir() and not p.name.startswith(".") for p in src.iterdir()):
-            return Listing(*_per_class_tars(tars))
-        return Listing(folder_entries(src, None if any_depth else 2), [])
+            return Listing(_per_class_tars(tars, problems))
+        return Listing(folder_entries(src, None if any_depth else 2))
     if not is_archive(src):
         raise BuildError(f"SRC {src} is not a folder, a tar, a .tar.gz or a zip")
     try:
-        entries, problems = archive_entries(src, scratch)
+        if src.name.lower().endswith(".zip"):
+            return _zip_listing(src, split, problems)
+        return Listing(tar_archive_entries(src, scratch, problems))
     except ArchiveError as err:
         raise BuildError(str(err)) from None
+
+
+def _zip_listing(src: Path, split: str, problems: list[dict]) -> Listing:
+    """A zip's central directory is in memory whole, so the Kaggle layout and its labels file are seen at once."""
+    entries = zip_entries(src, problems)
     labels = next((e for e in entries if basename(e.name) == KAGGLE_VAL_LABELS and not e.problem), None)
     kaggle = KAGGLE_ROOT + split + "/"
     if any(e.name.startswith(kaggle) for e in entries):
         entries = [Entry(**{**e.__dict__, "name": e.name[len(kaggle):]}) for e in entries if e.name.startswith(kaggle)]
-    return Listing(entries, problems, labels)
+    flat = not any("/" in e.name for e in entries if not e.problem)
+    return Listing(iter(entries), labels, flat)
 
 
-def _per_class_tars(tars: list[Path]) -> tuple[list[Entry], list[dict]]:
-    entries, problems = [], []
+def _per_class_tars(tars: list[Path], problems: list[dict]) -> Iterator[Entry]:
     for tar in tars:
         prefix = tar.name[:-4] + "/"
-        entries.append(Entry(prefix, str(tar), 0, problem="a folder"))
+        yield Entry(prefix, str(tar), 0, problem="a folder")
         try:
-            found, trouble = tar_entries(tar, display=tar.name, prefix=prefix)
+            yield from tar_entries(tar, tar.name, problems, prefix=prefix)
         except ArchiveError as err:
             problems.append({"path": tar.name, "reason": str(err)})
-            continue
-        entries += found
-        problems += trouble
-    return entries, problems
 
 
-def _usable(entries: list[Entry], rejected: list[dict]) -> list[Entry]:
-    """File entries that can be read, hidden files left out; the others reported in `rejected`."""
-    usable = []
-    for entry in entries:
-        if entry.problem == "a folder":
-            continue
-        if entry.problem:
-            rejected.append({"path": entry.name, "reason": entry.problem})
-            continue
-        if any(p.startswith(".") or p in IGNORED_FOLDERS for p in entry.name.split("/")):
-            continue  # hidden files and archive clutter, as a folder listing leaves them out
-        usable.append(entry)
-    return usable
+def _usable(entry: Entry, rejected: list[dict]) -> bool:
+    """A file entry that can be read, not hidden; one with a problem is reported in `rejected`."""
+    if entry.problem == "a folder":
+        return False
+    if entry.problem:
+        rejected.append({"path": entry.name, "reason": entry.problem})
+        return False
+    # hidden files and archive clutter, as a folder listing leaves them out
+    return not any(p.startswith(".") or p in IGNORED_FOLDERS for p in entry.name.split("/"))
 
 
 def images_only(images: list[SourceImage], rejected: list[dict]) -> list[SourceImage]:
@@ -170,135 +184,249 @@ def _image_signature(entry: Entry) -> bool:
 
 
 # ---------------------------------------------------------------- labels
+#
+# A labelling reads the listing in two passes, so that no pass holds every image (see `shard_order`):
+# - `candidates()` streams what may be an image, named as it will be in the data set (the name that places it in
+#   the shuffle), and keeps only small facts about the whole (class folders, depths, label counts);
+# - `settle()` decides from those facts what needs the whole listing (the class list);
+# - `label(group)` makes the images of one group of candidates, which holds every candidate of any name it holds;
+# - `classes()` is the final class list (for labels read in `label`, known after the last group).
 
 
-def class_folder_images(entries: list[Entry], classes: list[str] | None, rejected: list[dict]) -> tuple[
-        list[str], list[SourceImage]]:
-    """Images named `.../<class>/<file>`: the class is the folder holding the file."""
-    files = _usable(entries, rejected)
-    depths = {name.count("/") for name in (e.name for e in files)} - {0}
-    if not depths:
-        if any(e.problem == "a folder" for e in entries):
-            raise BuildError("no image files found")
-        raise BuildError("no class folders found (expected SRC/<class>/<image>, or pass --val-labels or --unlabeled)")
-    depth = max(depths, key=lambda d: sum(e.name.count("/") == d for e in files))
-    folders = {basename(e.name) for e in entries
-               if e.problem == "a folder" and e.name.rstrip("/").count("/") == depth - 1
-               and not basename(e.name).startswith(".") and basename(e.name) not in IGNORED_FOLDERS}
-    images = []
-    for entry in files:
-        if entry.name.count("/") != depth:
-            where = "outside any class folder" if "/" not in entry.name else "not at the class folders' depth"
-            rejected.append({"path": entry.name, "reason": f"{where}: skipped"})
-            continue
-        images.append(entry)
-    found = sorted(folders | {posixpath.basename(posixpath.dirname(e.name)) for e in images})
-    classes = classes or found
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise BuildError(f"class folder {unknown[0]} is not in the class list given by --classes")
-    label = {name: i for i, name in enumerate(classes)}
-    listed = []
-    for entry in images:
-        cls, name = posixpath.basename(posixpath.dirname(entry.name)), basename(entry.name)
-        listed.append(SourceImage(entry, f"{cls}/{name}", cls, label[cls]))
-    return classes, sorted(listed, key=lambda image: (image.class_name, basename(image.rel)))
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    """the image's name in the data set (`SourceImage.rel`), which places it in the shuffle"""
+    entry: Entry
+    label: int = UNLABELED
+    """a label the listing itself gives (a file list's); others come from `Labelling.label`"""
 
 
-def unlabeled_images(entries: list[Entry], rejected: list[dict]) -> list[SourceImage]:
+class Labelling(Protocol):
+    def candidates(self) -> Iterator[Candidate]: ...
+
+    def settle(self) -> None: ...
+
+    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]: ...
+
+    def classes(self) -> list[str]: ...
+
+
+class ClassFolders:
+    """Images named `.../<class>/<file>`: the class is the folder holding the file, at the depth most files lie."""
+
+    def __init__(self, listing: Listing, given: list[str] | None, rejected: list[dict]) -> None:
+        self.listing, self.given, self.rejected = listing, given, rejected
+        self.files_at: Counter[int] = Counter()
+        self.folders_at: dict[int, set[str]] = defaultdict(set)
+        self.parents_at: dict[int, set[str]] = defaultdict(set)
+        self.saw_folder = False
+        self.depth = 0
+        self.class_list: list[str] = []
+
+    def candidates(self) -> Iterator[Candidate]:
+        for entry in self.listing.entries:
+            if entry.problem == "a folder":
+                self.saw_folder = True
+                name = basename(entry.name)
+                if not name.startswith(".") and name not in IGNORED_FOLDERS:
+                    self.folders_at[entry.name.rstrip("/").count("/")].add(name)
+            if not _usable(entry, self.rejected):
+                continue
+            depth = entry.name.count("/")
+            self.files_at[depth] += 1
+            folder, _, file = entry.name.rpartition("/")
+            cls = folder.rpartition("/")[2]
+            if depth:
+                self.parents_at[depth].add(cls)
+            yield Candidate(f"{cls}/{file}", entry)
+
+    def settle(self) -> None:
+        depths = sorted(set(self.files_at) - {0})
+        if not depths:
+            if self.saw_folder:
+                raise BuildError("no image files found")
+            raise BuildError("no class folders found (expected SRC/<class>/<image>, or pass --val-labels or "
+                             "--unlabeled)")
+        self.depth = max(depths, key=lambda d: self.files_at[d])
+        found = sorted(self.folders_at[self.depth - 1] | self.parents_at[self.depth])
+        self.class_list = self.given or found
+        unknown = sorted(set(found) - set(self.class_list))
+        if unknown:
+            raise BuildError(f"class folder {unknown[0]} is not in the class list given by --classes")
+        self.label_of = {name: i for i, name in enumerate(self.class_list)}
+
+    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
+        images = []
+        for candidate in group:
+            entry = candidate.entry
+            if entry.name.count("/") != self.depth:
+                where = "outside any class folder" if "/" not in entry.name else "not at the class folders' depth"
+                rejected.append({"path": entry.name, "reason": f"{where}: skipped"})
+                continue
+            cls = candidate.name.partition("/")[0]
+            images.append(SourceImage(entry, candidate.name, cls, self.label_of[cls]))
+        return images
+
+    def classes(self) -> list[str]:
+        return self.class_list
+
+
+class Unlabeled:
     """Every image, named by its path, with no label (MAE pre-training needs none)."""
-    return sorted((SourceImage(e, e.name, "", UNLABELED) for e in _usable(entries, rejected)),
-                  key=lambda image: image.rel.split("/"))
+
+    def __init__(self, listing: Listing, rejected: list[dict]) -> None:
+        self.listing, self.rejected = listing, rejected
+
+    def candidates(self) -> Iterator[Candidate]:
+        return (Candidate(e.name, e) for e in self.listing.entries if _usable(e, self.rejected))
+
+    def settle(self) -> None:
+        pass
+
+    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
+        return [SourceImage(c.entry, c.name, "", UNLABELED) for c in group]
+
+    def classes(self) -> list[str]:
+        return []
 
 
-def file_list_images(listing: Path, rejected: list[dict]) -> tuple[list[str], list[SourceImage]]:
+class FileList:
     """`path [label]` per line (paths relative to the list's folder). Integer labels are kept as given (the class
     list is then 0..max); without labels the images are unlabeled."""
-    if not listing.is_file():
-        raise BuildError(f"--file-list {listing}: no such file")
-    rows = []
-    for number, line in enumerate(listing.read_text().splitlines(), start=1):
-        parts = line.split()
-        if not parts or parts[0].startswith("#"):
-            continue
-        labelled_line = len(parts) > 1 and parts[-1].isdigit()
-        path, label = (line.strip().rsplit(None, 1)[0], parts[-1]) if labelled_line else (line.strip(), "")
-        file = Path(path) if Path(path).is_absolute() else listing.parent / path
-        if not file.is_file():
-            rejected.append({"path": path, "reason": f"line {number} of {listing.name}: no such file"})
-            continue
-        rows.append((path, file, int(label) if label else UNLABELED))
-    labelled = [r for r in rows if r[2] != UNLABELED]
-    if labelled and len(labelled) != len(rows):
-        raise BuildError(f"{listing}: {len(labelled)} of {len(rows)} lines have a label: give every line one, or none")
-    classes = [str(i) for i in range(max(r[2] for r in labelled) + 1)] if labelled else []
-    images = [SourceImage(Entry(path, str(file), file.stat().st_size), path, str(label) if labelled else "", label)
-              for path, file, label in rows]
-    return classes, sorted(images, key=lambda image: image.rel.split("/"))
+
+    def __init__(self, listing: Path, rejected: list[dict]) -> None:
+        if not listing.is_file():
+            raise BuildError(f"--file-list {listing}: no such file")
+        self.listing, self.rejected = listing, rejected
+        self.lines = self.labelled = 0
+        self.top_label = -1
+
+    def candidates(self) -> Iterator[Candidate]:
+        with open(self.listing) as lines:
+            for number, line in enumerate(lines, start=1):
+                parts = line.split()
+                if not parts or parts[0].startswith("#"):
+                    continue
+                labelled_line = len(parts) > 1 and parts[-1].isdigit()
+                path, label = (line.strip().rsplit(None, 1)[0], int(parts[-1])) if labelled_line else \
+                    (line.strip(), UNLABELED)
+                file = Path(path) if Path(path).is_absolute() else self.listing.parent / path
+                if not file.is_file():
+                    self.rejected.append({"path": path, "reason": f"line {number} of {self.listing.name}: no such "
+                                                                  "file"})
+                    continue
+                self.lines += 1
+                self.labelled += labelled_line
+                self.top_label = max(self.top_label, label)
+                yield Candidate(path, Entry(path, str(file), file.stat().st_size), label)
+
+    def settle(self) -> None:
+        if self.labelled and self.labelled != self.lines:
+            raise BuildError(f"{self.listing}: {self.labelled} of {self.lines} lines have a label: give every line "
+                             "one, or none")
+
+    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
+        return [SourceImage(c.entry, c.name, str(c.label) if self.labelled else "", c.label) for c in group]
+
+    def classes(self) -> list[str]:
+        return [str(i) for i in range(self.top_label + 1)]
 
 
 WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp")
 WEBDATASET_TEXT = ("txt", "json")
 
 
-def webdataset_images(entries: list[Entry], rejected: list[dict]) -> tuple[list[str], list[SourceImage]]:
+class WebDatasetSamples:
     """Samples of existing WebDataset tars (img2dataset's: an image with .txt/.json beside it, maybe a .cls): a
     sample is the members sharing a key (the path up to the first dot of the name). Their `.cls` integers are the
     labels (the class list is then 0..max); without them the samples are unlabeled."""
-    groups: dict[str, dict[str, Entry]] = {}
-    for entry in _usable(entries, rejected):
-        folder, name = posixpath.split(entry.name)
-        stem, _, ext = name.partition(".")
-        groups.setdefault(posixpath.join(folder, stem), {})[ext.lower()] = entry
-    images, labels = [], []
-    for key, members in sorted(groups.items()):
-        found = [ext for ext in WEBDATASET_IMAGES if ext in members]
-        if not found:
-            rejected.append({"path": key, "reason": f"no image member (only {', '.join(sorted(members))})"})
-            continue
-        label = UNLABELED
-        if "cls" in members:
-            try:
-                label = int(read_entry(members["cls"]).decode().strip())
-            except (OSError, ValueError) as err:
-                rejected.append({"path": key, "reason": f"unreadable .cls ({err})"})
+
+    def __init__(self, listing: Listing, rejected: list[dict]) -> None:
+        self.listing, self.rejected = listing, rejected
+        self.samples = self.labelled = 0
+        self.top_label = -1
+
+    def candidates(self) -> Iterator[Candidate]:
+        for entry in self.listing.entries:
+            if _usable(entry, self.rejected):
+                folder, name = posixpath.split(entry.name)
+                yield Candidate(posixpath.join(folder, name.partition(".")[0]), entry)
+
+    def settle(self) -> None:
+        pass
+
+    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
+        samples: dict[str, dict[str, Entry]] = {}
+        for candidate in group:
+            ext = basename(candidate.entry.name).partition(".")[2]
+            samples.setdefault(candidate.name, {})[ext.lower()] = candidate.entry
+        images = []
+        for key, members in samples.items():
+            found = [ext for ext in WEBDATASET_IMAGES if ext in members]
+            if not found:
+                rejected.append({"path": key, "reason": f"no image member (only {', '.join(sorted(members))})"})
                 continue
-        labels.append(label)
-        side = tuple((ext, members[ext]) for ext in WEBDATASET_TEXT if ext in members)
-        images.append(SourceImage(members[found[0]], key, str(label) if label != UNLABELED else "", label, side,
-                                  key=posixpath.basename(key)))
-    labelled = [label for label in labels if label != UNLABELED]
-    if labelled and len(labelled) != len(labels):
-        raise BuildError(f"{len(labelled)} of {len(labels)} samples have a .cls: a split is labelled or not")
-    classes = [str(i) for i in range(max(labelled) + 1)] if labelled else []
-    return classes, images
+            label = UNLABELED
+            if "cls" in members:
+                try:
+                    label = int(read_entry(members["cls"]).decode().strip())
+                except (OSError, ValueError) as err:
+                    rejected.append({"path": key, "reason": f"unreadable .cls ({err})"})
+                    continue
+            self.samples += 1
+            self.labelled += label != UNLABELED
+            self.top_label = max(self.top_label, label)
+            side = tuple((ext, members[ext]) for ext in WEBDATASET_TEXT if ext in members)
+            images.append(SourceImage(members[found[0]], key, str(label) if label != UNLABELED else "", label, side,
+                                      key=posixpath.basename(key)))
+        return images
+
+    def classes(self) -> list[str]:
+        if self.labelled and self.labelled != self.samples:
+            raise BuildError(f"{self.labelled} of {self.samples} samples have a .cls: a split is labelled or not")
+        return [str(i) for i in range(self.top_label + 1)]
 
 
-def flat_val_images(listing: Listing, labels_file: Path | None, synsets: Path | None,
-                    classes: list[str] | None, rejected: list[dict]) -> tuple[list[str], list[SourceImage]]:
+class FlatVal:
     """Images in one folder, labelled by file stem from `labels_file` (or from the archive's own Kaggle CSV)."""
-    files = _usable(listing.entries, rejected)
-    if labels_file:
-        wnid_of = read_val_labels(labels_file, synsets)
-    elif listing.val_labels is not None:
-        wnid_of = _parse_val_labels(KAGGLE_VAL_LABELS, read_entry(listing.val_labels).decode(), None)
-    else:
-        raise BuildError("a flat val split needs --val-labels (Kaggle CSV, devkit ground truth or the devkit .tar.gz)")
-    classes = classes or sorted(set(wnid_of.values()))
-    label = {name: i for i, name in enumerate(classes)}
-    unknown = sorted(set(wnid_of.values()) - set(classes))
-    if unknown:
-        raise BuildError(f"{labels_file}: wnid {unknown[0]} is not one of the {len(classes)} known classes")
-    images = []
-    for entry in files:
-        name = basename(entry.name)
-        wnid = wnid_of.get(name.split(".")[0])
-        if wnid is None:
-            source = labels_file.name if labels_file else KAGGLE_VAL_LABELS
-            rejected.append({"path": name, "reason": f"no label in {source}"})
-            continue
-        images.append(SourceImage(entry, name, wnid, label[wnid]))
-    return classes, sorted(images, key=lambda image: image.rel)
+
+    def __init__(self, listing: Listing, labels_file: Path | None, synsets: Path | None,
+                 given: list[str] | None, rejected: list[dict]) -> None:
+        if labels_file:
+            self.wnid_of = read_val_labels(labels_file, synsets)
+        elif listing.val_labels is not None:
+            self.wnid_of = _parse_val_labels(KAGGLE_VAL_LABELS, read_entry(listing.val_labels).decode(), None)
+        else:
+            raise BuildError("a flat val split needs --val-labels (Kaggle CSV, devkit ground truth or the devkit "
+                             ".tar.gz)")
+        self.class_list = given or sorted(set(self.wnid_of.values()))
+        unknown = sorted(set(self.wnid_of.values()) - set(self.class_list))
+        if unknown:
+            raise BuildError(f"{labels_file}: wnid {unknown[0]} is not one of the {len(self.class_list)} known "
+                             "classes")
+        self.label_of = {name: i for i, name in enumerate(self.class_list)}
+        self.source = labels_file.name if labels_file else KAGGLE_VAL_LABELS
+        self.listing, self.rejected = listing, rejected
+
+    def candidates(self) -> Iterator[Candidate]:
+        return (Candidate(basename(e.name), e) for e in self.listing.entries if _usable(e, self.rejected))
+
+    def settle(self) -> None:
+        pass
+
+    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
+        images = []
+        for candidate in group:
+            wnid = self.wnid_of.get(candidate.name.split(".")[0])
+            if wnid is None:
+                rejected.append({"path": candidate.name, "reason": f"no label in {self.source}"})
+                continue
+            images.append(SourceImage(candidate.entry, candidate.name, wnid, self.label_of[wnid]))
+        return images
+
+    def classes(self) -> list[str]:
+        return self.class_list
 
 
 def read_val_labels(labels: Path, synsets: Path | None) -> dict[str, str]:

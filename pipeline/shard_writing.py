@@ -1,4 +1,4 @@
-"""Cutting a shuffled image list into shards and writing them, in parallel worker processes.
+"""Cutting the shuffled images into shards and writing them, in parallel worker processes.
 
 Each shard is a USTAR tar (`<key>.jpg`, `<key>.cls`, `<key>.json` per sample) plus its DALI index,
 written under a temporary name and renamed when complete. Workers report progress per few images
@@ -7,19 +7,19 @@ through a queue, so the parent's progress bar moves within a shard.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.archives import read_entry
 from pipeline.atomic import atomic_write_text, temporary_name
-from pipeline.images import DEFAULT_MAX_PIXELS, RejectedImage, prepare_image
+from pipeline.images import RejectedImage, prepare_image
 from pipeline.manifest import ShardRecord
 from pipeline.shard_sources import SourceImage
 from pipeline.wds_format import Member, ShardWriter, file_sha256, index_path
@@ -44,22 +44,47 @@ class ShardResult:
     converted: list[dict]
 
 
-def plan_shards(
-    images: list[SourceImage], seed: int, shard_bytes: int, split: str, out: Path, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> list[ShardJob]:
-    """Shuffle globally, then cut into shards of about `shard_bytes` by source file size."""
-    order = list(images)
-    random.Random(seed).shuffle(order)
-    groups: list[list[tuple[str, SourceImage]]] = [[]]
+@dataclass(frozen=True)
+class ShardPlan:
+    """The shuffled images, kept on disk one JSON row a line, and how many of them each shard takes."""
+
+    path: Path
+    shard_sizes: list[int]
+
+    @property
+    def images(self) -> int:
+        return sum(self.shard_sizes)
+
+
+def plan_shards(ordered: Iterable[SourceImage], shard_bytes: int, path: Path) -> ShardPlan:
+    """Cut the shuffled images, as they stream in, into shards of about `shard_bytes` by source file size; the
+    images go to `path` for `shard_jobs` to read back."""
+    sizes: list[int] = []
     filled = 0
-    for position, image in enumerate(order):
-        cost = image.size + TAR_OVERHEAD_PER_SAMPLE
-        if groups[-1] and filled + cost > shard_bytes:
-            groups.append([])
-            filled = 0
-        groups[-1].append((f"{position:08d}", image))
-        filled += cost
-    return [ShardJob(i, str(out / f"{split}-{i:06d}.tar"), g, max_pixels) for i, g in enumerate(groups)]
+    with open(path, "w") as sink:
+        for image in ordered:
+            cost = image.size + TAR_OVERHEAD_PER_SAMPLE
+            if not sizes or filled + cost > shard_bytes:
+                sizes.append(0)
+                filled = 0
+            sizes[-1] += 1
+            filled += cost
+            sink.write(json.dumps(image.row()) + "\n")
+    return ShardPlan(path, sizes)
+
+
+def shard_jobs(plan: ShardPlan, split: str, out: Path, max_pixels: int, skip: Container[int]) -> Iterator[ShardJob]:
+    """The plan's shards but those in `skip`, one at a time, read back in order: a sample's key is its place in the
+    whole shuffle."""
+    position = 0
+    with open(plan.path) as rows:
+        for index, size in enumerate(plan.shard_sizes):
+            lines = list(itertools.islice(rows, size))
+            if index not in skip:
+                samples = [(f"{position + i:08d}", SourceImage.from_row(json.loads(line)))
+                           for i, line in enumerate(lines)]
+                yield ShardJob(index, str(out / f"{split}-{index:06d}.tar"), samples, max_pixels)
+            position += size
 
 
 def build_shard(job: ShardJob, report: Callable[[int, int], None] | None = None) -> ShardResult:
@@ -133,17 +158,23 @@ class _QueueReport:
         self.queue.put((images, size))
 
 
-def run_jobs(jobs: list[ShardJob], workers: int, report: Callable[[int, int], None]) -> Iterator[ShardResult]:
-    """Results in completion order; progress reaches `report` in this process while shards are written."""
-    if workers <= 1 or len(jobs) <= 1:
+def run_jobs(jobs: Iterable[ShardJob], workers: int, report: Callable[[int, int], None]) -> Iterator[ShardResult]:
+    """Results in completion order; progress reaches `report` in this process while shards are written. Jobs are
+    taken from `jobs` as workers free up (two in hand per worker), so only those shards' samples are in memory."""
+    if workers <= 1:
         for job in jobs:
             yield build_shard(job, report)
         return
+    upcoming = iter(jobs)
     context = multiprocessing.get_context("fork")
     with context.Manager() as manager, context.Pool(workers) as pool:
         ticks = manager.Queue()
-        pending = [pool.apply_async(build_shard, (job, _QueueReport(ticks))) for job in jobs]
-        while pending:
+        pending: list = []
+        while True:
+            pending += [pool.apply_async(build_shard, (job, _QueueReport(ticks)))
+                        for job in itertools.islice(upcoming, 2 * workers - len(pending))]
+            if not pending:
+                break
             while not ticks.empty():
                 report(*ticks.get())
             # One look per job per poll: a job that completes between two looks must land in exactly one list.

@@ -65,8 +65,10 @@ def test_bench_refuses_bad_arguments_in_one_line(capsys, argv, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--shard-size-mb", "0"], "--shard-size-mb and --max-pixels must be positive and --workers at least 1"),
-    (["--workers", "0"], "--workers at least 1"),
+    (["--shard-size-mb", "0"], "--shard-size-mb and --max-pixels must be positive, --workers and --sort-buffer at "
+                               "least 1"),
+    (["--workers", "0"], "--workers and --sort-buffer at least 1"),
+    (["--sort-buffer", "0"], "--workers and --sort-buffer at least 1"),
     (["--max-pixels", "-1"], "--max-pixels must be positive"),
     (["--split", "../elsewhere"], "a split name is letters, digits"),
 ])

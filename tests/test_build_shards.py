@@ -122,9 +122,10 @@ def test_same_inputs_same_bytes_and_plain_ustar(tree, tmp_path):
         with tarfile.open(tar) as t:
             assert all(m.type == tarfile.REGTYPE and not m.pax_headers for m in t.getmembers())
         assert tar.read_bytes()[257:263] == b"ustar\x00"
-    # Parallel workers change nothing but the speed.
+    # Parallel workers change nothing but the speed, nor does a shuffle that holds 2 images in memory at a time
+    # (its listing split and split again by the hash's bytes).
     assert build_main([str(src), str(tmp_path / "d"), "--shard-size-mb", "0.03", "--workers", "2", "--quiet",
-                       "--max-pixels", str(MAX_PIXELS)]) == 0
+                       "--max-pixels", str(MAX_PIXELS), "--sort-buffer", "2"]) == 0
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").glob("*.tar")} == {
         p.name: p.read_bytes() for p in (tmp_path / "d").glob("*.tar")}
     assert (tmp_path / "a" / "train.json").read_text() == (tmp_path / "d" / "train.json").read_text()
@@ -143,6 +144,8 @@ def test_interrupted_build_resumes_and_keeps_finished_shards(built, tmp_path, ca
     shards[1].unlink()
     shards[2].write_bytes(shards[2].read_bytes()[:1000])
     (out / (shards[1].name + ".tmp")).write_bytes(b"partial")
+    with open(out / ".train.progress.jsonl", "a") as log:  # killed while it noted a shard
+        log.write('{"index": 0, "rec')
     capsys.readouterr()
     assert build(src, out) == 0
     assert "shards already complete, 2 to write" in capsys.readouterr().out
@@ -299,3 +302,27 @@ def test_a_split_whose_classes_differ_from_train_is_refused_unless_given_its_lis
     assert f"--classes {out / 'train.json'}" in err and not (out / "val.json").exists()
     assert build(val, out, "--split", "val", "--classes", str(out / "train.json")) == 0
     assert Manifest.load(out / "val.json").classes == Manifest.load(out / "train.json").classes
+
+
+def test_the_shuffle_holds_its_sort_buffer_in_memory_whatever_the_listing_size(tmp_path):
+    """Planning a build (listing, labels, global shuffle, shard cuts) over simulated listings: with a buffer of 300
+    images, twice the images take almost no more memory, where holding them all costs about 0.9 KB each."""
+    import tracemalloc
+
+    from bench.shards import plan_simulated_build
+
+    def peak(images: int, sort_buffer: int) -> int:
+        work = tmp_path / f"{images}-{sort_buffer}"
+        work.mkdir()
+        tracemalloc.start()
+        assert sum(plan_simulated_build(images, work, sort_buffer)) == images
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert not list(work.iterdir()) or [p.name for p in work.iterdir()] == ["train.plan"]  # the spill is gone
+        return peak
+
+    small, large, whole = peak(6_000, 300), peak(12_000, 300), peak(12_000, 12_000)
+    held_per_image = (whole - large) / (12_000 - 300)  # an image in memory costs this (about 0.9 KB)
+    # What grows from 6,000 to 12,000 is the 256 split files' write buffers filling, which stop at 8 KB each.
+    growth_per_image = (large - small) / 6_000
+    assert growth_per_image < held_per_image / 4, (small, large, whole)
