@@ -180,10 +180,12 @@ def shards_projection(latest: dict) -> list[str]:
     found = latest.get(("shards", "builder_plan_peak_mb"))
     if found:
         extra, buffer = found[0]["extra"], found[0]["config"]["sort_buffer"]
-        measured = ", ".join(f"{int(n):,} files {mb:,.0f} MB" for n, mb in extra["peak_mb"].items())
-        lines += [f"Builder listing and plan memory (simulated files, a sort buffer of {buffer:,} images): {measured}; "
-                  f"{extra['growth_bytes_per_image']} bytes more a file, so bounded whatever the data set. Planning "
-                  f"takes {extra['plan_us_per_image']} µs a file.", ""]
+        measured = ", ".join(f"{what} {mb:,.0f} MB" for what, mb in extra["peak_mb"].items())
+        trend = ", ".join(f"{int(n):,} files {mb:,} MB" for n, mb in extra["projected_mb"].items())
+        lines += [f"Builder listing and plan memory (simulated files): {measured}. It holds one part of the listing "
+                  f"at a time, at most the sort buffer ({buffer:,} images, {extra['bytes_per_held_image']} bytes "
+                  f"each): by that trend {trend}, never above {extra['bound_mb']:,} MB. Planning takes "
+                  f"{extra['plan_us_per_image']} µs a file on one core.", ""]
     return ["#### shard builder: projections", "", *lines] if lines else []
 
 

@@ -68,42 +68,59 @@ def plan_simulated_build(images: int, work: Path, sort_buffer: int = DEFAULT_SOR
     return shuffled(options, labels, work, skipped)[1].shard_sizes
 
 
-# The builder's peak memory planning `n` simulated images (n = 0: the interpreter and imports alone).
+# The growth of the resident set while the builder plans `n` simulated images with a sort buffer of `b`: the peak is
+# restarted after the imports (Linux's clear_refs), so the interpreter's own never hides the plan's.
 PLAN_MEMORY_PROBE = """
-import resource, sys, tempfile
+import sys, tempfile
 from pathlib import Path
 from bench.shards import plan_simulated_build
-n = int(sys.argv[1])
-if n:
-    with tempfile.TemporaryDirectory() as work:
-        plan_simulated_build(n, Path(work))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+def status_mb(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status_mb("VmRSS:")
+with tempfile.TemporaryDirectory() as work:
+    plan_simulated_build(int(sys.argv[1]), Path(work), int(sys.argv[2]))
+print(status_mb("VmHWM:") - before)
 """
 
 
-def plan_memory_mb(images: int) -> float:
-    """Peak resident memory of the builder's listing and plan over `images` simulated files, less the interpreter's."""
-    def peak(n: int) -> float:
-        done = subprocess.run([sys.executable, "-c", PLAN_MEMORY_PROBE, str(n)], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).resolve().parent.parent)
-        return int(done.stdout.split()[-1]) / 1024
+def plan_memory_mb(images: int, sort_buffer: int) -> float:
+    """Peak resident memory the builder's listing and plan add over `images` simulated files."""
+    done = subprocess.run([sys.executable, "-c", PLAN_MEMORY_PROBE, str(images), str(sort_buffer)],
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    return float(done.stdout.split()[-1])
 
-    return peak(images) - peak(0)
+
+def held_at_once(images: int, sort_buffer: int) -> int:
+    """Candidates the shuffle holds at once: a part over the buffer is split 256 ways, again until it fits."""
+    while images > sort_buffer:
+        images = -(-images // 256)
+    return images
 
 
 def plan_memory_record(ctx: BenchContext) -> Record:
-    """The builder's memory planning a build, at two sizes: bounded by its sort buffer, not by the data set."""
-    sizes = (100_000, 1_000_000) if ctx.quick else (1_000_000, 10_000_000)
-    seconds, peaks = {}, {}
-    for n in sizes:
+    """The builder's memory planning a build: at two sizes with the default sort buffer, and at the larger with a
+    small one, so that the split the buffer forces shows; with the per-image cost, the projection to 2 B files."""
+    sizes, small_buffer = ((100_000, 1_000_000), 2_000) if ctx.quick else ((1_000_000, 10_000_000), 20_000)
+    runs = [(sizes[0], DEFAULT_SORT_BUFFER), (sizes[1], DEFAULT_SORT_BUFFER), (sizes[1], small_buffer)]
+    peaks, seconds = {}, {}
+    for images, buffer in runs:
         started = time.perf_counter()
-        peaks[n] = plan_memory_mb(n)
-        seconds[n] = time.perf_counter() - started
-    per_image = (peaks[sizes[1]] - peaks[sizes[0]]) * 2**20 / (sizes[1] - sizes[0])
-    extra = {"peak_mb": {str(n): round(mb, 1) for n, mb in peaks.items()},
-             "growth_bytes_per_image": round(per_image, 2), "plan_s": {str(n): round(s, 1) for n, s in seconds.items()},
-             "plan_us_per_image": round(seconds[sizes[1]] / sizes[1] * 1e6, 1)}
-    return Record("shards", "builder_plan_peak_mb", "MB", stat_of([peaks[sizes[1]]]),
+        peaks[images, buffer] = plan_memory_mb(images, buffer)
+        seconds[images, buffer] = time.perf_counter() - started
+    held = {run: held_at_once(*run) for run in runs}
+    per_held = (peaks[runs[1]] - peaks[runs[0]]) * 2**20 / (held[runs[1]] - held[runs[0]])
+    fixed = peaks[runs[0]] - held[runs[0]] * per_held / 2**20
+    projected = {str(n): round(fixed + held_at_once(n, DEFAULT_SORT_BUFFER) * per_held / 2**20)
+                 for n in (14_197_122, 100_000_000, 2_000_000_000)}
+    extra = {"peak_mb": {f"{n} images, buffer {b}": round(mb, 1) for (n, b), mb in peaks.items()},
+             "held_at_once": {f"{n} images, buffer {b}": h for (n, b), h in held.items()},
+             "bytes_per_held_image": round(per_held), "projected_mb": projected,
+             "bound_mb": round(fixed + DEFAULT_SORT_BUFFER * per_held / 2**20),
+             "plan_s": {f"{n} images, buffer {b}": round(t, 1) for (n, b), t in seconds.items()},
+             "plan_us_per_image": round(seconds[runs[1]] / sizes[1] * 1e6, 1)}
+    return Record("shards", "builder_plan_peak_mb", "MB", stat_of([peaks[runs[1]]]),
                   config={"images": sizes[1], "sort_buffer": DEFAULT_SORT_BUFFER,
                           "simulated": "class-folder listing of ImageNet-style names, 110 KB each",
                           "what": "listing spilled to disk, labels, external shuffle by keyed hash, plan fingerprint, "

@@ -6,11 +6,13 @@
     python -m pipeline.build_shards --verify OUT --split train
 
 Samples are shuffled globally with the seed before being cut into shards, because DALI reads tars
-sequentially and only shuffles within a buffer. Each shard is written under a temporary name and
-renamed when complete; a progress file records finished shards, so rerunning an interrupted command
-keeps them (after checking size and sha256) and writes only the rest. The roles live apart:
-`shard_sources` lists the input, `shard_writing` plans and writes shards in worker processes,
-`shard_resume` keeps finished shards across runs, `shard_verify` checks a finished split.
+sequentially and only shuffles within a buffer; the shuffle holds `--sort-buffer` images in memory,
+whatever the data set's size. Each shard is written under a temporary name and renamed when complete;
+a progress file records finished shards, so rerunning an interrupted command keeps them (after
+checking size and sha256) and writes only the rest. The roles live apart: `shard_sources` lists and
+labels the input, `shard_order` shuffles it on disk, `shard_writing` cuts it into shards and writes
+them in worker processes, `shard_resume` keeps finished shards across runs, `shard_verify` checks a
+finished split.
 """
 
 from __future__ import annotations
