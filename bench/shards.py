@@ -57,12 +57,13 @@ def simulated_listing(images: int, classes: int = 1000) -> Iterator[Entry]:
         yield Entry(name, "/data/imagenet/train/" + name, 110_000)
 
 
-def plan_simulated_build(images: int, work: Path, sort_buffer: int = DEFAULT_SORT_BUFFER) -> list[int]:
+def plan_simulated_build(images: int, work: Path, sort_buffer: int = DEFAULT_SORT_BUFFER,
+                         workers: int = 1) -> list[int]:
     """The builder's work before it writes a shard, over a simulated listing: list, label, shuffle, cut into 1 GiB
     shards, as `build_shards` does them. Returns the shards' sizes."""
     from pipeline.build_shards import BuildOptions, shuffled  # it needs braceexpand: `run` checks for it
 
-    options = BuildOptions(src=Path("/data/imagenet/train"), out=work, sort_buffer=sort_buffer)
+    options = BuildOptions(src=Path("/data/imagenet/train"), out=work, sort_buffer=sort_buffer, workers=workers)
     skipped: list[dict] = []
     labels = ClassFolders(Listing(simulated_listing(images)), None, skipped)
     return shuffled(options, labels, work, skipped)[1].shard_sizes

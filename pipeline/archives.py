@@ -212,13 +212,15 @@ def folder_entries(folder: Path, depth: int | None, under: str = "") -> Iterator
     only `class/file` when `depth` is 2, any depth when None. Hidden files and folders are left out. One folder's
     listing at a time, in name order."""
     with os.scandir(folder) as listing:
-        children = sorted((child.name, child.is_dir(), child.path) for child in listing
+        children = sorted((child.name, child.is_dir(), child.is_symlink(), child.path) for child in listing
                           if not child.name.startswith("."))
-    for name, is_dir, path in children:
+    for name, is_dir, is_link, path in children:
         rel = under + name
         if is_dir:
             yield Entry(rel + "/", path, 0, problem="a folder")
-            if depth is None or depth > 1:
+            # A linked class folder is read (a subset made of links); a walk at any depth does not follow links,
+            # which could lead it round in a circle.
+            if (not is_link) if depth is None else depth > 1:
                 yield from folder_entries(Path(path), None if depth is None else depth - 1, rel + "/")
         elif os.path.isfile(path):
             yield Entry(rel, path, os.stat(path).st_size)

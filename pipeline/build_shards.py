@@ -33,13 +33,14 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_write_text
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.manifest import Manifest, class_mismatch
-from pipeline.shard_order import DEFAULT_SORT_BUFFER, ordered, spill
-from pipeline.shard_resume import Fingerprint, ProgressLog, finished_shards
+from pipeline.shard_order import DEFAULT_SORT_BUFFER, ordered_parts, spill
+from pipeline.shard_resume import ProgressLog, finished_shards, plan_fingerprint
 from pipeline.shard_sources import (
     BuildError,
     ClassFolders,
     FileList,
     FlatVal,
+    LabelCounts,
     Labelling,
     Unlabeled,
     WebDatasetSamples,
@@ -47,7 +48,7 @@ from pipeline.shard_sources import (
     source_entries,
 )
 from pipeline.shard_verify import verify
-from pipeline.shard_writing import ShardPlan, ShardResult, plan_shards, run_jobs, shard_jobs
+from pipeline.shard_writing import ShardPlan, ShardResult, cut_shards, run_jobs, shard_jobs
 
 
 @dataclass(frozen=True)
@@ -106,23 +107,31 @@ def labelling(options: BuildOptions, scratch: Path, rejected: list[dict]) -> Lab
 def shuffled(options: BuildOptions, labels: Labelling, scratch: Path, skipped: list[dict]) -> tuple[
         list[str], ShardPlan, str]:
     """List, label and shuffle the input into a plan of shards (on disk under `scratch`): the class list, the plan
-    and its fingerprint. Raises BuildError before any shard is written. Memory: `options.sort_buffer` images."""
-    spilled = spill(labels.candidates(), options.seed, scratch / f"{options.split}.listing")
+    and its fingerprint. Raises BuildError before any shard is written. Memory: `options.sort_buffer` images per
+    worker."""
+    parts = spill(labels.candidates(), options.seed, scratch / f"{options.split}.listing")
     try:
         labels.settle()
     except BuildError as err:
         raise BuildError(f"{options.src}: {err}") from None
-    if not spilled.count:
+    if not parts:
         raise BuildError(f"{options.src}: no image files found")
-    fingerprint = Fingerprint()
-    images = ordered(spilled, labels, options.sort_buffer, skipped)
-    plan = plan_shards(fingerprint.watch(images), int(options.shard_size_mb * 2**20),
-                       scratch / f"{options.split}.plan")
-    classes = labels.classes()
+    ordered, counts, digests = [], LabelCounts(), []
+
+    def image_sizes() -> Iterator[int]:
+        for part in ordered_parts(parts, labels, options.sort_buffer, options.workers):
+            ordered.append(part.path)
+            skipped.extend(part.rejected)
+            counts.merge(part.labels)
+            digests.append(part.digest)
+            yield from part.sizes
+
+    plan = ShardPlan(ordered, cut_shards(image_sizes(), int(options.shard_size_mb * 2**20)))
+    classes = labels.classes(counts)
     if classes and not options.classes:
         _refuse_other_class_lists(options.out, options.split, classes)
     settings = [options.split, options.seed, options.shard_size_mb, options.max_pixels]
-    return classes, plan, fingerprint.hexdigest(classes, settings)
+    return classes, plan, plan_fingerprint(digests, classes, settings)
 
 
 @contextmanager

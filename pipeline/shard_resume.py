@@ -6,33 +6,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.atomic import atomic_write_text
 from pipeline.manifest import Manifest, ShardRecord
-from pipeline.shard_sources import BuildError, SourceImage
+from pipeline.shard_sources import BuildError
 from pipeline.shard_writing import ShardResult
 from pipeline.wds_format import file_sha256, index_path
 
 
-class Fingerprint:
-    """Identifies a build: its settings, its class list and every image's name, size and label, in shuffle order;
-    the images are taken in as they stream past (`watch`)."""
-
-    def __init__(self) -> None:
-        self.images = hashlib.sha256()
-
-    def watch(self, images: Iterable[SourceImage]) -> Iterator[SourceImage]:
-        for image in images:
-            self.images.update(f"{image.rel}\0{image.size}\0{image.label}\n".encode())
-            yield image
-
-    def hexdigest(self, classes: list[str], settings: list) -> str:
-        digest = hashlib.sha256(json.dumps([*settings, classes]).encode())
-        digest.update(self.images.digest())
-        return digest.hexdigest()[:16]
+def plan_fingerprint(part_digests: Iterable[bytes], classes: list[str], settings: list) -> str:
+    """Identifies a build: its settings, its class list and every image's name, size and label in shuffle order
+    (each ordered part's digest of them)."""
+    digest = hashlib.sha256(json.dumps([*settings, classes]).encode())
+    for part in part_digests:
+        digest.update(part)
+    return digest.hexdigest()[:16]
 
 
 def _progress_path(out: Path, split: str) -> Path:

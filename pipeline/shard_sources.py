@@ -27,7 +27,6 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from pipeline.archives import (
     ArchiveError,
@@ -189,8 +188,9 @@ def _image_signature(entry: Entry) -> bool:
 # - `candidates()` streams what may be an image, named as it will be in the data set (the name that places it in
 #   the shuffle), and keeps only small facts about the whole (class folders, depths, label counts);
 # - `settle()` decides from those facts what needs the whole listing (the class list);
-# - `label(group)` makes the images of one group of candidates, which holds every candidate of any name it holds;
-# - `classes()` is the final class list (for labels read in `label`, known after the last group).
+# - `label(group, rejected)` makes the images of one group of candidates, which holds every candidate of any name
+#   it holds; groups are labelled in worker processes, which receive the labelling without its listing;
+# - `classes(labels)` is the final class list, given the labels of every image made.
 
 
 @dataclass(frozen=True)
@@ -202,17 +202,51 @@ class Candidate:
     """a label the listing itself gives (a file list's); others come from `Labelling.label`"""
 
 
-class Labelling(Protocol):
-    def candidates(self) -> Iterator[Candidate]: ...
+@dataclass
+class LabelCounts:
+    """What the class list may need to know of the labels of all images: how many, how many labelled, the top."""
 
-    def settle(self) -> None: ...
+    images: int = 0
+    labelled: int = 0
+    top: int = UNLABELED
 
-    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]: ...
+    def add(self, images: list[SourceImage]) -> None:
+        labels = [image.label for image in images if image.label != UNLABELED]
+        self.images += len(images)
+        self.labelled += len(labels)
+        self.top = max([self.top, *labels])
 
-    def classes(self) -> list[str]: ...
+    def merge(self, other: LabelCounts) -> None:
+        self.images += other.images
+        self.labelled += other.labelled
+        self.top = max(self.top, other.top)
 
 
-class ClassFolders:
+class Labelling:
+    """The modes' common part: what a worker process receives of a labelling is all but its listing and the
+    parent's report of rejections (`label` is given its own)."""
+
+    listing: Listing | Path
+    rejected: list[dict]
+
+    def candidates(self) -> Iterator[Candidate]:
+        raise NotImplementedError
+
+    def settle(self) -> None:
+        """Decide what needs the whole listing; raises BuildError where it cannot be labelled."""
+
+    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
+        raise NotImplementedError
+
+    def classes(self, labels: LabelCounts) -> list[str]:
+        """Integer labels read as given (a file list's, a .cls): the class list is 0..max."""
+        return [str(i) for i in range(labels.top + 1)]
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in vars(self).items() if key not in ("listing", "rejected")}
+
+
+class ClassFolders(Labelling):
     """Images named `.../<class>/<file>`: the class is the folder holding the file, at the depth most files lie."""
 
     def __init__(self, listing: Listing, given: list[str] | None, rejected: list[dict]) -> None:
@@ -268,11 +302,11 @@ class ClassFolders:
             images.append(SourceImage(entry, candidate.name, cls, self.label_of[cls]))
         return images
 
-    def classes(self) -> list[str]:
+    def classes(self, labels: LabelCounts) -> list[str]:
         return self.class_list
 
 
-class Unlabeled:
+class Unlabeled(Labelling):
     """Every image, named by its path, with no label (MAE pre-training needs none)."""
 
     def __init__(self, listing: Listing, rejected: list[dict]) -> None:
@@ -281,17 +315,11 @@ class Unlabeled:
     def candidates(self) -> Iterator[Candidate]:
         return (Candidate(e.name, e) for e in self.listing.entries if _usable(e, self.rejected))
 
-    def settle(self) -> None:
-        pass
-
     def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
         return [SourceImage(c.entry, c.name, "", UNLABELED) for c in group]
 
-    def classes(self) -> list[str]:
-        return []
 
-
-class FileList:
+class FileList(Labelling):
     """`path [label]` per line (paths relative to the list's folder). Integer labels are kept as given (the class
     list is then 0..max); without labels the images are unlabeled."""
 
@@ -300,7 +328,6 @@ class FileList:
             raise BuildError(f"--file-list {listing}: no such file")
         self.listing, self.rejected = listing, rejected
         self.lines = self.labelled = 0
-        self.top_label = -1
 
     def candidates(self) -> Iterator[Candidate]:
         with open(self.listing) as lines:
@@ -318,7 +345,6 @@ class FileList:
                     continue
                 self.lines += 1
                 self.labelled += labelled_line
-                self.top_label = max(self.top_label, label)
                 yield Candidate(path, Entry(path, str(file), file.stat().st_size), label)
 
     def settle(self) -> None:
@@ -329,32 +355,24 @@ class FileList:
     def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
         return [SourceImage(c.entry, c.name, str(c.label) if self.labelled else "", c.label) for c in group]
 
-    def classes(self) -> list[str]:
-        return [str(i) for i in range(self.top_label + 1)]
-
 
 WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp")
 WEBDATASET_TEXT = ("txt", "json")
 
 
-class WebDatasetSamples:
+class WebDatasetSamples(Labelling):
     """Samples of existing WebDataset tars (img2dataset's: an image with .txt/.json beside it, maybe a .cls): a
     sample is the members sharing a key (the path up to the first dot of the name). Their `.cls` integers are the
     labels (the class list is then 0..max); without them the samples are unlabeled."""
 
     def __init__(self, listing: Listing, rejected: list[dict]) -> None:
         self.listing, self.rejected = listing, rejected
-        self.samples = self.labelled = 0
-        self.top_label = -1
 
     def candidates(self) -> Iterator[Candidate]:
         for entry in self.listing.entries:
             if _usable(entry, self.rejected):
                 folder, name = posixpath.split(entry.name)
                 yield Candidate(posixpath.join(folder, name.partition(".")[0]), entry)
-
-    def settle(self) -> None:
-        pass
 
     def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
         samples: dict[str, dict[str, Entry]] = {}
@@ -374,21 +392,18 @@ class WebDatasetSamples:
                 except (OSError, ValueError) as err:
                     rejected.append({"path": key, "reason": f"unreadable .cls ({err})"})
                     continue
-            self.samples += 1
-            self.labelled += label != UNLABELED
-            self.top_label = max(self.top_label, label)
             side = tuple((ext, members[ext]) for ext in WEBDATASET_TEXT if ext in members)
             images.append(SourceImage(members[found[0]], key, str(label) if label != UNLABELED else "", label, side,
                                       key=posixpath.basename(key)))
         return images
 
-    def classes(self) -> list[str]:
-        if self.labelled and self.labelled != self.samples:
-            raise BuildError(f"{self.labelled} of {self.samples} samples have a .cls: a split is labelled or not")
-        return [str(i) for i in range(self.top_label + 1)]
+    def classes(self, labels: LabelCounts) -> list[str]:
+        if labels.labelled and labels.labelled != labels.images:
+            raise BuildError(f"{labels.labelled} of {labels.images} samples have a .cls: a split is labelled or not")
+        return super().classes(labels)
 
 
-class FlatVal:
+class FlatVal(Labelling):
     """Images in one folder, labelled by file stem from `labels_file` (or from the archive's own Kaggle CSV)."""
 
     def __init__(self, listing: Listing, labels_file: Path | None, synsets: Path | None,
@@ -412,9 +427,6 @@ class FlatVal:
     def candidates(self) -> Iterator[Candidate]:
         return (Candidate(basename(e.name), e) for e in self.listing.entries if _usable(e, self.rejected))
 
-    def settle(self) -> None:
-        pass
-
     def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
         images = []
         for candidate in group:
@@ -425,7 +437,7 @@ class FlatVal:
             images.append(SourceImage(candidate.entry, candidate.name, wnid, self.label_of[wnid]))
         return images
 
-    def classes(self) -> list[str]:
+    def classes(self, labels: LabelCounts) -> list[str]:
         return self.class_list
 
 

@@ -21,6 +21,7 @@ from pipeline.archives import read_entry
 from pipeline.atomic import atomic_write_text, temporary_name
 from pipeline.images import RejectedImage, prepare_image
 from pipeline.manifest import ShardRecord
+from pipeline.shard_order import read_images
 from pipeline.shard_sources import SourceImage
 from pipeline.wds_format import Member, ShardWriter, file_sha256, index_path
 
@@ -46,9 +47,9 @@ class ShardResult:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """The shuffled images, kept on disk one JSON row a line, and how many of them each shard takes."""
+    """The shuffled images, kept on disk in ordered parts, and how many of them each shard takes."""
 
-    path: Path
+    parts: list[Path]
     shard_sizes: list[int]
 
     @property
@@ -56,35 +57,31 @@ class ShardPlan:
         return sum(self.shard_sizes)
 
 
-def plan_shards(ordered: Iterable[SourceImage], shard_bytes: int, path: Path) -> ShardPlan:
-    """Cut the shuffled images, as they stream in, into shards of about `shard_bytes` by source file size; the
-    images go to `path` for `shard_jobs` to read back."""
-    sizes: list[int] = []
+def cut_shards(image_sizes: Iterable[int], shard_bytes: int) -> list[int]:
+    """Images per shard, cutting the shuffled images into shards of about `shard_bytes` by source file size."""
+    shard_sizes: list[int] = []
     filled = 0
-    with open(path, "w") as sink:
-        for image in ordered:
-            cost = image.size + TAR_OVERHEAD_PER_SAMPLE
-            if not sizes or filled + cost > shard_bytes:
-                sizes.append(0)
-                filled = 0
-            sizes[-1] += 1
-            filled += cost
-            sink.write(json.dumps(image.row()) + "\n")
-    return ShardPlan(path, sizes)
+    for size in image_sizes:
+        cost = size + TAR_OVERHEAD_PER_SAMPLE
+        if not shard_sizes or filled + cost > shard_bytes:
+            shard_sizes.append(0)
+            filled = 0
+        shard_sizes[-1] += 1
+        filled += cost
+    return shard_sizes
 
 
 def shard_jobs(plan: ShardPlan, split: str, out: Path, max_pixels: int, skip: Container[int]) -> Iterator[ShardJob]:
     """The plan's shards but those in `skip`, one at a time, read back in order: a sample's key is its place in the
     whole shuffle."""
+    images = read_images(plan.parts)
     position = 0
-    with open(plan.path) as rows:
-        for index, size in enumerate(plan.shard_sizes):
-            lines = list(itertools.islice(rows, size))
-            if index not in skip:
-                samples = [(f"{position + i:08d}", SourceImage.from_row(json.loads(line)))
-                           for i, line in enumerate(lines)]
-                yield ShardJob(index, str(out / f"{split}-{index:06d}.tar"), samples, max_pixels)
-            position += size
+    for index, size in enumerate(plan.shard_sizes):
+        samples = list(itertools.islice(images, size))
+        if index not in skip:
+            yield ShardJob(index, str(out / f"{split}-{index:06d}.tar"),
+                           [(f"{position + i:08d}", image) for i, image in enumerate(samples)], max_pixels)
+        position += size
 
 
 def build_shard(job: ShardJob, report: Callable[[int, int], None] | None = None) -> ShardResult:

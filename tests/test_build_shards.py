@@ -146,12 +146,15 @@ def test_interrupted_build_resumes_and_keeps_finished_shards(built, tmp_path, ca
     (out / (shards[1].name + ".tmp")).write_bytes(b"partial")
     with open(out / ".train.progress.jsonl", "a") as log:  # killed while it noted a shard
         log.write('{"index": 0, "rec')
+    (out / ".scratch").mkdir()  # and while it split its listing
+    (out / ".scratch" / "train.listing").write_text("00ff\t[\"cut")
+    (out / ".scratch" / "train.listing.7f").write_text("7f00\t[\"cut")
     capsys.readouterr()
-    assert build(src, out) == 0
+    assert build(src, out, "--sort-buffer", "2") == 0  # the buffer changes no shard: the finished ones are kept
     assert "shards already complete, 2 to write" in capsys.readouterr().out
     assert shards[0].stat().st_mtime_ns == kept_mtime
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == reference
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp")) and not (out / ".scratch").exists()
     assert len(Manifest.load(out / "train.json").rejected) == 4
 
 
@@ -304,25 +307,27 @@ def test_a_split_whose_classes_differ_from_train_is_refused_unless_given_its_lis
     assert Manifest.load(out / "val.json").classes == Manifest.load(out / "train.json").classes
 
 
-def test_the_shuffle_holds_its_sort_buffer_in_memory_whatever_the_listing_size(tmp_path):
-    """Planning a build (listing, labels, global shuffle, shard cuts) over simulated listings: with a buffer of 300
-    images, twice the images take almost no more memory, where holding them all costs about 0.9 KB each."""
-    import tracemalloc
+def test_the_shuffle_labels_at_most_its_sort_buffer_at_once_and_the_order_is_the_same_whatever_it_is(tmp_path):
+    """The sort buffer bounds every group of the listing that is labelled and sorted in memory (what the shuffle
+    holds at once: `bench shards` measures its memory); the parts it forces change neither the order (the plan's
+    fingerprint) nor the shards."""
+    from bench.shards import simulated_listing
+    from pipeline.build_shards import BuildOptions, shuffled
+    from pipeline.shard_sources import ClassFolders, Listing
 
-    from bench.shards import plan_simulated_build
+    class CountedGroups(ClassFolders):
+        def label(self, group, rejected):
+            groups.append(len(group))
+            return super().label(group, rejected)
 
-    def peak(images: int, sort_buffer: int) -> int:
-        work = tmp_path / f"{images}-{sort_buffer}"
+    plans, groups_of = {}, {}
+    for buffer in (8, 10**6):
+        groups = groups_of[buffer] = []
+        work = tmp_path / str(buffer)
         work.mkdir()
-        tracemalloc.start()
-        assert sum(plan_simulated_build(images, work, sort_buffer)) == images
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        assert not list(work.iterdir()) or [p.name for p in work.iterdir()] == ["train.plan"]  # the spill is gone
-        return peak
-
-    small, large, whole = peak(6_000, 300), peak(12_000, 300), peak(12_000, 12_000)
-    held_per_image = (whole - large) / (12_000 - 300)  # an image in memory costs this (about 0.9 KB)
-    # What grows from 6,000 to 12,000 is the 256 split files' write buffers filling, which stop at 8 KB each.
-    growth_per_image = (large - small) / 6_000
-    assert growth_per_image < held_per_image / 4, (small, large, whole)
+        options = BuildOptions(src=work, out=work, sort_buffer=buffer, shard_size_mb=10)
+        _, plan, fingerprint = shuffled(options, CountedGroups(Listing(simulated_listing(3_000)), None, []), work, [])
+        plans[buffer] = plan.shard_sizes, fingerprint
+        assert sum(groups) == 3_000
+    assert max(groups_of[8]) <= 8 < max(groups_of[10**6])  # without a buffer a part is about 3,000 / 256 = 12
+    assert plans[8] == plans[10**6]

@@ -406,3 +406,19 @@ def test_a_stray_non_image_in_the_container_changes_no_shard(tree, tmp_path):
     assert shard_bytes(out) == shard_bytes(tree / "from_tree")
     assert {"path": f"{cls}/Thumbs.db", "reason": "not an image (format not recognised)"} in Manifest.load(
         out / "train.json").rejected
+
+
+def test_linked_class_folders_are_read_and_a_walk_at_any_depth_never_goes_round_a_link(tmp_path):
+    """A subset made of links to class folders builds like the folders; a link back up the tree is not followed."""
+    photos = tmp_path / "photos"
+    (photos / "n1").mkdir(parents=True)
+    (photos / "n1" / "x.jpg").write_bytes(jpeg_bytes(40, 40, seed=1))
+    (photos / "n1" / "up").symlink_to(photos)
+    assert build(photos, tmp_path / "unlabeled", "--unlabeled") == 0
+    assert Manifest.load(tmp_path / "unlabeled" / "train.json").samples == 1
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    (subset / "n1").symlink_to(photos / "n1")
+    assert build(subset, tmp_path / "linked") == 0
+    assert Manifest.load(tmp_path / "linked" / "train.json").classes == ["n1"]
+    assert Manifest.load(tmp_path / "linked" / "train.json").samples == 1
