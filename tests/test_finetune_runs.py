@@ -30,9 +30,7 @@ def pretrained(tmp_path_factory):
     (36 s on 2 CPU cores)."""
     root = tmp_path_factory.mktemp("finetune")
     shards = make_sample_shards(root, classes=CLASSES, train_per_class=24, val_per_class=12)
-    # The torch references of the kernels: under the Triton interpreter the tests otherwise run, 400 steps take minutes.
-    run(shards, root / "pretrained", "--max-steps", "400", "--set", "eval.every_epochs=0", "--set", "log.viz_every=100",
-        env={"MAE_KERNELS": "torch"})
+    run(shards, root / "pretrained", "--max-steps", "400", "--set", "eval.every_epochs=0", "--set", "log.viz_every=100")
     return shards, root / "pretrained"
 
 
