@@ -22,10 +22,13 @@ pytestmark = pytest.mark.slow
 
 
 def start_ranks(shards: Path, output: Path, *extra: str, world: int = 2) -> list[subprocess.Popen]:
+    """The job's ranks on this machine's cores, each started by itself (so that each can be signalled), with the
+    cores shared between them: two ranks each taking every core would make an even run uneven."""
     port = free_port()
     cmd = [sys.executable, "train/pretrain.py", "--config", "configs/tiny.toml", "--data", str(shards),
            "--output", str(output), *extra]
-    return [start_job(cmd, cwd=REPO, env=rank_env(rank, world, port)) for rank in range(world)]
+    return [start_job(cmd, cwd=REPO, env={**rank_env(rank, world, port), "LOCAL_RANK": str(rank),
+                                          "LOCAL_WORLD_SIZE": str(world)}) for rank in range(world)]
 
 
 def wait_for(condition, ranks: list[subprocess.Popen], seconds: float = 300) -> None:
@@ -95,10 +98,7 @@ def test_stacks_on_demand_leave_the_run_unchanged_and_an_even_run_names_no_strag
         rank.send_signal(signal.SIGUSR1)
     outs = [rank.communicate(timeout=300)[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outs[0][-3000:]
-    # The same run to fp32 rounding, not bitwise: the two launches give each rank another thread count (1 under the
-    # deepspeed launcher's LOCAL_SIZE=2, 2 as one task per node), and torch may then sum in another order.
-    plain_losses = [r["loss"] for r in metrics(tmp_path / "plain")]
-    assert [r["loss"] for r in metrics(tmp_path / "asked")] == pytest.approx(plain_losses, rel=1e-6)
+    assert [r["loss"] for r in metrics(tmp_path / "asked")] == [r["loss"] for r in metrics(tmp_path / "plain")]
     dumps = sorted((tmp_path / "asked" / "stacks").iterdir())
     assert [p.name.split("-")[0] for p in dumps] == ["rank00000", "rank00001"]
     assert all("Thread" in p.read_text() and "pretrain.py" in p.read_text() for p in dumps)
