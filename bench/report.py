@@ -186,6 +186,13 @@ def shards_projection(latest: dict) -> list[str]:
                   f"at a time, at most the sort buffer ({buffer:,} images, {extra['bytes_per_held_image']} bytes "
                   f"each): by that trend {trend}, never above {extra['bound_mb']:,} MB. Planning takes "
                   f"{extra['plan_us_per_image']} µs a file on one core.", ""]
+    found = latest.get(("shards", "builder_peak_mb"))
+    if found:
+        extra, config = found[0]["extra"], found[0]["config"]
+        builds = ", ".join(f"{int(n):,} images {mb:,.0f} MB in {extra['build_s'][n]:,.0f} s"
+                           for n, mb in extra["peak_mb"].items())
+        lines += [f"Whole builds of small images from one tar ({config['workers']} workers), the largest process's "
+                  f"peak: {builds}; {extra['bytes_per_image_between']} bytes more an image between them.", ""]
     return ["#### shard builder: projections", "", *lines] if lines else []
 
 

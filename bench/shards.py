@@ -1,7 +1,8 @@
 """Shard builder throughput: against `tar cf` of the same files, and from an archive against the same images
 extracted (ImageNet's layout: a tar of per-class tars, read in place), with the builder's peak memory and a
-projection of ImageNet-1k's build time from the measured rate per core; and the memory the builder's listing and plan
-take at 1 M and 10 M simulated files, the growth per image beside it."""
+projection of ImageNet-1k's build time from the measured rate per core; a whole build's peak memory at 100,000 and
+1 M small images; and the memory the builder's listing and plan take at 1 M and 10 M simulated files, the growth per
+image beside it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from bench.context import BenchContext, require
 from bench.harness import Record, rate, stat_of, time_repeats
 from pipeline.archives import Entry
+from pipeline.sample_data import synthetic_photo
 from pipeline.shard_order import DEFAULT_SORT_BUFFER
 from pipeline.shard_sources import ClassFolders, Listing
 
@@ -46,6 +48,20 @@ def peak_memory_mb(argv: list[str]) -> float:
     done = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "pipeline.build_shards", *argv],
                           capture_output=True, text=True, check=True)
     return int(done.stdout.split()[-1]) / 1024
+
+
+def tiny_images_archive(images: int, target: Path, classes: int = 1000) -> Path:
+    """`images` small JPEGs (32x32, under 1 KB) in a tar of class folders, written as it streams: a data set of
+    millions of files that the builder reads by offset, as it reads ImageNet's tars."""
+    photo = io.BytesIO()
+    synthetic_photo(0, 0, 7).resize((32, 32)).save(photo, "JPEG", quality=90)
+    data = photo.getvalue()
+    with tarfile.open(target, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(images):
+            info = tarfile.TarInfo(f"n{i % classes:08d}/n{i % classes:08d}_{i}.JPEG")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return target
 
 
 def simulated_listing(images: int, classes: int = 1000) -> Iterator[Entry]:
@@ -129,6 +145,30 @@ def plan_memory_record(ctx: BenchContext) -> Record:
                   extra=extra)
 
 
+def real_build_record(ctx: BenchContext, scratch: Path, workers: int) -> Record:
+    """A whole build (list, shuffle, write, index, manifest) of small images from one tar at two sizes: the largest
+    resident set among its processes, and its time; the growth between the two is what a larger data set adds."""
+    sizes = (10_000, 100_000) if ctx.quick else (100_000, 1_000_000)
+    peaks, seconds = {}, {}
+    for images in sizes:
+        archive = tiny_images_archive(images, scratch / f"tiny_{images}.tar")
+        out = scratch / f"tiny_{images}"
+        started = time.perf_counter()
+        peaks[images] = peak_memory_mb([str(archive), str(out), "--shard-size-mb", "64", "--workers", str(workers),
+                                        "--quiet"])
+        seconds[images] = time.perf_counter() - started
+        archive.unlink()
+        shutil.rmtree(out)
+    growth = (peaks[sizes[1]] - peaks[sizes[0]]) * 2**20 / (sizes[1] - sizes[0])
+    return Record("shards", "builder_peak_mb", "MB", stat_of([peaks[sizes[1]]]),
+                  config={"images": sizes[1], "workers": workers, "shard_size_mb": 64,
+                          "data": "32x32 JPEGs (under 1 KB) in one tar of 1,000 class folders"},
+                  extra={"peak_mb": {str(n): round(mb, 1) for n, mb in peaks.items()},
+                         "build_s": {str(n): round(t, 1) for n, t in seconds.items()},
+                         "img_per_s": {str(n): round(n / t) for n, t in seconds.items()},
+                         "bytes_per_image_between": round(growth, 1)})
+
+
 def run(ctx: BenchContext) -> list[Record]:
     require("braceexpand")
     from pipeline.build_shards import main as build_shards  # after the check: it needs braceexpand
@@ -159,6 +199,7 @@ def run(ctx: BenchContext) -> list[Record]:
         small = tar_of_class_tars(ctx.sample_tree(), scratch / "small.tar")
         memory = {name: peak_memory_mb([str(src), str(scratch / f"memory_{name}"), *common])
                   for name, src in (("tree", tree), ("archive", archive), ("small_archive", small))}
+        at_scale = real_build_record(ctx, scratch, workers)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     config = {"images": len(files), "source_mb": round(megabytes, 2), "workers": workers, "data": "ImageNet-like JPEGs",
@@ -170,6 +211,7 @@ def run(ctx: BenchContext) -> list[Record]:
                   "peak_memory_mb": memory}
     return [
         plan_memory_record(ctx),
+        at_scale,
         Record("shards", "builder_mb_per_s", "MB/s", rate(megabytes, tree_s), rate(megabytes, tar_s), "tar cf",
                config),
         Record("shards", "builder_img_per_s", "img/s", rate(len(files), tree_s), rate(len(files), tar_s), "tar cf",

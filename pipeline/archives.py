@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.shard_reports import Reports
+
 ZIP_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # signature ... name length, extra length
 TAR_SUFFIXES = (".tar",)
 GZIP_SUFFIXES = (".tar.gz", ".tgz")
@@ -98,7 +100,7 @@ def unsafe_name(name: str) -> str:
     return ""
 
 
-def tar_archive_entries(archive: Path, scratch: Path, problems: list[dict]) -> Iterator[Entry]:
+def tar_archive_entries(archive: Path, scratch: Path, problems: Reports) -> Iterator[Entry]:
     """Every file member of a tar or .tar.gz (members of inner tars expanded, named "<inner stem>/<name>"),
     streamed; the problems met listing it ({"path", "reason"}) go to `problems`. (A zip: `zip_entries`.)"""
     if archive.name.lower().endswith(GZIP_SUFFIXES):
@@ -123,7 +125,7 @@ def ungzipped(archive: Path, scratch: Path) -> Path:
     return target
 
 
-def tar_entries(tar_path: Path, display: str, problems: list[dict], base: int = 0, fileobj=None,
+def tar_entries(tar_path: Path, display: str, problems: Reports, base: int = 0, fileobj=None,
                 prefix: str = "") -> Iterator[Entry]:
     """File members of a plain tar (at `base` inside `tar_path` when it is an inner tar), inner tars expanded,
     streamed as its headers are read. A tar that cannot be opened at all raises ArchiveError at once."""
@@ -134,7 +136,7 @@ def tar_entries(tar_path: Path, display: str, problems: list[dict], base: int = 
     return _tar_members(tar, tar_path, display, problems, base, prefix)
 
 
-def _tar_members(tar: tarfile.TarFile, tar_path: Path, display: str, problems: list[dict], base: int,
+def _tar_members(tar: tarfile.TarFile, tar_path: Path, display: str, problems: Reports, base: int,
                  prefix: str) -> Iterator[Entry]:
     end = Path(tar_path).stat().st_size
     members, first_cut = 0, ""
@@ -148,6 +150,7 @@ def _tar_members(tar: tarfile.TarFile, tar_path: Path, display: str, problems: l
                 break
             if info is None:
                 break
+            tar.members.clear()  # TarFile keeps every header it reads: a million-member tar would hold them all
             name = prefix + (info.name[2:] if info.name.startswith("./") else info.name)
             if info.isdir():
                 members += 1
@@ -174,7 +177,7 @@ def _tar_members(tar: tarfile.TarFile, tar_path: Path, display: str, problems: l
 
 
 def _inner_tar(outer: tarfile.TarFile, info: tarfile.TarInfo, tar_path: Path, offset: int,
-               prefix: str, problems: list[dict]) -> Iterator[Entry]:
+               prefix: str, problems: Reports) -> Iterator[Entry]:
     """An inner tar's members, named "<inner stem>/<name>"; a damaged inner tar is reported, its class kept."""
     yield Entry(prefix, str(tar_path), 0, problem="a folder")
     try:
@@ -186,7 +189,7 @@ def _inner_tar(outer: tarfile.TarFile, info: tarfile.TarInfo, tar_path: Path, of
     yield from members
 
 
-def zip_entries(archive: Path, problems: list[dict]) -> list[Entry]:
+def zip_entries(archive: Path, problems: Reports) -> list[Entry]:
     """A zip's members, from its central directory (which zipfile holds in memory whole)."""
     try:
         with zipfile.ZipFile(archive) as zf:

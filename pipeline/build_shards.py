@@ -18,6 +18,7 @@ finished split.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -34,7 +35,8 @@ from pipeline.atomic import atomic_write_text
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.manifest import Manifest, class_mismatch
 from pipeline.shard_order import DEFAULT_SORT_BUFFER, ordered_parts, spill
-from pipeline.shard_resume import ProgressLog, finished_shards, plan_fingerprint
+from pipeline.shard_reports import Reports, ReportSpill, write_reports
+from pipeline.shard_resume import ProgressLog, plan_fingerprint
 from pipeline.shard_sources import (
     BuildError,
     ClassFolders,
@@ -48,7 +50,7 @@ from pipeline.shard_sources import (
     source_entries,
 )
 from pipeline.shard_verify import verify
-from pipeline.shard_writing import ShardPlan, ShardResult, cut_shards, run_jobs, shard_jobs
+from pipeline.shard_writing import ShardPlan, cut_shards, run_jobs, shard_jobs
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ SCRATCH = ".scratch"  # inside OUT while a build runs: its listing and plan, a .
 DAMAGED_DATA = 5
 
 
-def labelling(options: BuildOptions, scratch: Path, rejected: list[dict]) -> Labelling:
+def labelling(options: BuildOptions, scratch: Path, rejected: Reports) -> Labelling:
     """How the build's input is listed and labelled, for its labelling options."""
     src = options.src
     if not src.exists():
@@ -104,11 +106,11 @@ def labelling(options: BuildOptions, scratch: Path, rejected: list[dict]) -> Lab
     return ClassFolders(listing, classes, rejected)
 
 
-def shuffled(options: BuildOptions, labels: Labelling, scratch: Path, skipped: list[dict]) -> tuple[
+def shuffled(options: BuildOptions, labels: Labelling, scratch: Path, skipped: ReportSpill) -> tuple[
         list[str], ShardPlan, str]:
     """List, label and shuffle the input into a plan of shards (on disk under `scratch`): the class list, the plan
-    and its fingerprint. Raises BuildError before any shard is written. Memory: `options.sort_buffer` images per
-    worker."""
+    and its fingerprint; the images left out go to `skipped`. Raises BuildError before any shard is written.
+    Memory: `options.sort_buffer` images per worker."""
     parts = spill(labels.candidates(), options.seed, scratch / f"{options.split}.listing")
     try:
         labels.settle()
@@ -154,33 +156,36 @@ def scratch_space(out: Path) -> Iterator[Path]:
 def build(options: BuildOptions) -> int:
     out, split = options.out, options.split
     source = str(options.src.resolve())
-    skipped: list[dict] = []
-    with scratch_space(out) as scratch:
+    with scratch_space(out) as scratch, ReportSpill(scratch / f"{split}.skipped.jsonl") as skipped:
         classes, plan, fingerprint = shuffled(options, labelling(options, scratch, skipped), scratch, skipped)
-        done = finished_shards(out, split, fingerprint, source)
+        log = ProgressLog(out, split, fingerprint, source)
         shards = len(plan.shard_sizes)
-        if done and len(done) < shards:
-            print(f"resuming: {len(done)} of {shards} shards already complete, {shards - len(done)} to write")
+        done = len(log.records)
+        if done and done < shards:
+            print(f"resuming: {done} of {shards} shards already complete, {shards - done} to write")
         elif done:
             print(f"all {shards} shards already complete and intact")
-        _write_shards(options, plan, done, ProgressLog(out, split, fingerprint, source, done))
-    results = [done[i] for i in range(shards)]
-    rejected = skipped + [r for res in results for r in res.rejected]
+        _write_shards(options, plan, log)
+        # The reports go in place before the manifest that counts them.
+        rejected = write_reports(Manifest.report_path(out, split, "rejected"),
+                                 itertools.chain(skipped, log.reports("rejected")))
+        converted = write_reports(Manifest.report_path(out, split, "converted"), log.reports("converted"))
+    records = [log.records[i] for i in range(shards)]
     manifest = Manifest(
-        split=split, samples=sum(r.record.samples for r in results), classes=classes,
-        shards=[r.record for r in results if r.record.samples], rejected=rejected,
-        converted=[c for res in results for c in res.converted], seed=options.seed, source=source, plan=fingerprint,
+        split=split, samples=sum(r.samples for r in records), classes=classes,
+        shards=[r for r in records if r.samples], rejected=rejected, converted=converted, seed=options.seed,
+        source=source, plan=fingerprint,
     )
     atomic_write_text(Manifest.path(out, split), manifest.to_json())
     _print_summary(manifest, out)
     return DAMAGED_DATA if options.strict and rejected else 0
 
 
-def _write_shards(options: BuildOptions, plan: ShardPlan, done: dict[int, ShardResult], log: ProgressLog) -> None:
-    """Write the plan's shards not in `done`, adding each to `done` and to the progress log as it completes."""
+def _write_shards(options: BuildOptions, plan: ShardPlan, log: ProgressLog) -> None:
+    """Write the plan's shards the log does not hold, adding each to the log as it completes."""
     shards = len(plan.shard_sizes)
     started = time.perf_counter()
-    todo = sum(size for i, size in enumerate(plan.shard_sizes) if i not in done)
+    todo = sum(size for i, size in enumerate(plan.shard_sizes) if i not in log.records)
     with tqdm(total=todo, unit="img", desc=f"{options.split} shards", disable=options.quiet) as bar:
         read = [0]
 
@@ -191,11 +196,11 @@ def _write_shards(options: BuildOptions, plan: ShardPlan, done: dict[int, ShardR
 
         def show_rate() -> None:
             elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(MBps=f"{read[0] / elapsed / 2**20:.1f}", shards=f"{len(done)}/{shards}", refresh=False)
+            bar.set_postfix(MBps=f"{read[0] / elapsed / 2**20:.1f}", shards=f"{len(log.records)}/{shards}",
+                            refresh=False)
 
-        jobs = shard_jobs(plan, options.split, options.out, options.max_pixels, skip=set(done))
+        jobs = shard_jobs(plan, options.split, options.out, options.max_pixels, skip=set(log.records))
         for result in run_jobs(jobs, options.workers, advance):
-            done[result.index] = result
             log.add(result)
             show_rate()
 
@@ -219,12 +224,12 @@ def _refuse_other_class_lists(out: Path, split: str, classes: list[str]) -> None
 
 def _print_summary(manifest: Manifest, out: Path) -> None:
     size = sum(s.bytes for s in manifest.shards) / 2**20
-    print(f"{manifest.split}: {manifest.samples} kept ({len(manifest.converted)} converted to RGB JPEG), "
-          f"{len(manifest.rejected)} rejected -> {len(manifest.shards)} shards, {size:.1f} MiB in {out}")
-    for item in manifest.rejected[:20]:
+    print(f"{manifest.split}: {manifest.samples} kept ({manifest.converted} converted to RGB JPEG), "
+          f"{manifest.rejected} rejected -> {len(manifest.shards)} shards, {size:.1f} MiB in {out}")
+    for item in itertools.islice(Manifest.reports(out, manifest.split, "rejected"), 20):
         print(f"  rejected {item['path']}: {item['reason']}", file=sys.stderr)
-    if len(manifest.rejected) > 20:
-        print(f"  ... and {len(manifest.rejected) - 20} more (see {Manifest.path(out, manifest.split)})",
+    if manifest.rejected > 20:
+        print(f"  ... and {manifest.rejected - 20} more (see {Manifest.report_path(out, manifest.split, 'rejected')})",
               file=sys.stderr)
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
 from braceexpand import braceexpand
 
 from pipeline.errors import DataError
+from pipeline.shard_reports import REPORT_KINDS, read_reports
 from pipeline.wds_format import index_path, index_sample_count
 
 
@@ -31,8 +33,10 @@ class Manifest:
     samples: int
     classes: list[str]
     shards: list[ShardRecord]
-    rejected: list[dict] = field(default_factory=list)
-    converted: list[dict] = field(default_factory=list)
+    rejected: int = 0
+    """images left out, each with its reason in `<split>.rejected.jsonl` (`Manifest.reports`)"""
+    converted: int = 0
+    """images re-encoded as RGB JPEG, each with its conversion in `<split>.converted.jsonl`"""
     seed: int = 0
     source: str = ""
     plan: str = ""  # fingerprint of the file listing and settings the shards were cut from
@@ -41,10 +45,24 @@ class Manifest:
     def path(folder: Path, split: str) -> Path:
         return Path(folder) / f"{split}.json"
 
+    @staticmethod
+    def report_path(folder: Path, split: str, kind: str) -> Path:
+        """A build's per-image reports of one kind (`REPORT_KINDS`), a JSON object a line: kept out of the manifest,
+        which every rank reads at start, so that a data set of a billion PNGs costs a rank nothing."""
+        return Path(folder) / f"{split}.{kind}.jsonl"
+
+    @staticmethod
+    def reports(folder: Path, split: str, kind: str) -> Iterator[dict]:
+        """The split's reports of one kind, in the order the build met them."""
+        return read_reports(Manifest.report_path(folder, split, kind))
+
     @classmethod
     def load(cls, path: Path) -> Manifest:
         raw = json.loads(Path(path).read_text())
         raw["shards"] = [ShardRecord(**s) for s in raw["shards"]]
+        for kind in REPORT_KINDS:  # an earlier maeflow kept the reports themselves here
+            if isinstance(raw.get(kind), list):
+                raw[kind] = len(raw[kind])
         return cls(**raw)
 
     def to_json(self) -> str:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_text
+from pipeline.atomic import atomic_path
 from pipeline.manifest import Manifest, ShardRecord
 from pipeline.shard_sources import BuildError
 from pipeline.shard_writing import ShardResult
@@ -30,12 +30,50 @@ def _progress_path(out: Path, split: str) -> Path:
     return out / f".{split}.progress.jsonl"
 
 
-def finished_shards(out: Path, split: str, plan: str, source: str) -> dict[int, ShardResult]:
-    """Shards an earlier run of the same command completed, re-checked by size and sha256.
+class ProgressLog:
+    """The progress file: a header (the plan's fingerprint, the source), then a line per finished shard as it
+    finished, holding its record and its reports (kept after the build, so that a rerun rebuilds the manifest
+    without re-reading finished shards). In memory a shard costs its record and where its line lies, whatever the
+    number of its reports; a line costs the same whether the build has a hundred shards or a hundred thousand."""
 
-    The progress file (kept after a build finishes) holds each shard's record and rejections, a line per shard as
-    it finished, so a rerun, complete or interrupted, can rebuild the manifest without re-reading finished shards.
-    """
+    def __init__(self, out: Path, split: str, plan: str, source: str) -> None:
+        """Starts the log of a build, keeping the shards an earlier run of the same command finished that are intact
+        (re-checked by size and sha256); BuildError where OUT holds another build of this split."""
+        self.path = _progress_path(out, split)
+        self.records: dict[int, ShardRecord] = {}
+        """the finished shards' records, by index in the plan"""
+        self._offsets: dict[int, int] = {}
+        _refuse_other_builds(out, split, plan, source)
+        earlier = _earlier_lines(self.path)
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as log:
+            log.write((json.dumps({"plan": plan, "source": source}) + "\n").encode())
+            if earlier:
+                with open(self.path, "rb") as old:
+                    for index, (offset, record) in sorted(earlier.items()):
+                        if _intact(out, record):
+                            old.seek(offset)
+                            self._offsets[index], self.records[index] = log.tell(), record
+                            log.write(old.readline())
+
+    def add(self, result: ShardResult) -> None:
+        with open(self.path, "ab") as log:
+            self._offsets[result.index], self.records[result.index] = log.tell(), result.record
+            log.write((json.dumps(asdict(result)) + "\n").encode())
+            log.flush()
+            os.fsync(log.fileno())
+
+    def reports(self, kind: str) -> Iterator[dict]:
+        """The finished shards' reports of one kind ("rejected", "converted"), in shard order, read back from the
+        log."""
+        with open(self.path, "rb") as log:
+            for index in sorted(self._offsets):
+                log.seek(self._offsets[index])
+                yield from json.loads(log.readline())[kind]
+
+
+def _refuse_other_builds(out: Path, split: str, plan: str, source: str) -> None:
+    """A finished or unfinished build of this split from other files or settings, or shards no build of this
+    command wrote, are never mixed with this one's."""
     manifest_path, progress_path = Manifest.path(out, split), _progress_path(out, split)
     if manifest_path.is_file():
         old = Manifest.load(manifest_path)
@@ -44,52 +82,40 @@ def finished_shards(out: Path, split: str, plan: str, source: str) -> dict[int, 
                 f"{out} already holds {split} shards built from {old.source or 'another source'} with other "
                 "settings or files; choose another OUT or delete them first"
             )
-    saved = {}
     if progress_path.is_file():
-        header, *lines = progress_path.read_text().splitlines()
-        progress = json.loads(header)
+        with open(progress_path) as log:
+            progress = json.loads(log.readline())
         if (progress["plan"], progress["source"]) != (plan, source):
             raise BuildError(f"{out} holds an unfinished {split} build of {progress['source']} with other settings; "
                              "choose another OUT or delete it first")
-        for line in lines:
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the line a kill cut short: its shard is written again
-            saved[raw["index"]] = raw
     elif not manifest_path.is_file():
         strays = sorted(out.glob(f"{split}-*.tar")) if out.is_dir() else []
         if strays:
             raise BuildError(f"{out} holds {strays[0].name} but no {manifest_path.name}: not written by this "
                              "command; choose another OUT or delete them first")
-    finished = {}
-    for index, raw in saved.items():
-        record = ShardRecord(**raw["record"])
-        tar = out / record.name
-        intact = record.samples == 0 or (
-            tar.is_file() and tar.stat().st_size == record.bytes and index_path(tar).is_file()
-            and file_sha256(tar) == record.sha256
-        )
-        if intact:
-            finished[index] = ShardResult(index, record, raw["rejected"], raw["converted"])
-    return finished
 
 
-class ProgressLog:
-    """Appends each finished shard to the progress file: a line per shard, so that its cost stays the same
-    whether the build has a hundred shards or a hundred thousand."""
+def _earlier_lines(path: Path) -> dict[int, tuple[int, ShardRecord]]:
+    """Each shard the progress file says finished: where its last line lies, and its record."""
+    earlier: dict[int, tuple[int, ShardRecord]] = {}
+    if not path.is_file():
+        return earlier
+    with open(path, "rb") as log:
+        offset = len(log.readline())  # the header, checked by `_refuse_other_builds`
+        for line in log:
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError:
+                raw = None  # the line a kill cut short: its shard is written again
+            if raw is not None:
+                earlier[raw["index"]] = offset, ShardRecord(**raw["record"])
+            offset += len(line)
+    return earlier
 
-    def __init__(self, out: Path, split: str, plan: str, source: str, done: dict[int, ShardResult]) -> None:
-        self.path = _progress_path(out, split)
-        header = json.dumps({"plan": plan, "source": source})
-        atomic_write_text(self.path, "".join([header + "\n", *(self._line(r) for _, r in sorted(done.items()))]))
 
-    @staticmethod
-    def _line(result: ShardResult) -> str:
-        return json.dumps(asdict(result)) + "\n"
-
-    def add(self, result: ShardResult) -> None:
-        with open(self.path, "a") as log:
-            log.write(self._line(result))
-            log.flush()
-            os.fsync(log.fileno())
+def _intact(out: Path, record: ShardRecord) -> bool:
+    tar = out / record.name
+    return record.samples == 0 or (
+        tar.is_file() and tar.stat().st_size == record.bytes and index_path(tar).is_file()
+        and file_sha256(tar) == record.sha256
+    )

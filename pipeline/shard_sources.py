@@ -40,6 +40,7 @@ from pipeline.archives import (
     zip_entries,
 )
 from pipeline.matfile import MatFileError, read_mat
+from pipeline.shard_reports import Reports
 
 UNLABELED = -1
 KAGGLE_ROOT = "ILSVRC/Data/CLS-LOC/"
@@ -110,7 +111,7 @@ class Listing:
     flat: bool = False  # a zip whose files all lie at its top (or at its Kaggle split's top)
 
 
-def source_entries(src: Path, split: str, scratch: Path, problems: list[dict], any_depth: bool = False) -> Listing:
+def source_entries(src: Path, split: str, scratch: Path, problems: Reports, any_depth: bool = False) -> Listing:
     """List SRC, streamed; the problems met listing it go to `problems` as they are met. A Kaggle-layout zip is
     narrowed to `split`'s folder; a folder holding only tars is a folder of per-class tars (ImageNet-21k as
     distributed)."""
@@ -129,7 +130,7 @@ def source_entries(src: Path, split: str, scratch: Path, problems: list[dict], a
         raise BuildError(str(err)) from None
 
 
-def _zip_listing(src: Path, split: str, problems: list[dict]) -> Listing:
+def _zip_listing(src: Path, split: str, problems: Reports) -> Listing:
     """A zip's central directory is in memory whole, so the Kaggle layout and its labels file are seen at once."""
     entries = zip_entries(src, problems)
     labels = next((e for e in entries if basename(e.name) == KAGGLE_VAL_LABELS and not e.problem), None)
@@ -140,7 +141,7 @@ def _zip_listing(src: Path, split: str, problems: list[dict]) -> Listing:
     return Listing(iter(entries), labels, flat)
 
 
-def _per_class_tars(tars: list[Path], problems: list[dict]) -> Iterator[Entry]:
+def _per_class_tars(tars: list[Path], problems: Reports) -> Iterator[Entry]:
     for tar in tars:
         prefix = tar.name[:-4] + "/"
         yield Entry(prefix, str(tar), 0, problem="a folder")
@@ -150,7 +151,7 @@ def _per_class_tars(tars: list[Path], problems: list[dict]) -> Iterator[Entry]:
             problems.append({"path": tar.name, "reason": str(err)})
 
 
-def _usable(entry: Entry, rejected: list[dict]) -> bool:
+def _usable(entry: Entry, rejected: Reports) -> bool:
     """A file entry that can be read, not hidden; one with a problem is reported in `rejected`."""
     if entry.problem == "a folder":
         return False
@@ -161,7 +162,7 @@ def _usable(entry: Entry, rejected: list[dict]) -> bool:
     return not any(p.startswith(".") or p in IGNORED_FOLDERS for p in entry.name.split("/"))
 
 
-def images_only(images: list[SourceImage], rejected: list[dict]) -> list[SourceImage]:
+def images_only(images: list[SourceImage], rejected: Reports) -> list[SourceImage]:
     """The listed files that are images by their name or by their first bytes; the others (a Thumbs.db, a README)
     reported in `rejected` here, so that they never take a place in the shuffle: the shards follow the images
     alone, whatever else lies beside them. (The writers decode and check every image that stays.)"""
@@ -227,7 +228,7 @@ class Labelling:
     parent's report of rejections (`label` is given its own)."""
 
     listing: Listing | Path
-    rejected: list[dict]
+    rejected: Reports
 
     def candidates(self) -> Iterator[Candidate]:
         raise NotImplementedError
@@ -235,7 +236,7 @@ class Labelling:
     def settle(self) -> None:
         """Decide what needs the whole listing; raises BuildError where it cannot be labelled."""
 
-    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
+    def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
         raise NotImplementedError
 
     def classes(self, labels: LabelCounts) -> list[str]:
@@ -249,7 +250,7 @@ class Labelling:
 class ClassFolders(Labelling):
     """Images named `.../<class>/<file>`: the class is the folder holding the file, at the depth most files lie."""
 
-    def __init__(self, listing: Listing, given: list[str] | None, rejected: list[dict]) -> None:
+    def __init__(self, listing: Listing, given: list[str] | None, rejected: Reports) -> None:
         self.listing, self.given, self.rejected = listing, given, rejected
         self.files_at: Counter[int] = Counter()
         self.folders_at: dict[int, set[str]] = defaultdict(set)
@@ -290,7 +291,7 @@ class ClassFolders(Labelling):
             raise BuildError(f"class folder {unknown[0]} is not in the class list given by --classes")
         self.label_of = {name: i for i, name in enumerate(self.class_list)}
 
-    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
+    def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
         images = []
         for candidate in group:
             entry = candidate.entry
@@ -309,13 +310,13 @@ class ClassFolders(Labelling):
 class Unlabeled(Labelling):
     """Every image, named by its path, with no label (MAE pre-training needs none)."""
 
-    def __init__(self, listing: Listing, rejected: list[dict]) -> None:
+    def __init__(self, listing: Listing, rejected: Reports) -> None:
         self.listing, self.rejected = listing, rejected
 
     def candidates(self) -> Iterator[Candidate]:
         return (Candidate(e.name, e) for e in self.listing.entries if _usable(e, self.rejected))
 
-    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
+    def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
         return [SourceImage(c.entry, c.name, "", UNLABELED) for c in group]
 
 
@@ -323,7 +324,7 @@ class FileList(Labelling):
     """`path [label]` per line (paths relative to the list's folder). Integer labels are kept as given (the class
     list is then 0..max); without labels the images are unlabeled."""
 
-    def __init__(self, listing: Path, rejected: list[dict]) -> None:
+    def __init__(self, listing: Path, rejected: Reports) -> None:
         if not listing.is_file():
             raise BuildError(f"--file-list {listing}: no such file")
         self.listing, self.rejected = listing, rejected
@@ -352,7 +353,7 @@ class FileList(Labelling):
             raise BuildError(f"{self.listing}: {self.labelled} of {self.lines} lines have a label: give every line "
                              "one, or none")
 
-    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
+    def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
         return [SourceImage(c.entry, c.name, str(c.label) if self.labelled else "", c.label) for c in group]
 
 
@@ -365,7 +366,7 @@ class WebDatasetSamples(Labelling):
     sample is the members sharing a key (the path up to the first dot of the name). Their `.cls` integers are the
     labels (the class list is then 0..max); without them the samples are unlabeled."""
 
-    def __init__(self, listing: Listing, rejected: list[dict]) -> None:
+    def __init__(self, listing: Listing, rejected: Reports) -> None:
         self.listing, self.rejected = listing, rejected
 
     def candidates(self) -> Iterator[Candidate]:
@@ -374,7 +375,7 @@ class WebDatasetSamples(Labelling):
                 folder, name = posixpath.split(entry.name)
                 yield Candidate(posixpath.join(folder, name.partition(".")[0]), entry)
 
-    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
+    def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
         samples: dict[str, dict[str, Entry]] = {}
         for candidate in group:
             ext = basename(candidate.entry.name).partition(".")[2]
@@ -407,7 +408,7 @@ class FlatVal(Labelling):
     """Images in one folder, labelled by file stem from `labels_file` (or from the archive's own Kaggle CSV)."""
 
     def __init__(self, listing: Listing, labels_file: Path | None, synsets: Path | None,
-                 given: list[str] | None, rejected: list[dict]) -> None:
+                 given: list[str] | None, rejected: Reports) -> None:
         if labels_file:
             self.wnid_of = read_val_labels(labels_file, synsets)
         elif listing.val_labels is not None:
@@ -427,7 +428,7 @@ class FlatVal(Labelling):
     def candidates(self) -> Iterator[Candidate]:
         return (Candidate(basename(e.name), e) for e in self.listing.entries if _usable(e, self.rejected))
 
-    def label(self, group: list[Candidate], rejected: list[dict]) -> list[SourceImage]:
+    def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
         images = []
         for candidate in group:
             wnid = self.wnid_of.get(candidate.name.split(".")[0])

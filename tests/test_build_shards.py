@@ -1,10 +1,12 @@
 """The shard builder on real files: real tars, DALI's own wds2idx and webdataset reader."""
 
+import itertools
 import json
 import shutil
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -60,7 +62,8 @@ def test_every_good_image_once_with_its_label(built):
 def test_bad_inputs_are_converted_or_rejected_with_reasons(built):
     _, out, _ = built
     manifest = Manifest.load(out / "train.json")
-    reasons = {r["path"]: r["reason"] for r in manifest.rejected}
+    reasons = {r["path"]: r["reason"] for r in Manifest.reports(out, "train", "rejected")}
+    assert (manifest.rejected, manifest.converted) == (4, 2)
     assert set(reasons) == {"n01000001/empty.JPEG", "n01000002/truncated.JPEG", "n01000003/notes.txt",
                             "n01000003/huge.JPEG"}
     assert "empty" in reasons["n01000001/empty.JPEG"]
@@ -71,7 +74,8 @@ def test_bad_inputs_are_converted_or_rejected_with_reasons(built):
     assert samples["n01000001/cmyk.JPEG"]["converted"] == "JPEG CMYK -> RGB JPEG"
     assert samples["n01000002/really_a_png.JPEG"]["converted"] == "PNG RGBA -> RGB JPEG"
     assert "converted" not in samples["n01000003/c_0.JPEG"]  # grayscale JPEG kept as is
-    assert {c["path"] for c in manifest.converted} == {"n01000001/cmyk.JPEG", "n01000002/really_a_png.JPEG"}
+    assert {c["path"] for c in Manifest.reports(out, "train", "converted")} == {"n01000001/cmyk.JPEG",
+                                                                              "n01000002/really_a_png.JPEG"}
 
 
 def test_strict_fails_after_the_summary(tree, tmp_path, capsys):
@@ -128,7 +132,8 @@ def test_same_inputs_same_bytes_and_plain_ustar(tree, tmp_path):
                        "--max-pixels", str(MAX_PIXELS), "--sort-buffer", "2"]) == 0
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").glob("*.tar")} == {
         p.name: p.read_bytes() for p in (tmp_path / "d").glob("*.tar")}
-    assert (tmp_path / "a" / "train.json").read_text() == (tmp_path / "d" / "train.json").read_text()
+    for name in ("train.json", "train.rejected.jsonl", "train.converted.jsonl"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "d" / name).read_text()
     assert build(src, tmp_path / "c", "--seed", "1") == 0
     assert (tmp_path / "a" / "train-000000.tar").read_bytes() != (tmp_path / "c" / "train-000000.tar").read_bytes()
 
@@ -136,14 +141,17 @@ def test_same_inputs_same_bytes_and_plain_ustar(tree, tmp_path):
 def test_interrupted_build_resumes_and_keeps_finished_shards(built, tmp_path, capsys):
     src, out, _ = built
     reference = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    reports = {p.name: p.read_text() for p in out.glob("train.*.jsonl")}
     shards = sorted(out.glob("*.tar"))
     assert len(shards) >= 3
-    kept_mtime = shards[0].stat().st_mtime_ns
+    with tarfile.open(shards[0]) as tar:  # a shard with a report, written again after later ones are kept
+        assert any(b'"converted"' in tar.extractfile(m).read() for m in tar if m.name.endswith(".json"))
+    kept_mtime = shards[1].stat().st_mtime_ns
     # An interruption: manifest never written, one shard gone, one half-written, a stale temp file.
     (out / "train.json").unlink()
-    shards[1].unlink()
+    shards[0].unlink()
     shards[2].write_bytes(shards[2].read_bytes()[:1000])
-    (out / (shards[1].name + ".tmp")).write_bytes(b"partial")
+    (out / (shards[0].name + ".tmp")).write_bytes(b"partial")
     with open(out / ".train.progress.jsonl", "a") as log:  # killed while it noted a shard
         log.write('{"index": 0, "rec')
     (out / ".scratch").mkdir()  # and while it split its listing
@@ -152,10 +160,12 @@ def test_interrupted_build_resumes_and_keeps_finished_shards(built, tmp_path, ca
     capsys.readouterr()
     assert build(src, out, "--sort-buffer", "2") == 0  # the buffer changes no shard: the finished ones are kept
     assert "shards already complete, 2 to write" in capsys.readouterr().out
-    assert shards[0].stat().st_mtime_ns == kept_mtime
+    assert shards[1].stat().st_mtime_ns == kept_mtime
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == reference
     assert not list(out.glob("*.tmp")) and not (out / ".scratch").exists()
-    assert len(Manifest.load(out / "train.json").rejected) == 4
+    # The reports in shard order, whatever order the shards were written in.
+    assert {p.name: p.read_text() for p in out.glob("train.*.jsonl")} == reports and len(reports) == 2
+    assert Manifest.load(out / "train.json").rejected == 4
 
 
 def test_verify_reports_a_damaged_shard(built, capsys):
@@ -331,3 +341,31 @@ def test_the_shuffle_labels_at_most_its_sort_buffer_at_once_and_the_order_is_the
         assert sum(groups) == 3_000
     assert max(groups_of[8]) <= 8 < max(groups_of[10**6])  # without a buffer a part is about 3,000 / 256 = 12
     assert plans[8] == plans[10**6]
+
+
+def test_the_builders_memory_does_not_grow_with_the_images_it_rejects(tmp_path):
+    """Reports go to disk as they are met: a listing with ten times as many damaged entries costs the plan no more
+    memory (a data set of millions of them would otherwise hold every report until the manifest is written)."""
+    from bench.shards import simulated_listing
+    from pipeline.archives import Entry
+    from pipeline.build_shards import BuildOptions, shuffled
+    from pipeline.shard_reports import ReportSpill
+    from pipeline.shard_sources import ClassFolders, Listing
+
+    def planned(damaged: int) -> tuple[int, int]:
+        """Peak memory while planning 500 images beside `damaged` entries cut short, and the reports made."""
+        entries = itertools.chain(simulated_listing(500), (Entry(f"n0/cut_{i}.JPEG", "/data", 0, problem="cut short")
+                                                           for i in range(damaged)))
+        work = tmp_path / str(damaged)
+        work.mkdir()
+        with ReportSpill(work / "skipped.jsonl") as skipped:
+            labels = ClassFolders(Listing(entries), None, skipped)
+            tracemalloc.start()
+            shuffled(BuildOptions(src=work, out=work), labels, work, skipped)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            return peak, len(list(skipped))
+
+    (few, reported_few), (many, reported_many) = planned(1_000), planned(10_000)
+    assert (reported_few, reported_many) == (1_000, 10_000)
+    assert many - few < 2**19, (few, many)  # held in memory, 9,000 more reports would take over 2 MB

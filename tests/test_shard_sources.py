@@ -108,7 +108,8 @@ def test_the_same_images_give_the_same_shards_whichever_container_holds_them(tre
         assert {p.name for p in out.glob(f"*{ext}")} == {p.name for p in (tree / "from_tree").glob(f"*{ext}")}
     ours, theirs = Manifest.load(out / "train.json"), Manifest.load(tree / "from_tree" / "train.json")
     assert (ours.classes, ours.samples, ours.plan) == (theirs.classes, theirs.samples, theirs.plan)
-    assert sorted(r["path"] for r in ours.rejected) == sorted(r["path"] for r in theirs.rejected)
+    assert sorted(r["path"] for r in Manifest.reports(out, "train", "rejected")) == sorted(
+        r["path"] for r in Manifest.reports(tree / "from_tree", "train", "rejected"))
     assert not (out / ".scratch").exists()  # a .tar.gz's temporary tar is gone once the build is done
     assert build_main(["--verify", str(out)]) == 0
 
@@ -238,7 +239,7 @@ def test_bad_archives_are_reported_and_lose_nothing_good(tmp_path):
     manifest = Manifest.load(out / "train.json")
     # Every class keeps its index, the empty and the damaged one too: no label shifts.
     assert manifest.classes == ["n0_empty", "n1", "n2", "n3_corrupt"] and manifest.samples == 5
-    reasons = {r["path"]: r["reason"] for r in manifest.rejected}
+    reasons = {r["path"]: r["reason"] for r in Manifest.reports(out, "train", "rejected")}
     assert "not an image" in reasons["n1/README.txt"] and "not a readable tar" in reasons["n3_corrupt.tar"]
     assert "leaves the archive" in reasons["n1/../escape.JPEG"] and "absolute" in reasons["n1//abs.JPEG"]
     assert "a link" in reasons["n1/link.JPEG"]
@@ -255,8 +256,8 @@ def test_a_truncated_archive_keeps_every_whole_image_and_names_the_cut(tree, tmp
     out = tmp_path / "shards"
     assert build(src, out) == 0
     manifest = Manifest.load(out / "train.json")
-    cut_reports = [r for r in manifest.rejected if "cut short" in r["reason"] or "ends early" in r["reason"]]
-    assert cut_reports, manifest.rejected
+    rejected = list(Manifest.reports(out, "train", "rejected"))
+    assert any("cut short" in r["reason"] or "ends early" in r["reason"] for r in rejected), rejected
     full = Manifest.load(tree / "from_tree" / "train.json").samples
     assert 0 < manifest.samples < full if cut > 0.5 else manifest.samples < full
     assert build_main(["--verify", str(out)]) == 0  # what was written is whole
@@ -279,7 +280,8 @@ def test_an_unlabeled_collection_at_any_depth_and_a_file_list(tmp_path):
     assert build(listing, tmp_path / "listed", "--file-list") == 0
     listed = Manifest.load(tmp_path / "listed" / "train.json")
     assert listed.classes == ["0", "1", "2", "3"] and listed.samples == 2
-    assert listed.rejected == [{"path": "photos/missing.jpg", "reason": "line 5 of list.txt: no such file"}]
+    assert list(Manifest.reports(tmp_path / "listed", "train", "rejected")) == [
+        {"path": "photos/missing.jpg", "reason": "line 5 of list.txt: no such file"}]
 
 
 def test_existing_webdataset_tars_are_repacked_keeping_keys_and_metadata(tmp_path):
@@ -303,12 +305,12 @@ def test_existing_webdataset_tars_are_repacked_keeping_keys_and_metadata(tmp_pat
     out = tmp_path / "shards"
     assert build(folder, out, "--webdataset") == 0
     manifest = Manifest.load(out / "train.json")
-    assert manifest.samples == 6 and manifest.classes == [] and len(manifest.converted) == 2
+    assert manifest.samples == 6 and manifest.classes == [] and manifest.converted == 2
     samples = list(wds.WebDataset([str(p) for p in sorted(out.glob("train-*.tar"))], shardshuffle=False))
     metas = sorted((json.loads(s["json"]) for s in samples), key=lambda m: m["key"])
     assert [m["key"] for m in metas] == [f"{s:05d}{i:04d}" for s in range(2) for i in range(3)]
     assert metas[0]["txt"] == "caption 000000000" and metas[0]["json"]["url"] == "http://x/000000000"
-    assert any(r["path"].endswith("orphan") for r in manifest.rejected)
+    assert any(r["path"].endswith("orphan") for r in Manifest.reports(out, "train", "rejected"))
     assert build_main(["--verify", str(out)]) == 0
 
 
@@ -404,8 +406,8 @@ def test_a_stray_non_image_in_the_container_changes_no_shard(tree, tmp_path):
     out = tmp_path / "shards"
     assert build(target, out) == 0
     assert shard_bytes(out) == shard_bytes(tree / "from_tree")
-    assert {"path": f"{cls}/Thumbs.db", "reason": "not an image (format not recognised)"} in Manifest.load(
-        out / "train.json").rejected
+    assert {"path": f"{cls}/Thumbs.db", "reason": "not an image (format not recognised)"} in Manifest.reports(
+        out, "train", "rejected")
 
 
 def test_linked_class_folders_are_read_and_a_walk_at_any_depth_never_goes_round_a_link(tmp_path):
