@@ -177,10 +177,17 @@ def shards_projection(latest: dict) -> list[str]:
         rate = projection["img_per_s_per_core"]
         lines += [f"Projected ImageNet-1k train build (1,281,167 images) at {rate:.0f} img/s per core: {hours}, if "
                   f"storage delivers ~140 GB in that time. Peak builder memory: {peaks}.", ""]
+    found = latest.get(("shards", "builder_plan_images_per_mb"))
+    if found:  # the builder before its shuffle was bounded, which held every file
+        extra, sha = found[0]["extra"], found[1]["git_sha"]
+        measured = ", ".join(f"{int(n):,} files {mb:,.0f} MB" for n, mb in extra["peak_mb"].items())
+        trend = ", ".join(f"{int(n):,} files {gb:,.1f} GB" for n, gb in extra["projected_gb"].items())
+        lines += [f"Builder listing and plan memory at {sha}, every file held (simulated files): {measured}, "
+                  f"{extra['bytes_per_image']} bytes a file; by that trend {trend}.", ""]
     found = latest.get(("shards", "builder_plan_peak_mb"))
     if found:
         extra, buffer = found[0]["extra"], found[0]["config"]["sort_buffer"]
-        measured = ", ".join(f"{what} {mb:,.0f} MB" for what, mb in extra["peak_mb"].items())
+        measured = ", ".join(f"{_files_and_buffer(what)} {mb:,.0f} MB" for what, mb in extra["peak_mb"].items())
         trend = ", ".join(f"{int(n):,} files {mb:,} MB" for n, mb in extra["projected_mb"].items())
         lines += [f"Builder listing and plan memory (simulated files): {measured}. It holds one part of the listing "
                   f"at a time, at most the sort buffer ({buffer:,} images, {extra['bytes_per_held_image']} bytes "
@@ -194,6 +201,12 @@ def shards_projection(latest: dict) -> list[str]:
         lines += [f"Whole builds of small images from one tar ({config['workers']} workers), the largest process's "
                   f"peak: {builds}; {extra['bytes_per_image_between']} bytes more an image between them.", ""]
     return ["#### shard builder: projections", "", *lines] if lines else []
+
+
+def _files_and_buffer(key: str) -> str:
+    """"1000000 images, buffer 200000" as "1,000,000 files (buffer 200,000)"."""
+    images, buffer = key.split(" images, buffer ")
+    return f"{int(images):,} files (buffer {int(buffer):,})"
 
 
 def history_table(runs: list[dict], on_gpu: bool) -> list[str]:
