@@ -80,14 +80,14 @@ def _refuse_other_builds(out: Path, split: str, plan: str, source: str) -> None:
         if (old.plan, old.source) != (plan, source):
             raise BuildError(
                 f"{out} already holds {split} shards built from {old.source or 'another source'} with other "
-                "settings or files; choose another OUT or delete them first"
+                "settings or files, or by a maeflow that shuffled otherwise; choose another OUT or delete them first"
             )
     if progress_path.is_file():
         with open(progress_path) as log:
             progress = json.loads(log.readline())
         if (progress["plan"], progress["source"]) != (plan, source):
-            raise BuildError(f"{out} holds an unfinished {split} build of {progress['source']} with other settings; "
-                             "choose another OUT or delete it first")
+            raise BuildError(f"{out} holds an unfinished {split} build of {progress['source']} with other settings or "
+                             "files, or by a maeflow that shuffled otherwise; choose another OUT or delete it first")
     elif not manifest_path.is_file():
         strays = sorted(out.glob(f"{split}-*.tar")) if out.is_dir() else []
         if strays:
