@@ -37,6 +37,10 @@ def logged_run(output, steps: list[int]) -> None:
     (output / "viz" / "losses.jsonl").write_text("".join(lines))
     for s in steps:
         (output / "viz" / f"reconstruction_step{s:08d}.png").write_bytes(b"png")
+    (output / "samples").mkdir(exist_ok=True)
+    for rank in range(2):  # log.sample_ids: a line per local batch, the last one cut by the crash
+        batches = "".join(f"{s} {rank}-{s}-a {rank}-{s}-b\n" for s in steps)
+        (output / "samples" / f"rank{rank:05d}.txt").write_text(batches + f"{steps[-1] + 1} {rank}-cu")
 
 
 def test_resume_takes_latest_a_tag_or_a_bare_step_number(tmp_path):
@@ -68,6 +72,11 @@ def test_going_back_sets_the_newer_branch_aside_and_points_latest_at_the_tag(tmp
                                                                                                                10]
     assert sorted(p.name for p in (tmp_path / "viz").glob("*.png")) == ["reconstruction_step00000002.png",
                                                                        "reconstruction_step00000004.png"]
+    # The samples each rank read: the resumed steps read theirs again, so the run's log holds each step once.
+    for rank in range(2):
+        name = f"samples/rank{rank:05d}.txt"
+        assert [line.split()[0] for line in (tmp_path / name).read_text().splitlines()] == ["2", "4"]
+        assert [line.split()[0] for line in (branch / name).read_text().splitlines()] == ["6", "8", "10"]
     # The same step gone back to again: a second branch beside the first, nothing overwritten.
     fake_checkpoint(tmp_path, 6)
     logged_run(tmp_path, [2, 4, 5, 6])

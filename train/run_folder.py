@@ -6,7 +6,8 @@
         metrics.jsonl, viz/, samples/, tb/   what the run logged
         checkpoints/                         see train.checkpoint
         abandoned/<when>-after-step00001200/ a branch a resume left behind: its newer checkpoints, the
-                                             metrics records and reconstructions of its steps after 1200
+                                             metrics records, reconstructions and sample logs of its steps
+                                             after 1200
         .lock                                held by the live run's rank 0
 
 The rules: nothing in the folder is deleted or overwritten without a copy that says why; a second live
@@ -20,6 +21,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -30,6 +32,7 @@ from train.viz import reconstructions_after
 LOCK = ".lock"
 RUN_FILES = ("config.json", "metrics.jsonl")  # a folder holding these holds a run, even before its first checkpoint
 RECORD_LOGS = ("metrics.jsonl", "viz/losses.jsonl")  # JSON lines, each with the step it belongs to
+SAMPLE_LOGS = "samples/rank*.txt"  # log.sample_ids: `<step> <sample keys...>` lines, one file per rank
 
 
 class FolderInUse(RuntimeError):
@@ -71,10 +74,12 @@ def existing_run(folder: Path) -> str | None:
 
 def set_aside_branch(folder: Path, step: int, checkpoint_tags: list[str]) -> Path | None:
     """Move what a run did after `step` into abandoned/<when>-after-step<step>/: the named checkpoints, the
-    records of later steps (metrics.jsonl, viz/losses.jsonl) and the reconstructions of later steps. Returns
-    that folder, or None when there was nothing to move."""
+    records of later steps (metrics.jsonl, viz/losses.jsonl, the samples each rank read) and the reconstructions of
+    later steps. Returns that folder, or None when there was nothing to move."""
     later_images = reconstructions_after(folder / "viz", step)
-    logs = {name: _split_records(folder / name, step) for name in RECORD_LOGS}
+    logs = {name: _split_records(folder / name, step, _json_step) for name in RECORD_LOGS}
+    logs |= {str(path.relative_to(folder)): _split_records(path, step, _sample_line_step)
+             for path in sorted(folder.glob(SAMPLE_LOGS))}
     if not (checkpoint_tags or later_images or any(later for _, later in logs.values())):
         return None
     branch = folder / "abandoned" / f"{time.strftime('%Y%m%d-%H%M%S')}-after-step{step:08d}"
@@ -90,23 +95,35 @@ def set_aside_branch(folder: Path, step: int, checkpoint_tags: list[str]) -> Pat
         os.replace(image, branch / "viz" / image.name)
     for name, (kept, later) in logs.items():
         if later:
+            (branch / name).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(branch / name, "".join(later))
             atomic_write_text(folder / name, "".join(kept))
     return branch
 
 
-def _split_records(path: Path, step: int) -> tuple[list[str], list[str]]:
-    """A JSON-lines log's lines at or before `step`, and after it."""
+def _split_records(path: Path, step: int, step_of: Callable[[str], int | None]) -> tuple[list[str], list[str]]:
+    """A log's lines at or before `step`, and after it; a line cut by a crash (`step_of` gives None) belongs to no
+    step and is left out of both."""
     if not path.is_file():
         return [], []
     kept, later = [], []
     for line in path.read_text().splitlines(keepends=True):
-        try:
-            record_step = json.loads(line).get("step", 0)
-        except json.JSONDecodeError:  # a line cut by a crash: it belongs to no step
-            continue
-        (later if record_step > step else kept).append(line)
+        record_step = step_of(line)
+        if record_step is not None:
+            (later if record_step > step else kept).append(line)
     return kept, later
+
+
+def _json_step(line: str) -> int | None:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return None
+
+
+def _sample_line_step(line: str) -> int | None:
+    first = line.split(" ", 1)[0]
+    return int(first) if line.endswith("\n") and first.isdigit() else None
 
 
 def keep_config(folder: Path, step: int) -> Path:
