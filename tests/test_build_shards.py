@@ -369,3 +369,14 @@ def test_the_builders_memory_does_not_grow_with_the_images_it_rejects(tmp_path):
     (few, reported_few), (many, reported_many) = planned(1_000), planned(10_000)
     assert (reported_few, reported_many) == (1_000, 10_000)
     assert many - few < 2**19, (few, many)  # held in memory, 9,000 more reports would take over 2 MB
+
+
+def test_a_manifest_from_an_earlier_maeflow_with_its_reports_inline_still_loads(built):
+    """Shards built before the reports moved beside the manifest still train: their reports are counted."""
+    _, out, _ = built
+    raw = json.loads((out / "train.json").read_text())
+    raw["rejected"] = list(Manifest.reports(out, "train", "rejected"))
+    raw["converted"] = list(Manifest.reports(out, "train", "converted"))
+    (out / "train.json").write_text(json.dumps(raw))
+    manifest = Manifest.load(out / "train.json")
+    assert (manifest.rejected, manifest.converted, manifest.samples) == (4, 2, 17)
