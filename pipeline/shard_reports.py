@@ -58,9 +58,6 @@ def read_reports(path: Path) -> Iterator[dict]:
 
 def write_reports(path: Path, reports: Iterable[dict]) -> int:
     """All of `reports` into `path`, complete or not at all; returns how many."""
-    count = 0
-    with atomic_path(path) as tmp, open(tmp, "w") as sink:
-        for report in reports:
-            sink.write(json.dumps(report) + "\n")
-            count += 1
-    return count
+    with atomic_path(path) as tmp, ReportSpill(tmp) as sink:
+        sink.extend(reports)
+    return sink.count

@@ -105,10 +105,9 @@ def _earlier_lines(path: Path) -> dict[int, tuple[int, ShardRecord]]:
         for line in log:
             try:
                 raw = json.loads(line)
-            except json.JSONDecodeError:
-                raw = None  # the line a kill cut short: its shard is written again
-            if raw is not None:
                 earlier[raw["index"]] = offset, ShardRecord(**raw["record"])
+            except json.JSONDecodeError:
+                pass  # the line a kill cut short: its shard is written again
             offset += len(line)
     return earlier
 
