@@ -64,20 +64,27 @@ def time_repeats(fn: Callable[[], Any], repeats: int, warmup: int = 1, device: s
 def device_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> list[float]:
     """GPU busy time per call of `fn`: the summed durations of the kernels (and copies) it launched, read
     from the profiler. This is what the op costs inside a training step, where the CPU runs ahead of the
-    GPU; wall time around a single small op also counts its Python and launch overhead."""
-    from torch.profiler import ProfilerActivity, profile  # only GPU runs profile
+    GPU; wall time around a single small op also counts its Python and launch overhead. One profiler session
+    for all the repeats (a session costs far more than a small op), each repeat in a range of its own."""
+    from torch.profiler import ProfilerActivity, profile, record_function  # only GPU runs profile
 
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    seconds = []
-    for _ in range(repeats):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        micros = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
-        seconds.append(micros / 1e6)
-    return seconds
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            with record_function(_REPEAT):
+                fn()
+        torch.cuda.synchronize()
+    ranges = [e for e in prof.events() if e.name == _REPEAT]
+    micros = [getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) for e in ranges]
+    if len(micros) != repeats or not sum(micros):  # kernels not attributed to their ranges: their mean instead
+        total = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+        micros = [total / repeats] * repeats
+    return [m / 1e6 for m in micros]
+
+
+_REPEAT = "maeflow_bench_repeat"
 
 
 def rate(work: float, seconds: list[float]) -> Stat:

@@ -8,7 +8,7 @@
   already in memory, the ceiling the trainer is held against (trainer / bare step = the trainer's efficiency).
 
 `bench train_shards`:
-- maeflow's trainer: `train/pretrain.py` under the deepspeed launcher, one rank, DALI, fused kernels;
+- maeflow's trainer: `train/pretrain.py` as one rank, DALI, fused kernels;
 - the reference-style trainer (`bench/reference_trainer.py`: DDP, autocast, fused AdamW, PIL DataLoader,
   the reference formulation of the model); trainer / reference-style = the epoch speedup.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -38,16 +37,6 @@ from train.engine import apply_model_switches, attention_backend, mae_from_confi
 from train.health import RankTimes, Watchdog
 from train.profiling import WARMUP_STEPS
 from train.recipe import build_optimizer
-
-
-def deepspeed_launcher() -> list[str]:
-    """The deepspeed launcher: beside this Python, on PATH, or as a module (a bundle installed with
-    `pip --target` has the package but no script)."""
-    beside = Path(sys.executable).with_name("deepspeed")
-    if beside.is_file():
-        return [str(beside)]
-    on_path = shutil.which("deepspeed")
-    return [on_path] if on_path else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
@@ -74,7 +63,10 @@ def trainer_run(config: str, shards: Path | None, steps: int, log_every: int, ba
         profiled = log_every - WARMUP_STEPS
         data = ["--data", str(shards)] if shards else ["--set", "data.backend=synthetic",
                                                       "--set", f"log.profile_steps={profiled}"]
-        cmd = [*deepspeed_launcher(), "--num_gpus", "1", script, "--config", config, *data,
+        # One rank started as a plain process (a script without a launcher runs as one): it takes the first GPU
+        # CUDA_VISIBLE_DEVICES shows, as the bare step does. `deepspeed --num_gpus 1` would drop that variable and
+        # take GPU 0 of the machine, perhaps another card than the baseline's.
+        cmd = [sys.executable, script, "--config", config, *data,
                "--output", out, "--max-steps", str(steps), "--log-every", str(log_every),
                "--set", f"optim.global_batch_size={batch}", "--set", f"optim.local_batch_size={batch}",
                "--set", "checkpoint.every_minutes=0", "--set", "checkpoint.at_end=false",

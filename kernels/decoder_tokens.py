@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import KernelChoice, use_triton
 from kernels.tiling import token_grid, token_tile
 
 
@@ -100,9 +100,10 @@ def decoder_tokens_reference(
 
 
 def decoder_tokens(
-    x: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor, ids_restore: torch.Tensor
+    x: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor, ids_restore: torch.Tensor,
+    choice: KernelChoice = "auto",
 ) -> torch.Tensor:
     """[N, 1+L, Dd] decoder input from x [N, 1+K, Dd]; mask_token [1, 1, Dd], pos_embed [1, 1+L, Dd]."""
-    if use_triton("decoder_tokens", x, mask_token, pos_embed):
+    if use_triton("decoder_tokens", x, mask_token, pos_embed, choice=choice):
         return DecoderTokens.apply(x, mask_token, pos_embed, ids_restore)
     return decoder_tokens_reference(x, mask_token, pos_embed, ids_restore)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import KernelChoice, use_triton
 from kernels.patches import NORM_PIX_EPS, patch_mean_std, patchify
 
 MAX_PATCH_VALUES = 16384  # one program holds a whole patch in registers
@@ -128,13 +128,14 @@ def masked_patch_mse_reference(
 
 
 def masked_patch_mse(
-    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool
+    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
+    choice: KernelChoice = "auto",
 ) -> torch.Tensor:
     """Scalar loss from pred [N, L, p*p*C], imgs [N, C, H, W] and mask [N, L] (1 = removed)."""
     values = patch_size * patch_size * imgs.shape[1]
     too_big = None
     if values > MAX_PATCH_VALUES:
         too_big = f"a patch of {values} values exceeds the kernel's {MAX_PATCH_VALUES}"
-    if use_triton("masked_patch_mse", imgs, pred, mask, unsupported=too_big):
+    if use_triton("masked_patch_mse", imgs, pred, mask, choice=choice, unsupported=too_big):
         return MaskedPatchMSE.apply(pred, imgs, mask, patch_size, norm_pix)
     return masked_patch_mse_reference(pred, imgs, mask, patch_size, norm_pix)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import KernelChoice, use_triton
 from kernels.tiling import token_grid, token_tile
 
 
@@ -103,9 +103,9 @@ def visible_tokens_reference(
 
 def visible_tokens(
     x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor, ids_keep: torch.Tensor,
-    ids_restore: torch.Tensor,
+    ids_restore: torch.Tensor, choice: KernelChoice = "auto",
 ) -> torch.Tensor:
     """[N, 1+K, D] encoder input from patch tokens x [N, L, D]; pos_embed [1, 1+L, D], cls [1, 1, D]."""
-    if use_triton("visible_tokens", x, pos_embed, cls_token):
+    if use_triton("visible_tokens", x, pos_embed, cls_token, choice=choice):
         return VisibleTokens.apply(x, pos_embed, cls_token, ids_keep, ids_restore)
     return visible_tokens_reference(x, pos_embed, cls_token, ids_keep, ids_restore)

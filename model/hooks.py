@@ -11,6 +11,8 @@ import torch._functorch.config
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels.dispatch import KernelChoice
+
 
 def _root_cause(err: BaseException) -> str:
     """The first line of the innermost exception: the compiler's wrappers say only that a backend raised."""
@@ -59,6 +61,7 @@ class TransformerHooks(nn.Module):
 
     grad_checkpointing = False  # recompute the encoder's blocks in the backward pass: less memory, more compute
     training_graphs: TrainingGraphs | None = None  # the blocks' compiled graphs, after compile_blocks
+    kernels: KernelChoice | None = None  # the fused kernels' choice where the forward pass has them (the MAE)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import nn
 
 import kernels
+from kernels.dispatch import KernelChoice
 from kernels.patches import patch_mean_std, patchify, unpatchify
 from model.hooks import TransformerHooks
 from model.pos_embed import sincos_2d
@@ -138,6 +139,7 @@ class MaskedAutoencoderViT(TransformerHooks):
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
+        self.kernels: KernelChoice = "auto"  # masking and loss: Triton where it runs, else the torch references
 
         # Encoder: patch embedding, fixed position embedding, ViT blocks on visible tokens only.
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim)
@@ -210,7 +212,7 @@ class MaskedAutoencoderViT(TransformerHooks):
         ids_keep, ids_restore, mask = random_masking(noise, mask_ratio)
 
         x = self.patch_embed(imgs)
-        x = kernels.visible_tokens(x, self.pos_embed, self.cls_token, ids_keep, ids_restore)
+        x = kernels.visible_tokens(x, self.pos_embed, self.cls_token, ids_keep, ids_restore, self.kernels)
         return self._transform(x), mask, ids_restore
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -226,14 +228,14 @@ class MaskedAutoencoderViT(TransformerHooks):
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Predict every patch's pixels from the latent; returns [N, L, p*p*C]."""
         x = self.decoder_embed(latent)
-        x = kernels.decoder_tokens(x, self.mask_token, self.decoder_pos_embed, ids_restore)
+        x = kernels.decoder_tokens(x, self.mask_token, self.decoder_pos_embed, ids_restore, self.kernels)
         for block in self.decoder_blocks:
             x = self.run_block(block, x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error over the removed patches only (per-patch normalized targets if norm_pix_loss)."""
-        return kernels.masked_patch_mse(pred, imgs, mask, self.patch_size, self.norm_pix_loss)
+        return kernels.masked_patch_mse(pred, imgs, mask, self.patch_size, self.norm_pix_loss, self.kernels)
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None

@@ -7,6 +7,8 @@ epoch plan), so it shuffles nothing itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import nvidia.dali.math as dmath
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -15,12 +17,34 @@ from nvidia.dali.data_node import DataNode
 from pipeline.dali_rand_augment import rand_augment
 from pipeline.loader_base import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, eval_geometry
 
-# GPU decoding settings, from NVIDIA's ResNet-50 DALI recipe: nvJPEG's scratch buffers sized once
-# for ImageNet-like JPEGs so they are not reallocated, and 65% of images on the hardware decoder.
+# 65% of the images on the A100/H100 hardware JPEG decoder, the rest on CUDA cores (DALI's default).
 HW_DECODER_LOAD = 0.65
-DEVICE_MEMORY_PADDING = 211_025_920
-HOST_MEMORY_PADDING = 140_544_512
+# nvJPEG's scratch buffers, reserved per decoder thread: one device buffer and two pinned host buffers (double
+# buffering) each. DALI's defaults; a larger image grows its buffer once. NVIDIA's ResNet-50 recipe reserves
+# 211 MB and 2 x 141 MB per thread instead, which at 16 threads and two pipelines is 6.8 GB of GPU memory and 9 GB
+# of pinned host memory per rank.
+DEVICE_MEMORY_PADDING = 16 * 2**20
+HOST_MEMORY_PADDING = 8 * 2**20
 PREFETCH_QUEUE_DEPTH = 2
+PIPELINES_ALIVE = 2  # an epoch's pipeline and the next one's, built while the epoch runs (pipeline.dali_loader)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Memory a rank's DALI loader reserves up front for GPU decoding, which the model's own peak does not show."""
+
+    gpu_bytes: int
+    pinned_bytes: int
+
+    def __str__(self) -> str:
+        gpu, pinned = self.gpu_bytes / 2**20, self.pinned_bytes / 2**20
+        return f"{gpu:.0f} MiB of GPU memory and {pinned:.0f} MiB of pinned host memory"
+
+
+def reservation(threads: int) -> Reservation:
+    """What the decoder's paddings reserve for one rank's loader of `threads` threads, both pipelines alive."""
+    per_pipeline = Reservation(threads * DEVICE_MEMORY_PADDING, threads * 2 * HOST_MEMORY_PADDING)
+    return Reservation(PIPELINES_ALIVE * per_pipeline.gpu_bytes, PIPELINES_ALIVE * per_pipeline.pinned_bytes)
 
 
 def ascii_labels(padded: torch.Tensor) -> torch.Tensor:
@@ -46,10 +70,13 @@ def center_crop(images: DataNode, size: int) -> DataNode:
 
 @pipeline_def(enable_checkpointing=True, enable_conditionals=True)
 def image_pipeline(spec: LoaderSpec, tars: list[str], indexes: list[str], hw_decoder_load: float):
-    jpegs, labels = fn.readers.webdataset(
-        paths=tars, index_paths=indexes, ext=["jpg", "cls"], missing_component_behavior="error",
-        random_shuffle=False, pad_last_batch=True, name="reader",
+    """Images, and with `spec.labels` the labels: on the device when decoding is, so that no batch's labels cross
+    from pageable host memory (a copy that would wait for the stream and cost the host its run-ahead)."""
+    read = fn.readers.webdataset(
+        paths=tars, index_paths=indexes, ext=["jpg", "cls"] if spec.labels else ["jpg"],
+        missing_component_behavior="error", random_shuffle=False, pad_last_batch=True, name="reader",
     )
+    jpegs = read[0] if spec.labels else read
     decode = "mixed" if spec.device == "gpu" else "cpu"
     gpu_options = dict(hw_decoder_load=hw_decoder_load, device_memory_padding=DEVICE_MEMORY_PADDING,
                        host_memory_padding=HOST_MEMORY_PADDING) if decode == "mixed" else {}
@@ -74,4 +101,7 @@ def image_pipeline(spec: LoaderSpec, tars: list[str], indexes: list[str], hw_dec
         images, dtype=types.FLOAT16 if low_precision else types.FLOAT, output_layout="CHW",
         mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD], mirror=mirror,
     )
-    return images, fn.pad(labels, fill_value=0)
+    if not spec.labels:
+        return images
+    labels = fn.pad(read[1], fill_value=0)
+    return images, labels.gpu() if decode == "mixed" else labels

@@ -26,7 +26,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from pipeline.dali_graph import HW_DECODER_LOAD, PREFETCH_QUEUE_DEPTH, ascii_labels, image_pipeline
 from pipeline.epoch_plan import ReadPosition
 from pipeline.errors import DamagedIndex
-from pipeline.loader_base import Loader, LoaderSpec
+from pipeline.loader_base import Batch, Loader, LoaderSpec
 from pipeline.wds_format import INDEX_VERSION
 
 _DAMAGED_HINT = "the shards are damaged: find the bad shard with `python -m pipeline.build_shards --verify DIR`"
@@ -98,8 +98,8 @@ class DaliLoader(Loader):
             num_threads=spec.num_threads, device_id=self._device_id, seed=self.augmentation_seed(start),
             prefetch_queue_depth=PREFETCH_QUEUE_DEPTH, checkpoint=checkpoint,
         )
-        iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
-                                       last_batch_policy=LastBatchPolicy.PARTIAL)
+        outputs = ["images", "labels"] if spec.labels else ["images"]
+        iterator = DALIGenericIterator(pipe, outputs, reader_name="reader", last_batch_policy=LastBatchPolicy.PARTIAL)
         return _Reading(start, iterator, pipe, folder)
 
     def _write_indexes(self, samples: np.ndarray, folder: Path) -> tuple[list[str], list[str]]:
@@ -134,7 +134,7 @@ class DaliLoader(Loader):
                 reading.close()
         return chosen
 
-    def _epoch_batches(self, position: ReadPosition) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epoch_batches(self, position: ReadPosition) -> Iterator[Batch]:
         # The reading outlives this generator when a consumer stops mid-epoch (a training loop that ends
         # or checkpoints): its DALI state is what makes the position exactly resumable.
         try:
@@ -142,10 +142,10 @@ class DaliLoader(Loader):
             if self.spec.train:  # build and fill the next epoch's pipeline now
                 self._next_epoch = self._background.submit(self._open, ReadPosition(position.epoch + 1))
             for outputs in reading.iterator:
-                images, labels = outputs[0]["images"], outputs[0]["labels"]
-                labels = ascii_labels(labels).to(images.device, non_blocking=True)
+                batch = outputs[0]
+                labels = ascii_labels(batch["labels"]) if self.spec.labels else None  # where the graph put them
                 reading.consumed += 1
-                yield images.to(self.spec.dtype), labels
+                yield batch["images"].to(self.spec.dtype), labels
         except DamagedIndex:
             self._epoch_read()
             raise

@@ -91,6 +91,7 @@ def build_loader(
     limit: int | None = None,
     synthetic_samples: int = IMAGENET_TRAIN_SAMPLES,
     augment: Augmentation = PRETRAIN,
+    labels: bool = True,
     verbose: bool = False,
 ) -> Loader:
     """A loader over `shards` (a shard folder with `<split>.json`, or a brace pattern of tars).
@@ -103,6 +104,7 @@ def build_loader(
     defaults to the CPU cores this process may use over the ranks on this node. `limit` reads only the
     first `limit` samples of the split (the builder shuffled it, so they are a random subset).
     backend "synthetic" reads no shards: random normalized images of a virtual split of `synthetic_samples`.
+    `labels` False: batches carry None for labels, and none is read or moved (MAE pre-training needs none).
     """
     if local_batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need local_batch_size >= 1 and 0 <= rank < world_size, got {local_batch_size}, {rank}, "
@@ -125,7 +127,7 @@ def build_loader(
         raise DataError(f"local batch size {local_batch_size} is larger than a rank's share of "
                          f"{samples // world_size} samples ({samples} samples over {world_size} ranks)")
     spec = LoaderSpec(shard_set, split, local_batch_size, img_size, train, rank, world_size, seed,
-                      _resolve_device(device), threads, dtype, limit, augment)
+                      _resolve_device(device), threads, dtype, limit, augment, labels)
     if backend == "dali":
         from pipeline.dali_loader import DaliLoader  # imports DALI, which only this backend needs
 
@@ -135,6 +137,11 @@ def build_loader(
     else:
         loader = PilLoader(spec)
     if verbose:
+        reserved = ""
+        if backend == "dali" and spec.device == "gpu":
+            from pipeline.dali_graph import reservation
+
+            reserved = f"; its GPU decoding reserves {reservation(threads)} per rank"
         print(f"maeflow: {backend} loader on {spec.device}, {len(loader)} batches of {local_batch_size} per epoch "
-              f"for rank {rank}/{world_size}, {threads} CPU threads")
+              f"for rank {rank}/{world_size}, {threads} CPU threads{reserved}")
     return loader

@@ -56,6 +56,7 @@ def _half_to_even(margin: Any) -> Any:
     return half + (margin % 2) * (half % 2)
 
 Backend = Literal["dali", "pil", "synthetic"]
+Batch = tuple[torch.Tensor, "torch.Tensor | None"]  # images [B, 3, S, S], labels [B] (None when not wanted)
 Device = Literal["gpu", "cpu"]
 
 
@@ -76,6 +77,7 @@ class LoaderSpec:
     dtype: torch.dtype
     limit: int | None = None  # read only the first `limit` samples of the split's stored order
     augment: Augmentation = PRETRAIN  # what training does to each image
+    labels: bool = True  # deliver the labels (False: batches carry None, and no label is read or moved)
 
 
 class Table(Protocol):
@@ -87,7 +89,7 @@ class Table(Protocol):
 
 
 class Loader:
-    """Iterable over (images [B, 3, S, S], labels [B]) for the current epoch; subclasses yield batches.
+    """Iterable over (images [B, 3, S, S], labels [B] or None) for the current epoch; subclasses yield batches.
 
     Its place in the data is one value, `position` (a `ReadPosition`): set_epoch, each batch handed out,
     the end of an epoch and load_state_dict each move it by a named transition.
@@ -114,11 +116,15 @@ class Loader:
         """Sample ids this rank reads from the hand-over of `position`'s epoch on (default: the current one)."""
         position = self.position if position is None else position
         key = (position.epoch, position.handed_over)
-        if self._samples_cache is None or self._samples_cache[0] != key:
-            spec = self.spec
-            mine = self.plan.rank_samples(position, spec.rank, spec.world_size, spec.local_batch_size)
-            self._samples_cache = (key, mine)
-        return self._samples_cache[1]
+        # The next epoch's pipeline asks from another thread while batch_keys asks here: the cache is read and
+        # replaced as one value, so a reader never takes one epoch's samples under another's key.
+        cached = self._samples_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        spec = self.spec
+        mine = self.plan.rank_samples(position, spec.rank, spec.world_size, spec.local_batch_size)
+        self._samples_cache = (key, mine)
+        return mine
 
     def __len__(self) -> int:
         """Batches this rank reads in the current epoch (since its last change of hands)."""
@@ -141,7 +147,7 @@ class Loader:
         """Start `epoch` from its first batch, unless a restored state already points into it."""
         self.position = self.position.at_epoch(epoch)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         length = len(self)
         batches = self._epoch_batches(self.position)
         while self.position.batch < length:
@@ -185,7 +191,7 @@ class Loader:
 
     # ---------------------------------------------------------------- what a backend provides
 
-    def _epoch_batches(self, position: ReadPosition) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epoch_batches(self, position: ReadPosition) -> Iterator[Batch]:
         """Batches of this rank's `samples(position)` from batch `position.batch` on."""
         raise NotImplementedError
 

@@ -23,6 +23,7 @@ from pipeline.epoch_plan import ReadPosition
 from pipeline.loader_base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Batch,
     Loader,
     LoaderSpec,
     eval_geometry,
@@ -115,7 +116,7 @@ class PilLoader(Loader):
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
-    def _epoch_batches(self, position: ReadPosition) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epoch_batches(self, position: ReadPosition) -> Iterator[Batch]:
         b = self.spec.local_batch_size
         samples = self.samples(position)[position.batch * b:]
         # Located here, once: the workers inherit where every sample lies and read no index.
@@ -126,4 +127,4 @@ class PilLoader(Loader):
         for images, labels in loader:
             images = images.to(self._mean.device, non_blocking=True)
             images = ((images.float() - self._mean) / self._std).to(self.spec.dtype)
-            yield images, labels.to(self._mean.device, non_blocking=True)
+            yield images, labels.to(self._mean.device, non_blocking=True) if self.spec.labels else None  # pinned

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.epoch_plan import ReadPosition
-from pipeline.loader_base import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderSpec
+from pipeline.loader_base import IMAGENET_MEAN, IMAGENET_STD, Batch, Loader, LoaderSpec
 
 IMAGENET_CLASSES = 1000
 IMAGENET_TRAIN_SAMPLES = 1_281_167  # what a virtual split, and --print-config without data, stands in for
@@ -46,7 +46,7 @@ class SyntheticLoader(Loader):
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
-    def _epoch_batches(self, position: ReadPosition) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epoch_batches(self, position: ReadPosition) -> Iterator[Batch]:
         b, size = self.spec.local_batch_size, self.spec.img_size
         samples = self.samples(position)
         generator = torch.Generator(device=self._device)
@@ -55,7 +55,7 @@ class SyntheticLoader(Loader):
             # Each batch from its own seed: the same images at the same position, however it was reached.
             generator.manual_seed(self.augmentation_seed(ReadPosition(position.epoch, batch, position.handed_over)))
             pixels = torch.rand(len(ids), 3, size, size, device=self._device, generator=generator) * 255
-            labels = torch.from_numpy(ids % SYNTHETIC_CLASSES)
-            if self._device.type == "cuda":  # from pinned memory, so that the copy does not hold the host up
+            labels = torch.from_numpy(ids % SYNTHETIC_CLASSES) if self.spec.labels else None
+            if labels is not None and self._device.type == "cuda":  # pinned: the copy does not hold the host up
                 labels = labels.pin_memory().to(self._device, non_blocking=True)
             yield ((pixels - self._mean) / self._std).to(self.spec.dtype), labels

@@ -1,13 +1,17 @@
 """What the trainer asks of DeepSpeed and torch: the merged DeepSpeed config, compiled blocks."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.helpers import tiny_preset_model
+from tests.helpers import REPO, tiny_preset_model
 from train.config import ConfigError, load_config
-from train.engine import deepspeed_config
+from train.distributed import free_port
+from train.engine import deepspeed_config, engine_args
 from train.recipe import plan_batch
 
 
@@ -137,3 +141,28 @@ def test_a_compiler_failing_on_a_node_costs_that_node_speed_never_the_run():
         torch.testing.assert_close(compiled, eager)
     with pytest.raises(ConfigError, match=r"runtime.compile_backend 'inductr' is not one of .*inductor"):
         load_config("configs/tiny.toml", ["runtime.compile=true", "runtime.compile_backend=inductr"])
+
+
+def test_deepspeed_is_handed_the_device_maeflow_chose_not_its_local_ranks(monkeypatch):
+    """Per-task GPU binding (srun --gpus-per-task=1): the task of local rank 1 sees one GPU, its cuda:0. DeepSpeed
+    left to itself takes LOCAL_RANK's device, cuda:1, which does not exist there."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert engine_args(torch.device("cuda", 0)).device_rank == 0
+    assert engine_args(torch.device("cuda", 3)).device_rank == 3
+    assert engine_args(torch.device("cpu")).device_rank == 1  # DeepSpeed's CPU accelerator has no devices to pick
+
+
+@pytest.mark.gpu
+def test_a_rank_bound_to_one_gpu_with_local_rank_1_trains_on_it(tmp_path):
+    """Per-task binding simulated: local rank 1 of 2 on its node, one visible device. The run trains, and every
+    record of where it ran names cuda:0."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    done = subprocess.run([sys.executable, "train/pretrain.py", "--config", "tiny", "--set", "data.backend=synthetic",
+                           "--set", "data.synthetic_samples=64", "--output", str(tmp_path / "run"), "--max-steps",
+                           "2", "--set", "eval.every_epochs=0"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    started = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if '"started"' in line]
+    assert started[0]["ranks"][0]["device"] == "cuda:0" and started[0]["ranks"][0]["local_rank"] == 1

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import REPO
 
-STAGES = ["train", "kernels", "model", "tests", "pipeline", "finetune", "train_shards", "report"]
+STAGES = ["preflight", "train", "kernels", "model", "tests", "pipeline", "finetune", "train_shards", "report"]
 
 
 @pytest.mark.slow

@@ -142,9 +142,10 @@ def test_masked_mse_skips_unmasked_patches_and_weights_masked_ones():
 def test_whole_model_triton_matches_torch(norm_pix_loss, monkeypatch):
     imgs, noise = torch.randn(2, 3, 32, 32, device=DEVICE), torch.rand(2, 16, device=DEVICE)
     results = {}
+    monkeypatch.delenv("MAE_KERNELS")  # the model's own choice, as the config sets it
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("MAE_KERNELS", backend)
         model = small_model(norm_pix_loss=norm_pix_loss).to(DEVICE)
+        model.kernels = backend
         loss, pred, mask = model(imgs, noise=noise)
         loss.backward()
         grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
@@ -162,10 +163,13 @@ def test_dispatch_rules(monkeypatch):
     ids_keep, ids_restore, _ = masking(1, 4, 2)
     args = (x64, torch.zeros(1, 5, 8, dtype=torch.float64), torch.zeros(1, 1, 8, dtype=torch.float64), ids_keep.cpu(),
             ids_restore.cpu())
-    with pytest.raises(RuntimeError, match="MAE_KERNELS=triton but visible_tokens cannot run in Triton"):
-        visible_tokens(*args)
-    monkeypatch.setenv("MAE_KERNELS", "auto")  # float64: falls back to the reference
-    assert torch.equal(visible_tokens(*args), visible_tokens_reference(*args))
+    monkeypatch.delenv("MAE_KERNELS")
+    with pytest.raises(RuntimeError, match="kernels set to triton but visible_tokens cannot run in Triton"):
+        visible_tokens(*args, choice="triton")
+    assert torch.equal(visible_tokens(*args, choice="auto"), visible_tokens_reference(*args))  # float64: the reference
+    monkeypatch.setenv("MAE_KERNELS", "triton")  # the environment overrides the model's choice (tests, benchmarks)
+    with pytest.raises(RuntimeError, match="kernels set to triton"):
+        visible_tokens(*args, choice="torch")
     monkeypatch.setenv("MAE_KERNELS", "cuda")
     with pytest.raises(ValueError, match="MAE_KERNELS must be auto, torch or triton"):
         visible_tokens(*args)

@@ -475,3 +475,94 @@ def test_both_backends_crop_odd_sizes_where_the_reference_does(tmp_path, open_lo
             assert error[(0, 0)] < (0.5 if backend == "pil" else 1.5), (backend, img.size, error)
             assert all(e > error[(0, 0)] + 0.3 for shift, e in error.items() if shift != (0, 0)), \
                 (backend, img.size, error)
+
+
+def test_the_keys_named_here_stay_this_epochs_while_the_next_epoch_is_planned_in_another_thread(id_shards,
+                                                                                               open_loader):
+    """The DALI loader plans the next epoch in a background thread while the loop names the keys of the batches it
+    read (log.sample_ids, the search for a damaged image): those must never be the other epoch's. The planner runs
+    between any two lines of the loader's `samples` here (each line waits a little), as threads may interleave."""
+    import sys
+    import threading
+    import time
+
+    from pipeline.epoch_plan import ReadPosition
+    from pipeline.loader_base import Loader
+
+    loader = open_loader(id_shards, "dali", local_batch_size=4, img_size=16, rank=0, world_size=2)
+    loader.set_epoch(0)
+    batches = len(loader)
+    expected = [loader.batch_keys(b) for b in range(batches)]
+    assert loader.table.keys(loader.samples(ReadPosition(1))) != [key for keys in expected for key in keys]
+    stop = threading.Event()
+
+    def plan_next_epoch() -> None:
+        while not stop.is_set():
+            loader.samples(ReadPosition(1))
+
+    def between_lines(frame, event, arg):
+        if event == "line":
+            time.sleep(0.002)  # the planner's turn
+        return between_lines
+
+    def trace(frame, event, arg):
+        return between_lines if frame.f_code is Loader.samples.__code__ else None
+
+    planner = threading.Thread(target=plan_next_epoch)
+    planner.start()
+    sys.settrace(trace)
+    try:
+        seen = [loader.batch_keys(b) for _ in range(3) for b in range(batches)]
+    finally:
+        sys.settrace(None)
+        stop.set()
+        planner.join()
+    assert seen == expected * 3
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "synthetic"])
+def test_a_loader_asked_for_no_labels_gives_none_and_the_same_images(id_shards, backend, open_loader):
+    """MAE pre-training reads no labels: its loader reads, decodes and moves none, and its images are the same."""
+    options = dict(local_batch_size=4, img_size=16, rank=0, world_size=2, synthetic_samples=41)
+    shards = None if backend == "synthetic" else id_shards
+    with_labels = [(images, labels) for images, labels in open_loader(shards, backend, **options)]
+    without = [(images, labels) for images, labels in open_loader(shards, backend, labels=False, **options)]
+    assert len(with_labels) == len(without) == 41 // 2 // 4
+    assert all(labels is None for _, labels in without)
+    assert all(labels.dtype == torch.int64 and labels.shape == (4,) for _, labels in with_labels)
+    for (images, _), (same, _) in zip(with_labels, without, strict=True):
+        assert torch.equal(images, same)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [*BACKENDS, "synthetic"])
+@pytest.mark.parametrize("labels", [False, True])
+def test_no_batch_crosses_to_the_gpu_from_pageable_memory(id_shards, backend, labels):
+    """A copy from pageable host memory waits for the stream: the host loses its run-ahead at every batch. Every
+    host-to-device copy a batch makes must come from pinned memory (DALI's own copies happen inside its graph)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    copies: list[tuple[str, bool]] = []
+
+    class HostToDevice(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_):
+                source = args[1] if func.overloadpacket is torch.ops.aten.copy_ else args[0]
+                target = args[0] if func.overloadpacket is torch.ops.aten.copy_ else out
+                if source.device.type == "cpu" and target.device.type == "cuda":
+                    copies.append((str(source.dtype), source.is_pinned()))
+            return out
+
+    shards = None if backend == "synthetic" else id_shards
+    loader = build_loader(shards, backend=backend, device="gpu", num_threads=2, local_batch_size=4, img_size=16,
+                          labels=labels, synthetic_samples=41)
+    try:
+        with HostToDevice():
+            batches = [(images.device.type, None if y is None else y.device.type) for images, y in loader]
+    finally:
+        loader.close()
+    assert batches and all(b == ("cuda", "cuda" if labels else None) for b in batches), batches
+    assert all(pinned for _, pinned in copies), copies
+    if backend == "dali" or (backend == "synthetic" and not labels):
+        assert copies == []

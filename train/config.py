@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from model import PRESETS
+from model import PRESETS, KernelChoice
 from pipeline.loader_base import Backend
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -129,6 +129,8 @@ class RuntimeConfig:
 class MaeRuntimeConfig(RuntimeConfig):
     mask_seed: int = 0
     """seeds the masks; a --resume with another value draws other masks from there on (a loss-spike remedy)"""
+    kernels: KernelChoice = "auto"
+    """masking and loss: auto (Triton where it runs, checked at start), triton (insist) or torch (references)"""
 
 
 @dataclass

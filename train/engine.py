@@ -7,6 +7,7 @@ The merged config is saved beside config.json as deepspeed_config.json.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from model import MaskedAutoencoderViT, build_mae
 from model.hooks import TransformerHooks
 from train.config import ConfigError, PretrainConfig, RunConfig
+from train.distributed import local_rank
 from train.recipe import BatchPlan
 
 # Keys maeflow derives from its own config; a user's DeepSpeed JSON may not set them, since a second
@@ -39,8 +41,10 @@ ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.C
 
 
 def mae_from_config(cfg: PretrainConfig) -> MaskedAutoencoderViT:
-    """The MAE a pre-training config describes: its preset at the loader's resolution, with its loss."""
-    return build_mae(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+    """The MAE a pre-training config describes: its preset at the loader's resolution, with its loss and kernels."""
+    model = build_mae(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+    model.kernels = cfg.runtime.kernels
+    return model
 
 
 def image_dtype(cfg: RunConfig) -> torch.dtype:
@@ -55,6 +59,14 @@ def apply_model_switches(model: TransformerHooks, cfg: RunConfig, report: Callab
     model.set_grad_checkpointing(cfg.model.activation_recompute)
     if cfg.runtime.compile:
         model.compile_blocks(cfg.runtime.compile_backend, report)
+
+
+def engine_args(device: torch.device) -> argparse.Namespace:
+    """What deepspeed.initialize reads of a command line: the device maeflow chose for this rank. Left to itself,
+    DeepSpeed takes its LOCAL_RANK's GPU (its engine's `_set_distributed_vars`), so a task bound to its own GPU
+    (srun --gpus-per-task=1, --gpu-bind: one visible device) with local rank 1 or more would ask for a device
+    that does not exist there."""
+    return argparse.Namespace(device_rank=device.index if device.type == "cuda" else local_rank())
 
 
 def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.loader import sample_counts
+from pipeline.loader import dali_available, default_threads, sample_counts
 from pipeline.synthetic_loader import IMAGENET_TRAIN_SAMPLES
 from train.checkpoint import estimated_checkpoint_bytes, resume_tag
 from train.config import TASK_SCRIPTS, ConfigError, RunConfig, describe, load_config
@@ -89,6 +89,14 @@ def print_plan(cfg: RunConfig, ranks: int, task: type[Task]) -> None:
                  f"{keep} peaks at "
                  f"{keep + 1} of them ({(keep + 1) * size / 1e9:.1f} GB) while a new one is written"
                  + (", plus one per milestone" if cfg.checkpoint.milestone_every_epochs else ""))
+    if cfg.data.backend == "dali" and dali_available():
+        from pipeline.dali_graph import reservation  # imports DALI
+
+        threads = cfg.data.num_threads or default_threads()
+        source = "data.num_threads" if cfg.data.num_threads else \
+            "this machine's cores per local rank: set data.num_threads for the nodes'"
+        lines.append(f"loader: DALI's GPU decoding reserves {reservation(threads)} per rank at {threads} decoder "
+                     f"threads ({source}), beside the model's own memory")
     lines += ["deepspeed config:", json.dumps(deepspeed_config(cfg, plan), indent=1)]
     print("\n".join(lines))
 

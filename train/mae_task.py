@@ -26,6 +26,7 @@ from train.viz import fixed_images, fixed_noise, reconstruction_grid, save_recon
 class MaeTask(Task):
     config_type = PretrainConfig
     name = "MAE pre-training"
+    needs_labels = False  # the loss reconstructs pixels
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
@@ -56,7 +57,7 @@ class MaeTask(Task):
     def flops_per_image(self, model: MaskedAutoencoderViT) -> int:
         return mae_train_flops(model, self.cfg.model.mask_ratio)
 
-    def loss(self, engine: Any, images: torch.Tensor, labels: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+    def loss(self, engine: Any, images: torch.Tensor, labels: None, micro: MicroBatch) -> torch.Tensor:
         noise = torch.rand(images.shape[0], self.model.num_patches, device=self.ctx.device, generator=self.noise)
         loss, _, _ = engine(images, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
         return loss

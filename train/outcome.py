@@ -11,6 +11,7 @@ from train.checkpoint import ResumeError
 from train.config import ConfigError
 from train.distributed import DeviceError, JoinError
 from train.health import HUNG_EXIT_STATUS
+from train.preflight import PreflightError
 from train.run_folder import FolderInUse
 
 
@@ -26,5 +27,7 @@ class RunEnd(IntEnum):
 
 
 # What the user can fix: a config, a command, data or weights that do not fit, a checkpoint that cannot resume as
-# asked, a port in use, GPUs its torch cannot use, a folder another run holds, a file that is not there.
-REFUSALS = (ConfigError, ResumeError, JoinError, DeviceError, FolderInUse, FileNotFoundError, DataError, WeightsError)
+# asked, a port in use, GPUs its torch cannot use, a node without what the run needs, a folder another run holds, a
+# file that is not there.
+REFUSALS = (ConfigError, ResumeError, JoinError, DeviceError, PreflightError, FolderInUse, FileNotFoundError,
+            DataError, WeightsError)

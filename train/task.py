@@ -65,14 +65,14 @@ class RunContext:
         return agree(work, self.control)
 
     def loader(self, split: str, *, train: bool, augment: Augmentation = PRETRAIN, limit: int | None = None,
-               verbose: bool = False) -> Loader:
+               labels: bool = True, verbose: bool = False) -> Loader:
         """A loader of this run's shards for this rank: the one place the run's loader settings are written."""
         data = self.cfg.data
         loader = build_loader(
             data.shards, split=split, local_batch_size=self.plan.local_batch_size, img_size=data.img_size,
             train=train, rank=self.rank, world_size=self.world_size, seed=self.cfg.runtime.seed,
             device=self.loader_device, backend=data.backend, num_threads=data.num_threads or None, dtype=self.dtype,
-            synthetic_samples=data.synthetic_samples, limit=limit, augment=augment, verbose=verbose)
+            synthetic_samples=data.synthetic_samples, limit=limit, augment=augment, labels=labels, verbose=verbose)
         self.resources.callback(loader.close)
         return loader
 
@@ -131,6 +131,9 @@ class Task(ABC):
         """What the training loader does to each image."""
         return PRETRAIN
 
+    needs_labels: ClassVar[bool] = True
+    """whether `loss` reads the labels (False: the training loader reads and moves none, and passes None)"""
+
     @abstractmethod
     def build_model(self, initialise: bool) -> nn.Module:
         """The model to train (on the CPU; the engine moves it); `initialise`: load model.init (not when a
@@ -150,7 +153,8 @@ class Task(ABC):
         """Matmul FLOPs of one training image, forward and backward (for MFU)."""
 
     @abstractmethod
-    def loss(self, engine: Any, images: torch.Tensor, labels: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+    def loss(self, engine: Any, images: torch.Tensor, labels: torch.Tensor | None,
+             micro: MicroBatch) -> torch.Tensor:
         """The scalar loss of one local batch, through `engine` (DeepSpeed's wrapped model)."""
 
     def jobs(self, engine: Any, model: nn.Module) -> list[PeriodicJob]:

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from model import KernelChoice
 from model.flops import peak_flops
 from pipeline.atomic import atomic_write_text
 from pipeline.loader import sample_counts
@@ -38,11 +39,19 @@ from train.cadence import EverySteps
 from train.checkpoint import Checkpointer, TrainState, check_shared_folder, describe_norms, latest_tag
 from train.config import RunConfig, describe
 from train.distributed import Peers, agree, join_process_group, leave_process_group
-from train.engine import apply_model_switches, attention_backend, deepspeed_config, image_dtype, weights_cast_once
+from train.engine import (
+    apply_model_switches,
+    attention_backend,
+    deepspeed_config,
+    engine_args,
+    image_dtype,
+    weights_cast_once,
+)
 from train.grad_reduce import OverlappedAllReduce
 from train.health import SLOW_PHASE_FACTOR, RankTimes, SpikeDetector, Watchdog, dump_stacks_on
 from train.metrics import MetricsLog, MetricWindow
 from train.outcome import RunEnd
+from train.preflight import check_loader, kernel_choice
 from train.profiling import step_profiler, write_profile
 from train.recipe import Schedule, lr_at, peak_lr, plan_batch
 from train.resume import plan_resume
@@ -154,15 +163,18 @@ class Trainer:
         self.task = task_class(self.ctx)
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
         self.model = self.task.build_model(initialise=not (self.resume and self.resume.tag))
+        self._preflight()
         self.ds_config = deepspeed_config(cfg, self.plan)
         if self.resume and self.resume.universal:
             self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
         self._prepare_folder()
 
-        self.loader = self.ctx.loader("train", train=True, augment=self.task.augmentation, verbose=self.is_main)
+        self.loader = self.ctx.loader("train", train=True, augment=self.task.augmentation,
+                                      labels=self.task.needs_labels, verbose=self.is_main)
         apply_model_switches(self.model, cfg, self.say_on_every_rank)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=self.task.build_optimizer(self.model, self.peak_lr), config=self.ds_config)
+            args=engine_args(self.device), model=self.model,
+            optimizer=self.task.build_optimizer(self.model, self.peak_lr), config=self.ds_config)
         # ZeRO stage 0 with a torch optimizer DeepSpeed only wraps (not its bf16 master copies): every rank holds
         # the whole optimizer state and the whole gradients, and DeepSpeed computes no gradient norm.
         self.replicated = cfg.runtime.zero_stage == 0 and cfg.runtime.precision != "bf16"
@@ -176,6 +188,22 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg.checkpoint, self.output / "checkpoints", self.engine, self.replicated,
                                          self.control, self.say)
         self.jobs: list[PeriodicJob] = self.task.jobs(self.engine, self.model)
+
+    def _preflight(self) -> None:
+        """What this rank's device must run (`train.preflight`): the DALI decoding and the model's fused kernels. A
+        refusal on any rank refuses on every rank; a fallback to the kernels' references is said on its own."""
+        choice = getattr(self.model, "kernels", None)  # None: the model has no fused kernels
+        dtype = torch.float32 if self.cfg.runtime.precision == "fp32" else torch.bfloat16  # what the kernels see
+
+        def check() -> tuple[KernelChoice | None, str | None]:
+            check_loader(self.device, self.cfg.data.backend)
+            return (None, None) if choice is None else kernel_choice(self.device, dtype, choice)
+
+        choice, line = self.ctx.agree(check)
+        if line is not None:
+            self.say_on_every_rank(line)
+        if choice is not None:
+            self.model.kernels = choice
 
     def _instrument(self) -> None:
         """What watches the loop: the stop signals, stacks on demand, per-rank times, spikes, the metric window,
@@ -305,7 +333,7 @@ class Trainer:
         self.end_epoch()  # its remaining samples made no optimizer step (an epoch handed over to more ranks)
         return None
 
-    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, micro: MicroBatch) -> None:
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor | None, micro: MicroBatch) -> None:
         """One forward and backward pass of an accumulation; DeepSpeed's step updates the weights after the last."""
         if micro.index == 0:
             self.set_lr()
