@@ -1,4 +1,4 @@
-"""`python -m bench {shards,pipeline,kernels,model,train,train_shards,finetune,all} [--quick] [--device cpu|gpu]
+"""`python -m bench {shards,pipeline,kernels,model,train,train_shards,finetune,control,all} [--quick] [--device cpu|gpu]
 [--out DIR] [--mirror DIR]` measures and appends each record to the history as it is measured; `python -m bench
 report` turns the history into REPORT.md."""
 
@@ -24,7 +24,8 @@ STAGES = {"shards": ("bench.shards", "run"), "pipeline": ("bench.pipeline", "run
           "kernels": ("bench.kernels", "run"), "model": ("bench.model", "run"),
           "train": ("bench.train", "run"),  # the trainer on synthetic data against its bare step
           "train_shards": ("bench.train", "run_on_shards"),  # the trainer on shards against the reference-style one
-          "finetune": ("bench.finetune", "run")}
+          "finetune": ("bench.finetune", "run"),
+          "control": ("bench.control", "run")}  # the ranks' per-step vote, at 2 to 16 CPU ranks
 
 
 def keep_profile_beside(record: Record, history: History) -> Record:

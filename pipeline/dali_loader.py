@@ -25,7 +25,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.dali_graph import HW_DECODER_LOAD, PREFETCH_QUEUE_DEPTH, ascii_labels, image_pipeline
 from pipeline.epoch_plan import ReadPosition
-from pipeline.errors import DamagedIndex
+from pipeline.errors import DamagedImage, DamagedIndex
 from pipeline.loader_base import Batch, Loader, LoaderSpec
 from pipeline.wds_format import INDEX_VERSION
 
@@ -151,10 +151,12 @@ class DaliLoader(Loader):
             raise
         except RuntimeError as err:
             self._epoch_read()
-            # DALI's decoder error does not say which sample failed: find it before reporting.
-            culprit = (self.table.first_undecodable(self.samples(position))
-                       or "no undecodable image found in this rank's samples")
-            raise RuntimeError(f"DALI pipeline failed on {self.spec.split} shards ({culprit}): {err}\n"
+            # DALI's decoder error does not say which sample failed: find it before reporting. Where every image
+            # decodes, the error is not the data's (DALI's memory, a bug): it goes on as it is.
+            culprit = self.table.first_undecodable(self.samples(position))
+            if culprit is None:
+                raise
+            raise DamagedImage(f"DALI pipeline failed on {self.spec.split} shards ({culprit}): {err}\n"
                                f"{_DAMAGED_HINT}") from err
 
     def state_dict(self) -> dict[str, Any]:

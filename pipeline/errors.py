@@ -10,3 +10,8 @@ class DataError(ValueError):
 class DamagedIndex(RuntimeError):
     """A shard's index that does not match its manifest, found when a loader first reads that shard (a rank reads
     the indexes of its own share only): the run stops as on any damaged data (exit 5), resumable once rebuilt."""
+
+
+class DamagedImage(RuntimeError):
+    """A sample whose image does not decode, found while reading it: the run stops as on any damaged data (exit 5),
+    naming the sample, resumable once the shard is rebuilt or replaced."""

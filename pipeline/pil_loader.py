@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.augment import Augmentation
 from pipeline.epoch_plan import ReadPosition
+from pipeline.errors import DamagedImage
 from pipeline.loader_base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -70,7 +71,7 @@ class ShardSamples(Dataset):
         try:
             img = Image.open(io.BytesIO(entries.jpeg(item))).convert("RGB")
         except Exception as err:
-            raise RuntimeError(f"{entries.name(item)} does not decode ({err}); find damaged shards with "
+            raise DamagedImage(f"{entries.name(item)} does not decode ({err}); find damaged shards with "
                                "`python -m pipeline.build_shards --verify DIR`") from err
         label = entries.label(item)
         size = self.img_size

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
-import os
 import time
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.archives import read_entry
-from pipeline.atomic import atomic_write_text, temporary_name
+from pipeline.atomic import atomic_write_text, durable_replace, temporary_name
 from pipeline.images import RejectedImage, prepare_image
 from pipeline.manifest import ShardRecord
 from pipeline.shard_order import read_images
@@ -128,7 +127,7 @@ def build_shard(job: ShardJob, report: Callable[[int, int], None] | None = None)
         return ShardResult(job.index, ShardRecord(tar.name, 0, 0, ""), rejected, converted)
     # The index goes in place first, so that a tar in place always has its index beside it.
     atomic_write_text(index_path(tar), writer.index_text())
-    os.replace(tmp_tar, tar)
+    durable_replace(tmp_tar, tar)
     record = ShardRecord(tar.name, samples, tar.stat().st_size, file_sha256(tar))
     return ShardResult(job.index, record, rejected, converted)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from model import MaskedAutoencoderViT
+from train.checkpoint import MARK, describe_part
 from train.config import load_config
 from train.engine import mae_from_config
 
@@ -40,3 +42,12 @@ def start_job(cmd: list[str], **popen) -> subprocess.Popen:
     # and one training run trains with them.
     popen["env"] = {"MAE_KERNELS": "torch", **(popen.get("env") or os.environ)}
     return subprocess.Popen(cmd, text=True, start_new_session=True, **popen)
+
+
+def mark_checkpoint(folder: Path, step: int, world_size: int = 1) -> None:
+    """A checkpoint's completion mark over the files `folder` holds, as the trainer writes one, and `latest`
+    pointing at it: for checkpoints a test makes by hand."""
+    parts = {p.name: describe_part(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    state = {"step": step, "epoch": 0, "samples": 16 * step, "world_size": world_size, "jobs": {}}
+    (folder / MARK).write_text(json.dumps({**state, "parts": parts}))
+    (folder.parent / "latest").write_text(folder.name)

@@ -7,7 +7,7 @@ import torch
 
 from bench.__main__ import main as bench_main
 from pipeline.build_shards import main as build_main
-from tests.helpers import REPO, tiny_preset_model
+from tests.helpers import REPO, mark_checkpoint, tiny_preset_model
 from train.config import load_config
 from train.evaluate import main as evaluate_main
 from train.export import main as export_main
@@ -44,10 +44,9 @@ def test_export_to_a_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     tag = run / "checkpoints" / "step00000001"
     tag.mkdir(parents=True)
-    (tag / "train_state.json").write_text('{"step": 1, "epoch": 0, "samples": 16, "world_size": 1}')
-    (run / "checkpoints" / "latest").write_text("step00000001")
-    (run / "config.json").write_text(load_config(REPO / "configs" / "tiny.toml").to_json())
     torch.save({"module": tiny_preset_model().state_dict()}, tag / "mp_rank_00_model_states.pt")
+    mark_checkpoint(tag, step=1)
+    (run / "config.json").write_text(load_config(REPO / "configs" / "tiny.toml").to_json())
     assert export_main([str(run), "--to", str(tmp_path / "missing" / "folder" / "x.pth")]) == 2
     assert "cannot write" in one_line_error(capsys)
     assert export_main([str(run), "--to", str(tmp_path / "x.pth")]) == 0

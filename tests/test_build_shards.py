@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -380,3 +381,34 @@ def test_a_manifest_from_an_earlier_maeflow_with_its_reports_inline_still_loads(
     (out / "train.json").write_text(json.dumps(raw))
     manifest = Manifest.load(out / "train.json")
     assert (manifest.rejected, manifest.converted, manifest.samples) == (4, 2, 17)
+
+
+def test_every_shard_index_and_manifest_is_on_the_disk_before_it_is_relied_on(tree, tmp_path, monkeypatch):
+    """A tar and its index reach the disk (fsync) before they are renamed into place, their folder after; the
+    manifest, which marks the split complete, goes last. Recorded from the worker processes too, through a file."""
+    log = tmp_path / "events.txt"
+    fsync, replace = os.fsync, os.replace
+
+    def note(line: str) -> None:
+        with open(log, "a") as f:
+            f.write(line + "\n")
+
+    def recorded_fsync(fd):
+        note(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+        return fsync(fd)
+
+    def recorded_replace(src, dst, *args, **kwargs):
+        note(f"replace {src} {dst}")
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    out = tmp_path / "out"
+    assert build(tree[0], out, "--workers", "2") == 0
+    events = log.read_text().splitlines()
+    tars = sorted(out.glob("train-*.tar"))
+    assert len(tars) >= 2
+    manifest = events.index(f"replace {out / 'train.json.tmp'} {out / 'train.json'}")
+    for path in [*tars, *(t.with_suffix(".idx") for t in tars)]:
+        in_place = events.index(f"replace {path}.tmp {path}")
+        assert events.index(f"fsync {path}.tmp") < in_place < events.index(f"fsync {out}", in_place) < manifest

@@ -20,6 +20,7 @@ from pipeline import build_loader
 from pipeline.augment import FINETUNE, LINEAR_PROBE, MAGNITUDE_LEVELS, RAND_AUGMENT_OPS
 from pipeline.batch_augment import MixConfig, MixDraw, cutmix_draw, draw_mix, mix_batch, random_erase, smooth_targets
 from pipeline.timm_ops import timm_data_module
+from tests.helpers import mark_checkpoint
 from train.classifier_task import class_count, image_augmentation, mix_config, pretrained_weights, top_hits
 from train.config import ConfigError, load_config
 from train.recipe import Lars, layer_decay_groups
@@ -379,8 +380,7 @@ def test_exporting_a_fine_tuning_run_keeps_its_learned_position_embedding(tmp_pa
     trained["pos_embed"] += torch.randn_like(trained["pos_embed"])  # what fine-tuning learnt, far from sin-cos
     folder = run / "checkpoints" / "step00000003"
     torch.save({"module": trained}, folder / "mp_rank_00_model_states.pt")  # ZeRO-0's layout, fp32
-    (folder / "train_state.json").write_text('{"step": 3, "epoch": 0, "samples": 48, "world_size": 1}')
-    (run / "checkpoints" / "latest").write_text("step00000003")
+    mark_checkpoint(folder, step=3)
     exported, provenance = consolidated_state_dict(run)
     assert torch.equal(exported["pos_embed"], trained["pos_embed"])
     assert exported["head.weight"].shape == (8, 192) and provenance["config"]["task"] == "finetune"

@@ -164,3 +164,32 @@ def test_the_slurm_script_takes_a_users_arguments_from_anywhere_and_requeues_a_s
     assert job.returncode == 3, out[-3000:]
     assert (tmp_path / "slurm" / "requeued").read_text().split() == ["4242"]
     assert events(output, "resumed")[-1]["from"] == "step00000004"
+
+
+@pytest.mark.parametrize("kind, status, line", [
+    ("bug", 1, "RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    ("memory", 7, "error: out of memory at step 2 on rank 1"),
+    ("data", 5, "error: damaged data at step 2 on rank 1: train-000002.tar: sample 000000123 does not decode"),
+    ("disk", 5, "error: no room to write at step 2 on rank 1: [Errno 28] No space left on device"),
+])
+def test_an_error_inside_the_step_ends_the_run_as_what_it_is_and_the_other_rank_stops(shards, tmp_path, kind,
+                                                                                     status, line):
+    """Raised inside step 3's forward pass on rank 1 of 2: a bug propagates with its traceback (exit 1), an
+    out-of-memory says which fields lower the memory (exit 7), damaged data and a full disk say so (exit 5), each
+    resumable from the last checkpoint; rank 0, waiting on its peer, stops in bounded time as having lost it."""
+    port = free_port()
+    cmd = [sys.executable, "tests/scripts/failing_task.py", "--config", "configs/tiny.toml", "--data", str(shards),
+           "--output", str(tmp_path / "run"), "--log-every", "1", "--set", "checkpoint.every_steps=1"]
+    ranks = [start_job(cmd, cwd=REPO, env={**rank_env(rank, 2, port), "LOCAL_RANK": str(rank),
+                                           "LOCAL_WORLD_SIZE": "2", "MAEFLOW_TEST_FAILURE": f"1:2:{kind}"})
+             for rank in range(2)]
+    outs = [p.communicate(timeout=180)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [5, status], outs
+    assert line in outs[1], outs[1][-3000:]
+    assert ("Traceback" in outs[1]) == (kind == "bug"), outs[1][-3000:]
+    assert "error: lost a peer at step 2 on rank 0" in outs[0] and "Traceback" not in outs[0], outs[0][-3000:]
+    if kind == "memory":
+        assert "lower optim.max_local_batch_size" in outs[1] and "model.activation_recompute=true" in outs[1]
+    if kind != "bug":
+        assert "then continue with --resume (the last checkpoint is intact)" in outs[1]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step00000002"

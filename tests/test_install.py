@@ -14,7 +14,7 @@ import pytest
 from tests.helpers import REPO
 
 sys.path.insert(0, str(REPO / "install"))
-from wheelhouse import prune  # noqa: E402 - install/ is scripts run by the base interpreter, not a package
+from wheelhouse import prune
 
 
 def checkout_copy(dest: Path) -> Path:

@@ -42,13 +42,13 @@ def test_cadences_say_when_work_is_due():
     assert not any(EverySteps(0).due(s) for s in range(1, 10))
     assert [e for e in range(1, 7) if EveryEpochs(2).due(e)] == [2, 4, 6]
     clock = CheckpointCadence(steps=5, minutes=0)
-    assert [s for s in range(1, 11) if clock.due(s)] == [5, 10]
+    assert [s for s in range(1, 11) if clock.due_by_steps(s)] == [5, 10] and not clock.due_by_clock()
     by_time = CheckpointCadence(steps=0, minutes=1)
-    assert not by_time.due(1)
+    assert not by_time.due_by_clock() and not by_time.due_by_steps(5)
     by_time.last_save -= 61
-    assert by_time.due(2)
+    assert by_time.due_by_clock()
     by_time.saved()
-    assert not by_time.due(3)
+    assert not by_time.due_by_clock()
 
 
 def test_every_way_a_run_ends_has_its_own_exit_code():

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.build_shards import main as build_shards
 from pipeline.epoch_plan import ReadPosition
-from tests.helpers import REPO
+from tests.helpers import REPO, mark_checkpoint
 from train.checkpoint import ResumeError, TrainState, resume_tag
 from train.config import ConfigError, load_config
 from train.resume import ResumePlan, config_changes, plan_resume
@@ -23,10 +23,8 @@ def fake_checkpoint(output, step: int, loader_state: dict | None = None) -> str:
     tag = f"step{step:08d}"
     folder = output / "checkpoints" / tag
     folder.mkdir(parents=True)
-    (folder / "train_state.json").write_text(json.dumps({"step": step, "epoch": 0, "samples": 16 * step,
-                                                         "world_size": 2}))
     torch.save({"loader": loader_state or {}, "noise_rng": None}, folder / "rank00000.pt")
-    (output / "checkpoints" / "latest").write_text(tag)
+    mark_checkpoint(folder, step, world_size=2)
     return tag
 
 
@@ -141,7 +139,7 @@ def test_a_resume_onto_resharded_data_is_refused_before_anything_is_written(shar
     output = tmp_path / "run"
     fake_checkpoint(output, 6, loader.state_dict())
     (output / "config.json").write_text(cfg.to_json())
-    assert plan_resume(output, "latest", cfg, 2).tag == "step00000006"
+    assert plan_resume(output, "step00000006", cfg, 2).tag == "step00000006"
     images = shards.parent / "images" / "train"
     assert build_shards([str(images), str(tmp_path / "resharded"), "--shard-size-mb", "0.2", "--workers", "1",
                          "--quiet"]) == 0
@@ -150,7 +148,7 @@ def test_a_resume_onto_resharded_data_is_refused_before_anything_is_written(shar
     before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
     with pytest.raises(ResumeError, match=r"--resume from .*step00000006 with --data .*resharded: loader state was "
                                           r"taken on 64 samples in 3 shards, these shards hold 64 in \d+"):
-        plan_resume(output, "latest", moved, 2)
+        plan_resume(output, "step00000006", moved, 2)
     assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
     # The same images in shards of the same sizes, another order (another --seed): a position there would read
     # other samples, some twice and some never.
@@ -166,11 +164,11 @@ def test_a_resume_onto_resharded_data_is_refused_before_anything_is_written(shar
         data = load_config(REPO / "configs" / "tiny.toml", [f"data.shards={tmp_path / f'seed{seed}'}",
                                                             f"output={other}"])
         if not refused:
-            assert plan_resume(other, "latest", data, 2).tag == "step00000006"
+            assert plan_resume(other, "step00000006", data, 2).tag == "step00000006"
             continue
         with pytest.raises(ResumeError, match="loader state was taken on other shards than these, with the same "
                                               "sizes"):
-            plan_resume(other, "latest", data, 2)
+            plan_resume(other, "step00000006", data, 2)
 
 
 def test_a_position_taken_mid_epoch_under_the_old_sample_order_is_refused_and_one_at_an_epoch_start_is_not(
@@ -189,7 +187,7 @@ def test_a_position_taken_mid_epoch_under_the_old_sample_order_is_refused_and_on
     (output / "config.json").write_text(cfg.to_json())
     with pytest.raises(ResumeError, match=r"loader state was taken 1 batches into epoch 3 under sample-order rule 1, "
                                           r"and this maeflow orders an epoch's samples by rule 2"):
-        plan_resume(output, "latest", cfg, 2)
+        plan_resume(output, "step00000006", cfg, 2)
     loader.load_state_dict({**old_mid_epoch, "position": 0})  # at an epoch's start: nothing of it was read
     assert loader.position == ReadPosition(3)
     loader.load_state_dict(loader.state_dict() | {"position": 1})  # this rule's own states resume mid-epoch

@@ -32,15 +32,18 @@ class EveryEpochs:
 @dataclass
 class CheckpointCadence:
     """Due every `steps` optimizer steps or every `minutes` of wall clock since the last save, whichever
-    comes first; `saved` restarts the clock."""
+    comes first; `saved` restarts the clock. The steps are the same on every rank; each rank's clock is its own,
+    so the trainer has the ranks vote on it (`train.distributed.StepVote`)."""
 
     steps: int
     minutes: float
     last_save: float = field(default_factory=time.monotonic)
 
-    def due(self, step: int) -> bool:
-        by_steps = self.steps > 0 and step % self.steps == 0
-        return by_steps or (self.minutes > 0 and time.monotonic() - self.last_save > 60 * self.minutes)
+    def due_by_steps(self, step: int) -> bool:
+        return self.steps > 0 and step % self.steps == 0
+
+    def due_by_clock(self) -> bool:
+        return self.minutes > 0 and time.monotonic() - self.last_save > 60 * self.minutes
 
     def saved(self) -> None:
         self.last_save = time.monotonic()

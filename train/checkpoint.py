@@ -3,22 +3,27 @@
 Layout under OUTPUT/checkpoints/:
     step00001200/               DeepSpeed's files (ZeRO shards, client state) + our per-rank files
         rank00000.pt            loader position and the task's random streams of rank 0, ...
-        train_state.json        step, epoch, samples seen, world size, the periodic jobs' state (read before
-                                DeepSpeed starts); written
-                                last, so its presence marks the checkpoint complete
+        train_state.json        the completion mark: step, epoch, samples seen, world size, the periodic jobs'
+                                state (read before DeepSpeed starts), and every other file of the checkpoint
+                                with its size and a digest of its ends. Written last, once every rank's files are
+                                on the disk: its presence marks the checkpoint complete
         adamw_norms.json        the L2 norms of AdamW's two moments: what a resume must reproduce
         milestone               present when the checkpoint is a milestone: kept apart from keep_last
-    latest                      name of the newest complete checkpoint, replaced atomically last
+    latest                      name of the newest complete checkpoint, replaced after the mark
     universal/step00001200/     DeepSpeed's universal form of a checkpoint, made when a run resumes it on
                                 another rank count (per-parameter fp32 weights and AdamW moments)
     (a run that goes back to an older checkpoint moves the newer ones to OUTPUT/abandoned/: train.run_folder)
 
-A crash while saving leaves `latest` pointing at the previous checkpoint, so a half-written
-directory is never loaded; it is removed at the next successful save.
+Every file is flushed to the disk before what relies on it (`pipeline.atomic`): each rank's files before the mark,
+the mark before `latest`, `latest` before older checkpoints are pruned. A crash while saving leaves `latest`
+pointing at the previous checkpoint, so a half-written directory is never loaded; it is removed at the next
+successful save. A resume checks the files the mark lists: a damaged newest checkpoint is passed over for the
+newest sound one (`sound_resume_tag`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,20 +31,22 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pipeline.atomic import atomic_path, atomic_write_text
+from pipeline.atomic import atomic_path, atomic_write_text, fsync_path
 from train.cadence import CheckpointCadence, EveryEpochs
 from train.config import CheckpointConfig
 
 LATEST = "latest"
 MILESTONE = "milestone"
 ADAMW_NORMS = "adamw_norms.json"
+MARK = "train_state.json"  # the completion mark
+DIGESTED_ENDS = 2**16  # bytes of each end of a part that its digest covers
 
 
 @dataclass
@@ -53,7 +60,7 @@ class TrainState:
     world_size: int = 1
     """ranks that wrote the checkpoint"""
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """each periodic job's state by its name (the best top-1 so far); empty in checkpoints of older releases"""
+    """each periodic job's state by its name (the best top-1 so far)"""
 
 
 class ResumeError(RuntimeError):
@@ -73,19 +80,19 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Checkpoints every rank finished writing, oldest first."""
+    """Checkpoints every rank finished writing (their completion mark is there), oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p.name for p in ckpt_dir.iterdir()
-                  if p.name.startswith("step") and (p / "train_state.json").is_file())
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("step") and (p / MARK).is_file())
 
 
 def read_train_state(ckpt_dir: Path, tag: str) -> TrainState:
-    return TrainState(**json.loads((ckpt_dir / tag / "train_state.json").read_text()))
+    mark = json.loads((ckpt_dir / tag / MARK).read_text())
+    return TrainState(**{f.name: mark[f.name] for f in fields(TrainState)})
 
 
 def resume_tag(ckpt_dir: Path, wanted: str) -> str | None:
-    """The checkpoint `--resume` means: "latest", or a tag such as step00001200 (or just 1200)."""
+    """The checkpoint `--resume` means: "latest", or a tag such as step00001200 (or just 1200), that is complete."""
     if wanted == LATEST:
         return latest_tag(ckpt_dir)
     tag = tag_of(int(wanted)) if wanted.isdigit() else wanted
@@ -93,6 +100,61 @@ def resume_tag(ckpt_dir: Path, wanted: str) -> str | None:
         raise ResumeError(f"{ckpt_dir} holds no complete checkpoint {tag}; complete ones: "
                           f"{', '.join(complete_tags(ckpt_dir)) or 'none'}")
     return tag
+
+
+def part_digest(path: Path) -> str:
+    """A digest of a file's first and last 64 KiB (of all of it, when smaller): it tells a part cut short or
+    zero-filled by a crash from the one written, for two small reads however large the part."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(DIGESTED_ENDS))
+        if size > 2 * DIGESTED_ENDS:
+            f.seek(size - DIGESTED_ENDS)
+        digest.update(f.read())
+    return digest.hexdigest()[:32]
+
+
+def describe_part(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "digest": part_digest(path)}
+
+
+def damage(ckpt_dir: Path, tag: str) -> str | None:
+    """What is wrong with checkpoint `tag` (a part missing, of another size or content than its mark lists, or a
+    mark that cannot be read), in a few words; None when it is sound."""
+    folder = ckpt_dir / tag
+    try:
+        parts = json.loads((folder / MARK).read_text())["parts"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its completion mark {MARK} cannot be read ({type(err).__name__}: {err})"
+    for name, written in sorted(parts.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != written["bytes"]:
+            return f"{name} is {size} bytes, {written['bytes']} when written"
+        if part_digest(path) != written["digest"]:
+            return f"{name} holds other bytes than were written"
+    return None
+
+
+def sound_resume_tag(ckpt_dir: Path, wanted: str) -> tuple[str | None, list[str]]:
+    """The checkpoint `--resume` continues from, and a line for each newer one passed over as damaged: with
+    "latest", the checkpoint `latest` names or, where it is damaged, the newest sound one before it (pruning only
+    ever follows a sound new checkpoint, so one is left); a tag named must be sound itself (ResumeError)."""
+    tag = resume_tag(ckpt_dir, wanted)
+    if tag is None:
+        return None, []
+    passed_over = []
+    for candidate in [tag] if wanted != LATEST else [t for t in reversed(complete_tags(ckpt_dir)) if t <= tag]:
+        problem = damage(ckpt_dir, candidate)
+        if problem is None:
+            return candidate, passed_over
+        passed_over.append(f"checkpoint {ckpt_dir / candidate} is damaged: {problem}")
+    raise ResumeError(f"{'; '.join(passed_over)}; no sound checkpoint to resume from"
+                      + ("" if wanted == LATEST else f" among those asked ({tag}): --resume takes the newest sound "
+                                                     "one"))
 
 
 class CheckpointNotWritten(OSError):
@@ -126,19 +188,40 @@ def check_room(ckpt_dir: Path, tag: str, need: int, group: Any) -> None:
             f"({latest_tag(ckpt_dir) or 'none yet'}) is intact: free space or move the run, then --resume")
 
 
+class DurableParts:
+    """DeepSpeed's checkpoint engine, with every file it saves for this rank flushed to the disk and listed (its
+    size and digest) for the completion mark. Every other call goes to the engine it wraps."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.written: dict[str, dict[str, Any]] = {}
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.inner.save(state_dict, path)
+        fsync_path(path)
+        self.written[Path(path).name] = describe_part(Path(path))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: dict, keep_last: int,
                     adamw_norms: tuple[float, float], group: Any, milestone: bool = False) -> str:
-    """Collective: every rank calls it. Returns the tag written. `adamw_norms` (optimizer_state_norms) is kept
-    beside it: a resume on any rank count must reproduce it. `group`: the CPU side-channel the room check agrees
-    on. A save that fails part-way (a disk that filled up regardless) removes what it wrote of this checkpoint."""
+    """Collective: every rank calls it, with `engine.checkpoint_engine` a `DurableParts`. Returns the tag written.
+    `adamw_norms` (optimizer_state_norms) is kept beside it: a resume on any rank count must reproduce it. `group`:
+    the CPU side-channel the room check and the parts' list go over. A save that fails part-way (a disk that filled
+    up regardless) removes what it wrote of this checkpoint."""
     tag = tag_of(state.step)
     rank = dist.get_rank()
     tag_dir = ckpt_dir / tag
+    parts: DurableParts = engine.checkpoint_engine
     check_room(ckpt_dir, tag, checkpoint_bytes(ckpt_dir, engine), group)
     try:
         tag_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(tag_dir / f"rank{rank:05d}.pt") as tmp:
+        own = tag_dir / f"rank{rank:05d}.pt"
+        with atomic_path(own) as tmp:
             torch.save(rank_state, tmp)
+        parts.written = {own.name: describe_part(own)}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"train_state": asdict(state)},
                                save_latest=False)
     except (RuntimeError, OSError) as err:  # torch.save reports ENOSPC as "[enforce fail ...] unexpected pos"
@@ -148,15 +231,20 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: 
             f"writing checkpoint {tag_dir} failed ({str(err).strip().splitlines()[0]}) with {free / 1e9:.2f} GB "
             f"free on its file system; the partial checkpoint was removed, the last one "
             f"({latest_tag(ckpt_dir) or 'none yet'}) is intact") from err
-    dist.barrier()
+    written: list[dict[str, dict[str, Any]]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(written, parts.written, group=group)  # every rank's parts are on the disk now
     if rank == 0:
+        listed = {name: part for rank_parts in written for name, part in rank_parts.items()}
+        extra = {ADAMW_NORMS: json.dumps(list(adamw_norms))}
         if milestone:
-            atomic_write_text(tag_dir / MILESTONE, json.dumps({"epoch": state.epoch}))
-        atomic_write_text(tag_dir / ADAMW_NORMS, json.dumps(list(adamw_norms)))
-        atomic_write_text(tag_dir / "train_state.json", json.dumps(asdict(state)))  # marks the checkpoint complete
+            extra[MILESTONE] = json.dumps({"epoch": state.epoch})
+        for name, text in extra.items():
+            atomic_write_text(tag_dir / name, text)
+            listed[name] = describe_part(tag_dir / name)
+        atomic_write_text(tag_dir / MARK, json.dumps({**asdict(state), "parts": listed}))  # marks it complete
         point_latest_at(ckpt_dir, tag)
         prune_checkpoints(ckpt_dir, keep_last, tag)
-    dist.barrier()
+    dist.barrier(group=group)
     return tag
 
 
@@ -279,9 +367,14 @@ class Checkpointer:
         self.cadence = CheckpointCadence(cfg.every_steps, cfg.every_minutes)
         self.milestones = EveryEpochs(cfg.milestone_every_epochs)
         self.saved_step = -1
+        engine.checkpoint_engine = DurableParts(engine.checkpoint_engine)
 
-    def due(self, step: int) -> bool:
-        return self.cadence.due(step)
+    def due_by_steps(self, step: int) -> bool:
+        return self.cadence.due_by_steps(step)
+
+    def due_by_clock(self) -> bool:
+        """This rank's clock says a checkpoint is due: a vote, which the ranks agree on (`StepVote`)."""
+        return self.cadence.due_by_clock()
 
     def save(self, state: TrainState, rank_state: dict[str, Any], milestone: bool = False) -> str:
         norms = optimizer_state_norms(self.engine, self.replicated, self.control)

@@ -142,6 +142,47 @@ def agree(work: Callable[[], T], group: Any) -> T:
     return result
 
 
+class StepVote:
+    """The decisions every rank must take at the same optimizer step though only some ranks see their cause (a
+    stop signal, a checkpoint due by the clock), agreed without holding any rank at any step: the votes of step k
+    leave in an all-reduce issued at step k, without waiting, and decide step k + 1, by when they have long arrived.
+    A cause is acted on one step after it is seen, on every rank alike. A blocking vote at every step would cost
+    every step a round trip over the ranks, one that grows with their number."""
+
+    def __init__(self, group: Any, size: int) -> None:
+        self.group, self.size = group, size
+        self._pending: tuple[torch.Tensor, Any] | None = None
+
+    def cast(self, *votes: bool) -> tuple[bool, ...]:
+        """Send this step's votes; return what every rank voted at the previous step (any rank's yes is a yes)."""
+        decided = self._collect()
+        sent = torch.tensor(votes, dtype=torch.int32)
+        self._pending = (sent, dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return decided
+
+    def _collect(self) -> tuple[bool, ...]:
+        if self._pending is None:
+            return (False,) * self.size
+        sent, work = self._pending
+        self._pending = None
+        work.wait()
+        return tuple(bool(v) for v in sent.tolist())
+
+    def close(self) -> None:
+        """Wait for the vote in flight, so that no collective is left pending when the group goes (one that a lost
+        peer broke has nothing to wait for)."""
+        with contextlib.suppress(RuntimeError):
+            self._collect()
+
+
+def from_rank_zero(work: Callable[[], T], group: Any) -> T:
+    """`work` on rank 0 alone (reading what every rank would read the same: once, not once per rank), and its
+    result, or its error with its type, on every rank."""
+    box = [agree(lambda: work() if dist.get_rank() == 0 else None, group)]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
 def _same_kind(kind: type, message: str) -> Exception:
     """An exception of `kind` saying `message`; a RuntimeError naming the kind where it takes no message."""
     try:

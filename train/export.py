@@ -21,7 +21,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from model.vit import build_classifier
 from model.weights import DECODER_PREFIXES, load_weights_file
 from pipeline.atomic import atomic_path
-from train.checkpoint import LATEST, resume_tag
+from train.checkpoint import LATEST, sound_resume_tag
 from train.config import config_from_json
 from train.engine import mae_from_config
 
@@ -32,9 +32,11 @@ def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[st
         raise FileNotFoundError(f"{output} is not a training output folder (no config.json there)")
     cfg = config_from_json(output / "config.json")
     ckpt_dir = output / "checkpoints"
-    tag = resume_tag(ckpt_dir, wanted)
+    tag, passed_over = sound_resume_tag(ckpt_dir, wanted)
     if tag is None:
         raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint")
+    for line in passed_over:
+        print(f"{line}: exporting {tag}, the newest sound checkpoint before it")
     if list((ckpt_dir / tag).glob("*zero_pp_rank_*")):
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:  # ZeRO stage 0 in fp32: no optimizer shards, the module's own weights are the full ones

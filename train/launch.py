@@ -1,8 +1,10 @@
 """The command line every task's script shares: parse, refuse what can be refused before any work, hand the task
 to the trainer, and map how the run ended to the exit status (`train.outcome.RunEnd`).
 
-Exit 2 is only for what the user can fix (`REFUSALS`); a bug propagates with its traceback (status 1); an error
-while training (damaged data, a full disk, a lost rank) is 5, and the checkpoint before it is intact.
+Exit 2 is only for what the user can fix before anything runs (`REFUSALS`); an error while training that the data,
+the disk or the network caused (damaged data, a full disk, a lost rank, a collective that timed out) is 5, an
+out-of-memory 7, each with its own line, and the checkpoint before it is intact; anything else is a bug: it
+propagates with its traceback (status 1), on the rank where it happened, and the other ranks lose their peer.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from train.config import TASK_SCRIPTS, ConfigError, RunConfig, describe, load_co
 from train.distributed import join_process_group, leave_process_group
 from train.engine import deepspeed_config, image_dtype
 from train.metrics import MetricsLog
-from train.outcome import REFUSALS, RunEnd
+from train.outcome import REFUSALS, RunEnd, failure_kind
 from train.recipe import optimizer_steps_per_epoch, peak_lr, plan_batch
 from train.run_folder import existing_run
 from train.task import RunContext, Task
@@ -164,12 +166,35 @@ def main(task: type[Task], argv: list[str] | None = None) -> int:
     with trainer:
         try:
             return trainer.fit()
-        except (RuntimeError, OSError) as err:  # damaged data, a full disk, a lost rank: the run stops, resumably
+        except Exception as err:  # sorted below: a failure of the machine or the data, or a bug
             if trainer.watchdog.overdue():  # this rank was the frozen one: its stuck call failed as it woke
                 trainer.watchdog.report("".join(traceback.format_exception(err)))
                 return RunEnd.HUNG
-            lost = trainer.peers.lost()
-            print(f"error: training stopped at step {trainer.state.step} on rank {trainer.rank}: "
-                  f"{lost + ' ' if lost else ''}({str(err).strip()})\nfix that, then continue with --resume (the "
-                  "last checkpoint is intact)", file=sys.stderr)
-            return RunEnd.FAILED
+            return report_failure(err, trainer)
+
+
+def report_failure(err: Exception, trainer: Trainer) -> RunEnd:
+    """One line for an error the data, the disk, the network or the device's memory caused, and the status it ends
+    the run with; a bug is raised again, with its traceback (exit 1)."""
+    kind = failure_kind(err)
+    lost = trainer.peers.lost()
+    if kind is None and not lost:
+        raise err
+    where = f"at step {trainer.state.step} on rank {trainer.rank}"
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    last = "the last checkpoint is intact"
+    if kind == "memory":
+        plan, model = trainer.plan, trainer.cfg.model
+        print(f"error: out of memory {where} ({cause}): the local batch of {plan.local_batch_size} does not fit; "
+              f"lower optim.max_local_batch_size (the global batch stays, in more accumulation steps) or set "
+              f"model.activation_recompute=true{' (it is on)' if model.activation_recompute else ''}, then continue "
+              f"with --resume ({last})", file=sys.stderr)
+        return RunEnd.OUT_OF_MEMORY
+    if kind == "data":
+        what = f"damaged data {where}: {cause}; rebuild or replace it (`python -m pipeline.build_shards --verify`)"
+    elif kind == "disk":
+        what = f"no room to write {where}: {cause}; free space or move the run"
+    else:
+        what = f"lost a peer {where}: {lost or cause}; check the other ranks' logs and their nodes"
+    print(f"error: {what}, then continue with --resume ({last})", file=sys.stderr)
+    return RunEnd.FAILED

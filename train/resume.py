@@ -23,7 +23,6 @@ from train.checkpoint import (
     needs_universal,
     point_latest_at,
     read_train_state,
-    resume_tag,
 )
 from train.config import TASK_NAMES, TASK_SCRIPTS, ConfigError, RunConfig, config_from_json, flat_fields
 from train.recipe import peak_lr
@@ -101,10 +100,10 @@ def saved_config(path: Path, cfg: RunConfig) -> RunConfig:
     return saved
 
 
-def plan_resume(output: Path, wanted: str, cfg: RunConfig, world_size: int) -> ResumePlan:
-    """Check a `--resume [TAG]` of the run in `output` with config `cfg` on `world_size` ranks, reading only."""
+def plan_resume(output: Path, tag: str | None, cfg: RunConfig, world_size: int) -> ResumePlan:
+    """Check a resume of the run in `output` from checkpoint `tag` (`checkpoint.sound_resume_tag`'s choice; None:
+    none to continue from) with config `cfg` on `world_size` ranks, reading only."""
     ckpt_dir = output / "checkpoints"
-    tag = resume_tag(ckpt_dir, wanted)
     config_path = output / "config.json"
     if tag is None:  # nothing to continue: an earlier attempt's config is only kept, whatever it says
         changes = config_changes(saved_config(config_path, cfg), cfg, ()) if config_path.is_file() else []

@@ -36,9 +36,16 @@ from model.flops import peak_flops
 from pipeline.atomic import atomic_write_text
 from pipeline.loader import sample_counts
 from train.cadence import EverySteps
-from train.checkpoint import Checkpointer, TrainState, check_shared_folder, describe_norms, latest_tag
+from train.checkpoint import (
+    Checkpointer,
+    TrainState,
+    check_shared_folder,
+    describe_norms,
+    latest_tag,
+    sound_resume_tag,
+)
 from train.config import RunConfig, describe
-from train.distributed import Peers, agree, join_process_group, leave_process_group
+from train.distributed import Peers, StepVote, agree, from_rank_zero, join_process_group, leave_process_group
 from train.engine import (
     apply_model_switches,
     attention_backend,
@@ -145,8 +152,13 @@ class Trainer:
         train_samples = sum(sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples))
         self.schedule = Schedule.of(train_samples, self.plan, cfg.optim.epochs)
         self.peak_lr = peak_lr(cfg.optim, self.plan.global_batch_size)
-        self.resume = agree(lambda: plan_resume(self.output, resume, cfg, self.world), self.control) if resume \
-            else None
+        self.resume = None
+        if resume:
+            ckpt_dir = self.output / "checkpoints"
+            tag, passed_over = from_rank_zero(lambda: sound_resume_tag(ckpt_dir, resume), self.control)
+            for line in passed_over:
+                self.say(f"{line}: resuming from {tag}, the newest sound checkpoint before it")
+            self.resume = agree(lambda: plan_resume(self.output, tag, cfg, self.world), self.control)
         saved = self.resume.saved if self.resume and self.resume.saved else TrainState()
         end = saved.step + self.schedule.steps_left(saved.samples, self.plan.global_batch_size)
         self.stop_at = min(end, cfg.max_steps) if cfg.max_steps else end
@@ -218,6 +230,8 @@ class Trainer:
         self.lr = 0.0  # the schedule's lr of the current step (each group trains at it x its lr_scale)
         self.stop = StopRequest()
         hold.callback(self.stop.close)
+        self.vote = StepVote(self.control, size=2)  # stop, checkpoint by the clock
+        hold.callback(self.vote.close)
         stack_file = dump_stacks_on(signal.SIGUSR1, self.output, self.rank)
         hold.callback(stack_file.close)
         hold.callback(faulthandler.unregister, signal.SIGUSR1)
@@ -359,8 +373,9 @@ class Trainer:
             group["lr"] = self.lr * group.get("lr_scale", 1.0)
 
     def after_optimizer_step(self, epoch_done: bool) -> RunEnd | None:
-        """Count the step; every rank votes on stopping and checkpointing; log, end the epoch, checkpoint when due.
-        An epoch's jobs run before its last step's checkpoint, so that the checkpoint holds what they found."""
+        """Count the step; take the decisions the ranks voted on at the step before (a stop, a checkpoint by the
+        clock) and vote on the next; log, end the epoch, checkpoint when due. An epoch's jobs run before its last
+        step's checkpoint, so that the checkpoint holds what they found."""
         state = self.state
         state.step += 1
         state.samples += self.plan.global_batch_size
@@ -369,10 +384,8 @@ class Trainer:
             self.profiler.step()
         self.window.steps += 1
         self.bar.update(1)
-        votes = torch.tensor([self.stop.signal_name is not None, self.checkpointer.due(state.step)],
-                             dtype=torch.int32)
-        dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.control)
-        stopping, checkpoint_due = bool(votes[0]), bool(votes[1])
+        stopping, clock_due = self.vote.cast(self.stop.signal_name is not None, self.checkpointer.due_by_clock())
+        checkpoint_due = clock_due or self.checkpointer.due_by_steps(state.step)
         finished = state.step >= self.stop_at
         if self.logging.due(state.step) or checkpoint_due or stopping or finished:
             loss, bad_step = self.window.reduce()
