@@ -123,8 +123,13 @@ class PilLoader(Loader):
         # Located here, once: the workers inherit where every sample lies and read no index.
         dataset = ShardSamples(self.spec, self.table.entries(samples), position.epoch)
         plan = [list(range(i, min(i + b, len(samples)))) for i in range(0, len(samples), b)]
-        loader = DataLoader(dataset, batch_sampler=plan, num_workers=self.spec.num_threads,
-                            collate_fn=_collate, pin_memory=self.spec.device == "gpu")
+        # One thread decodes here, in this process. More decode in worker processes started from a clean server
+        # process: this one has threads (DALI's, the collectives', the run's watchdog), and a child forked while
+        # one of them holds the interpreter's lock hangs at its start.
+        workers = self.spec.num_threads if self.spec.num_threads > 1 else 0
+        loader = DataLoader(dataset, batch_sampler=plan, num_workers=workers, collate_fn=_collate,
+                            pin_memory=self.spec.device == "gpu",
+                            multiprocessing_context="forkserver" if workers else None)
         for images, labels in loader:
             images = images.to(self._mean.device, non_blocking=True)
             images = ((images.float() - self._mean) / self._std).to(self.spec.dtype)
