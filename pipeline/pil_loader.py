@@ -61,7 +61,7 @@ class ShardSamples(Dataset):
     def __init__(self, spec: LoaderSpec, entries: Entries, epoch: int) -> None:
         self.entries, self.epoch = entries, epoch
         self.img_size, self.train, self.seed, self.augment = spec.img_size, spec.train, spec.seed, spec.augment
-        self.rand_augment = rand_augment(spec.augment, spec.img_size) if spec.train else None
+        self._rand_augment: Callable[[Image.Image], Image.Image] | None = None  # made where it runs (a worker)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -81,12 +81,14 @@ class ShardSamples(Dataset):
             img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
             if rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            if self.rand_augment is not None:
+            if self.augment.rand_augment_layers:
                 # timm draws from the global generators: seeded per sample, the result is the same on any workers.
                 seed = int(rng.integers(2**31))
                 random.seed(seed)
                 np.random.seed(seed)
-                img = self.rand_augment(img)
+                if self._rand_augment is None:  # timm's ops are built in the process that runs them
+                    self._rand_augment = rand_augment(self.augment, self.img_size)
+                img = self._rand_augment(img)
         else:
             width, height, left, top = eval_geometry(img.width, img.height, size)
             img = img.resize((width, height), Image.BICUBIC).crop((left, top, left + size, top + size))
