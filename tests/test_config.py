@@ -117,6 +117,9 @@ def test_print_config_plans_the_batch_for_a_rank_count_and_checks_the_data(shard
             "per epoch") in out
     assert "run: 1600 epochs = 499,200 optimizer steps, 2,044.7 M images" in out
     assert "checkpoints: about 7.88 GB each (657.1 M parameters' fp32 weights" in out and "(31.5 GB)" in out
+    assert pretrain_main(["--config", "vit_h14_1600ep", "--print-config", "--set", "data.num_threads=12"]) == 0
+    assert ("loader: DALI's GPU decoding reserves 384 MiB of GPU memory and 384 MiB of pinned host memory per rank "
+            "at 12 decoder threads (data.num_threads)") in capsys.readouterr().out
     assert finetune_main(["--config", "finetune_vit_b16", "--print-config", "--ranks", "8", "--set",
                           "finetune.mode=linear_probe"]) == 0
     out = capsys.readouterr().out  # a probe trains the head: AdamW's moments for it alone
@@ -146,3 +149,15 @@ def test_a_runs_config_json_is_a_config_and_presets_are_found_from_any_folder(tm
         "mae_vit_base_patch16"
     with pytest.raises(ConfigError, match=r"is a pre-training preset: run it with train/pretrain\.py"):
         load_config(tmp_path / "config.json", task="finetune")
+
+
+@pytest.mark.parametrize("threads", [16 // 8, 12])  # a 16-core node of 8 ranks; train/slurm.sbatch's 12 per rank
+def test_dalis_gpu_decoding_reserves_under_a_gb_per_rank_on_a_full_node(threads):
+    """nvJPEG's paddings are per decoder thread (one device buffer, two pinned host buffers) and two pipelines are
+    alive for most of an epoch: what a rank reserves must leave its GPU to the model, and 8 ranks' pinned memory
+    the node's."""
+    from pipeline.dali_graph import PIPELINES_ALIVE, reservation
+
+    reserved = reservation(threads)
+    assert reserved.gpu_bytes <= 2**30 and reserved.pinned_bytes <= 2**30
+    assert reserved.gpu_bytes == PIPELINES_ALIVE * threads * 16 * 2**20  # DALI's own default padding per thread
