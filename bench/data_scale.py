@@ -16,7 +16,8 @@ import numpy as np
 
 from bench.context import BenchContext
 from bench.harness import Record, stat_of
-from pipeline.epoch_plan import EpochPlan, ReadPosition, Segment, whole_epoch_order
+from pipeline.epoch_plan import EpochPlan, whole_epoch_order
+from pipeline.loader_state import ReadPosition, Segment
 from pipeline.manifest import Manifest, ShardRecord
 from pipeline.wds_format import index_text
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from pipeline.atomic import atomic_write_text
+from pipeline.formats import check_format, stamp
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_HISTORY = REPO / "bench" / "history"
@@ -201,7 +202,7 @@ class History:
 
     def add(self, record: Record) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.loads(self.path.read_text()) if self.path.is_file() else {"runs": []}
+        payload = json.loads(self.path.read_text()) if self.path.is_file() else stamp("bench_history", {"runs": []})
         if self._run is None:
             payload["runs"].append({**self.meta, "records": []})
             self._run = len(payload["runs"]) - 1
@@ -226,6 +227,8 @@ def load_history(folder: Path) -> list[dict[str, Any]]:
     """Every run in every history file of `folder`, oldest first."""
     runs = []
     for path in sorted(Path(folder).glob("*.json")):
-        for run in json.loads(path.read_text())["runs"]:
+        payload = json.loads(path.read_text())
+        check_format("bench_history", payload, str(path))
+        for run in payload["runs"]:
             runs.append({**run, "file": path.name})
     return sorted(runs, key=lambda r: r["date"])

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model.flops import mae_train_flops, peak_flops
 from pipeline import build_loader
 from train.config import load_config
-from train.engine import mae_from_config
+from train.mae_task import mae_from_config
 from train.recipe import build_optimizer, lr_at, peak_lr
 
 

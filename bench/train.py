@@ -33,8 +33,9 @@ from bench.harness import REPO, Record, Stat, kernels_backend, rate, stat_of, ti
 from model.flops import mae_train_flops, peak_flops
 from train.config import load_config
 from train.distributed import free_port
-from train.engine import apply_model_switches, attention_backend, mae_from_config
+from train.engine import apply_model_switches, attention_backend
 from train.health import RankTimes, Watchdog
+from train.mae_task import mae_from_config
 from train.profiling import WARMUP_STEPS
 from train.recipe import build_optimizer
 

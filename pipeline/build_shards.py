@@ -32,6 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_write_text
+from pipeline.formats import FormatError
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.manifest import Manifest, class_mismatch
 from pipeline.shard_order import DEFAULT_SORT_BUFFER, ordered_parts, spill
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(options, VerifyOptions):
             return DAMAGED_DATA if verify(options.out, options.split) else 0
         return build(options)
-    except BuildError as err:
+    except (BuildError, FormatError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -24,9 +24,9 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.dali_graph import HW_DECODER_LOAD, PREFETCH_QUEUE_DEPTH, ascii_labels, image_pipeline
-from pipeline.epoch_plan import ReadPosition
 from pipeline.errors import DamagedImage, DamagedIndex
 from pipeline.loader_base import Batch, Loader, LoaderSpec
+from pipeline.loader_state import LoaderState, ReadPosition
 from pipeline.wds_format import INDEX_VERSION
 
 _DAMAGED_HINT = "the shards are damaged: find the bad shard with `python -m pipeline.build_shards --verify DIR`"
@@ -159,17 +159,17 @@ class DaliLoader(Loader):
             raise DamagedImage(f"DALI pipeline failed on {self.spec.split} shards ({culprit}): {err}\n"
                                f"{_DAMAGED_HINT}") from err
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
+    def _exact_state(self) -> dict[str, Any] | None:
+        """DALI's own state where the last loop stopped mid-epoch, with the batch its pipeline started at."""
         reading = self._reading
-        if reading is not None and self.position.batch and reading.position == self.position:
-            state["dali"] = reading.iterator.checkpoints()[0]
-            state["dali_start"] = reading.start.batch
-        return state
+        if reading is None or not self.position.batch or reading.position != self.position:
+            return None
+        return {"dali": reading.iterator.checkpoints()[0], "start_batch": reading.start.batch}
 
-    def _restore_exactly(self, position: ReadPosition, state: dict[str, Any]) -> None:
-        if "dali" in state:
-            self._exact = _ExactState(position, replace(position, batch=state["dali_start"]), state["dali"])
+    def _restore_exactly(self, state: LoaderState) -> None:
+        if state.exact is not None:
+            start = replace(state.position, batch=state.exact["start_batch"])
+            self._exact = _ExactState(state.position, start, state.exact["dali"])
 
     def _epoch_read(self) -> None:
         if self._reading is not None:

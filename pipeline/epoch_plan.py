@@ -9,7 +9,8 @@ order, every sample exactly once across ranks.
 
 An epoch can change hands: a run stopped after every rank of W read b batches of B, and resumed on
 W' ranks, continues with what the first segment left, split into W' blocks (`Spans.unread_after`).
-A loader's place in all this is one value, its `ReadPosition`.
+A loader's place in all this is one value, its `ReadPosition` (`pipeline.loader_state`). The orders come from the
+data seed's named streams (`pipeline.seeds`); their rule's version, `ORDER_RULE`, is kept in every loader state.
 
 A rank computes only its own part (`EpochPlan.rank_samples`): the shard order (a term per shard), which places of
 the epoch's order its block covers after the hand-overs (a few runs per hand-over rank), and the sample order of just
@@ -19,64 +20,23 @@ samples plans its epoch as fast as it plans a share of ImageNet (`bench pipeline
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-# The sample-order rule's version, kept in every loader state: a position means something only in the order it was
-# taken in. 1: one generator drew the shard order and then every shard's order (so every rank drew them all);
-# 2: each shard's order has its own generator (`order_in_shard`).
-ORDER_RULE = 2
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Part of an epoch read at one rank count: each of `world_size` ranks read `batches` batches of
-    `local_batch_size` from the start of its block."""
-
-    world_size: int
-    local_batch_size: int
-    batches: int
-
-
-@dataclass(frozen=True)
-class ReadPosition:
-    """Where a rank is in the data: `batch` batches of `epoch` read since the epoch last changed hands, after
-    the `handed_over` segments read at other rank counts or local batch sizes."""
-
-    epoch: int = 0
-    batch: int = 0
-    handed_over: tuple[Segment, ...] = ()
-
-    def at_epoch(self, epoch: int) -> ReadPosition:
-        """Where reading `epoch` starts: here, if this is already a place in it; else its first batch."""
-        return self if epoch == self.epoch else ReadPosition(epoch)
-
-    def after_batch(self) -> ReadPosition:
-        return replace(self, batch=self.batch + 1)
-
-    def rewound(self) -> ReadPosition:
-        """The epoch from its start again (at the hand-over, if it changed hands): an epoch read to its end
-        and iterated again replays."""
-        return replace(self, batch=0)
-
-    def handed_to_new_ranks(self, world_size: int, local_batch_size: int) -> ReadPosition:
-        """Where the new ranks start when a position taken on `world_size` ranks of `local_batch_size` moves to
-        another rank count or batch size: the same epoch, after one more segment."""
-        if not self.batch:
-            return self
-        return ReadPosition(self.epoch, 0, (*self.handed_over, Segment(world_size, local_batch_size, self.batch)))
+from pipeline.loader_state import ReadPosition, Segment
+from pipeline.seeds import stream
 
 
 def shard_order(shard_count: int, seed: int, epoch: int) -> np.ndarray:
     """The order in which an epoch reads the shards."""
-    return np.random.default_rng([seed, epoch]).permutation(shard_count)
+    return stream(seed, "shard order", epoch).permutation(shard_count)
 
 
 def order_in_shard(size: int, seed: int, epoch: int, shard: int) -> np.ndarray:
     """The order in which an epoch reads shard `shard`'s samples: its own generator, so that a rank orders only the
     shards it reads."""
-    return np.random.default_rng([seed, epoch, shard]).permutation(size)
+    return stream(seed, "order in shard", epoch, shard).permutation(size)
 
 
 def whole_epoch_order(shard_sizes: np.ndarray, seed: int, epoch: int) -> np.ndarray:

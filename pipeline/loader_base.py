@@ -6,14 +6,14 @@ benchmarks can swap them:
   drops what does not fill a batch and gives every rank the same number of batches; evaluation
   yields every sample of the split exactly once across ranks (the last batch partial);
 - a fixed seed reproduces the stream; `set_epoch` moves on; `state_dict` captures the position
-  mid-epoch, and `load_state_dict` continues exactly there, or, on another number of ranks or another
-  local batch size, continues the epoch with the samples not yet read, split over the new ranks;
+  mid-epoch (a `pipeline.loader_state.LoaderState`), and `load_state_dict` continues exactly there, or, on another
+  number of ranks or another local batch size, continues the epoch with the samples not yet read, split over the
+  new ranks;
 - `wait_s` / `last_wait_s` tell how long the consumer waited for data (the data stall).
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from pipeline.augment import PRETRAIN, Augmentation
-from pipeline.epoch_plan import ORDER_RULE, EpochPlan, ReadPosition, Segment
+from pipeline.epoch_plan import EpochPlan
+from pipeline.loader_state import DataSet, LoaderState, ReadPosition
 from pipeline.manifest import ShardSet
 from pipeline.sample_table import SampleTable
+from pipeline.seeds import stream_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -136,10 +138,11 @@ class Loader:
         return self.table.keys(self.samples()[batch * b:(batch + 1) * b])
 
     def augmentation_seed(self, position: ReadPosition) -> int:
-        """Seeds one reading's random crops and flips: different per rank, epoch, hand-over and start batch."""
+        """Seeds one reading's random crops and flips: different per rank, epoch, hand-over and start batch (below
+        2**31: DALI's seeds are 32-bit)."""
         handovers = [v for s in position.handed_over for v in asdict(s).values()]
-        parts = [self.spec.seed, position.epoch, self.spec.rank, position.batch, *handovers]
-        return int(np.random.default_rng(parts).integers(2**31 - 1))
+        indices = (position.epoch, self.spec.rank, position.batch, *handovers)
+        return stream_seed(self.spec.seed, "augmentation", *indices) % (2**31 - 1)
 
     # ---------------------------------------------------------------- iteration and position
 
@@ -166,28 +169,25 @@ class Loader:
         self.position = self.position.rewound()  # iterating again replays this epoch; set_epoch moves on
 
     @property
-    def data_identity(self) -> str:
-        return data_identity(self.spec.shards, sum(self.table.shard_sizes))
+    def data_set(self) -> DataSet:
+        """What this loader's positions are positions in."""
+        sizes = self.table.shard_sizes
+        return DataSet.of(sizes, self.spec.seed, data_identity(self.spec.shards, sum(sizes)))
 
-    def state_dict(self) -> dict[str, Any]:
-        spec, position = self.spec, self.position
-        return {"backend": self.backend, "epoch": position.epoch, "position": position.batch, "seed": spec.seed,
-                "rank": spec.rank, "world_size": spec.world_size, "local_batch_size": spec.local_batch_size,
-                "segments": [asdict(s) for s in position.handed_over], **sizes_summary(self.table.shard_sizes),
-                "data": self.data_identity, "order_rule": ORDER_RULE}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where `state` was taken: exactly, at the same rank count and local batch size (the
-        same crops too, where the backend and rank match); otherwise with the rest of that epoch."""
-        check_loader_state(state, self.spec.seed, self.table.shard_sizes, self.data_identity)
-        saved = ReadPosition(state["epoch"], state["position"], tuple(Segment(**s) for s in state["segments"]))
+    def state_dict(self) -> LoaderState:
         spec = self.spec
-        if (state["world_size"], state["local_batch_size"]) == (spec.world_size, spec.local_batch_size):
-            self.position = saved
-            if (state["backend"], state["rank"]) == (self.backend, spec.rank):
-                self._restore_exactly(saved, state)
-        else:
-            self.position = saved.handed_to_new_ranks(state["world_size"], state["local_batch_size"])
+        return LoaderState(self.position, self.data_set, spec.rank, spec.world_size, spec.local_batch_size,
+                           self.backend, self._exact_state())
+
+    def load_state_dict(self, state: LoaderState) -> None:
+        """Continue where `state` was taken: exactly, at the same rank count and local batch size (the same crops
+        too, where the backend and rank match); otherwise with the rest of that epoch. A ValueError where it is a
+        position in other data."""
+        state.check_data(self.data_set)
+        spec = self.spec
+        self.position = state.position_on(spec.world_size, spec.local_batch_size)
+        if self.position == state.position and (state.backend, state.rank) == (self.backend, spec.rank):
+            self._restore_exactly(state)
 
     # ---------------------------------------------------------------- what a backend provides
 
@@ -195,8 +195,12 @@ class Loader:
         """Batches of this rank's `samples(position)` from batch `position.batch` on."""
         raise NotImplementedError
 
-    def _restore_exactly(self, position: ReadPosition, state: dict[str, Any]) -> None:
-        """Backends whose augmentation has state (DALI's random generators) take it here, for `position`."""
+    def _exact_state(self) -> dict[str, Any] | None:
+        """A backend whose augmentation has state (DALI's random generators) gives it here, for `self.position`."""
+        return None
+
+    def _restore_exactly(self, state: LoaderState) -> None:
+        """...and takes it back here, for `state.position`."""
 
     def _epoch_read(self) -> None:
         """The epoch was read to its end: backends free what they held for it."""
@@ -215,36 +219,3 @@ class Loader:
 def data_identity(shards: ShardSet | None, samples: int) -> str:
     """What a reading position belongs to: the shards' fingerprint, or a synthetic split's size."""
     return shards.identity() if shards is not None else f"synthetic {samples}"
-
-
-def sizes_summary(shard_sizes: list[int]) -> dict[str, Any]:
-    """What a loader state keeps of the shard sizes: their count, sum and digest. Not the sizes themselves: at a
-    hundred thousand shards they would cost half a MB per rank per checkpoint."""
-    sizes = np.asarray(shard_sizes, dtype=np.int64)
-    return {"shards": len(sizes), "samples": int(sizes.sum()),
-            "sizes_sha256": hashlib.sha256(sizes.tobytes()).hexdigest()[:16]}
-
-
-def check_loader_state(state: dict[str, Any], seed: int, shard_sizes: list[int], identity: str) -> None:
-    """A ValueError unless a saved loader state is a position in exactly this data (`identity`: `data_identity`;
-    states of older releases, which lack it, are checked by shard sizes alone), this data seed and this sample-order
-    rule (a state at an epoch's start, where nothing of it was read, is a position under any rule)."""
-    if state["seed"] != seed:
-        raise ValueError(f"loader state is for data seed {state['seed']}, this loader has {seed}: the "
-                         "epoch's sample order would differ")
-    ours = sizes_summary(shard_sizes)
-    theirs = {key: state[key] for key in ours} if "sizes_sha256" in state else sizes_summary(state["shard_sizes"])
-    if theirs != ours:
-        raise ValueError(f"loader state was taken on {theirs['samples']} samples in {theirs['shards']} shards, these "
-                         f"shards hold {ours['samples']} in {ours['shards']}: a position in one data set means nothing "
-                         "in another")
-    if state.get("data", identity) != identity:
-        raise ValueError(f"loader state was taken on other shards than these, with the same sizes (data fingerprint "
-                         f"{state['data']}, these shards {identity}: rebuilt with another seed or from other images?): "
-                         "a position in one data set means nothing in another")
-    rule = state.get("order_rule", 1)
-    if rule != ORDER_RULE and (state["position"] or state["segments"]):
-        raise ValueError(f"loader state was taken {state['position']} batches into epoch {state['epoch']} under sample-"
-                         f"order rule {rule}, and this maeflow orders an epoch's samples by rule {ORDER_RULE}: the "
-                         "rest of that epoch would repeat some samples and skip others; resume from a checkpoint "
-                         "taken at an epoch's end, or finish the epoch with the maeflow that started it")

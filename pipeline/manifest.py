@@ -13,7 +13,9 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from pipeline.errors import DataError
-from pipeline.shard_reports import REPORT_KINDS, read_reports
+from pipeline.formats import KEY as FORMAT_KEY
+from pipeline.formats import check_format, stamp
+from pipeline.shard_reports import read_reports
 from pipeline.wds_format import index_path, index_sample_count
 
 
@@ -59,14 +61,13 @@ class Manifest:
     @classmethod
     def load(cls, path: Path) -> Manifest:
         raw = json.loads(Path(path).read_text())
+        check_format("manifest", raw, str(path))
+        raw.pop(FORMAT_KEY)
         raw["shards"] = [ShardRecord(**s) for s in raw["shards"]]
-        for kind in REPORT_KINDS:  # an earlier maeflow kept the reports themselves here
-            if isinstance(raw.get(kind), list):
-                raw[kind] = len(raw[kind])
         return cls(**raw)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1) + "\n"
+        return json.dumps(stamp("manifest", asdict(self)), indent=1) + "\n"
 
 
 @dataclass(frozen=True)

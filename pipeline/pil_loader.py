@@ -19,7 +19,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.augment import Augmentation
-from pipeline.epoch_plan import ReadPosition
 from pipeline.errors import DamagedImage
 from pipeline.loader_base import (
     IMAGENET_MEAN,
@@ -29,7 +28,9 @@ from pipeline.loader_base import (
     LoaderSpec,
     eval_geometry,
 )
+from pipeline.loader_state import ReadPosition
 from pipeline.sample_table import Entries
+from pipeline.seeds import stream
 from pipeline.timm_ops import timm_data_module
 
 
@@ -76,7 +77,7 @@ class ShardSamples(Dataset):
         label = entries.label(item)
         size = self.img_size
         if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, int(entries.samples[item])])
+            rng = stream(self.seed, "pil augmentation", self.epoch, int(entries.samples[item]))
             left, top, w, h = random_resized_crop_box(img.width, img.height, rng, self.augment)
             img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
             if rng.random() < 0.5:

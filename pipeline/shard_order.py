@@ -24,15 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.archives import Entry
+from pipeline.seeds import stream_key
 from pipeline.shard_sources import Candidate, LabelCounts, Labelling, SourceImage, images_only
 
 KEY_BYTES = 16
 DEFAULT_SORT_BUFFER = 200_000  # candidates in memory at once, per worker: about 0.2 GB
 
 
-def order_key(seed: int, name: str) -> bytes:
-    """Where the image named `name` lies in the shuffle of `seed`."""
-    return hashlib.blake2b(name.encode(), digest_size=KEY_BYTES, key=str(seed).encode()).digest()
+def order_key(shuffle: bytes, name: str) -> bytes:
+    """Where the image named `name` lies in the shuffle keyed `shuffle` (the seed's stream_key "shard shuffle")."""
+    return hashlib.blake2b(name.encode(), digest_size=KEY_BYTES, key=shuffle).digest()
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,9 @@ class SpillFile:
 
 def spill(candidates: Iterable[Candidate], seed: int, stem: Path) -> list[SpillFile]:
     """Write the candidates, as the listing streams them, beside their keys, parted by the key's first byte."""
-    lines = (f"{order_key(seed, c.name).hex()}\t{json.dumps([c.name, c.label, c.entry.row()])}\n" for c in candidates)
+    shuffle = stream_key(seed, "shard shuffle")
+    lines = (f"{order_key(shuffle, c.name).hex()}\t{json.dumps([c.name, c.label, c.entry.row()])}\n"
+             for c in candidates)
     return _part(lines, stem, 0)
 
 

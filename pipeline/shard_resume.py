@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.atomic import atomic_path
+from pipeline.formats import check_format, stamp
 from pipeline.manifest import Manifest, ShardRecord
 from pipeline.shard_sources import BuildError
 from pipeline.shard_writing import ShardResult
@@ -46,7 +47,7 @@ class ProgressLog:
         _refuse_other_builds(out, split, plan, source)
         earlier = _earlier_lines(self.path)
         with atomic_path(self.path) as tmp, open(tmp, "wb") as log:
-            log.write((json.dumps({"plan": plan, "source": source}) + "\n").encode())
+            log.write((json.dumps(stamp("build_progress", {"plan": plan, "source": source})) + "\n").encode())
             if earlier:
                 with open(self.path, "rb") as old:
                     for index, (offset, record) in sorted(earlier.items()):
@@ -85,6 +86,7 @@ def _refuse_other_builds(out: Path, split: str, plan: str, source: str) -> None:
     if progress_path.is_file():
         with open(progress_path) as log:
             progress = json.loads(log.readline())
+        check_format("build_progress", progress, str(progress_path))
         if (progress["plan"], progress["source"]) != (plan, source):
             raise BuildError(f"{out} holds an unfinished {split} build of {progress['source']} with other settings or "
                              "files, or by a maeflow that shuffled otherwise; choose another OUT or delete it first")

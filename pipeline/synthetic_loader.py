@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipeline.epoch_plan import ReadPosition
 from pipeline.loader_base import IMAGENET_MEAN, IMAGENET_STD, Batch, Loader, LoaderSpec
+from pipeline.loader_state import ReadPosition
 
 IMAGENET_CLASSES = 1000
 IMAGENET_TRAIN_SAMPLES = 1_281_167  # what a virtual split, and --print-config without data, stands in for

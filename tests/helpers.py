@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from model import MaskedAutoencoderViT
+from pipeline.formats import stamp
 from train.checkpoint import MARK, describe_part
 from train.config import load_config
-from train.engine import mae_from_config
+from train.mae_task import mae_from_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,5 +50,5 @@ def mark_checkpoint(folder: Path, step: int, world_size: int = 1) -> None:
     pointing at it: for checkpoints a test makes by hand."""
     parts = {p.name: describe_part(p) for p in sorted(folder.iterdir()) if p.is_file()}
     state = {"step": step, "epoch": 0, "samples": 16 * step, "world_size": world_size, "jobs": {}}
-    (folder / MARK).write_text(json.dumps({**state, "parts": parts}))
+    (folder / MARK).write_text(json.dumps(stamp("checkpoint", {**state, "parts": parts})))
     (folder.parent / "latest").write_text(folder.name)

@@ -31,12 +31,13 @@ def test_export_names_what_is_missing_or_unwritable(tmp_path, capsys):
     assert "nowhere is not a training output folder (no config.json there)" in one_line_error(capsys)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text("{}")
+    (run / "config.json").write_text(load_config(REPO / "configs" / "tiny.toml").to_json())
     assert export_main([str(run), "--to", str(tmp_path / "x.pth")]) == 2
     assert "holds no complete checkpoint" in one_line_error(capsys)
-    (run / "config.json").write_text("{not json")
-    assert export_main([str(run), "--to", str(tmp_path / "x.pth")]) == 2
-    assert "config.json is not a saved maeflow config" in one_line_error(capsys)
+    for written in ("{not json", "{}", '{"task": "pretrain", "format": 0}'):  # a config of another maeflow's format
+        (run / "config.json").write_text(written)
+        assert export_main([str(run), "--to", str(tmp_path / "x.pth")]) == 2
+        assert "config.json is not a config this maeflow saved" in one_line_error(capsys)
 
 
 def test_export_to_a_folder_that_does_not_exist_is_one_line(tmp_path, capsys):

@@ -71,11 +71,11 @@ def test_report_builds_from_a_fixture_history_and_keeps_devices_apart(tmp_path):
               "config": {}, "interpreter": True, "extra": {}, "ratio": 0.0025}
     history = tmp_path / "history"
     history.mkdir()
-    (history / "2026-11-01-aaaaaaa-gpu-h100.json").write_text(json.dumps({"runs": [
+    (history / "2026-11-01-aaaaaaa-gpu-h100.json").write_text(json.dumps({"format": 1, "runs": [
         fixture_run("2026-11-01T10:00:00+00:00", "aaaaaaa", gpu, [train_record(800.0, 400.0, 0.41)])]}))
-    (history / "2026-11-02-bbbbbbb-gpu-h100.json").write_text(json.dumps({"runs": [
+    (history / "2026-11-02-bbbbbbb-gpu-h100.json").write_text(json.dumps({"format": 1, "runs": [
         fixture_run("2026-11-02T10:00:00+00:00", "bbbbbbb", gpu, [train_record(1000.0, 400.0, 0.52)])]}))
-    (history / "2026-11-02-bbbbbbb-cpu.json").write_text(json.dumps({"runs": [
+    (history / "2026-11-02-bbbbbbb-cpu.json").write_text(json.dumps({"format": 1, "runs": [
         fixture_run("2026-11-02T11:00:00+00:00", "bbbbbbb", cpu, [kernel, train_record(400.0, 250.0, None, "tiny")])]}))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "epoch_hours_3.png").write_bytes(b"a plot of records no longer in the history")

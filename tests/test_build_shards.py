@@ -14,6 +14,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.build_shards import main as build_main
+from pipeline.formats import VERSIONS, FormatError
 from pipeline.manifest import Manifest
 from tests.image_trees import MAX_PIXELS, write_tree
 
@@ -372,15 +373,19 @@ def test_the_builders_memory_does_not_grow_with_the_images_it_rejects(tmp_path):
     assert many - few < 2**19, (few, many)  # held in memory, 9,000 more reports would take over 2 MB
 
 
-def test_a_manifest_from_an_earlier_maeflow_with_its_reports_inline_still_loads(built):
-    """Shards built before the reports moved beside the manifest still train: their reports are counted."""
-    _, out, _ = built
+def test_a_manifest_in_a_format_this_maeflow_does_not_read_is_refused_naming_it(built, capsys):
+    """The format policy (pipeline.formats): a manifest says its format, and one of another is refused in one line,
+    by the loader and by a rebuild into the same folder, never read as if it were this one."""
+    src, out, _ = built
     raw = json.loads((out / "train.json").read_text())
-    raw["rejected"] = list(Manifest.reports(out, "train", "rejected"))
-    raw["converted"] = list(Manifest.reports(out, "train", "converted"))
-    (out / "train.json").write_text(json.dumps(raw))
-    manifest = Manifest.load(out / "train.json")
-    assert (manifest.rejected, manifest.converted, manifest.samples) == (4, 2, 17)
+    assert raw["format"] == VERSIONS["manifest"]
+    for written in ({k: v for k, v in raw.items() if k != "format"}, {**raw, "format": VERSIONS["manifest"] + 1}):
+        (out / "train.json").write_text(json.dumps(written))
+        with pytest.raises(FormatError, match=r"train\.json is a manifest in format .+ and this maeflow reads format"):
+            Manifest.load(out / "train.json")
+        assert build(src, out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "train.json is a manifest in format" in err[0], err
 
 
 def test_every_shard_index_and_manifest_is_on_the_disk_before_it_is_relied_on(tree, tmp_path, monkeypatch):

@@ -5,8 +5,10 @@ import dataclasses
 import pytest
 
 from tests.helpers import REPO
-from train.config import ConfigError, PretrainConfig, config_from_json, describe, flat_fields, load_config
+from train.classifier_task import ClassifierTask
+from train.config import ConfigError, config_from_json, describe, flat_fields, load_config
 from train.finetune import main as finetune_main
+from train.mae_task import MaeTask, PretrainConfig
 from train.pretrain import main as pretrain_main
 from train.recipe import plan_batch
 
@@ -87,7 +89,7 @@ def test_config_errors_are_one_line_before_any_work(shards, tmp_path, capsys):
     ]
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "old" / "checkpoints" / "step00000007").mkdir(parents=True)
-    (tmp_path / "old" / "checkpoints" / "step00000007" / "train_state.json").write_text("{}")
+    (tmp_path / "old" / "checkpoints" / "step00000007" / "train_state.json").write_text("{}")  # complete, to the eye
     (tmp_path / "old" / "checkpoints" / "latest").write_text("step00000007")
     (tmp_path / "logged").mkdir()
     (tmp_path / "logged" / "config.json").write_text("{}")
@@ -135,20 +137,21 @@ def test_a_saved_config_reads_back_and_a_damaged_one_is_named(tmp_path):
     cfg = load_config(REPO / "configs" / "tiny.toml", ["optim.lr=0.5"])
     (tmp_path / "config.json").write_text(cfg.to_json())
     assert dataclasses.asdict(config_from_json(tmp_path / "config.json")) == dataclasses.asdict(cfg)
-    (tmp_path / "config.json").write_text('{"optim": {"lr": ')
-    with pytest.raises(ConfigError, match=r"config.json is not a saved maeflow config"):
-        config_from_json(tmp_path / "config.json")
+    for damaged in ('{"optim": {"lr": ', '{"optim": {"lr": 0.5}}', '{"task": "pretrain", "format": 9}'):
+        (tmp_path / "config.json").write_text(damaged)  # cut short; of no format; of another maeflow's format
+        with pytest.raises(ConfigError, match=r"config.json is not a config this maeflow saved"):
+            config_from_json(tmp_path / "config.json")
 
 
 def test_a_runs_config_json_is_a_config_and_presets_are_found_from_any_folder(tmp_path, monkeypatch):
     cfg = load_config("tiny", ["optim.lr=0.5"])
     (tmp_path / "config.json").write_text(cfg.to_json())
     monkeypatch.chdir(tmp_path)  # not the repository: preset names still resolve
-    again = load_config(tmp_path / "config.json", ["max_steps=3"], task="pretrain")
+    again = load_config(tmp_path / "config.json", ["max_steps=3"], task=MaeTask)
     assert dataclasses.replace(again, max_steps=0) == cfg and load_config("vit_b16_1600ep").model.name == \
         "mae_vit_base_patch16"
-    with pytest.raises(ConfigError, match=r"is a pre-training preset: run it with train/pretrain\.py"):
-        load_config(tmp_path / "config.json", task="finetune")
+    with pytest.raises(ConfigError, match=r"is a MAE pre-training preset: run it with train/pretrain\.py"):
+        load_config(tmp_path / "config.json", task=ClassifierTask)
 
 
 @pytest.mark.parametrize("threads", [16 // 8, 12])  # a 16-core node of 8 ranks; train/slurm.sbatch's 12 per rank

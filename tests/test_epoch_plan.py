@@ -9,7 +9,8 @@ import pytest
 
 from pipeline import build_loader
 from pipeline import epoch_plan as plan_module
-from pipeline.epoch_plan import EpochPlan, ReadPosition, Segment, order_in_shard, whole_epoch_order
+from pipeline.epoch_plan import EpochPlan, order_in_shard, whole_epoch_order
+from pipeline.loader_state import ReadPosition, Segment
 
 SHARDS = [5, 7, 6, 4]  # samples per shard
 

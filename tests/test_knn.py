@@ -135,11 +135,11 @@ def test_the_evaluator_reads_an_export_and_a_reference_layout_file(sample_shards
     assert result["linear_probe_top1"] > 0.6 and result["knn_top1_patch_mean"] > 0.6
     # A train.export file carries its config, so no --model is needed; same weights, same result.
     exported = tmp_path / "exported.pth"
-    from dataclasses import asdict
-
+    from pipeline.formats import stamp
     from train.config import load_config
-    torch.save({"model": model.state_dict(), "maeflow": {"config": asdict(load_config("configs/tiny.toml"))}},
-               exported)
+
+    provenance = stamp("weights", {"config": load_config("configs/tiny.toml").to_dict()})  # as train.export writes
+    torch.save({"model": model.state_dict(), "maeflow": provenance}, exported)
     assert evaluate_main([str(exported), "--data", str(sample_shards), "--probe-epochs", "0", "--out",
                           str(tmp_path / "exported.json")]) == 0
     again = json.loads((tmp_path / "exported.json").read_text())

@@ -486,8 +486,8 @@ def test_the_keys_named_here_stay_this_epochs_while_the_next_epoch_is_planned_in
     import threading
     import time
 
-    from pipeline.epoch_plan import ReadPosition
     from pipeline.loader_base import Loader
+    from pipeline.loader_state import ReadPosition
 
     loader = open_loader(id_shards, "dali", local_batch_size=4, img_size=16, rank=0, world_size=2)
     loader.set_epoch(0)

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from tests.helpers import tiny_preset_model
-from train.config import ConfigError, OptimConfig, PretrainConfig, load_config
+from train.config import ConfigError, OptimConfig, load_config
+from train.mae_task import PretrainConfig
 from train.recipe import build_optimizer, lr_at, peak_lr, plan_batch
 
 

@@ -10,20 +10,22 @@ import pytest
 import torch
 
 from pipeline.build_shards import main as build_shards
-from pipeline.epoch_plan import ReadPosition
+from pipeline.loader_state import LoaderState, ReadPosition
 from tests.helpers import REPO, mark_checkpoint
 from train.checkpoint import ResumeError, TrainState, resume_tag
-from train.config import ConfigError, load_config
-from train.resume import ResumePlan, config_changes, plan_resume
+from train.config import ConfigError, builtin_task, load_config
+from train.mae_task import MaeTask
+from train.resume import FIXED_ON_RESUME, ResumePlan, config_changes, plan_resume
 from train.run_folder import FolderInUse, existing_run, keep_config, lock_folder, set_aside_branch
 
 
-def fake_checkpoint(output, step: int, loader_state: dict | None = None) -> str:
+def fake_checkpoint(output, step: int, loader_state: LoaderState | None = None) -> str:
     """A complete checkpoint as far as the resume plan reads one: train state and rank 0's loader state."""
     tag = f"step{step:08d}"
     folder = output / "checkpoints" / tag
     folder.mkdir(parents=True)
-    torch.save({"loader": loader_state or {}, "noise_rng": None}, folder / "rank00000.pt")
+    loader = loader_state.to_dict() if loader_state else {}
+    torch.save({"loader": loader, "noise_rng": None}, folder / "rank00000.pt")
     mark_checkpoint(folder, step, world_size=2)
     return tag
 
@@ -125,8 +127,9 @@ def test_a_resume_that_would_change_the_model_or_the_data_order_is_refused():
                                ("finetune_tiny", "finetune.mode", "linear_probe"),
                                ("finetune_tiny", "finetune.num_classes", "10")):
         saved = load_config(REPO / "configs" / f"{preset}.toml")
+        fixed = FIXED_ON_RESUME + builtin_task(saved.TASK).fixed_on_resume  # those every task keeps, and its own
         with pytest.raises(ConfigError, match=f"--resume cannot change {key}"):
-            config_changes(saved, load_config(REPO / "configs" / f"{preset}.toml", [f"{key}={value}"]))
+            config_changes(saved, load_config(REPO / "configs" / f"{preset}.toml", [f"{key}={value}"]), fixed)
 
 
 def test_a_resume_onto_resharded_data_is_refused_before_anything_is_written(shards, tmp_path):
@@ -139,7 +142,7 @@ def test_a_resume_onto_resharded_data_is_refused_before_anything_is_written(shar
     output = tmp_path / "run"
     fake_checkpoint(output, 6, loader.state_dict())
     (output / "config.json").write_text(cfg.to_json())
-    assert plan_resume(output, "step00000006", cfg, 2).tag == "step00000006"
+    assert plan_resume(output, "step00000006", cfg, 2, MaeTask).tag == "step00000006"
     images = shards.parent / "images" / "train"
     assert build_shards([str(images), str(tmp_path / "resharded"), "--shard-size-mb", "0.2", "--workers", "1",
                          "--quiet"]) == 0
@@ -148,7 +151,7 @@ def test_a_resume_onto_resharded_data_is_refused_before_anything_is_written(shar
     before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
     with pytest.raises(ResumeError, match=r"--resume from .*step00000006 with --data .*resharded: loader state was "
                                           r"taken on 64 samples in 3 shards, these shards hold 64 in \d+"):
-        plan_resume(output, "step00000006", moved, 2)
+        plan_resume(output, "step00000006", moved, 2, MaeTask)
     assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
     # The same images in shards of the same sizes, another order (another --seed): a position there would read
     # other samples, some twice and some never.
@@ -164,33 +167,38 @@ def test_a_resume_onto_resharded_data_is_refused_before_anything_is_written(shar
         data = load_config(REPO / "configs" / "tiny.toml", [f"data.shards={tmp_path / f'seed{seed}'}",
                                                             f"output={other}"])
         if not refused:
-            assert plan_resume(other, "step00000006", data, 2).tag == "step00000006"
+            assert plan_resume(other, "step00000006", data, 2, MaeTask).tag == "step00000006"
             continue
         with pytest.raises(ResumeError, match="loader state was taken on other shards than these, with the same "
                                               "sizes"):
-            plan_resume(other, "step00000006", data, 2)
+            plan_resume(other, "step00000006", data, 2, MaeTask)
 
 
-def test_a_position_taken_mid_epoch_under_the_old_sample_order_is_refused_and_one_at_an_epoch_start_is_not(
+def test_a_position_taken_mid_epoch_under_another_sample_order_is_refused_and_one_at_an_epoch_start_is_not(
         shards, tmp_path):
-    """Checkpoints of the release before `ORDER_RULE` 2 hold positions in rule 1's order (no `order_rule` key): the
-    rest of an epoch started under it would repeat and skip samples, so only a state at an epoch's start resumes."""
+    """A loader state keeps the sample-order rule its position was taken under (`ORDER_RULE`): the rest of an epoch
+    started under another would repeat and skip samples, so only a position at an epoch's start resumes there."""
+    from dataclasses import replace
+
     from pipeline import build_loader
+    from pipeline.loader_state import ORDER_RULE
 
     loader = build_loader(shards, local_batch_size=8, img_size=16, device="cpu", backend="pil", num_threads=1)
     loader.set_epoch(3)
     next(iter(loader))
-    old_mid_epoch = {k: v for k, v in loader.state_dict().items() if k != "order_rule"}
+    state = loader.state_dict()
+    other_rule = replace(state, data=replace(state.data, order_rule=ORDER_RULE - 1))
     output = tmp_path / "run"
     cfg = load_config(REPO / "configs" / "tiny.toml", [f"data.shards={shards}", f"output={output}"])
-    fake_checkpoint(output, 6, old_mid_epoch)
+    fake_checkpoint(output, 6, other_rule)
     (output / "config.json").write_text(cfg.to_json())
-    with pytest.raises(ResumeError, match=r"loader state was taken 1 batches into epoch 3 under sample-order rule 1, "
-                                          r"and this maeflow orders an epoch's samples by rule 2"):
-        plan_resume(output, "step00000006", cfg, 2)
-    loader.load_state_dict({**old_mid_epoch, "position": 0})  # at an epoch's start: nothing of it was read
+    with pytest.raises(ResumeError, match=rf"loader state was taken 1 batches into epoch 3 under sample-order rule "
+                                          rf"{ORDER_RULE - 1}, and this maeflow orders an epoch's samples by rule "
+                                          rf"{ORDER_RULE}"):
+        plan_resume(output, "step00000006", cfg, 2, MaeTask)
+    loader.load_state_dict(replace(other_rule, position=ReadPosition(3)))  # at an epoch's start: nothing was read
     assert loader.position == ReadPosition(3)
-    loader.load_state_dict(loader.state_dict() | {"position": 1})  # this rule's own states resume mid-epoch
+    loader.load_state_dict(replace(state, position=ReadPosition(3, 1)))  # this rule's own states resume mid-epoch
     assert loader.position == ReadPosition(3, 1)
 
 

@@ -117,7 +117,7 @@ def test_a_preset_given_to_the_other_tasks_script_is_refused_naming_the_right_on
 
 def test_each_task_config_holds_only_what_that_task_reads(capsys):
     assert finetune.main(["--config", "finetune_tiny", "--set", "model.mask_ratio=0.5", "--print-config"]) == 2
-    assert "model.mask_ratio is a setting of pre-training (train/pretrain.py)" in capsys.readouterr().err
+    assert "model.mask_ratio is a setting of MAE pre-training (train/pretrain.py)" in capsys.readouterr().err
     assert pretrain.main(["--config", "tiny", "--set", "finetune.mode=linear_probe", "--print-config"]) == 2
     assert "finetune.mode is a setting of fine-tuning (train/finetune.py)" in capsys.readouterr().err
     assert finetune.main(["--config", "finetune_tiny", "--print-config"]) == 0
@@ -186,9 +186,9 @@ def test_the_best_top1_so_far_is_the_jobs_state_so_best_pth_never_gets_worse(sha
         job.run(step=6, finished_epochs=2)
         top1 = [json.loads(line)["top1"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
         assert job.state_dict() == {"best_top1": top1[-1]} and (tmp_path / "best.pth").is_file()
-        legacy = Top1Job(ctx, model, model, ctx.loader("val", train=False))
-        legacy.load_state_dict(None)  # a checkpoint of an older release: the run's evaluations say
-        assert legacy.state_dict() == {"best_top1": max(top1)}
+        switched_on = Top1Job(ctx, model, model, ctx.loader("val", train=False))
+        switched_on.load_state_dict(None)  # a job the checkpoint holds nothing of (evaluation switched on since)
+        assert switched_on.state_dict() == {"best_top1": -1.0}
 
 
 def test_the_loop_never_waits_on_the_device_nor_on_the_other_ranks_between_log_steps(one_rank, tmp_path,
@@ -425,7 +425,7 @@ def test_a_checkpoint_with_no_room_is_refused_in_one_line_and_the_last_one_resum
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["latest", "step00000002"]
     written = sum(f.stat().st_size for f in (output / "checkpoints" / "step00000002").rglob("*"))
     with torch.device("meta"):  # --print-config's estimate, from the shapes alone
-        estimate = estimated_checkpoint_bytes(MaeTask.model_shape(load_config("tiny", [], task="pretrain")))
+        estimate = estimated_checkpoint_bytes(MaeTask.model_shape(load_config("tiny", [], task=MaeTask)))
     assert abs(estimate - written) < 0.03 * written, (estimate, written)
     # Resumable from it (here to a step that writes no checkpoint, the disk being as full as it was).
     assert pretrain.main([*argv, "--max-steps", "3", "--resume", "--set", "checkpoint.at_end=false"]) == 0, \

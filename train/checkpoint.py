@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.atomic import atomic_path, atomic_write_text, fsync_path
+from pipeline.formats import check_format, stamp
 from train.cadence import CheckpointCadence, EveryEpochs
 from train.config import CheckpointConfig
 
@@ -86,8 +87,16 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("step") and (p / MARK).is_file())
 
 
+def read_mark(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """A checkpoint's completion mark: its run state and its parts (FormatError in another format)."""
+    path = ckpt_dir / tag / MARK
+    mark = json.loads(path.read_text())
+    check_format("checkpoint", mark, str(path))
+    return mark
+
+
 def read_train_state(ckpt_dir: Path, tag: str) -> TrainState:
-    mark = json.loads((ckpt_dir / tag / MARK).read_text())
+    mark = read_mark(ckpt_dir, tag)
     return TrainState(**{f.name: mark[f.name] for f in fields(TrainState)})
 
 
@@ -124,8 +133,8 @@ def damage(ckpt_dir: Path, tag: str) -> str | None:
     mark that cannot be read), in a few words; None when it is sound."""
     folder = ckpt_dir / tag
     try:
-        parts = json.loads((folder / MARK).read_text())["parts"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        parts = read_mark(ckpt_dir, tag)["parts"]
+    except (OSError, ValueError, KeyError, TypeError) as err:  # FormatError is a ValueError
         return f"its completion mark {MARK} cannot be read ({type(err).__name__}: {err})"
     for name, written in sorted(parts.items()):
         path = folder / name
@@ -241,7 +250,8 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: 
         for name, text in extra.items():
             atomic_write_text(tag_dir / name, text)
             listed[name] = describe_part(tag_dir / name)
-        atomic_write_text(tag_dir / MARK, json.dumps({**asdict(state), "parts": listed}))  # marks it complete
+        mark = stamp("checkpoint", {**asdict(state), "parts": listed})
+        atomic_write_text(tag_dir / MARK, json.dumps(mark))  # marks it complete
         point_latest_at(ckpt_dir, tag)
         prune_checkpoints(ckpt_dir, keep_last, tag)
     dist.barrier(group=group)

@@ -2,17 +2,17 @@
 appendix A.2 and A.3): the ViT classifier, its recipe's optimizer groups, the batch augmentation and soft-target
 loss, and the top-1/top-5 evaluation that keeps the best weights as OUTPUT/best.pth.
 
-Every random draw of a step (erasing, mixing, drop path) comes from the task's own streams, seeded by (seed, rank,
-step, micro-batch) alone: a resumed run augments exactly as an unbroken one, on any rank count, with nothing to
-save.
+Every random draw of a step (erasing, mixing, drop path) comes from the task's own streams, seeded by the run's
+stream "batch augmentation" at (rank, step, micro-batch) alone (`pipeline.seeds`): a resumed run augments exactly
+as an unbroken one, on any rank count, with nothing to save.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import deepspeed
 import numpy as np
@@ -27,9 +27,12 @@ from pipeline import Loader
 from pipeline.atomic import atomic_path
 from pipeline.augment import Augmentation
 from pipeline.batch_augment import MixConfig, draw_mix, mix_batch, random_erase, smooth_targets
+from pipeline.formats import stamp
 from pipeline.manifest import check_same_classes, resolve_shards
+from pipeline.seeds import stream_seed
 from pipeline.synthetic_loader import IMAGENET_CLASSES, SYNTHETIC_CLASSES
-from train.config import ClassifierRecipe, ConfigError, FinetuneConfig, config_from_json
+from train.config import ConfigError, RunConfig, RuntimeConfig, config_from_json, setting
+from train.engine import evaluating
 from train.export import consolidated_state_dict
 from train.recipe import build_optimizer, layer_decay_groups
 from train.task import MicroBatch, PeriodicJob, RunContext, Task
@@ -37,9 +40,56 @@ from train.task import MicroBatch, PeriodicJob, RunContext, Task
 BEST_WEIGHTS = "best.pth"
 
 
+@dataclass
+class ClassifierRecipe:
+    """The [finetune] section (He et al. 2021, appendix A.2 and A.3)."""
+
+    mode: Literal["finetune", "linear_probe"] = setting(
+        "finetune", "finetune (every weight trains, pooled patch tokens) or linear_probe (frozen "
+        "encoder, class token, BN + head)")
+    num_classes: int = setting(
+        0, "classes of the head; 0 = the train split's classes (its manifest)")
+    layer_decay: float = setting(
+        0.75, "layer-wise lr decay: block i of d trains at lr x layer_decay^(d - i), the "
+        "embeddings at ^(d + 1); 1 = off")
+    drop_path: float = setting(
+        0.1, "stochastic depth of the last block (rising linearly from 0 at the first)")
+    label_smoothing: float = setting(0.1, "target mass spread evenly over all classes")
+    mixup_alpha: float = setting(0.8, "mixup's Beta(alpha, alpha) mixing weight (0 = off)")
+    cutmix_alpha: float = setting(1.0, "cutmix's Beta(alpha, alpha) kept area (0 = off)")
+    mix_switch_prob: float = setting(
+        0.5, "with mixup and cutmix on: the probability a batch uses cutmix")
+    rand_augment_layers: int = setting(
+        2, "RandAugment ops per image, each applied with probability 0.5 (0 = off)")
+    rand_augment_magnitude: int = setting(9, "RandAugment level of every op, of 10")
+    erase_prob: float = setting(0.25, "probability an image gets a random-erasing box of noise")
+    crop_min_scale: float = setting(0.08, "smallest area fraction of the random resized crop")
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """Fine-tuning and the linear probe (train/finetune.py)."""
+
+    TASK: ClassVar[str] = "finetune"
+    finetune: ClassifierRecipe = field(default_factory=ClassifierRecipe)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        ft = self.finetune
+        return [(ft.num_classes >= 0 and ft.layer_decay > 0 and 0 <= ft.drop_path < 1 and 0 <= ft.label_smoothing < 1
+                 and min(ft.mixup_alpha, ft.cutmix_alpha) >= 0 and 0 <= ft.mix_switch_prob <= 1
+                 and 0 <= ft.erase_prob <= 1 and ft.rand_augment_layers >= 0
+                 and 0 <= ft.rand_augment_magnitude <= 10 and 0 < ft.crop_min_scale <= 1,
+                 "finetune: num_classes >= 0, layer_decay > 0, drop_path and label_smoothing in [0, 1), mixup_alpha "
+                 "and cutmix_alpha >= 0, mix_switch_prob and erase_prob in [0, 1], rand_augment_layers >= 0, "
+                 "rand_augment_magnitude in [0, 10], crop_min_scale in (0, 1]")]
+
+
 class ClassifierTask(Task):
     config_type = FinetuneConfig
     name = "fine-tuning"
+    script = "train/finetune.py"
+    example_preset = "finetune_vit_b16"
+    fixed_on_resume = ("finetune.mode", "finetune.num_classes")  # the head's shape, what trains
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
@@ -94,7 +144,7 @@ class ClassifierTask(Task):
     def loss(self, engine: Any, images: torch.Tensor, labels: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
         """Cross-entropy against soft targets: erased, mixed images with smoothed labels (the probe: neither)."""
         ft = self.cfg.finetune
-        seed = hash((self.cfg.runtime.seed, self.ctx.rank, micro.step, micro.index)) % 2**63
+        seed = stream_seed(self.cfg.runtime.seed, "batch augmentation", self.ctx.rank, micro.step, micro.index)
         self.drop_path.manual_seed(seed)
         if self.probe:
             targets = smooth_targets(labels, self.num_classes, 0.0)
@@ -123,10 +173,7 @@ class ClassifierTask(Task):
         if untrained:
             raise WeightsError(f"{weights} is not a classifier of this config: it lacks {', '.join(untrained)}")
         model = model.to(self.ctx.device, self.ctx.dtype)  # the images' dtype: bf16 only for bf16 weights
-        autocast = torch.autocast(self.ctx.device.type, torch.bfloat16,
-                                  enabled=self.cfg.runtime.precision == "autocast_bf16")
-        with autocast:
-            return evaluate_classifier(model, loader, self.ctx.device)
+        return evaluate_classifier(model, loader, self.cfg.runtime, self.ctx.device, gather=False)
 
 
 class Top1Job(PeriodicJob):
@@ -144,16 +191,11 @@ class Top1Job(PeriodicJob):
         return {"best_top1": self.best_top1}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if state is None:  # a checkpoint of an older release: the branch's evaluations say (a rollback set later
-            # records aside), read from metrics.jsonl rather than by every rank from best.pth (GBs at ViT-H)
-            metrics = self.ctx.output / "metrics.jsonl"
-            records = map(json.loads, metrics.read_text().splitlines()) if metrics.is_file() else []
-            state = {"best_top1": max((r["top1"] for r in records if "top1" in r), default=-1.0)}
-        self.best_top1 = state["best_top1"]
+        self.best_top1 = -1.0 if state is None else state["best_top1"]
 
     def run(self, step: int, finished_epochs: int) -> None:
         began, ctx = time.perf_counter(), self.ctx
-        result = evaluate_classifier(self.engine, self.val_loader, ctx.device)
+        result = evaluate_classifier(self.engine, self.val_loader, ctx.cfg.runtime, ctx.device, gather=False)
         ctx.metrics.record({"step": step, "epoch": finished_epochs, **result, "eval_s": time.perf_counter() - began})
         top1, top5 = result["top1"], result["top5"]
         best = top1 > self.best_top1
@@ -171,22 +213,22 @@ class Top1Job(PeriodicJob):
             if self.ctx.is_main:
                 state = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
                 with atomic_path(self.ctx.output / BEST_WEIGHTS) as tmp:
-                    torch.save({"model": state, "maeflow": {**result, "config": self.ctx.cfg.to_dict()}}, tmp)
+                    provenance = stamp("weights", {**result, "config": self.ctx.cfg.to_dict()})
+                    torch.save({"model": state, "maeflow": provenance}, tmp)
 
 
-def evaluate_classifier(model: Any, loader: Loader, device: torch.device) -> dict[str, Any]:
-    """Collective: top-1, top-5 and the mean loss of `model` (a module or DeepSpeed's engine) over every image
-    `loader` gives the ranks together, and how many there were."""
+def evaluate_classifier(model: Any, loader: Loader, runtime: RuntimeConfig, device: torch.device,
+                        gather: bool) -> dict[str, Any]:
+    """Collective: top-1, top-5 and the mean loss of `model` (a module, or DeepSpeed's engine: `gather` False) over
+    every image `loader` gives the ranks together, and how many there were."""
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images, loss
-    model.eval()
     loader.set_epoch(0)
-    with torch.no_grad():
+    with evaluating(model, runtime, device, gather):
         for images, labels in loader:
             logits = model(images).float()
             top1, top5 = top_hits(logits, labels)
             totals += torch.stack([top1, top5, labels.new_tensor(len(labels)),
                                    F.cross_entropy(logits, labels, reduction="sum")]).to(totals)
-    model.train()
     dist.all_reduce(totals)
     images = float(totals[2])
     return {"top1": float(totals[0]) / images, "top5": float(totals[1]) / images,

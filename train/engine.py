@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import MaskedAutoencoderViT, build_mae
 from model.hooks import TransformerHooks
-from train.config import ConfigError, PretrainConfig, RunConfig
+from train.config import ConfigError, RunConfig, RuntimeConfig
 from train.distributed import local_rank
 from train.recipe import BatchPlan
 
@@ -38,13 +38,6 @@ DERIVED_KEYS = {
 }
 ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                       "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-
-
-def mae_from_config(cfg: PretrainConfig) -> MaskedAutoencoderViT:
-    """The MAE a pre-training config describes: its preset at the loader's resolution, with its loss and kernels."""
-    model = build_mae(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
-    model.kernels = cfg.runtime.kernels
-    return model
 
 
 def image_dtype(cfg: RunConfig) -> torch.dtype:
@@ -119,6 +112,25 @@ def weights_cast_once(device: torch.device) -> contextlib.AbstractContextManager
     step run outside autocast, as they would without it. It ends right after the optimizer step, so no copy outlives
     the weights it was made from."""
     return torch.autocast(device.type, enabled=False)
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module, runtime: RuntimeConfig, device: torch.device,
+               gather: bool = True) -> Iterator[None]:
+    """An evaluation's forward passes, alike for every job and command: `module` in eval mode (and back to what it
+    was after), no gradients, bf16 autocast where the run computes under it (`runtime.precision` autocast_bf16), the
+    run's attention backend, and under ZeRO-3 every rank's slices of the weights gathered (`gather` False for
+    DeepSpeed's engine, whose forward gathers them itself)."""
+    gathered = deepspeed.zero.GatheredParameters(list(module.parameters()),
+                                                 enabled=gather and runtime.zero_stage == 3)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=runtime.precision == "autocast_bf16")
+    was_training = module.training
+    module.eval()
+    try:
+        with gathered, autocast, attention_backend(runtime.attention), torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
 
 
 @contextlib.contextmanager

@@ -22,15 +22,19 @@ from torch import nn
 
 from model import MaskedAutoencoderViT, build_mae, load_reference_weights
 from model.weights import load_weights_file
-from train.config import config_from_dict, config_from_json
-from train.engine import mae_from_config
+from pipeline.formats import check_format
+from train.config import RuntimeConfig, config_from_dict, config_from_json
+from train.engine import evaluating
 from train.export import consolidated_state_dict
 from train.knn import Embedded, knn_monitor, knn_top1
+from train.mae_task import mae_from_config
 
 
-def load_encoder(source: Path, tag: str, preset: str | None, img_size: int) -> tuple[MaskedAutoencoderViT, str]:
-    """The model to evaluate and where its weights came from: a run folder, a train.export file (which
-    records its config), or a reference-layout file of the preset `preset`."""
+def load_encoder(source: Path, tag: str, preset: str | None,
+                 img_size: int) -> tuple[MaskedAutoencoderViT, str, RuntimeConfig]:
+    """The model to evaluate, where its weights came from, and how its run computed (its precision and attention;
+    a reference-layout file of the preset `preset` has no run: the defaults). `source`: a run folder, a
+    train.export file (which records its config) or a reference-layout file."""
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such run folder or weight file")
     if source.is_dir():
@@ -38,17 +42,20 @@ def load_encoder(source: Path, tag: str, preset: str | None, img_size: int) -> t
         state, provenance = consolidated_state_dict(source, tag)
         model = mae_from_config(cfg)
         model.load_state_dict(state)
-        return model, provenance["checkpoint"]
+        return model, provenance["checkpoint"], cfg.runtime
     saved = load_weights_file(source)
+    runtime = RuntimeConfig()
     if isinstance(saved, dict) and "maeflow" in saved:
-        model = mae_from_config(config_from_dict(saved["maeflow"]["config"]))
+        check_format("weights", saved["maeflow"], str(source))
+        cfg = config_from_dict(saved["maeflow"]["config"])
+        model, runtime = mae_from_config(cfg), cfg.runtime
     elif preset:
         model = build_mae(preset, img_size=img_size)
     else:
         raise ValueError(f"{source} does not say which model it holds: pass --model (e.g. mae_vit_base_patch16)")
     if not isinstance(saved, dict):
         raise ValueError(f"{source}: expected {{'model': state_dict}} or a state dict")
-    return model, f"{source} ({load_reference_weights(model, saved)})"
+    return model, f"{source} ({load_reference_weights(model, saved)})", runtime
 
 
 def linear_probe(train: Embedded, val: Embedded, epochs: int, batch: int = 256, base_lr: float = 1.0) -> float:
@@ -99,21 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(bad[0])
     try:
-        model, origin = load_encoder(Path(args.source), args.tag, args.model, args.img_size)
+        model, origin, runtime = load_encoder(Path(args.source), args.tag, args.model, args.img_size)
         monitor = knn_monitor(args.data, args.split, args.train_samples, args.val_samples,
                              local_batch_size=args.batch, img_size=model.img_size[0])
     except (FileNotFoundError, ValueError, RuntimeError) as err:  # ResumeError and ConfigError among them
         print(f"error: {err}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
-
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            return model.forward_features(images)
-
-    with torch.no_grad():
-        memory, queries = monitor.embed(encode, device)
+    model = model.to(device)
+    with evaluating(model, runtime, device, gather=False):  # as the run's own evaluation computes (whole weights)
+        memory, queries = monitor.embed(model.forward_features, device)
     result = {"source": origin, **knn_top1(memory, queries, args.k, args.temperature)}
     if args.probe_epochs:
         result["linear_probe_top1"] = linear_probe(memory, queries, args.probe_epochs)

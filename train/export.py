@@ -21,9 +21,10 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from model.vit import build_classifier
 from model.weights import DECODER_PREFIXES, load_weights_file
 from pipeline.atomic import atomic_path
+from pipeline.formats import stamp
 from train.checkpoint import LATEST, sound_resume_tag
-from train.config import config_from_json
-from train.engine import mae_from_config
+from train.config import ConfigError, config_from_json
+from train.mae_task import mae_from_config
 
 
 def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[str, torch.Tensor], dict]:
@@ -41,19 +42,19 @@ def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[st
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:  # ZeRO stage 0 in fp32: no optimizer shards, the module's own weights are the full ones
         weights = load_weights_file(ckpt_dir / tag / "mp_rank_00_model_states.pt")["module"]
-    head = weights.get("head.weight", weights.get("head.1.weight"))
-    if head is not None and cfg.TASK != "finetune":  # a config written before configs named their task
-        cfg = config_from_json(output / "config.json", task="finetune")
-    if head is not None:  # a train/finetune.py run: its classifier
+    if cfg.TASK == "finetune":  # its classifier, the head as the checkpoint holds it
+        head = weights.get("head.weight", weights.get("head.1.weight"))
         model = build_classifier(cfg.model.name, cfg.data.img_size, head.shape[0],
                                  probe=cfg.finetune.mode == "linear_probe")
-    else:
+    elif cfg.TASK == "pretrain":
         model = mae_from_config(cfg)
+    else:
+        raise ConfigError(f"{output} is a run of task {cfg.TASK!r}: export writes pre-training and fine-tuning runs")
     # The sin-cos position embeddings are frozen and fixed by the config: rebuild any DeepSpeed omitted.
     fixed = {k: v for k, v in model.state_dict().items() if k not in weights and "pos_embed" in k}
     model.load_state_dict({**weights, **fixed}, strict=True)
     state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    return state, {"config": cfg.to_dict(), "checkpoint": str(ckpt_dir / tag)}
+    return state, stamp("weights", {"config": cfg.to_dict(), "checkpoint": str(ckpt_dir / tag)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from pipeline.loader import dali_available, default_threads, sample_counts
 from pipeline.synthetic_loader import IMAGENET_TRAIN_SAMPLES
 from train.checkpoint import estimated_checkpoint_bytes, resume_tag
-from train.config import TASK_SCRIPTS, ConfigError, RunConfig, describe, load_config
+from train.config import ConfigError, RunConfig, describe, load_config
 from train.distributed import join_process_group, leave_process_group
 from train.engine import deepspeed_config, image_dtype
 from train.metrics import MetricsLog
@@ -33,13 +33,10 @@ from train.run_folder import existing_run
 from train.task import RunContext, Task
 from train.trainer import Trainer
 
-EXAMPLE_PRESETS = {"pretrain": "vit_h14_1600ep", "finetune": "finetune_vit_b16"}
-
 
 def parse_args(argv: list[str] | None, task: type[Task]) -> argparse.Namespace:
-    kind = task.config_type.TASK
-    parser = argparse.ArgumentParser(prog=TASK_SCRIPTS[kind], description=f"{task.name} with DeepSpeed ZeRO")
-    parser.add_argument("--config", help=f"preset file, or a name in configs/ (e.g. {EXAMPLE_PRESETS[kind]})")
+    parser = argparse.ArgumentParser(prog=task.script, description=f"{task.name} with DeepSpeed ZeRO")
+    parser.add_argument("--config", help=f"preset file, or a name in configs/ (e.g. {task.example_preset})")
     parser.add_argument("--data", help="shard folder or brace pattern (sets data.shards)")
     parser.add_argument("--output", help="output folder (sets output)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
@@ -110,7 +107,7 @@ def checked_config(args: argparse.Namespace, task: type[Task]) -> RunConfig:
                       (args.log_every, "log.log_every")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
-    cfg = load_config(args.config, overrides, task=task.config_type.TASK)
+    cfg = load_config(args.config, overrides, task=task)
     if args.print_config:
         return cfg
     if args.eval is not None:

@@ -6,26 +6,106 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import deepspeed
 import torch
 
-from model import MaskedAutoencoderViT, load_reference_weights
+from model import KernelChoice, MaskedAutoencoderViT, build_mae, load_reference_weights
 from model.flops import mae_train_flops
 from pipeline.errors import DataError
 from pipeline.manifest import check_same_classes
-from train.config import ConfigError, PretrainConfig
-from train.engine import attention_backend, mae_from_config
+from pipeline.seeds import stream_seed
+from train.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    ModelConfig,
+    RunConfig,
+    RuntimeConfig,
+    setting,
+)
+from train.engine import evaluating
 from train.knn import KnnMonitor
 from train.task import MicroBatch, PeriodicJob, RunContext, Task
 from train.viz import fixed_images, fixed_noise, reconstruction_grid, save_reconstruction
 
 
+@dataclass
+class MaeModelConfig(ModelConfig):
+    norm_pix_loss: bool = setting(
+        True, "regress per-patch normalized pixels (the paper's best setting)")
+    mask_ratio: float = setting(0.75, "fraction of patches removed from each image")
+
+
+@dataclass
+class MaeDataConfig(DataConfig):
+    viz_split: str = setting(
+        "val", "split holding the fixed reconstruction images (falls back to train if absent)")
+
+
+@dataclass
+class MaeRuntimeConfig(RuntimeConfig):
+    mask_seed: int = setting(
+        0, "seeds the masks; a --resume with another value draws other masks from there on (a "
+        "loss-spike remedy)")
+    kernels: KernelChoice = setting(
+        "auto", "masking and loss: auto (Triton where it runs, checked at start), triton (insist) "
+        "or torch (references)")
+
+
+@dataclass
+class MaeLogConfig(LogConfig):
+    viz_every: int = setting(
+        20, "epochs between reconstruction images (one is always written at the end)")
+    viz_images: int = setting(4, "images in the reconstruction grid")
+
+
+@dataclass
+class KnnConfig(EvalConfig):
+    train_samples: int = setting(
+        100_000, "train-split samples embedded as the k-NN memory (0 = all)")
+    val_samples: int = setting(0, "held-out samples classified (0 = all)")
+    k: int = setting(20, "neighbours voting")
+    temperature: float = setting(0.07, "votes are weighted exp(cosine similarity / temperature)")
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """MAE pre-training (train/pretrain.py)."""
+
+    TASK: ClassVar[str] = "pretrain"
+    model: MaeModelConfig = field(default_factory=MaeModelConfig)
+    data: MaeDataConfig = field(default_factory=MaeDataConfig)
+    runtime: MaeRuntimeConfig = field(default_factory=MaeRuntimeConfig)
+    log: MaeLogConfig = field(default_factory=MaeLogConfig)
+    eval: KnnConfig = field(default_factory=KnnConfig)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return [
+            (0 <= self.model.mask_ratio < 1, f"model.mask_ratio must be in [0, 1), got {self.model.mask_ratio}"),
+            (self.log.viz_images >= 1, "log.viz_images must be >= 1"),
+            (self.log.viz_every >= 1, "log.log_every and log.viz_every must be >= 1"),
+            (min(self.eval.train_samples, self.eval.val_samples) >= 0 and self.eval.k >= 1
+             and self.eval.temperature > 0, "eval.train_samples and eval.val_samples must be >= 0, eval.k >= 1 and "
+                                            "eval.temperature > 0"),
+        ]
+
+
+def mae_from_config(cfg: PretrainConfig) -> MaskedAutoencoderViT:
+    """The MAE a pre-training config describes: its preset at the loader's resolution, with its loss and kernels."""
+    model = build_mae(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+    model.kernels = cfg.runtime.kernels
+    return model
+
+
 class MaeTask(Task):
     config_type = PretrainConfig
     name = "MAE pre-training"
+    script = "train/pretrain.py"
+    example_preset = "vit_h14_1600ep"
     needs_labels = False  # the loss reconstructs pixels
 
     def __init__(self, ctx: RunContext) -> None:
@@ -37,7 +117,7 @@ class MaeTask(Task):
     def _noise_seed(self, step: int) -> int:
         """Seeds a rank's mask noise: a fresh run's, or one that continues on other ranks or other masks."""
         runtime = self.cfg.runtime
-        return hash((runtime.seed, runtime.mask_seed, self.ctx.rank, step)) % (2**63)
+        return stream_seed(runtime.seed, "mask noise", runtime.mask_seed, self.ctx.rank, step)
 
     @staticmethod
     def model_shape(cfg: PretrainConfig) -> MaskedAutoencoderViT:
@@ -102,23 +182,17 @@ class KnnJob(PeriodicJob):
         self.ctx, self.model, self.monitor = ctx, model, monitor
 
     def run(self, step: int, finished_epochs: int) -> None:
-        began, cfg = time.perf_counter(), self.ctx.cfg
-        # ZeRO-3 holds a slice of each parameter per rank: gather them for the evaluation forward.
-        gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()), enabled=cfg.runtime.zero_stage == 3)
-        autocast = torch.autocast(self.ctx.device.type, torch.bfloat16,
-                                  enabled=cfg.runtime.precision == "autocast_bf16")
+        began, ctx = time.perf_counter(), self.ctx
 
         def encode(images: torch.Tensor) -> torch.Tensor:
-            with autocast, attention_backend(cfg.runtime.attention):
-                return self.model.forward_features(images.to(self.ctx.dtype))
+            return self.model.forward_features(images.to(ctx.dtype))
 
-        with gathered, torch.no_grad():
-            result = self.monitor(encode, self.ctx.device, cfg.eval.k, cfg.eval.temperature)
-        self.ctx.metrics.record({"step": step, "epoch": finished_epochs, **result,
-                                 "eval_s": time.perf_counter() - began})
-        self.ctx.say(f"k-NN top-1 at step {step}: {100 * result['knn_top1_cls']:.1f}% (cls token), "
-                     f"{100 * result['knn_top1_patch_mean']:.1f}% (mean patch token); {result['knn_train_samples']} "
-                     f"train / {result['knn_val_samples']} {cfg.eval.split} samples")
+        with evaluating(self.model, ctx.cfg.runtime, ctx.device):
+            result = self.monitor(encode, ctx.device, ctx.cfg.eval.k, ctx.cfg.eval.temperature)
+        ctx.metrics.record({"step": step, "epoch": finished_epochs, **result, "eval_s": time.perf_counter() - began})
+        ctx.say(f"k-NN top-1 at step {step}: {100 * result['knn_top1_cls']:.1f}% (cls token), "
+                f"{100 * result['knn_top1_patch_mean']:.1f}% (mean patch token); {result['knn_train_samples']} "
+                f"train / {result['knn_val_samples']} {ctx.cfg.eval.split} samples")
 
 
 class ReconstructionJob(PeriodicJob):
@@ -137,10 +211,8 @@ class ReconstructionJob(PeriodicJob):
         images = fixed_images(cfg.data.shards, cfg.data.viz_split, cfg.log.viz_images, cfg.data.img_size,
                               ctx.device, synthetic=cfg.data.backend == "synthetic")
         noise = fixed_noise(images.shape[0], self.model.num_patches, ctx.device)
-        self.engine.eval()
-        with torch.no_grad():
+        with evaluating(self.engine, cfg.runtime, ctx.device, gather=False):
             loss, pred, mask = self.engine(images.to(ctx.dtype), mask_ratio=cfg.model.mask_ratio, noise=noise)
-        self.engine.train()
         if ctx.is_main:
             picture = reconstruction_grid(self.model, images, pred, mask)
             path = save_reconstruction(picture, ctx.output / "viz", step)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from model.weights import WeightsError
 from pipeline.errors import DamagedImage, DamagedIndex, DataError
+from pipeline.formats import FormatError
 from train.checkpoint import CheckpointNotWritten, ResumeError
 from train.config import ConfigError
 from train.distributed import DeviceError, JoinError
@@ -35,9 +36,9 @@ class RunEnd(IntEnum):
 
 # What the user can fix: a config, a command, data or weights that do not fit, a checkpoint that cannot resume as
 # asked, a port in use, GPUs its torch cannot use, a node without what the run needs, a folder another run holds, a
-# file that is not there.
+# file that is not there or in a format this maeflow does not read.
 REFUSALS = (ConfigError, ResumeError, JoinError, DeviceError, PreflightError, FolderInUse, FileNotFoundError,
-            DataError, WeightsError)
+            DataError, FormatError, WeightsError)
 
 
 # A collective that lost its peer or its time says so only in its message where the backend raises a RuntimeError

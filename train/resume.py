@@ -8,13 +8,15 @@ aside, the old config kept beside the new one.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.loader import sample_counts
-from pipeline.loader_base import check_loader_state, data_identity
+from pipeline.loader_base import data_identity
+from pipeline.loader_state import DataSet, LoaderState
 from pipeline.manifest import resolve_shards
 from train.checkpoint import (
     ResumeError,
@@ -24,14 +26,14 @@ from train.checkpoint import (
     point_latest_at,
     read_train_state,
 )
-from train.config import TASK_NAMES, TASK_SCRIPTS, ConfigError, RunConfig, config_from_json, flat_fields
+from train.config import ConfigError, RunConfig, builtin_task, config_from_json, flat_fields
 from train.recipe import peak_lr
 from train.run_folder import keep_config, set_aside_branch
+from train.task import Task
 
-# What a resumed run may not change: the model's shape, its optimizer's kind (whose state the checkpoint holds),
-# and the data order its checkpoint is a position in.
-FIXED_ON_RESUME = ("model.name", "data.img_size", "runtime.seed", "optim.optimizer", "finetune.mode",
-                   "finetune.num_classes")
+# What a resumed run of any task may not change: the model's shape, its optimizer's kind (whose state the checkpoint
+# holds), and the data order its checkpoint is a position in. A task adds its own (`Task.fixed_on_resume`).
+FIXED_ON_RESUME = ("model.name", "data.img_size", "runtime.seed", "optim.optimizer")
 
 
 def config_changes(saved: RunConfig, new: RunConfig, fixed_keys: tuple[str, ...] = FIXED_ON_RESUME) -> list[str]:
@@ -91,33 +93,38 @@ class ResumePlan:
         return done
 
 
-def saved_config(path: Path, cfg: RunConfig) -> RunConfig:
+def saved_config(path: Path, task: type[Task]) -> RunConfig:
     """The config a run folder's config.json holds; a ResumeError if another task's script wrote it."""
-    saved = config_from_json(path, task=cfg.TASK)
-    if saved.TASK != cfg.TASK:
-        raise ResumeError(f"{path.parent} holds a {TASK_NAMES[saved.TASK]} run: resume it with "
-                          f"{TASK_SCRIPTS[saved.TASK]}, not {TASK_SCRIPTS[cfg.TASK]}")
-    return saved
+    try:
+        written_by = json.loads(path.read_text()).get("task")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ResumeError(f"{path} cannot be read ({err}): the run's config is needed to resume it") from None
+    if written_by != task.config_type.TASK:
+        other = builtin_task(written_by)
+        what, where = (other.name, other.script) if other else (f"{written_by!r}", f"task {written_by!r}'s script")
+        raise ResumeError(f"{path.parent} holds a {what} run: resume it with {where}, not {task.script}")
+    return config_from_json(path, task.config_type)
 
 
-def plan_resume(output: Path, tag: str | None, cfg: RunConfig, world_size: int) -> ResumePlan:
-    """Check a resume of the run in `output` from checkpoint `tag` (`checkpoint.sound_resume_tag`'s choice; None:
-    none to continue from) with config `cfg` on `world_size` ranks, reading only."""
+def plan_resume(output: Path, tag: str | None, cfg: RunConfig, world_size: int, task: type[Task]) -> ResumePlan:
+    """Check a resume of `task`'s run in `output` from checkpoint `tag` (`checkpoint.sound_resume_tag`'s choice;
+    None: none to continue from) with config `cfg` on `world_size` ranks, reading only."""
     ckpt_dir = output / "checkpoints"
     config_path = output / "config.json"
     if tag is None:  # nothing to continue: an earlier attempt's config is only kept, whatever it says
-        changes = config_changes(saved_config(config_path, cfg), cfg, ()) if config_path.is_file() else []
+        changes = config_changes(saved_config(config_path, task), cfg, ()) if config_path.is_file() else []
         return ResumePlan(output, None, None, tuple(changes), False, False, ())
     if not config_path.is_file():
         raise ResumeError(f"{config_path} is missing: the run's config is needed to resume it")
-    saved_cfg = saved_config(config_path, cfg)
-    changes = tuple(config_changes(saved_cfg, cfg))
-    loader_state = torch.load(ckpt_dir / tag / "rank00000.pt", weights_only=True)["loader"]
+    saved_cfg = saved_config(config_path, task)
+    changes = tuple(config_changes(saved_cfg, cfg, FIXED_ON_RESUME + task.fixed_on_resume))
+    rank_file = ckpt_dir / tag / "rank00000.pt"
     shard_sizes = sample_counts(cfg.data.shards, "train", cfg.data.backend, cfg.data.synthetic_samples)
     shards = None if cfg.data.backend == "synthetic" else resolve_shards(cfg.data.shards, "train")
+    data = DataSet.of(shard_sizes, cfg.runtime.seed, data_identity(shards, sum(shard_sizes)))
     try:
-        check_loader_state(loader_state, cfg.runtime.seed, shard_sizes, data_identity(shards, sum(shard_sizes)))
-    except ValueError as err:
+        LoaderState.from_dict(torch.load(rank_file, weights_only=True)["loader"], str(rank_file)).check_data(data)
+    except ValueError as err:  # FormatError among them
         raise ResumeError(f"--resume from {ckpt_dir / tag} with --data {cfg.data.shards}: {err}") from None
     return ResumePlan(
         output=output, tag=tag, saved=read_train_state(ckpt_dir, tag), changes=changes,

@@ -110,16 +110,25 @@ class PeriodicJob(ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:  # noqa: B027 - optional, as state_dict
-        """`state` None: the checkpoint holds none (written before jobs had state)."""
+        """`state` None: the checkpoint holds none of this job (one a resume switched on): it starts afresh."""
 
 
 class Task(ABC):
     """One training objective. The trainer calls, in order: `build_model`, `build_optimizer`, then per forward pass
-    `loss`; `jobs` once the engine exists; `rank_state_dict`/`load_rank_state_dict` around checkpoints."""
+    `loss`; `jobs` once the engine exists; `rank_state_dict`/`load_rank_state_dict` around checkpoints.
+
+    A task says here all that the rest of maeflow asks of it, so that a new one is one file (`train.launch`)."""
 
     config_type: ClassVar[type[RunConfig]]
+    """its config: the sections every task has and its own; `config_type.TASK` is its presets' `task` line"""
     name: ClassVar[str]
     """what the start-up line calls it ("MAE pre-training")"""
+    script: ClassVar[str]
+    """the command that runs it, as messages name it ("train/pretrain.py")"""
+    example_preset: ClassVar[str]
+    """a preset of its own, named in --config's help"""
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ()
+    """its own config keys a resume may not change (beyond the model's shape and the data order every task keeps)"""
 
     def __init__(self, ctx: RunContext) -> None:
         """Checks that may refuse the run belong here, reading only: nothing has been written yet."""

@@ -34,7 +34,9 @@ from tqdm import tqdm
 from model import KernelChoice
 from model.flops import peak_flops
 from pipeline.atomic import atomic_write_text
+from pipeline.formats import stamp
 from pipeline.loader import sample_counts
+from pipeline.loader_state import LoaderState
 from train.cadence import EverySteps
 from train.checkpoint import (
     Checkpointer,
@@ -116,10 +118,11 @@ class Trainer:
         deepspeed.utils.logger.setLevel(logging.WARNING)
         self.cfg, self.output = cfg, Path(cfg.output)
         self._join()
-        self._plan(resume)
+        self._plan(resume, task_class)
         self._build(task_class)
-        self.metrics.note({"step": self.resume.saved.step if self.resume and self.resume.saved else 0,
-                           "event": "started", "world_size": self.world, "ranks": self.peers.placement()})
+        self.metrics.note(stamp("run_log", {"step": self.resume.saved.step if self.resume and self.resume.saved else 0,
+                                            "event": "started", "world_size": self.world,
+                                            "ranks": self.peers.placement()}))
         if self.resume and self.resume.tag:
             self._load()
         self._instrument()
@@ -145,7 +148,7 @@ class Trainer:
             hold.callback(lock.close)
         check_shared_folder(self.output, self.control)
 
-    def _plan(self, resume: str | None) -> None:
+    def _plan(self, resume: str | None, task_class: type[Task]) -> None:
         """The batch plan, the schedule's length and peak lr, and the checked resume (reading only)."""
         cfg = self.cfg
         self.plan = plan_batch(cfg.optim, self.world)
@@ -158,7 +161,7 @@ class Trainer:
             tag, passed_over = from_rank_zero(lambda: sound_resume_tag(ckpt_dir, resume), self.control)
             for line in passed_over:
                 self.say(f"{line}: resuming from {tag}, the newest sound checkpoint before it")
-            self.resume = agree(lambda: plan_resume(self.output, tag, cfg, self.world), self.control)
+            self.resume = agree(lambda: plan_resume(self.output, tag, cfg, self.world, task_class), self.control)
         saved = self.resume.saved if self.resume and self.resume.saved else TrainState()
         end = saved.step + self.schedule.steps_left(saved.samples, self.plan.global_batch_size)
         self.stop_at = min(end, cfg.max_steps) if cfg.max_steps else end
@@ -275,13 +278,13 @@ class Trainer:
         """What a resume restores besides the engine's weights and optimizer: the run's place (the same on every
         rank) and this rank's own (its loader position, the task's random streams)."""
         run = TrainState(self.state.step, self.state.epoch, self.state.samples, self.world, self._job_states())
-        return {"run": run, "rank": {"loader": self.loader.state_dict(), **self.task.rank_state_dict()}}
+        return {"run": run, "rank": {"loader": self.loader.state_dict().to_dict(), **self.task.rank_state_dict()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """`state["rank"]` holds only the loader's position where the checkpoint was written on another rank count."""
         saved: TrainState = state["run"]
         self.state = TrainState(saved.step, saved.epoch, saved.samples, self.world)
-        self.loader.load_state_dict(state["rank"]["loader"])
+        self.loader.load_state_dict(LoaderState.from_dict(state["rank"]["loader"], "the checkpoint's rank file"))
         same_ranks = saved.world_size == self.world
         self.task.load_rank_state_dict(state["rank"] if same_ranks else None, saved.step,
                                        reseed=self.resume is not None and self.resume.masks_change)
