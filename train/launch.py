@@ -164,8 +164,9 @@ def main(task: type[Task], argv: list[str] | None = None) -> int:
         try:
             return trainer.fit()
         except Exception as err:  # sorted below: a failure of the machine or the data, or a bug
-            if trainer.watchdog.overdue():  # this rank was the frozen one: its stuck call failed as it woke
-                trainer.watchdog.report("".join(traceback.format_exception(err)))
+            watchdog = trainer.monitor.watchdog
+            if watchdog.overdue():  # this rank was the frozen one: its stuck call failed as it woke
+                watchdog.report("".join(traceback.format_exception(err)))
                 return RunEnd.HUNG
             return report_failure(err, trainer)
 

@@ -18,6 +18,8 @@ import argparse
 import importlib.util
 import io
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,6 +104,25 @@ def check_loader(device: torch.device, backend: str) -> None:
     failure = dali_failure(device)
     if failure is not None:
         raise PreflightError(f"DALI cannot decode on {device} ({failure}): {INSTALL_DALI}")
+
+
+def check_rank(model: Any, cfg: Any, device: torch.device, agree: Callable[[Callable[[], Any]], Any],
+               say_on_every_rank: Callable[[str], None]) -> None:
+    """What a run's rank must run on its device: DALI's decoding (`cfg.data.backend`), and the fused kernels of
+    `model` where it has them (its `kernels` choice; a fallback sets it to the references). A refusal on any rank is
+    one on every rank (`agree`); a fallback is said by the rank it concerns."""
+    choice = getattr(model, "kernels", None)  # None: the model has no fused kernels
+    dtype = torch.float32 if cfg.runtime.precision == "fp32" else torch.bfloat16  # what the kernels see
+
+    def check() -> tuple[KernelChoice | None, str | None]:
+        check_loader(device, cfg.data.backend)
+        return (None, None) if choice is None else kernel_choice(device, dtype, choice)
+
+    choice, line = agree(check)
+    if line is not None:
+        say_on_every_rank(line)
+    if choice is not None:
+        model.kernels = choice
 
 
 def missing_packages() -> list[str]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline import Loader, build_loader
 from pipeline.augment import PRETRAIN, Augmentation
-from train.cadence import EveryEpochs
+from train.cadence import EveryEpochs, EverySteps
 from train.config import ConfigError, RunConfig
 from train.distributed import agree
 from train.metrics import MetricsLog
@@ -87,19 +87,23 @@ class MicroBatch:
 
 
 class PeriodicJob(ABC):
-    """Work a task does every few epochs and at the end of a run (an evaluation, a picture). `name` is what hang
-    reports and logs call it."""
+    """Work a task does every few epochs or every few optimizer steps, and at the end of a run (an evaluation, a
+    picture, an EMA update of a teacher). `name` is what hang reports and logs call it."""
 
     name: ClassVar[str]
     runs_when_stopped: ClassVar[bool] = False
     """also at the end of a run a signal stopped (cheap work a user wants to see then)"""
 
-    def __init__(self, every_epochs: int) -> None:
-        self.cadence = EveryEpochs(every_epochs)
-        self.last_step = -1  # the step of its last run: the end of a run does not repeat it
+    def __init__(self, every_epochs: int = 0, every_steps: int = 0) -> None:
+        """Due after every `every_epochs`-th epoch and after every `every_steps`-th optimizer step (0: never)."""
+        self.epochs, self.steps = EveryEpochs(every_epochs), EverySteps(every_steps)
+        self.last_step = -1  # the step of its last run: no due point runs it twice
 
-    def due(self, finished_epochs: int) -> bool:
-        return self.cadence.due(finished_epochs)
+    def due_after_epoch(self, finished_epochs: int) -> bool:
+        return self.epochs.due(finished_epochs)
+
+    def due_after_step(self, step: int) -> bool:
+        return self.steps.due(step)
 
     @abstractmethod
     def run(self, step: int, finished_epochs: int) -> None:
@@ -180,3 +184,14 @@ class Task(ABC):
     def load_rank_state_dict(self, state: dict[str, Any] | None, step: int, reseed: bool) -> None:  # noqa: B027
         """`state` None (another rank count) or `reseed` (the config changed a stream's seed): draw afresh from
         `step` on."""
+
+
+def run_job(job: PeriodicJob, monitor: Any, step: int, finished_epochs: int) -> None:
+    """Collective: a periodic job after optimizer step `step`, once however many due points fall there (an epoch's
+    end and a step count, the run's end), in a slow phase named as the job itself (what a hang report says it was
+    in). `monitor`: the run's (`train.monitor.RunMonitor`)."""
+    if job.last_step == step:
+        return
+    with monitor.slow_phase(job.name):
+        job.run(step, finished_epochs)
+    job.last_step = step
