@@ -46,9 +46,16 @@ def image_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
 
 
-def apply_model_switches(model: TransformerHooks, cfg: RunConfig, report: Callable[[str], None] = print) -> None:
-    """The config's speed and memory switches, through the hooks every model family has (model.hooks). `report`:
-    where a rank says that compiling failed on it and it runs eager."""
+def apply_model_switches(model: torch.nn.Module, cfg: RunConfig, report: Callable[[str], None] = print) -> None:
+    """The config's speed and memory switches, through the hooks maeflow's model families have (model.hooks); a
+    task's model without them is refused the switches. `report`: where a rank says that compiling failed on it and
+    it runs eager."""
+    if not isinstance(model, TransformerHooks):
+        if cfg.runtime.compile or cfg.model.activation_recompute:
+            raise ConfigError(f"runtime.compile and model.activation_recompute work through model.hooks."
+                              f"TransformerHooks, which this task's {type(model).__name__} does not have: set both "
+                              "to false, or give the model those hooks")
+        return
     model.set_grad_checkpointing(cfg.model.activation_recompute)
     if cfg.runtime.compile:
         model.compile_blocks(cfg.runtime.compile_backend, report)

@@ -28,7 +28,7 @@ from train.config import (
     setting,
 )
 from train.engine import evaluating
-from train.knn import KnnMonitor
+from train.knn import KnnMonitor, knn_top1
 from train.task import MicroBatch, PeriodicJob, RunContext, Task
 from train.viz import fixed_images, fixed_noise, reconstruction_grid, save_reconstruction
 
@@ -188,7 +188,8 @@ class KnnJob(PeriodicJob):
             return self.model.forward_features(images.to(ctx.dtype))
 
         with evaluating(self.model, ctx.cfg.runtime, ctx.device):
-            result = self.monitor(encode, ctx.device, ctx.cfg.eval.k, ctx.cfg.eval.temperature)
+            memory, queries = self.monitor.embed(encode, ctx.device)
+        result = knn_top1(memory, queries, ctx.cfg.eval.k, ctx.cfg.eval.temperature)  # in fp32, as the features
         ctx.metrics.record({"step": step, "epoch": finished_epochs, **result, "eval_s": time.perf_counter() - began})
         ctx.say(f"k-NN top-1 at step {step}: {100 * result['knn_top1_cls']:.1f}% (cls token), "
                 f"{100 * result['knn_top1_patch_mean']:.1f}% (mean patch token); {result['knn_train_samples']} "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import deepspeed
 import torch
 from torch import nn
 
@@ -22,6 +23,7 @@ from pipeline.augment import PRETRAIN, Augmentation
 from train.cadence import EveryEpochs, EverySteps
 from train.config import ConfigError, RunConfig
 from train.distributed import agree
+from train.engine import engine_args
 from train.metrics import MetricsLog
 from train.recipe import BatchPlan, build_optimizer
 
@@ -63,6 +65,21 @@ class RunContext:
     def agree(self, work: Callable[[], T]) -> T:
         """`work` on every rank; refused on any rank, refused on all (train.distributed.agree)."""
         return agree(work, self.control)
+
+    def frozen_model(self, model: nn.Module) -> nn.Module:
+        """A model the run uses and does not train (a teacher to distil from): no gradients, in eval mode, on this
+        rank's device in the images' dtype; under ZeRO-3 its weights partitioned over the ranks as the trained
+        model's are (DeepSpeed's engine, returned in the model's place, gathers a module's weights around that
+        module's own forward pass: call the model, not another method of it)."""
+        model.requires_grad_(False).eval()
+        if self.cfg.runtime.zero_stage != 3:
+            return model.to(self.device, self.dtype)
+        config: dict[str, Any] = {"train_micro_batch_size_per_gpu": self.plan.local_batch_size,
+                                  "zero_optimization": {"stage": 3}, "bf16": {"enabled": self.dtype == torch.bfloat16}}
+        engine, *_ = deepspeed.initialize(args=engine_args(self.device), model=model, config=config)
+        engine.eval()
+        self.resources.callback(engine.destroy)
+        return engine
 
     def loader(self, split: str, *, train: bool, augment: Augmentation = PRETRAIN, limit: int | None = None,
                labels: bool = True, verbose: bool = False) -> Loader:
