@@ -21,8 +21,9 @@ from bench.context import BenchContext, require
 from bench.harness import Record, rate, stat_of, time_repeats
 from pipeline.archives import Entry
 from pipeline.sample_data import synthetic_photo
+from pipeline.shard_labels import ClassFolders
+from pipeline.shard_listing import Listing
 from pipeline.shard_order import DEFAULT_SORT_BUFFER
-from pipeline.shard_sources import ClassFolders, Listing
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 

@@ -9,8 +9,9 @@ Samples are shuffled globally with the seed before being cut into shards, becaus
 sequentially and only shuffles within a buffer; the shuffle holds `--sort-buffer` images in memory,
 whatever the data set's size. Each shard is written under a temporary name and renamed when complete;
 a progress file records finished shards, so rerunning an interrupted command keeps them (after
-checking size and sha256) and writes only the rest. The roles live apart: `shard_sources` lists and
-labels the input, `shard_order` shuffles it on disk, `shard_writing` cuts it into shards and writes
+checking size and sha256) and writes only the rest. The roles live apart: `shard_listing` lists the input,
+`shard_labels` labels it by input mode (`imagenet_labels` reads ImageNet's label files), `shard_order` shuffles it
+on disk, `shard_writing` cuts it into shards and writes
 them in worker processes, `shard_resume` keeps finished shards across runs, `shard_verify` checks a
 finished split.
 """
@@ -32,24 +33,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_write_text
+from pipeline.errors import BuildError
 from pipeline.formats import FormatError
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.manifest import Manifest, class_mismatch
+from pipeline.shard_labels import CLASS_FOLDERS, INPUT_MODES, LabelCounts, Labelling, ModeInput, read_class_list
 from pipeline.shard_order import DEFAULT_SORT_BUFFER, ordered_parts, spill
 from pipeline.shard_reports import Reports, ReportSpill, write_reports
 from pipeline.shard_resume import ProgressLog, plan_fingerprint
-from pipeline.shard_sources import (
-    BuildError,
-    ClassFolders,
-    FileList,
-    FlatVal,
-    LabelCounts,
-    Labelling,
-    Unlabeled,
-    WebDatasetSamples,
-    read_class_list,
-    source_entries,
-)
 from pipeline.shard_verify import verify
 from pipeline.shard_writing import ShardPlan, cut_shards, run_jobs, shard_jobs
 
@@ -61,6 +52,8 @@ class BuildOptions:
     src: Path
     out: Path
     split: str = "train"
+    mode: str = CLASS_FOLDERS.name
+    """how SRC is read and labelled: the name of one of `shard_labels.INPUT_MODES`, or class folders"""
     val_labels: Path | None = None
     synsets: Path | None = None
     classes: Path | None = None
@@ -70,9 +63,6 @@ class BuildOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     strict: bool = False
     quiet: bool = False
-    unlabeled: bool = False
-    file_list: bool = False
-    webdataset: bool = False
     sort_buffer: int = DEFAULT_SORT_BUFFER
 
 
@@ -90,21 +80,13 @@ DAMAGED_DATA = 5
 
 
 def labelling(options: BuildOptions, scratch: Path, rejected: Reports) -> Labelling:
-    """How the build's input is listed and labelled, for its labelling options."""
-    src = options.src
-    if not src.exists():
-        raise BuildError(f"SRC {src} does not exist")
+    """How the build's input is listed and labelled: its input mode's labelling."""
+    if not options.src.exists():
+        raise BuildError(f"SRC {options.src} does not exist")
     classes = read_class_list(options.classes) if options.classes else None
-    if options.file_list:
-        return FileList(src, rejected)
-    listing = source_entries(src, options.split, scratch, rejected, any_depth=options.unlabeled)
-    if options.unlabeled:
-        return Unlabeled(listing, rejected)
-    if options.webdataset:
-        return WebDatasetSamples(listing, rejected)
-    if options.val_labels or (listing.val_labels is not None and listing.flat):
-        return FlatVal(listing, options.val_labels, options.synsets, classes, rejected)
-    return ClassFolders(listing, classes, rejected)
+    mode = next(m for m in (*INPUT_MODES, CLASS_FOLDERS) if m.name == options.mode)
+    return mode.make(ModeInput(options.src, options.split, scratch, rejected, classes, options.val_labels,
+                               options.synsets))
 
 
 def shuffled(options: BuildOptions, labels: Labelling, scratch: Path, skipped: ReportSpill) -> tuple[
@@ -242,14 +224,11 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
                         "of per-class tars (ImageNet-21k)")
     parser.add_argument("out", nargs="?", help="output folder for shards, indexes and the manifest")
     parser.add_argument("--split", default="train", help="split name: shard prefix and manifest name")
-    parser.add_argument("--val-labels", help="labels for a flat val folder: Kaggle CSV, devkit ground truth, or the "
-                        "devkit .tar.gz itself")
-    parser.add_argument("--unlabeled", action="store_true", help="every image under SRC at any depth, no labels "
-                        "(MAE pre-training needs none)")
-    parser.add_argument("--webdataset", action="store_true", help="SRC is existing WebDataset tars (a tar or a folder "
-                        "of them, e.g. img2dataset's): repacked, keeping each sample's key and .txt/.json")
-    parser.add_argument("--file-list", action="store_true", help="SRC is a text file: one image path per line "
-                        "(relative to the file), optionally followed by an integer label")
+    for mode in INPUT_MODES:  # the input modes: one at most
+        if mode.value:
+            parser.add_argument(mode.flag, metavar=mode.value, help=mode.help)
+        else:
+            parser.add_argument(mode.flag, action="store_true", help=mode.help)
     parser.add_argument("--synsets", help="the devkit's meta.mat, or a text file of '<ILSVRC2012_ID> <wnid>' lines "
                         "(a bare wnid list is refused: its order is not the ids')")
     parser.add_argument("--classes", help="class list to reuse (the train manifest, or one class per line)")
@@ -267,21 +246,19 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
         return VerifyOptions(Path(args.verify), args.split)
     if not (args.src and args.out):
         parser.error("SRC and OUT are required (or use --verify OUT)")
-    modes = [flag for flag, on in (("--val-labels", args.val_labels), ("--unlabeled", args.unlabeled),
-                                   ("--file-list", args.file_list), ("--webdataset", args.webdataset)) if on]
+    modes = [mode for mode in INPUT_MODES if getattr(args, mode.name)]
     if len(modes) > 1:
-        parser.error(f"{modes[0]} and {modes[1]} are different inputs: pass one")
+        parser.error(f"{modes[0].flag} and {modes[1].flag} are different inputs: pass one")
     if args.shard_size_mb <= 0 or args.workers < 1 or args.max_pixels < 1 or args.sort_buffer < 1:
         parser.error("--shard-size-mb and --max-pixels must be positive, --workers and --sort-buffer at least 1")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.split):
         parser.error(f"--split {args.split!r}: a split name is letters, digits, '_' and '-' (it names files)")
     return BuildOptions(
-        src=Path(args.src), out=Path(args.out), split=args.split,
+        src=Path(args.src), out=Path(args.out), split=args.split, mode=modes[0].name if modes else CLASS_FOLDERS.name,
         val_labels=Path(args.val_labels) if args.val_labels else None,
         synsets=Path(args.synsets) if args.synsets else None, classes=Path(args.classes) if args.classes else None,
         shard_size_mb=args.shard_size_mb, workers=args.workers, seed=args.seed, max_pixels=args.max_pixels,
-        strict=args.strict, quiet=args.quiet, unlabeled=args.unlabeled, file_list=args.file_list,
-        webdataset=args.webdataset, sort_buffer=args.sort_buffer,
+        strict=args.strict, quiet=args.quiet, sort_buffer=args.sort_buffer,
     )
 
 

@@ -15,3 +15,7 @@ class DamagedIndex(RuntimeError):
 class DamagedImage(RuntimeError):
     """A sample whose image does not decode, found while reading it: the run stops as on any damaged data (exit 5),
     naming the sample, resumable once the shard is rebuilt or replaced."""
+
+
+class BuildError(Exception):
+    """A problem with a shard build's inputs or OUT: reported in one line, nothing written."""

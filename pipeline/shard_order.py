@@ -25,7 +25,8 @@ from pathlib import Path
 
 from pipeline.archives import Entry
 from pipeline.seeds import stream_key
-from pipeline.shard_sources import Candidate, LabelCounts, Labelling, SourceImage, images_only
+from pipeline.shard_labels import Candidate, LabelCounts, Labelling, SourceImage
+from pipeline.shard_listing import images_only
 
 KEY_BYTES = 16
 DEFAULT_SORT_BUFFER = 200_000  # candidates in memory at once, per worker: about 0.2 GB

@@ -11,9 +11,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.atomic import atomic_path
+from pipeline.errors import BuildError
 from pipeline.formats import check_format, stamp
 from pipeline.manifest import Manifest, ShardRecord
-from pipeline.shard_sources import BuildError
 from pipeline.shard_writing import ShardResult
 from pipeline.wds_format import file_sha256, index_path
 

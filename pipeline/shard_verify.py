@@ -10,8 +10,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.errors import BuildError
 from pipeline.manifest import Manifest, ShardRecord
-from pipeline.shard_sources import BuildError
 from pipeline.wds_format import file_sha256, index_of_tar, index_path, read_members
 
 

@@ -20,8 +20,8 @@ from pipeline.archives import read_entry
 from pipeline.atomic import atomic_write_text, durable_replace, temporary_name
 from pipeline.images import RejectedImage, prepare_image
 from pipeline.manifest import ShardRecord
+from pipeline.shard_labels import SourceImage
 from pipeline.shard_order import read_images
-from pipeline.shard_sources import SourceImage
 from pipeline.wds_format import Member, ShardWriter, file_sha256, index_path
 
 TAR_OVERHEAD_PER_SAMPLE = 3 * 1024  # three headers plus padding, for planning shard sizes

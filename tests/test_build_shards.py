@@ -325,7 +325,8 @@ def test_the_shuffle_labels_at_most_its_sort_buffer_at_once_and_the_order_is_the
     fingerprint) nor the shards."""
     from bench.shards import simulated_listing
     from pipeline.build_shards import BuildOptions, shuffled
-    from pipeline.shard_sources import ClassFolders, Listing
+    from pipeline.shard_labels import ClassFolders
+    from pipeline.shard_listing import Listing
 
     class CountedGroups(ClassFolders):
         def label(self, group, rejected):
@@ -351,8 +352,9 @@ def test_the_builders_memory_does_not_grow_with_the_images_it_rejects(tmp_path):
     from bench.shards import simulated_listing
     from pipeline.archives import Entry
     from pipeline.build_shards import BuildOptions, shuffled
+    from pipeline.shard_labels import ClassFolders
+    from pipeline.shard_listing import Listing
     from pipeline.shard_reports import ReportSpill
-    from pipeline.shard_sources import ClassFolders, Listing
 
     def planned(damaged: int) -> tuple[int, int]:
         """Peak memory while planning 500 images beside `damaged` entries cut short, and the reports made."""

@@ -1,60 +1,29 @@
-"""What a shard build reads, wherever it lies, and which label each image gets.
+"""Which label each image of a shard build gets, by input mode, and the one table of those modes that both the command
+line and the builder read (`INPUT_MODES`).
 
-Inputs (see `pipeline.archives` for reading inside archives):
-- a class-folder tree `SRC/<class>/<image>`, or a tar, .tar.gz or zip whose member paths carry the class as
-  the folder holding the image (`train/n01440764/x.JPEG`);
-- ImageNet-1k's train tar (a tar of per-class tars) and ImageNet-21k (a folder of per-synset tars, or a tar of
-  them): each inner tar is a class;
-- the Kaggle ImageNet zip (`ILSVRC/Data/CLS-LOC/<split>/...`, its `LOC_val_solution.csv` inside);
-- a flat val folder or archive with its labels: the Kaggle CSV, or the devkit's ground truth (ILSVRC ids mapped
-  to wnids through meta.mat or a synsets text file), also read from inside the devkit's .tar.gz;
-- unlabeled: every image under SRC at any depth, or a file list (a path per line, optionally a label).
-
-A label is the class's index in the sorted class list (empty classes included, so a class with no images
-shifts nothing), or in a list reused from the train manifest (`--classes`) so val labels match train's.
-The same images give the same list, in the same order, with the same names, whichever container holds them;
-so they give the same shards.
+A label is the class's index in the sorted class list (empty classes included, so a class with no images shifts
+nothing), or in a list reused from the train manifest (`--classes`) so val labels match train's. The same images
+give the same list, in the same order, with the same names, whichever container holds them; so they give the same
+shards.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
-import struct
-import tarfile
-import zlib
+from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.archives import (
-    ArchiveError,
-    Entry,
-    basename,
-    folder_entries,
-    is_archive,
-    read_entry,
-    tar_archive_entries,
-    tar_entries,
-    zip_entries,
-)
-from pipeline.matfile import MatFileError, read_mat
+from pipeline.archives import Entry, basename, read_entry
+from pipeline.errors import BuildError
+from pipeline.imagenet_labels import KAGGLE_VAL_LABELS, parse_val_labels, read_val_labels
+from pipeline.shard_listing import IGNORED_FOLDERS, Listing, source_entries, usable
 from pipeline.shard_reports import Reports
 
 UNLABELED = -1
-KAGGLE_ROOT = "ILSVRC/Data/CLS-LOC/"
-KAGGLE_VAL_LABELS = "LOC_val_solution.csv"
-DEVKIT_GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
-DEVKIT_META = "data/meta.mat"
-IGNORED_FOLDERS = ("__MACOSX",)  # macOS archive clutter
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
-                  ".pgm", ".pbm", ".tga", ".ico")
-IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"P4", b"P5", b"P6")
-
-
-class BuildError(Exception):
-    """A problem with the command's inputs or OUT: reported in one line, nothing written."""
 
 
 @dataclass(frozen=True)
@@ -99,101 +68,6 @@ def read_class_list(path: Path) -> list[str]:
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
-# ---------------------------------------------------------------- listing the input
-
-
-@dataclass
-class Listing:
-    """The input's files as a stream of entries, and a labels file found beside them."""
-
-    entries: Iterator[Entry]
-    val_labels: Entry | None = None  # the Kaggle zip's LOC_val_solution.csv
-    flat: bool = False  # a zip whose files all lie at its top (or at its Kaggle split's top)
-
-
-def source_entries(src: Path, split: str, scratch: Path, problems: Reports, any_depth: bool = False) -> Listing:
-    """List SRC, streamed; the problems met listing it go to `problems` as they are met. A Kaggle-layout zip is
-    narrowed to `split`'s folder; a folder holding only tars is a folder of per-class tars (ImageNet-21k as
-    distributed)."""
-    if src.is_dir():
-        tars = sorted(p for p in src.iterdir() if p.is_file() and p.name.endswith(".tar"))
-        if tars and not any(p.is_dir() and not p.name.startswith(".") for p in src.iterdir()):
-            return Listing(_per_class_tars(tars, problems))
-        return Listing(folder_entries(src, None if any_depth else 2))
-    if not is_archive(src):
-        raise BuildError(f"SRC {src} is not a folder, a tar, a .tar.gz or a zip")
-    try:
-        if src.name.lower().endswith(".zip"):
-            return _zip_listing(src, split, problems)
-        return Listing(tar_archive_entries(src, scratch, problems))
-    except ArchiveError as err:
-        raise BuildError(str(err)) from None
-
-
-def _zip_listing(src: Path, split: str, problems: Reports) -> Listing:
-    """A zip's central directory is in memory whole, so the Kaggle layout and its labels file are seen at once."""
-    entries = zip_entries(src, problems)
-    labels = next((e for e in entries if basename(e.name) == KAGGLE_VAL_LABELS and not e.problem), None)
-    kaggle = KAGGLE_ROOT + split + "/"
-    if any(e.name.startswith(kaggle) for e in entries):
-        entries = [Entry(**{**e.__dict__, "name": e.name[len(kaggle):]}) for e in entries if e.name.startswith(kaggle)]
-    flat = not any("/" in e.name for e in entries if not e.problem)
-    return Listing(iter(entries), labels, flat)
-
-
-def _per_class_tars(tars: list[Path], problems: Reports) -> Iterator[Entry]:
-    for tar in tars:
-        prefix = tar.name[:-4] + "/"
-        yield Entry(prefix, str(tar), 0, problem="a folder")
-        try:
-            yield from tar_entries(tar, tar.name, problems, prefix=prefix)
-        except ArchiveError as err:
-            problems.append({"path": tar.name, "reason": str(err)})
-
-
-def _usable(entry: Entry, rejected: Reports) -> bool:
-    """A file entry that can be read, not hidden; one with a problem is reported in `rejected`."""
-    if entry.problem == "a folder":
-        return False
-    if entry.problem:
-        rejected.append({"path": entry.name, "reason": entry.problem})
-        return False
-    # hidden files and archive clutter, as a folder listing leaves them out
-    return not any(p.startswith(".") or p in IGNORED_FOLDERS for p in entry.name.split("/"))
-
-
-def images_only(images: list[SourceImage], rejected: Reports) -> list[SourceImage]:
-    """The listed files that are images by their name or by their first bytes; the others (a Thumbs.db, a README)
-    reported in `rejected` here, so that they never take a place in the shuffle: the shards follow the images
-    alone, whatever else lies beside them. (The writers decode and check every image that stays.)"""
-    kept = []
-    for image in images:
-        if image.entry.name.lower().endswith(IMAGE_SUFFIXES) or _image_signature(image.entry):
-            kept.append(image)
-        else:
-            rejected.append({"path": image.rel, "reason": "not an image (format not recognised)"})
-    return kept
-
-
-def _image_signature(entry: Entry) -> bool:
-    try:
-        head = read_entry(entry, head=16)
-    except OSError:
-        return True  # damaged there: the writer reports it with its reason
-    return head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
-
-
-# ---------------------------------------------------------------- labels
-#
-# A labelling reads the listing in two passes, so that no pass holds every image (see `shard_order`):
-# - `candidates()` streams what may be an image, named as it will be in the data set (the name that places it in
-#   the shuffle), and keeps only small facts about the whole (class folders, depths, label counts);
-# - `settle()` decides from those facts what needs the whole listing (the class list);
-# - `label(group, rejected)` makes the images of one group of candidates, which holds every candidate of any name
-#   it holds; groups are labelled in worker processes, which receive the labelling without its listing;
-# - `classes(labels)` is the final class list, given the labels of every image made.
-
-
 @dataclass(frozen=True)
 class Candidate:
     name: str
@@ -223,24 +97,35 @@ class LabelCounts:
         self.top = max(self.top, other.top)
 
 
-class Labelling:
-    """The modes' common part: what a worker process receives of a labelling is all but its listing and the
-    parent's report of rejections (`label` is given its own)."""
+class Labelling(ABC):
+    """How one input mode labels its images. The builder reads the listing in two passes, so that no pass holds every
+    image (`pipeline.shard_order`):
+
+    1. `candidates()` streams what may be an image, named as it will be in the data set (the name that places it in
+       the shuffle), keeping only small facts about the whole (class folders, depths, label counts);
+    2. `settle()` decides from those facts what needs the whole listing (the class list), or raises BuildError;
+    3. `label(group, rejected)` makes the images of one group of candidates, a group holding every candidate of any
+       name it holds; groups are labelled in worker processes, which receive the labelling without its listing and
+       its parent's report of rejections (`label` is given its own);
+    4. `classes(labels)` is the final class list, given the label counts of every image made.
+    """
 
     listing: Listing | Path
     rejected: Reports
 
+    @abstractmethod
     def candidates(self) -> Iterator[Candidate]:
-        raise NotImplementedError
+        """What may be an image, streamed (step 1)."""
 
-    def settle(self) -> None:
-        """Decide what needs the whole listing; raises BuildError where it cannot be labelled."""
+    def settle(self) -> None:  # noqa: B027 - a mode that needs the whole listing overrides it
+        """Step 2: decide what needs the whole listing; raise BuildError where it cannot be labelled."""
 
+    @abstractmethod
     def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
-        raise NotImplementedError
+        """The images of `group` with their labels (step 3); what cannot be labelled goes to `rejected`."""
 
     def classes(self, labels: LabelCounts) -> list[str]:
-        """Integer labels read as given (a file list's, a .cls): the class list is 0..max."""
+        """Step 4. Here: integer labels read as given (a file list's, a .cls), the class list 0..max."""
         return [str(i) for i in range(labels.top + 1)]
 
     def __getstate__(self) -> dict:
@@ -266,7 +151,7 @@ class ClassFolders(Labelling):
                 name = basename(entry.name)
                 if not name.startswith(".") and name not in IGNORED_FOLDERS:
                     self.folders_at[entry.name.rstrip("/").count("/")].add(name)
-            if not _usable(entry, self.rejected):
+            if not usable(entry, self.rejected):
                 continue
             depth = entry.name.count("/")
             self.files_at[depth] += 1
@@ -314,7 +199,7 @@ class Unlabeled(Labelling):
         self.listing, self.rejected = listing, rejected
 
     def candidates(self) -> Iterator[Candidate]:
-        return (Candidate(e.name, e) for e in self.listing.entries if _usable(e, self.rejected))
+        return (Candidate(e.name, e) for e in self.listing.entries if usable(e, self.rejected))
 
     def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
         return [SourceImage(c.entry, c.name, "", UNLABELED) for c in group]
@@ -371,7 +256,7 @@ class WebDatasetSamples(Labelling):
 
     def candidates(self) -> Iterator[Candidate]:
         for entry in self.listing.entries:
-            if _usable(entry, self.rejected):
+            if usable(entry, self.rejected):
                 folder, name = posixpath.split(entry.name)
                 yield Candidate(posixpath.join(folder, name.partition(".")[0]), entry)
 
@@ -412,7 +297,7 @@ class FlatVal(Labelling):
         if labels_file:
             self.wnid_of = read_val_labels(labels_file, synsets)
         elif listing.val_labels is not None:
-            self.wnid_of = _parse_val_labels(KAGGLE_VAL_LABELS, read_entry(listing.val_labels).decode(), None)
+            self.wnid_of = parse_val_labels(KAGGLE_VAL_LABELS, read_entry(listing.val_labels).decode(), None)
         else:
             raise BuildError("a flat val split needs --val-labels (Kaggle CSV, devkit ground truth or the devkit "
                              ".tar.gz)")
@@ -426,7 +311,7 @@ class FlatVal(Labelling):
         self.listing, self.rejected = listing, rejected
 
     def candidates(self) -> Iterator[Candidate]:
-        return (Candidate(basename(e.name), e) for e in self.listing.entries if _usable(e, self.rejected))
+        return (Candidate(basename(e.name), e) for e in self.listing.entries if usable(e, self.rejected))
 
     def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
         images = []
@@ -442,90 +327,62 @@ class FlatVal(Labelling):
         return self.class_list
 
 
-def read_val_labels(labels: Path, synsets: Path | None) -> dict[str, str]:
-    """Image stem -> wnid, from the Kaggle CSV, the devkit's ground-truth file, or the devkit's .tar.gz."""
-    if not labels.is_file():
-        raise BuildError(f"--val-labels {labels}: no such file")
-    if labels.name.endswith((".tar.gz", ".tgz")):
-        return _devkit_labels(labels, synsets)
-    return _parse_val_labels(labels.name, labels.read_text(), lambda: _ilsvrc_id_to_wnid(synsets))
+
+# ---------------------------------------------------------------- the input modes
 
 
-def _parse_val_labels(name: str, text: str, id_to_wnid: Callable[[], dict[int, str]] | None) -> dict[str, str]:
-    """Stem -> wnid from a Kaggle CSV, or from devkit ground truth (ILSVRC ids, mapped by `id_to_wnid`)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if lines and lines[0].lower().startswith("imageid"):
-        out = {}
-        for row in lines[1:]:
-            image_id, _, prediction = row.partition(",")
-            out[image_id] = prediction.split()[0]
-        return out
-    if lines and all(line.isdigit() for line in lines) and id_to_wnid is not None:
-        mapping = id_to_wnid()
-        bad = [x for x in lines if int(x) not in mapping]
-        if bad:
-            raise BuildError(f"{name}: class id {bad[0]} is not in the synsets")
-        return {f"ILSVRC2012_val_{i + 1:08d}": mapping[int(x)] for i, x in enumerate(lines)}
-    raise BuildError(f"{name}: neither a Kaggle CSV (ImageId,PredictionString) nor a devkit ground-truth file")
+@dataclass(frozen=True)
+class ModeInput:
+    """What a mode's labelling is made from: the build's input and its labelling options."""
+
+    src: Path
+    split: str
+    scratch: Path
+    """where the listing may spill (a .tar.gz's tar)"""
+    rejected: Reports
+    classes: list[str] | None
+    """the class list to label with (`--classes`), or None: the one the input gives"""
+    val_labels: Path | None
+    synsets: Path | None
+
+    def listing(self, any_depth: bool = False) -> Listing:
+        return source_entries(self.src, self.split, self.scratch, self.rejected, any_depth)
 
 
-def _devkit_labels(devkit: Path, synsets: Path | None) -> dict[str, str]:
-    """The ground truth and meta.mat read from inside ILSVRC2012_devkit_t12.tar.gz (small: one pass)."""
-    found: dict[str, bytes] = {}
-    try:
-        with tarfile.open(devkit, "r:gz") as tar:
-            for info in tar:
-                for wanted in (DEVKIT_GROUND_TRUTH, DEVKIT_META):
-                    if info.isfile() and info.name.endswith(wanted):
-                        found[wanted] = tar.extractfile(info).read()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise BuildError(f"--val-labels {devkit}: not a readable devkit archive ({err})") from None
-    if DEVKIT_GROUND_TRUTH not in found:
-        raise BuildError(f"--val-labels {devkit}: no {DEVKIT_GROUND_TRUTH} inside")
+@dataclass(frozen=True)
+class InputMode:
+    """One way of reading the input, as the command line offers it (`flag`, with a `value` to give or as a switch)
+    and as the builder makes its labelling (`make`)."""
 
-    def id_to_wnid() -> dict[int, str]:
-        if synsets is not None:
-            return _ilsvrc_id_to_wnid(synsets)
-        if DEVKIT_META not in found:
-            raise BuildError(f"{devkit}: no {DEVKIT_META} inside: pass --synsets")
-        return _meta_mat_wnids(found[DEVKIT_META])
+    name: str
+    help: str
+    value: str | None
+    """the flag's value's name (`--val-labels FILE`), or None: a switch"""
+    make: Callable[[ModeInput], Labelling]
 
-    return _parse_val_labels(devkit.name, found[DEVKIT_GROUND_TRUTH].decode(), id_to_wnid)
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
-def _ilsvrc_id_to_wnid(synsets: Path | None) -> dict[int, str]:
-    if synsets is None:
-        raise BuildError("a devkit ground-truth file needs --synsets: the devkit's meta.mat, or a text file of "
-                         "'<ILSVRC2012_ID> <wnid>' lines")
-    if synsets.suffix == ".mat":
-        return _meta_mat_wnids(synsets)
-    return _id_wnid_lines(synsets)
+def _class_folders(given: ModeInput) -> Labelling:
+    """The default mode: class folders, or a flat val split where the archive holds its own labels (Kaggle's)."""
+    listing = given.listing()
+    if listing.val_labels is not None and listing.flat:
+        return FlatVal(listing, None, given.synsets, given.classes, given.rejected)
+    return ClassFolders(listing, given.classes, given.rejected)
 
 
-def _id_wnid_lines(synsets: Path) -> dict[int, str]:
-    """A synsets text file that names each id: '<ILSVRC2012_ID> <wnid>' lines. A bare list of wnids is refused:
-    its order is not the ids' (the usual synsets.txt and LOC_synset_mapping.txt are sorted by wnid, which
-    labels every val image wrongly)."""
-    mapping: dict[int, str] = {}
-    for number, line in enumerate(synsets.read_text().splitlines(), 1):
-        words = line.split()
-        if not words:
-            continue
-        if len(words) < 2 or not words[0].isdigit():
-            raise BuildError(f"--synsets {synsets}, line {number}: expected '<ILSVRC2012_ID> <wnid>', got {line!r} "
-                             "(a bare wnid list is not in id order: pass the devkit's meta.mat, or its .tar.gz as "
-                             "--val-labels)")
-        if int(words[0]) in mapping:
-            raise BuildError(f"--synsets {synsets}, line {number}: id {words[0]} is given twice")
-        mapping[int(words[0])] = words[1]
-    return mapping
-
-
-def _meta_mat_wnids(source: Path | bytes) -> dict[int, str]:
-    """ILSVRC2012_ID -> wnid from the devkit's meta.mat (its `synsets` struct array)."""
-    try:
-        rows = read_mat(source)["synsets"]
-        return {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in rows}
-    except (MatFileError, KeyError, TypeError, struct.error, zlib.error) as err:
-        raise BuildError(f"{source if isinstance(source, Path) else DEVKIT_META}: not the devkit's meta.mat "
-                         f"(a struct array 'synsets' with ILSVRC2012_ID and WNID): {err}") from None
+CLASS_FOLDERS = InputMode("class_folders", "SRC/<class>/<image> (the default)", None, _class_folders)
+INPUT_MODES = (
+    InputMode("val_labels", "labels for a flat val folder: Kaggle CSV, devkit ground truth, or the devkit .tar.gz "
+              "itself", "FILE",
+              lambda given: FlatVal(given.listing(), given.val_labels, given.synsets, given.classes, given.rejected)),
+    InputMode("unlabeled", "every image under SRC at any depth, no labels (MAE pre-training needs none)", None,
+              lambda given: Unlabeled(given.listing(any_depth=True), given.rejected)),
+    InputMode("file_list", "SRC is a text file: one image path per line (relative to the file), optionally "
+              "followed by an integer label", None, lambda given: FileList(given.src, given.rejected)),
+    InputMode("webdataset", "SRC is existing WebDataset tars (a tar or a folder of them, e.g. img2dataset's): "
+              "repacked, keeping each sample's key and .txt/.json", None,
+              lambda given: WebDatasetSamples(given.listing(), given.rejected)),
+)
