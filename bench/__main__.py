@@ -1,6 +1,6 @@
-"""`python -m bench {shards,pipeline,kernels,model,train,train_shards,finetune,control,all} [--quick] [--device cpu|gpu]
-[--out DIR] [--mirror DIR]` measures and appends each record to the history as it is measured; `python -m bench
-report` turns the history into REPORT.md."""
+"""`python -m bench {shards,pipeline,kernels,model,train,train_shards,finetune,control,all}
+[--quick] [--device cpu|gpu] [--out DIR] [--mirror DIR]` measures and appends each record to the
+history as it is measured; `python -m bench report` turns the history into REPORT.md."""
 
 from __future__ import annotations
 
@@ -23,16 +23,20 @@ from bench.report import write_report
 STAGES = {"shards": ("bench.shards", "run"), "pipeline": ("bench.pipeline", "run"),
           "kernels": ("bench.kernels", "run"), "model": ("bench.model", "run"),
           "train": ("bench.train", "run"),  # the trainer on synthetic data against its bare step
-          "train_shards": ("bench.train", "run_on_shards"),  # the trainer on shards against the reference-style one
+          # the trainer on shards against the reference-style one
+          "train_shards": ("bench.train", "run_on_shards"),
           "finetune": ("bench.finetune", "run"),
           "control": ("bench.control", "run")}  # the ranks' per-step vote, at 2 to 16 CPU ranks
 
 
 def keep_profile_beside(record: Record, history: History) -> Record:
-    """A record's profile table goes to its own file beside the history file; the record keeps its name."""
+    """A record's profile table goes to its own file beside the history file; the record keeps its
+    name."""
     table = record.extra.get("profile")
     if table:
-        path = history.path.with_name(f"{history.path.stem}.profile.{record.name.split('.')[-1]}.txt")
+        path = history.path.with_name(
+            f"{history.path.stem}.profile.{record.name.split('.')[-1]}.txt"
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         history.write(path, table)
         record.extra["profile"] = path.name
@@ -41,24 +45,43 @@ def keep_profile_beside(record: Record, history: History) -> Record:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("stage", choices=[*STAGES, "all", "report"], help="what to measure, or report")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller data (< 3 min on 2 CPUs)")
-    parser.add_argument("--device", choices=["cpu", "gpu"], help="default: gpu if CUDA is available")
+    parser.add_argument(
+        "stage", choices=[*STAGES, "all", "report"], help="what to measure, or report"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repeats and smaller data (< 3 min on 2 CPUs)"
+    )
+    parser.add_argument(
+        "--device", choices=["cpu", "gpu"], help="default: gpu if CUDA is available"
+    )
     parser.add_argument("--out", help="history folder to append to (default bench/history)")
     parser.add_argument("--history", help="report: history folder to read (default bench/history)")
-    parser.add_argument("--mirror", help="also keep a copy of the history file and its profiles here, refreshed as "
-                                         "each record lands (the folder a job's outputs are collected from)")
+    parser.add_argument(
+        "--mirror",
+        help="also keep a copy of the history file and its profiles here, refreshed as "
+        "each record lands (the folder a job's outputs are collected from)",
+    )
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "maeflow-bench"),
                         help="where generated bench data is cached")
-    parser.add_argument("--data", help="pipeline: measure the loader on these shards (a folder with train.json)")
-    parser.add_argument("--local-batch-size", type=int, help="pipeline --data: images per batch (256 GPU, 32 CPU)")
-    parser.add_argument("--preset", default="vit_b16_1600ep",
-                        help="pipeline --data: the training preset whose speed the loader must keep up with")
+    parser.add_argument(
+        "--data", help="pipeline: measure the loader on these shards (a folder with train.json)"
+    )
+    parser.add_argument(
+        "--local-batch-size", type=int, help="pipeline --data: images per batch (256 GPU, 32 CPU)"
+    )
+    parser.add_argument(
+        "--preset",
+        default="vit_b16_1600ep",
+        help="pipeline --data: the training preset whose speed the loader must keep up with",
+    )
     args = parser.parse_args(argv)
     if args.data and args.stage != "pipeline":
         parser.error("--data goes with the pipeline stage")
     if args.data and not Path(args.data, "train.json").is_file():
-        parser.error(f"--data {args.data}: no train.json there (a shard folder built by pipeline.build_shards)")
+        parser.error(
+            f"--data {args.data}: no train.json there (a shard folder built by "
+            "pipeline.build_shards)"
+        )
     if args.local_batch_size is not None and args.local_batch_size < 1:
         parser.error(f"--local-batch-size must be at least 1, got {args.local_batch_size}")
     if not (Path(args.preset).is_file() or (REPO / "configs" / f"{args.preset}.toml").is_file()):
@@ -67,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.stage == "report":
         history = Path(args.history or DEFAULT_HISTORY)
-        if not history.is_dir() or not any(history.glob("*.json")):  # an empty report would replace a real one
+        # an empty report would replace a real one
+        if not history.is_dir() or not any(history.glob("*.json")):
             what = "holds no history file (*.json)" if history.is_dir() else "does not exist"
             parser.error(f"--history {history} {what}: the report is left as it is")
         report = write_report(history, Path(args.out or REPO / "bench"))
@@ -79,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device gpu but torch sees no CUDA device")
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     if device == "cpu" and "kernels" in stages:
-        # Triton kernels can only run on a CPU in the interpreter, which must be on before they are defined.
+        # Triton kernels can only run on a CPU in the interpreter, which must be on before they are
+        # defined.
         os.environ["TRITON_INTERPRET"] = "1"
 
     ctx = BenchContext(device, args.quick, Path(args.work), Path(args.data) if args.data else None,
@@ -91,11 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         module, function = STAGES[stage]
         history.start_run()
         try:
-            for r in getattr(importlib.import_module(module), function)(ctx):  # each record kept as it comes
+            # each record kept as it comes
+            for r in getattr(importlib.import_module(module), function)(ctx):
                 history.add(keep_profile_beside(r, history))
-                base = f" vs {r.baseline.median:.4g} ({r.baseline_name}): x{r.ratio:.2f}" if r.baseline else ""
+                base = (
+                    f" vs {r.baseline.median:.4g} ({r.baseline_name}): x{r.ratio:.2f}"
+                    if r.baseline
+                    else ""
+                )
                 tag = " [interpreter]" if r.interpreter else ""
-                print(f"{r.stage:8} {r.name:45} {r.ours.median:>10.4g} {r.unit}{base}{tag}", flush=True)
+                print(
+                    f"{r.stage:8} {r.name:45} {r.ours.median:>10.4g} {r.unit}{base}{tag}",
+                    flush=True,
+                )
         except StageUnavailable as why:
             print(f"{stage}: skipped ({why})")
             continue

@@ -28,7 +28,9 @@ def imagenet_like_jpeg(index: int) -> bytes:
     if rng.random() < 0.25:
         size = size[::-1]  # portrait
     img = synthetic_photo(index % 10, index, 7).resize(size, Image.BICUBIC)
-    pixels = np.asarray(img).astype(np.int16) + rng.normal(0, 16, (size[1], size[0], 3)).astype(np.int16)
+    pixels = np.asarray(img).astype(np.int16) + rng.normal(0, 16, (size[1], size[0], 3)).astype(
+        np.int16
+    )
     buf = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=92)
     return buf.getvalue()
@@ -65,8 +67,8 @@ class BenchContext:
         return root / "train"
 
     def imagenet_like_tree(self, count: int) -> Path:
-        """`count` JPEGs shaped like ImageNet's train set: mostly ~500x375 (either orientation), a tenth
-        small and a tenth large, noisy enough to average ~110 KB, as real photographs do."""
+        """`count` JPEGs shaped like ImageNet's train set: mostly ~500x375 (either orientation), a
+        tenth small and a tenth large, noisy enough to average ~110 KB, as real photographs do."""
         root = self.work / f"imagenet_like_{count}"
         done = root / ".done"
         if not done.is_file():
@@ -83,7 +85,9 @@ class BenchContext:
 
         out = tree.parent / f"{tree.name}_shards"
         if not (out / "train.json").is_file():
-            code = build_shards([str(tree), str(out), "--shard-size-mb", "64", "--workers", str(workers), "--quiet"])
+            code = build_shards(
+                [str(tree), str(out), "--shard-size-mb", "64", "--workers", str(workers), "--quiet"]
+            )
             if code:
                 raise RuntimeError(f"building bench shards from {tree} failed")
         return out

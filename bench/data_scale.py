@@ -1,7 +1,7 @@
-"""What a rank pays for the size of the data set, simulated where the data cannot exist on the machine: the epoch
-plan at 1.28 M, 14 M, 100 M and 2 B samples over 512 ranks (time and peak memory, against ordering the whole epoch
-where that fits), and a rank's start-up over 100,000 shards (manifest, shard sizes, plan, and reading its share's
-indexes), on real index files.
+"""What a rank pays for the size of the data set, simulated where the data cannot exist on the
+machine: the epoch plan at 1.28 M, 14 M, 100 M and 2 B samples over 512 ranks (time and peak memory,
+against ordering the whole epoch where that fits), and a rank's start-up over 100,000 shards
+(manifest, shard sizes, plan, and reading its share's indexes), on real index files.
 """
 
 from __future__ import annotations
@@ -23,13 +23,19 @@ from pipeline.wds_format import index_text
 
 RANKS = 512
 SAMPLES_PER_SHARD = 10_000  # img2dataset's default shard; ImageNet in 1 GiB shards has ~9,500
-DATA_SETS = {"imagenet_1k": 1_281_167, "imagenet_21k": 14_197_122, "web_100m": 100_000_000, "web_2b": 2_000_000_000}
-WHOLE_ORDER_UP_TO = 100_000_000  # the whole epoch's order is measured up to here (800 MB); beyond, 8 bytes/sample
+DATA_SETS = {
+    "imagenet_1k": 1_281_167,
+    "imagenet_21k": 14_197_122,
+    "web_100m": 100_000_000,
+    "web_2b": 2_000_000_000,
+}
+# the whole epoch's order is measured up to here (800 MB); beyond, 8 bytes/sample
+WHOLE_ORDER_UP_TO = 100_000_000
 
 
 def measured(work: Callable[[], Any], repeats: int) -> tuple[list[float], float]:
-    """(seconds of each call, peak bytes allocated in one more call): timed without tracemalloc, which slows every
-    allocation it traces several times over."""
+    """(seconds of each call, peak bytes allocated in one more call): timed without tracemalloc,
+    which slows every allocation it traces several times over."""
     seconds = []
     for _ in range(repeats):
         began = time.perf_counter()
@@ -49,30 +55,50 @@ def shard_sizes(samples: int) -> np.ndarray:
 
 
 def plan_records(ctx: BenchContext) -> Iterator[Record]:
-    """The last rank's plan of epoch 3 of each data set, straight and after a hand-over from 256 ranks."""
+    """The last rank's plan of epoch 3 of each data set, straight and after a hand-over from 256
+    ranks."""
     repeats = 3 if ctx.quick else 5
     for name, samples in DATA_SETS.items():
         sizes = shard_sizes(samples)
         plan = EpochPlan(sizes, 0, True)
         handed = ReadPosition(3, 0, (Segment(256, 128, samples // 256 // 128 // 3),))
         for how, position in (("", ReadPosition(3)), ("_handed_over", handed)):
-            seconds, peak = measured(lambda p=position, plan=plan: plan.rank_samples(p, RANKS - 1, RANKS, 128), repeats)
+            seconds, peak = measured(
+                lambda p=position, plan=plan: plan.rank_samples(p, RANKS - 1, RANKS, 128), repeats
+            )
             extra = {"plan_ms": 1e3 * float(np.median(seconds)), "peak_mb": peak / 2**20,
                      "share_samples": samples // RANKS, "whole_epoch_order_mb": 8 * samples / 2**20}
             baseline = None
-            if not how and samples <= (WHOLE_ORDER_UP_TO if not ctx.quick else DATA_SETS["imagenet_21k"]):
+            if not how and samples <= (
+                WHOLE_ORDER_UP_TO if not ctx.quick else DATA_SETS["imagenet_21k"]
+            ):
                 whole, whole_peak = measured(lambda sizes=sizes: whole_epoch_order(sizes, 0, 3), 1)
                 baseline = stat_of([1 / s for s in whole])
-                extra |= {"whole_epoch_order_ms": 1e3 * whole[0], "whole_epoch_order_peak_mb": whole_peak / 2**20}
-            yield Record("pipeline", f"rank_plan_{name}{how}", "plans/s", stat_of([1 / s for s in seconds]),
-                         baseline, "ordering the whole epoch on every rank" if baseline else "",
-                         {"samples": samples, "shards": len(sizes), "ranks": RANKS, "rank": RANKS - 1,
-                          "local_batch_size": 128}, extra=extra)
+                extra |= {
+                    "whole_epoch_order_ms": 1e3 * whole[0],
+                    "whole_epoch_order_peak_mb": whole_peak / 2**20,
+                }
+            yield Record(
+                "pipeline",
+                f"rank_plan_{name}{how}",
+                "plans/s",
+                stat_of([1 / s for s in seconds]),
+                baseline,
+                "ordering the whole epoch on every rank" if baseline else "",
+                {
+                    "samples": samples,
+                    "shards": len(sizes),
+                    "ranks": RANKS,
+                    "rank": RANKS - 1,
+                    "local_batch_size": 128,
+                },
+                extra=extra,
+            )
 
 
 def many_shards(ctx: BenchContext, shards: int, per_shard: int) -> Path:
-    """A split of `shards` shards of `per_shard` samples each: real index files and manifest, empty tars (start-up
-    reads no image). Built once, cached."""
+    """A split of `shards` shards of `per_shard` samples each: real index files and manifest, empty
+    tars (start-up reads no image). Built once, cached."""
     folder = ctx.work / f"index_only_{shards}x{per_shard}"
     done = folder / ".done"
     if done.is_file():
@@ -95,19 +121,37 @@ def many_shards(ctx: BenchContext, shards: int, per_shard: int) -> Path:
 
 
 def startup_records(ctx: BenchContext) -> Iterator[Record]:
-    """Rank 511's start-up on 100,000 shards (10,000 in quick mode): a loader built, its epoch planned and its
-    share's index lines made, as the DALI backend writes them."""
+    """Rank 511's start-up on 100,000 shards (10,000 in quick mode): a loader built, its epoch
+    planned and its share's index lines made, as the DALI backend writes them."""
     from pipeline import build_loader
 
     shards, per_shard = (10_000, 20) if ctx.quick else (100_000, 20)
     folder = many_shards(ctx, shards, per_shard)
 
     def start() -> None:
-        loader = build_loader(folder, local_batch_size=4, img_size=16, rank=RANKS - 1, world_size=RANKS,
-                              device="cpu", backend="pil", num_threads=1)
+        loader = build_loader(
+            folder,
+            local_batch_size=4,
+            img_size=16,
+            rank=RANKS - 1,
+            world_size=RANKS,
+            device="cpu",
+            backend="pil",
+            num_threads=1,
+        )
         loader.table.entries(loader.samples()).index_lines()
 
     seconds, peak = measured(start, 2 if ctx.quick else 3)
-    yield Record("pipeline", f"rank_startup_{shards}_shards", "starts/s", stat_of([1 / s for s in seconds]),
-                 config={"shards": shards, "samples_per_shard": per_shard, "ranks": RANKS, "rank": RANKS - 1},
-                 extra={"startup_s": float(np.median(seconds)), "peak_mb": peak / 2**20})
+    yield Record(
+        "pipeline",
+        f"rank_startup_{shards}_shards",
+        "starts/s",
+        stat_of([1 / s for s in seconds]),
+        config={
+            "shards": shards,
+            "samples_per_shard": per_shard,
+            "ranks": RANKS,
+            "rank": RANKS - 1,
+        },
+        extra={"startup_s": float(np.median(seconds)), "peak_mb": peak / 2**20},
+    )

@@ -41,7 +41,9 @@ class Stat:
     repeats: int
 
 
-def time_repeats(fn: Callable[[], Any], repeats: int, warmup: int = 1, device: str = "cpu") -> list[float]:
+def time_repeats(
+    fn: Callable[[], Any], repeats: int, warmup: int = 1, device: str = "cpu"
+) -> list[float]:
     """Seconds per call of `fn`, after `warmup` untimed calls; CUDA calls are timed with events."""
     for _ in range(warmup):
         fn()
@@ -63,10 +65,11 @@ def time_repeats(fn: Callable[[], Any], repeats: int, warmup: int = 1, device: s
 
 
 def device_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> list[float]:
-    """GPU busy time per call of `fn`: the summed durations of the kernels (and copies) it launched, read
-    from the profiler. This is what the op costs inside a training step, where the CPU runs ahead of the
-    GPU; wall time around a single small op also counts its Python and launch overhead. One profiler session
-    for all the repeats (a session costs far more than a small op), each repeat in a range of its own."""
+    """GPU busy time per call of `fn`: the summed durations of the kernels (and copies) it launched,
+    read from the profiler. This is what the op costs inside a training step, where the CPU runs
+    ahead of the GPU; wall time around a single small op also counts its Python and launch overhead.
+    One profiler session for all the repeats (a session costs far more than a small op), each repeat
+    in a range of its own."""
     from torch.profiler import ProfilerActivity, profile, record_function  # only GPU runs profile
 
     for _ in range(warmup):
@@ -79,7 +82,8 @@ def device_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> list
         torch.cuda.synchronize()
     ranges = [e for e in prof.events() if e.name == _REPEAT]
     micros = [getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) for e in ranges]
-    if len(micros) != repeats or not sum(micros):  # kernels not attributed to their ranges: their mean instead
+    # kernels not attributed to their ranges: their mean instead
+    if len(micros) != repeats or not sum(micros):
         total = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
         micros = [total / repeats] * repeats
     return [m / 1e6 for m in micros]
@@ -138,7 +142,9 @@ def kernels_backend(choice: str) -> Iterator[None]:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
 
@@ -161,15 +167,32 @@ def _version(package: str) -> str | None:
 
 
 def machine_info(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                            "device": device}
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "device": device,
+    }
     if device == "gpu":
         info["gpu"] = torch.cuda.get_device_name()
-        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True).stdout.strip()
+        info["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         info["gpus"] = torch.cuda.device_count()
-    info["versions"] = {p: _version(p) for p in ("torch", "triton", "nvidia-dali-cuda120", "nvidia-dali-cuda130",
-                                                 "deepspeed", "webdataset", "pillow")}
+    info["versions"] = {
+        p: _version(p)
+        for p in (
+            "torch",
+            "triton",
+            "nvidia-dali-cuda120",
+            "nvidia-dali-cuda130",
+            "deepspeed",
+            "webdataset",
+            "pillow",
+        )
+    }
     return info
 
 
@@ -181,9 +204,10 @@ def device_label(device: str) -> str:
 
 
 class History:
-    """`<dir>/<date>-<sha>-<device>.json`: the machine description and, per stage run, its records, each written
-    as soon as it is measured, so that a stage cut short keeps what it had measured. `mirror`: a folder that holds
-    a copy of the file (and of its profiles) at every moment, such as the folder a job's outputs are collected from.
+    """`<dir>/<date>-<sha>-<device>.json`: the machine description and, per stage run, its records,
+    each written as soon as it is measured, so that a stage cut short keeps what it had measured.
+    `mirror`: a folder that holds a copy of the file (and of its profiles) at every moment, such as
+    the folder a job's outputs are collected from.
     """
 
     def __init__(self, folder: Path, device: str, quick: bool, mirror: Path | None = None) -> None:
@@ -191,9 +215,16 @@ class History:
         sha = _git("rev-parse", "--short", "HEAD") or "nogit"
         dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
         date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-        self.path = Path(folder) / f"{date}-{sha}{'-dirty' if dirty else ''}-{device_label(device)}.json"
-        self.meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_sha": sha,
-                     "dirty": dirty, "quick": quick, "machine": machine_info(device)}
+        self.path = (
+            Path(folder) / f"{date}-{sha}{'-dirty' if dirty else ''}-{device_label(device)}.json"
+        )
+        self.meta = {
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "git_sha": sha,
+            "dirty": dirty,
+            "quick": quick,
+            "machine": machine_info(device),
+        }
         self._run: int | None = None  # this stage run's index in the file
 
     def start_run(self) -> None:
@@ -202,7 +233,11 @@ class History:
 
     def add(self, record: Record) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.loads(self.path.read_text()) if self.path.is_file() else stamp("bench_history", {"runs": []})
+        payload = (
+            json.loads(self.path.read_text())
+            if self.path.is_file()
+            else stamp("bench_history", {"runs": []})
+        )
         if self._run is None:
             payload["runs"].append({**self.meta, "records": []})
             self._run = len(payload["runs"]) - 1

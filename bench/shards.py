@@ -1,8 +1,8 @@
-"""Shard builder throughput: against `tar cf` of the same files, and from an archive against the same images
-extracted (ImageNet's layout: a tar of per-class tars, read in place), with the builder's peak memory and a
-projection of ImageNet-1k's build time from the measured rate per core; a whole build's peak memory at 100,000 and
-1 M small images; and the memory the builder's listing and plan take at 1 M and 10 M simulated files, the growth per
-image beside it."""
+"""Shard builder throughput: against `tar cf` of the same files, and from an archive against the
+same images extracted (ImageNet's layout: a tar of per-class tars, read in place), with the
+builder's peak memory and a projection of ImageNet-1k's build time from the measured rate per core;
+a whole build's peak memory at 100,000 and 1 M small images; and the memory the builder's listing
+and plan take at 1 M and 10 M simulated files, the growth per image beside it."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def tar_of_class_tars(tree: Path, target: Path) -> Path:
-    """`tree`'s images packed as ImageNet distributes its train set: one tar per class inside one tar."""
+    """`tree`'s images packed as ImageNet distributes its train set: one tar per class inside one
+    tar."""
     with tarfile.open(target, "w") as outer:
         for folder in sorted(p for p in tree.iterdir() if p.is_dir()):
             inner = io.BytesIO()
@@ -44,16 +45,22 @@ def tar_of_class_tars(tree: Path, target: Path) -> Path:
 
 def peak_memory_mb(argv: list[str]) -> float:
     """The largest resident set of a build and its worker processes, run on its own."""
-    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    done = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "pipeline.build_shards", *argv],
-                          capture_output=True, text=True, check=True)
+    probe = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+        "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, sys.executable, "-m", "pipeline.build_shards", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(done.stdout.split()[-1]) / 1024
 
 
 def tiny_images_archive(images: int, target: Path, classes: int = 1000) -> Path:
-    """`images` small JPEGs (32x32, under 1 KB) in a tar of class folders, written as it streams: a data set of
-    millions of files that the builder reads by offset, as it reads ImageNet's tars."""
+    """`images` small JPEGs (32x32, under 1 KB) in a tar of class folders, written as it streams: a
+    data set of millions of files that the builder reads by offset, as it reads ImageNet's tars."""
     photo = io.BytesIO()
     synthetic_photo(0, 0, 7).resize((32, 32)).save(photo, "JPEG", quality=90)
     data = photo.getvalue()
@@ -66,7 +73,8 @@ def tiny_images_archive(images: int, target: Path, classes: int = 1000) -> Path:
 
 
 def simulated_listing(images: int, classes: int = 1000) -> Iterator[Entry]:
-    """A class-folder listing of `images` ImageNet-style names, 110 KB each, made as it streams (no files)."""
+    """A class-folder listing of `images` ImageNet-style names, 110 KB each, made as it streams (no
+    files)."""
     for c in range(classes):
         yield Entry(f"n{c:08d}/", "/data/imagenet/train", 0, problem="a folder")
     for i in range(images):
@@ -76,24 +84,29 @@ def simulated_listing(images: int, classes: int = 1000) -> Iterator[Entry]:
 
 def plan_simulated_build(images: int, work: Path, sort_buffer: int = DEFAULT_SORT_BUFFER,
                          workers: int = 1) -> list[int]:
-    """The builder's work before it writes a shard, over a simulated listing: list, label, shuffle, cut into 1 GiB
-    shards, as `build_shards` does them. Returns the shards' sizes."""
-    from pipeline.build_shards import BuildOptions, shuffled  # it needs braceexpand: `run` checks for it
+    """The builder's work before it writes a shard, over a simulated listing: list, label, shuffle,
+    cut into 1 GiB shards, as `build_shards` does them. Returns the shards' sizes."""
+    # it needs braceexpand: `run` checks for it
+    from pipeline.build_shards import BuildOptions, shuffled
 
-    options = BuildOptions(src=Path("/data/imagenet/train"), out=work, sort_buffer=sort_buffer, workers=workers)
+    options = BuildOptions(
+        src=Path("/data/imagenet/train"), out=work, sort_buffer=sort_buffer, workers=workers
+    )
     skipped: list[dict] = []
     labels = ClassFolders(Listing(simulated_listing(images)), None, skipped)
     return shuffled(options, labels, work, skipped)[1].shard_sizes
 
 
-# The growth of the resident set while the builder plans `n` simulated images with a sort buffer of `b`: the peak is
-# restarted after the imports (Linux's clear_refs), so the interpreter's own never hides the plan's.
+# The growth of the resident set while the builder plans `n` simulated images with a sort buffer of
+# `b`: the peak is restarted after the imports (Linux's clear_refs), so the interpreter's own never
+# hides the plan's.
 PLAN_MEMORY_PROBE = """
 import sys, tempfile
 from pathlib import Path
 from bench.shards import plan_simulated_build
 def status_mb(field):
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 1024
+    status = open("/proc/self/status").read().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 before = status_mb("VmRSS:")
@@ -105,24 +118,38 @@ print(status_mb("VmHWM:") - before)
 
 def plan_memory_mb(images: int, sort_buffer: int) -> float:
     """Peak resident memory the builder's listing and plan add over `images` simulated files."""
-    done = subprocess.run([sys.executable, "-c", PLAN_MEMORY_PROBE, str(images), str(sort_buffer)],
-                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", PLAN_MEMORY_PROBE, str(images), str(sort_buffer)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     return float(done.stdout.split()[-1])
 
 
 def held_at_once(images: int, sort_buffer: int) -> int:
-    """Candidates the shuffle holds at once: a part over the buffer is split 256 ways, again until it fits."""
+    """Candidates the shuffle holds at once: a part over the buffer is split 256 ways, again until
+    it fits."""
     while images > sort_buffer:
         images = -(-images // 256)
     return images
 
 
 def plan_memory_record(ctx: BenchContext) -> Record:
-    """The builder's memory planning a build: at two sizes with the default sort buffer, and at the larger with a
-    small one, so that the split the buffer forces shows; with the per-image cost, the projection to 2 B files."""
-    # Quick: sizes a few seconds plan (the trend between them is the record); the full run plans ImageNet's scale.
-    sizes, small_buffer = ((20_000, 200_000), 500) if ctx.quick else ((1_000_000, 10_000_000), 20_000)
-    runs = [(sizes[0], DEFAULT_SORT_BUFFER), (sizes[1], DEFAULT_SORT_BUFFER), (sizes[1], small_buffer)]
+    """The builder's memory planning a build: at two sizes with the default sort buffer, and at the
+    larger with a small one, so that the split the buffer forces shows; with the per-image cost, the
+    projection to 2 B files."""
+    # Quick: sizes a few seconds plan (the trend between them is the record); the full run plans
+    # ImageNet's scale.
+    sizes, small_buffer = (
+        ((20_000, 200_000), 500) if ctx.quick else ((1_000_000, 10_000_000), 20_000)
+    )
+    runs = [
+        (sizes[0], DEFAULT_SORT_BUFFER),
+        (sizes[1], DEFAULT_SORT_BUFFER),
+        (sizes[1], small_buffer),
+    ]
     peaks, seconds = {}, {}
     for images, buffer in runs:
         started = time.perf_counter()
@@ -139,25 +166,35 @@ def plan_memory_record(ctx: BenchContext) -> Record:
              "bound_mb": round(fixed + DEFAULT_SORT_BUFFER * per_held / 2**20),
              "plan_s": {f"{n} images, buffer {b}": round(t, 1) for (n, b), t in seconds.items()},
              "plan_us_per_image": round(seconds[runs[1]] / sizes[1] * 1e6, 1)}
-    return Record("shards", "builder_plan_peak_mb", "MB", stat_of([peaks[runs[1]]]),
-                  config={"images": sizes[1], "sort_buffer": DEFAULT_SORT_BUFFER,
-                          "simulated": "class-folder listing of ImageNet-style names, 110 KB each",
-                          "what": "listing spilled to disk, labels, external shuffle by keyed hash, plan fingerprint, "
-                                  "cut into 1 GiB shards"},
-                  extra=extra)
+    return Record(
+        "shards",
+        "builder_plan_peak_mb",
+        "MB",
+        stat_of([peaks[runs[1]]]),
+        config={
+            "images": sizes[1],
+            "sort_buffer": DEFAULT_SORT_BUFFER,
+            "simulated": "class-folder listing of ImageNet-style names, 110 KB each",
+            "what": "listing spilled to disk, labels, external shuffle by keyed hash, plan "
+                    "fingerprint, cut into 1 GiB shards",
+        },
+        extra=extra,
+    )
 
 
 def real_build_record(ctx: BenchContext, scratch: Path, workers: int) -> Record:
-    """A whole build (list, shuffle, write, index, manifest) of small images from one tar at two sizes: the largest
-    resident set among its processes, and its time; the growth between the two is what a larger data set adds."""
+    """A whole build (list, shuffle, write, index, manifest) of small images from one tar at two
+    sizes: the largest resident set among its processes, and its time; the growth between the two is
+    what a larger data set adds."""
     sizes = (2_000, 20_000) if ctx.quick else (100_000, 1_000_000)
     peaks, seconds = {}, {}
     for images in sizes:
         archive = tiny_images_archive(images, scratch / f"tiny_{images}.tar")
         out = scratch / f"tiny_{images}"
         started = time.perf_counter()
-        peaks[images] = peak_memory_mb([str(archive), str(out), "--shard-size-mb", "64", "--workers", str(workers),
-                                        "--quiet"])
+        peaks[images] = peak_memory_mb(
+            [str(archive), str(out), "--shard-size-mb", "64", "--workers", str(workers), "--quiet"]
+        )
         seconds[images] = time.perf_counter() - started
         archive.unlink()
         shutil.rmtree(out)
@@ -175,7 +212,8 @@ def run(ctx: BenchContext) -> list[Record]:
     require("braceexpand")
     from pipeline.build_shards import main as build_shards  # after the check: it needs braceexpand
 
-    tree = ctx.imagenet_like_tree(384 if ctx.quick else 1536)  # ~110 KB photos: a rate that projects to ImageNet
+    # ~110 KB photos: a rate that projects to ImageNet
+    tree = ctx.imagenet_like_tree(384 if ctx.quick else 1536)
     files = [p for p in tree.rglob("*") if p.is_file()]
     megabytes = sum(p.stat().st_size for p in files) / 2**20
     workers = os.cpu_count() or 1
@@ -188,7 +226,9 @@ def run(ctx: BenchContext) -> list[Record]:
             build_shards([str(src), str(scratch / "out"), *common])
 
         def tar() -> None:
-            subprocess.run(["tar", "cf", str(scratch / "plain.tar"), "-C", str(tree), "."], check=True)
+            subprocess.run(
+                ["tar", "cf", str(scratch / "plain.tar"), "-C", str(tree), "."], check=True
+            )
 
         repeats = 2 if ctx.quick else 5
         # Interleaved, so that a machine's drift touches both sides alike.
@@ -197,15 +237,21 @@ def run(ctx: BenchContext) -> list[Record]:
             tree_s += time_repeats(lambda: build_from(tree), 1)
             archive_s += time_repeats(lambda: build_from(archive), 1)
         tar_s = time_repeats(tar, repeats)
-        # The builder reads by offset: its memory must not grow with the archive (here ~8x smaller, same peak).
+        # The builder reads by offset: its memory must not grow with the archive (here ~8x smaller,
+        # same peak).
         small = tar_of_class_tars(ctx.sample_tree(), scratch / "small.tar")
         memory = {name: peak_memory_mb([str(src), str(scratch / f"memory_{name}"), *common])
                   for name, src in (("tree", tree), ("archive", archive), ("small_archive", small))}
         at_scale = real_build_record(ctx, scratch, workers)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    config = {"images": len(files), "source_mb": round(megabytes, 2), "workers": workers, "data": "ImageNet-like JPEGs",
-              "what": "shuffle, validate (1/8-scale decode), write tar + DALI index + manifest"}
+    config = {
+        "images": len(files),
+        "source_mb": round(megabytes, 2),
+        "workers": workers,
+        "data": "ImageNet-like JPEGs",
+        "what": "shuffle, validate (1/8-scale decode), write tar + DALI index + manifest",
+    }
     per_core = len(files) / min(tree_s) / workers
     projection = {"img_per_s_per_core": per_core,
                   "imagenet_build_hours": {cores: IMAGENET_TRAIN_IMAGES / (per_core * cores) / 3600
@@ -214,11 +260,33 @@ def run(ctx: BenchContext) -> list[Record]:
     return [
         plan_memory_record(ctx),
         at_scale,
-        Record("shards", "builder_mb_per_s", "MB/s", rate(megabytes, tree_s), rate(megabytes, tar_s), "tar cf",
-               config),
-        Record("shards", "builder_img_per_s", "img/s", rate(len(files), tree_s), rate(len(files), tar_s), "tar cf",
-               config, extra=projection),
-        Record("shards", "from_archive_img_per_s", "img/s", rate(len(files), archive_s), rate(len(files), tree_s),
-               "the same images extracted", {**config, "archive": "tar of per-class tars (ImageNet's train tar)"},
-               extra={"peak_memory_mb": memory}),
+        Record(
+            "shards",
+            "builder_mb_per_s",
+            "MB/s",
+            rate(megabytes, tree_s),
+            rate(megabytes, tar_s),
+            "tar cf",
+            config,
+        ),
+        Record(
+            "shards",
+            "builder_img_per_s",
+            "img/s",
+            rate(len(files), tree_s),
+            rate(len(files), tar_s),
+            "tar cf",
+            config,
+            extra=projection,
+        ),
+        Record(
+            "shards",
+            "from_archive_img_per_s",
+            "img/s",
+            rate(len(files), archive_s),
+            rate(len(files), tree_s),
+            "the same images extracted",
+            {**config, "archive": "tar of per-class tars (ImageNet's train tar)"},
+            extra={"peak_memory_mb": memory},
+        ),
     ]

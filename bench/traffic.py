@@ -1,11 +1,12 @@
-"""A training step's traffic budget, counted op by op on the CPU, no timing: the FLOPs of its matmuls and the bytes
-every other op reads and writes, per image, and the H200 step they project to.
+"""A training step's traffic budget, counted op by op on the CPU, no timing: the FLOPs of its
+matmuls and the bytes every other op reads and writes, per image, and the H200 step they project to.
 
-The matmuls (projections, MLPs, attention, the patch embedding) run near the tensor cores' peak; everything else
-(norms, GELU, residual adds, softmax outside a fused attention, casts, the masking and loss) is bound by memory
-bandwidth. Counted under bf16 autocast, as the GPU presets train. The projection is a bound of that reading: each
-part at its own measured ceiling, nothing overlapped, no launch overhead; a compiled step fuses some of the "other"
-bytes away, an eager one moves them all. It says where a step's time can go, not what a GPU measured.
+The matmuls (projections, MLPs, attention, the patch embedding) run near the tensor cores' peak;
+everything else (norms, GELU, residual adds, softmax outside a fused attention, casts, the masking
+and loss) is bound by memory bandwidth. Counted under bf16 autocast, as the GPU presets train. The
+projection is a bound of that reading: each part at its own measured ceiling, nothing overlapped, no
+launch overhead; a compiled step fuses some of the "other" bytes away, an eager one moves them all.
+It says where a step's time can go, not what a GPU measured.
 """
 
 from __future__ import annotations
@@ -25,16 +26,27 @@ from model.flops import mae_train_flops
 MATMUL_TFLOPS = 790.0  # dense bf16 matmuls an H200 sustains (of its 989 peak)
 MEMORY_TB_S = 4.3  # what its HBM3e sustains (of 4.8)
 ATEN = torch.ops.aten
-MATMULS = {ATEN.mm, ATEN.addmm, ATEN.bmm, ATEN.baddbmm, ATEN.convolution, ATEN.convolution_backward,
-           ATEN._scaled_dot_product_flash_attention_for_cpu, ATEN._scaled_dot_product_flash_attention_for_cpu_backward}
+MATMULS = {
+    ATEN.mm,
+    ATEN.addmm,
+    ATEN.bmm,
+    ATEN.baddbmm,
+    ATEN.convolution,
+    ATEN.convolution_backward,
+    ATEN._scaled_dot_product_flash_attention_for_cpu,
+    ATEN._scaled_dot_product_flash_attention_for_cpu_backward,
+}
 
 
 def _bytes(values: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_flatten(values)[0] if isinstance(t, torch.Tensor))
+    return sum(
+        t.numel() * t.element_size() for t in tree_flatten(values)[0] if isinstance(t, torch.Tensor)
+    )
 
 
 class OtherBytes(TorchDispatchMode):
-    """Bytes read and written by every op that is neither a matmul nor a view (which moves nothing), by op."""
+    """Bytes read and written by every op that is neither a matmul nor a view (which moves nothing),
+    by op."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,7 +65,8 @@ class Budget:
     local_batch_size: int  # the projection's images per forward pass (the preset's)
     matmul_flops_per_image: float
     other_bytes_per_image: float  # what grows with the batch: activations
-    other_bytes_per_step: float  # what does not: the weights' casts, gradients, norms over parameters
+    # what does not: the weights' casts, gradients, norms over parameters
+    other_bytes_per_step: float
     top_ops: list[tuple[str, float]]  # the other ops moving the most bytes per image at this batch
 
     @property
@@ -80,9 +93,9 @@ def _count(model: torch.nn.Module, img_size: int, batch: int) -> Counter[str]:
 
 
 def mae_budget(name: str, img_size: int, local_batch_size: int) -> Budget:
-    """One forward and backward of MAE `name` under bf16 autocast (the torch references of the fused ops, as an
-    eager step runs them), counted at batch 1 and 2 on the CPU: their difference is what each image adds, the rest
-    what a step moves whatever its batch."""
+    """One forward and backward of MAE `name` under bf16 autocast (the torch references of the fused
+    ops, as an eager step runs them), counted at batch 1 and 2 on the CPU: their difference is what
+    each image adds, the rest what a step moves whatever its batch."""
     torch.manual_seed(0)
     model = build_mae(name, img_size=img_size, norm_pix_loss=True)
     one, two = _count(model, img_size, 1), _count(model, img_size, 2)
@@ -91,4 +104,6 @@ def mae_budget(name: str, img_size: int, local_batch_size: int) -> Budget:
     share = {op: per_image[op] + (one[op] - per_image[op]) / local_batch_size for op in two}
     top = sorted(share.items(), key=lambda item: -item[1])[:6]
     flops = mae_train_flops(model)
-    return Budget(name, local_batch_size, float(flops), float(sum(per_image.values())), float(per_step), top)
+    return Budget(
+        name, local_batch_size, float(flops), float(sum(per_image.values())), float(per_step), top
+    )

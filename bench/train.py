@@ -1,15 +1,19 @@
 """End-to-end training throughput, measured per preset on one device, in two stages.
 
 `bench train`, the records that matter most, ViT-H first:
-- maeflow's trainer on synthetic data (`data.backend=synthetic`: no decoding): what the trainer costs on top of
-  the model step, its MFU, peak memory and a profile (OUTPUT/profile.txt, kept beside the history file);
-  this needs DeepSpeed alone, so it runs before DALI is installed;
-- maeflow's bare model step: the same model, precision, optimizer and compiled blocks in a plain loop on images
-  already in memory, the ceiling the trainer is held against (trainer / bare step = the trainer's efficiency).
+- maeflow's trainer on synthetic data (`data.backend=synthetic`: no decoding): what the trainer
+costs on top of
+  the model step, its MFU, peak memory and a profile (OUTPUT/profile.txt, kept beside the history
+  file); this needs DeepSpeed alone, so it runs before DALI is installed;
+- maeflow's bare model step: the same model, precision, optimizer and compiled blocks in a plain
+loop on images
+  already in memory, the ceiling the trainer is held against (trainer / bare step = the trainer's
+  efficiency).
 
 `bench train_shards`:
 - maeflow's trainer: `train/pretrain.py` as one rank, DALI, fused kernels;
-- the reference-style trainer (`bench/reference_trainer.py`: DDP, autocast, fused AdamW, PIL DataLoader,
+- the reference-style trainer (`bench/reference_trainer.py`: DDP, autocast, fused AdamW, PIL
+DataLoader,
   the reference formulation of the model); trainer / reference-style = the epoch speedup.
 """
 
@@ -41,7 +45,8 @@ from train.recipe import build_optimizer
 
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
-    # The CPU kernel stage turns the Triton interpreter on for this process; training must not inherit it.
+    # The CPU kernel stage turns the Triton interpreter on for this process; training must not
+    # inherit it.
     inherited = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return {**inherited, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
 
@@ -49,30 +54,54 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
 def _metrics(cmd: list[str], out: Path, env: dict[str, str]) -> list[dict]:
     proc = subprocess.run(cmd, cwd=REPO, env=_clean_env(env), capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"training run failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"training run failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+        )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    windows = [r for r in records if "img_per_s" in r]  # not the k-NN evaluations and events beside them
+    # not the k-NN evaluations and events beside them
+    windows = [r for r in records if "img_per_s" in r]
     return windows[1:]  # the first window holds the warm-up (and any compilation)
 
 
 def trainer_run(config: str, shards: Path | None, steps: int, log_every: int, batch: int,
                 script: str = "train/pretrain.py") -> tuple[list[dict], str]:
-    """Metrics windows of maeflow's trainer (`script`) on one rank, and its profile (synthetic data when `shards` is
-    None: then the steps of the first window after the profiler's warm-up are profiled; that window is not
-    counted)."""
+    """Metrics windows of maeflow's trainer (`script`) on one rank, and its profile (synthetic data
+    when `shards` is
+    None: then the steps of the first window after the profiler's warm-up are profiled; that window
+    is not counted)."""
     with tempfile.TemporaryDirectory(prefix="maeflow-bench-train-") as out:
         profiled = log_every - WARMUP_STEPS
         data = ["--data", str(shards)] if shards else ["--set", "data.backend=synthetic",
                                                       "--set", f"log.profile_steps={profiled}"]
-        # One rank started as a plain process (a script without a launcher runs as one): it takes the first GPU
-        # CUDA_VISIBLE_DEVICES shows, as the bare step does. `deepspeed --num_gpus 1` would drop that variable and
-        # take GPU 0 of the machine, perhaps another card than the baseline's.
-        cmd = [sys.executable, script, "--config", config, *data,
-               "--output", out, "--max-steps", str(steps), "--log-every", str(log_every),
-               "--set", f"optim.global_batch_size={batch}", "--set", f"optim.local_batch_size={batch}",
-               "--set", "checkpoint.every_minutes=0", "--set", "checkpoint.at_end=false",
-               "--set", "eval.every_epochs=0",
-               *(["--set", "log.viz_every=1000000"] if script == "train/pretrain.py" else [])]  # a pre-training field
+        # One rank started as a plain process (a script without a launcher runs as one): it takes
+        # the first GPU CUDA_VISIBLE_DEVICES shows, as the bare step does. `deepspeed --num_gpus 1`
+        # would drop that variable and take GPU 0 of the machine, perhaps another card than the
+        # baseline's.
+        cmd = [
+            sys.executable,
+            script,
+            "--config",
+            config,
+            *data,
+            "--output",
+            out,
+            "--max-steps",
+            str(steps),
+            "--log-every",
+            str(log_every),
+            "--set",
+            f"optim.global_batch_size={batch}",
+            "--set",
+            f"optim.local_batch_size={batch}",
+            "--set",
+            "checkpoint.every_minutes=0",
+            "--set",
+            "checkpoint.at_end=false",
+            "--set",
+            "eval.every_epochs=0",
+            # a pre-training field
+            *(["--set", "log.viz_every=1000000"] if script == "train/pretrain.py" else []),
+        ]
         windows = _metrics(cmd, Path(out), {})
         profile = Path(out, "profile.txt")
         return windows, profile.read_text() if profile.is_file() else ""
@@ -81,16 +110,31 @@ def trainer_run(config: str, shards: Path | None, steps: int, log_every: int, ba
 def reference_run(config: str, shards: Path, steps: int, log_every: int, batch: int) -> list[dict]:
     """Metrics windows of the reference-style trainer on one rank."""
     with tempfile.TemporaryDirectory(prefix="maeflow-bench-reference-") as out:
-        cmd = [sys.executable, "-m", "bench.reference_trainer", "--config", config, "--data", str(shards),
-               "--output", out, "--steps", str(steps), "--log-every", str(log_every), "--local-batch-size", str(batch)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.reference_trainer",
+            "--config",
+            config,
+            "--data",
+            str(shards),
+            "--output",
+            out,
+            "--steps",
+            str(steps),
+            "--log-every",
+            str(log_every),
+            "--local-batch-size",
+            str(batch),
+        ]
         env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(free_port())}
         return _metrics(cmd, Path(out), env)
 
 
 def bare_step_rate(config: str, batch: int, device: str, repeats: int) -> tuple[Stat, int]:
-    """img/s of forward + backward + optimizer step of the trainer's model, precision, optimizer and model switches
-    (both bf16 modes timed as autocast bf16), and its FLOPs per image."""
+    """img/s of forward + backward + optimizer step of the trainer's model, precision, optimizer and
+    model switches (both bf16 modes timed as autocast bf16), and its FLOPs per image."""
     cfg = load_config(config)
     model = mae_from_config(cfg).to(device)
     apply_model_switches(model, cfg)  # compiled blocks and recompute, as the trainer has them
@@ -108,19 +152,26 @@ def bare_step_rate(config: str, batch: int, device: str, repeats: int) -> tuple[
     # The kernels the trainer runs: Triton on a GPU, the torch references on a CPU (where the Triton
     # interpreter a kernel stage may have switched on is for correctness, not speed).
     with kernels_backend("auto" if device == "cuda" else "torch"):
-        seconds = time_repeats(step, repeats, warmup=3, device="cuda" if device == "cuda" else "cpu")
+        seconds = time_repeats(
+            step, repeats, warmup=3, device="cuda" if device == "cuda" else "cpu"
+        )
     return rate(batch, seconds), mae_train_flops(model, cfg.model.mask_ratio)
 
 
-def health_overhead(device: torch.device, log_every: int, repeats: int = 20_000) -> tuple[float, dict[str, float]]:
-    """Microseconds per optimizer step that run health costs the loop: the watchdog's beat and the per-rank
-    forward timing every step, and the straggler gather over the CPU side-channel once per logged window
-    (measured here on one rank; on many ranks it is one small all-gather per window)."""
+def health_overhead(
+    device: torch.device, log_every: int, repeats: int = 20_000
+) -> tuple[float, dict[str, float]]:
+    """Microseconds per optimizer step that run health costs the loop: the watchdog's beat and the
+    per-rank forward timing every step, and the straggler gather over the CPU side-channel once per
+    logged window (measured here on one rank; on many ranks it is one small all-gather per
+    window)."""
     with tempfile.TemporaryDirectory(prefix="maeflow-bench-health-") as folder:
         dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
         try:
             dog = Watchdog(3600, Path(folder), 0, lambda: 0)
-            times = RankTimes(device, dist.group.WORLD, [socket.gethostname()], margin=0.25, windows=3)
+            times = RankTimes(
+                device, dist.group.WORLD, [socket.gethostname()], margin=0.25, windows=3
+            )
             beat = statistics.median(time_repeats(dog.beat, repeats, warmup=100)) * 1e6
 
             def forward_block() -> None:
@@ -128,7 +179,9 @@ def health_overhead(device: torch.device, log_every: int, repeats: int = 20_000)
                     pass
 
             forward = statistics.median(time_repeats(forward_block, repeats, warmup=100)) * 1e6
-            gather = statistics.median(time_repeats(lambda: times.gather(0.0), 200, warmup=10)) * 1e6
+            gather = (
+                statistics.median(time_repeats(lambda: times.gather(0.0), 200, warmup=10)) * 1e6
+            )
             dog.close()
         finally:
             dist.destroy_process_group()
@@ -139,12 +192,16 @@ def health_overhead(device: torch.device, log_every: int, repeats: int = 20_000)
 
 def summarize(records: list[dict]) -> tuple:
     mfu = [r["mfu"] for r in records if r.get("mfu") is not None]
-    return (stat_of([r["img_per_s"] for r in records]), statistics.median(r["data_stall_pct"] for r in records),
-            statistics.median(mfu) if mfu else None)
+    return (
+        stat_of([r["img_per_s"] for r in records]),
+        statistics.median(r["data_stall_pct"] for r in records),
+        statistics.median(mfu) if mfu else None,
+    )
 
 
 def setups(ctx: BenchContext) -> tuple[list[tuple[str, int]], int, int]:
-    """(config, local batch) per preset measured, the steps of each trainer run and its log interval."""
+    """(config, local batch) per preset measured, the steps of each trainer run and its log
+    interval."""
     if ctx.device == "gpu":
         return [("configs/vit_h14_1600ep.toml", 128), ("configs/vit_b16_1600ep.toml", 256)], *(
             (20, 5) if ctx.quick else (100, 10))
@@ -152,29 +209,57 @@ def setups(ctx: BenchContext) -> tuple[list[tuple[str, int]], int, int]:
 
 
 def run(ctx: BenchContext) -> Iterator[Record]:
-    """The trainer on synthetic data against its bare model step, ViT-H first; then what run health costs."""
+    """The trainer on synthetic data against its bare model step, ViT-H first; then what run health
+    costs."""
     require("deepspeed", "braceexpand")
     presets, steps, log_every = setups(ctx)
     peak = peak_flops(torch.cuda.get_device_name()) if ctx.device == "gpu" else None
     step_s = None
     for config, batch in presets:
-        bare, flops = bare_step_rate(config, batch, ctx.torch_device, 10 if ctx.device == "gpu" else 5)
+        bare, flops = bare_step_rate(
+            config, batch, ctx.torch_device, 10 if ctx.device == "gpu" else 5
+        )
         windows, profile = trainer_run(config, None, steps, log_every, batch)
         synthetic, _, synthetic_mfu = summarize(windows)
         memory = [r["peak_memory_gb"] for r in windows if r.get("peak_memory_gb") is not None]
-        step_s = step_s or batch / synthetic.median  # the first preset's seconds per step on synthetic data
+        # the first preset's seconds per step on synthetic data
+        step_s = step_s or batch / synthetic.median
         yield Record(
-            "train", f"synthetic_images_per_s.{Path(config).stem}", "img/s", synthetic, bare,
+            "train",
+            f"synthetic_images_per_s.{Path(config).stem}",
+            "img/s",
+            synthetic,
+            bare,
             "bare model step (same model, precision, optimizer, compile; images in memory)",
-            {"config": config, "local_batch_size": batch, "ranks": 1, "steps": steps, "log_every": log_every},
-            extra={"mfu": synthetic_mfu, "peak_memory_gb": max(memory) if memory else None,
-                   "bare_step_mfu": flops * bare.median / peak if peak else None, "profile": profile},
+            {
+                "config": config,
+                "local_batch_size": batch,
+                "ranks": 1,
+                "steps": steps,
+                "log_every": log_every,
+            },
+            extra={
+                "mfu": synthetic_mfu,
+                "peak_memory_gb": max(memory) if memory else None,
+                "bare_step_mfu": flops * bare.median / peak if peak else None,
+                "profile": profile,
+            },
         )
-    per_step_us, parts = health_overhead(torch.device(ctx.torch_device), 50)  # the presets log every 50 steps
-    yield Record("train", "health_overhead_per_step", "us", Stat(per_step_us, per_step_us, per_step_us, 1),
-                 config={"preset_log_every": 50},
-                 extra={**parts, "fraction_of_step": per_step_us / 1e6 / step_s, "step_s": step_s,
-                        "step_config": presets[0][0]})
+    # the presets log every 50 steps
+    per_step_us, parts = health_overhead(torch.device(ctx.torch_device), 50)
+    yield Record(
+        "train",
+        "health_overhead_per_step",
+        "us",
+        Stat(per_step_us, per_step_us, per_step_us, 1),
+        config={"preset_log_every": 50},
+        extra={
+            **parts,
+            "fraction_of_step": per_step_us / 1e6 / step_s,
+            "step_s": step_s,
+            "step_config": presets[0][0],
+        },
+    )
 
 
 def run_on_shards(ctx: BenchContext) -> Iterator[Record]:
@@ -186,12 +271,31 @@ def run_on_shards(ctx: BenchContext) -> Iterator[Record]:
     else:
         shards = ctx.shards_of(ctx.sample_tree())
     for config, batch in presets:
-        ours, ours_stall, ours_mfu = summarize(trainer_run(config, shards, steps, log_every, batch)[0])
-        base, base_stall, base_mfu = summarize(reference_run(config, shards, steps, log_every, batch))
+        ours, ours_stall, ours_mfu = summarize(
+            trainer_run(config, shards, steps, log_every, batch)[0]
+        )
+        base, base_stall, base_mfu = summarize(
+            reference_run(config, shards, steps, log_every, batch)
+        )
         yield Record(
-            "train", f"images_per_s.{Path(config).stem}", "img/s", ours, base,
-            "reference-style trainer: DDP, autocast, fused AdamW, PIL DataLoader, reference formulation",
-            {"config": config, "local_batch_size": batch, "ranks": 1, "steps": steps, "log_every": log_every},
-            extra={"data_stall_pct": ours_stall, "mfu": ours_mfu, "baseline_data_stall_pct": base_stall,
-                   "baseline_mfu": base_mfu},
+            "train",
+            f"images_per_s.{Path(config).stem}",
+            "img/s",
+            ours,
+            base,
+            "reference-style trainer: DDP, autocast, fused AdamW, PIL DataLoader, reference "
+            "formulation",
+            {
+                "config": config,
+                "local_batch_size": batch,
+                "ranks": 1,
+                "steps": steps,
+                "log_every": log_every,
+            },
+            extra={
+                "data_stall_pct": ours_stall,
+                "mfu": ours_mfu,
+                "baseline_data_stall_pct": base_stall,
+                "baseline_mfu": base_mfu,
+            },
         )

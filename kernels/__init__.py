@@ -1,7 +1,8 @@
 """Fused Triton kernels for MAE's masking and loss, each beside its plain-torch reference.
 
-The public functions dispatch per call on their `choice` (see `kernels.dispatch`): with "auto", Triton on CUDA or
-under TRITON_INTERPRET=1, torch otherwise; `MAE_KERNELS=torch|triton` in the environment overrides it.
+The public functions dispatch per call on their `choice` (see `kernels.dispatch`): with "auto",
+Triton on CUDA or under TRITON_INTERPRET=1, torch otherwise; `MAE_KERNELS=torch|triton` in the
+environment overrides it.
 
 One argument order for every op, its kernel and its reference alike: the tensor being transformed,
 then the learned tensors, then the masking indices, then static options:

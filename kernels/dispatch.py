@@ -1,13 +1,16 @@
-"""Choose between the fused Triton kernels and their plain-torch references, and check that Triton runs here.
+"""Choose between the fused Triton kernels and their plain-torch references, and check that Triton
+runs here.
 
 The choice is the model's (`MaskedAutoencoderViT.kernels`, from the config's `runtime.kernels`):
-- "auto" uses Triton for CUDA tensors, or for CPU tensors when `TRITON_INTERPRET=1` is set, else the references;
-- "torch" always uses the references; "triton" insists on Triton and raises where it cannot run the tensors.
-`MAE_KERNELS=auto|torch|triton` in the environment overrides every model's choice (tests and benchmarks).
+- "auto" uses Triton for CUDA tensors, or for CPU tensors when `TRITON_INTERPRET=1` is set, else the
+references;
+- "torch" always uses the references; "triton" insists on Triton and raises where it cannot run the
+tensors. `MAE_KERNELS=auto|torch|triton` in the environment overrides every model's choice (tests
+and benchmarks).
 
-Triton's first launch on a GPU builds its C launcher with the node's C compiler and Python's headers, then
-compiles the kernel: `triton_failure` launches a tiny kernel once so that a node without them is found before the
-first training step, not in it (`train.preflight`).
+Triton's first launch on a GPU builds its C launcher with the node's C compiler and Python's
+headers, then compiles the kernel: `triton_failure` launches a tiny kernel once so that a node
+without them is found before the first training step, not in it (`train.preflight`).
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ def _why_not_runnable(tensors: tuple[torch.Tensor, ...]) -> str | None:
     if not on_cuda and not interpreter_enabled():
         return "tensors are not on a CUDA device and TRITON_INTERPRET=1 is not set"
     allowed = _GPU_DTYPES if on_cuda else _INTERPRETER_DTYPES
-    bad = sorted({str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype not in allowed})
+    bad = sorted(
+        {str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype not in allowed}
+    )
     if bad:
         where = "on CUDA" if on_cuda else "under the Triton interpreter"
         return f"dtype {', '.join(bad)} is not supported {where}"
@@ -82,15 +87,16 @@ def _probe(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 def triton_failure(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why Triton cannot run kernels on `device` in `dtype`, in one line, or None: a tiny kernel compiled, launched
-    and computed the right values there."""
+    """Why Triton cannot run kernels on `device` in `dtype`, in one line, or None: a tiny kernel
+    compiled, launched and computed the right values there."""
     try:
         x = torch.arange(6, device=device).to(dtype)
         out = torch.empty_like(x)
         _probe[(1,)](x, out, x.numel(), BLOCK=8)
         if not torch.equal(out, x * 2 + 1):
             return "a tiny kernel computed wrong values"
-    except Exception as err:  # a missing compiler, missing headers, a driver, a dtype: each says what it is
+    # a missing compiler, missing headers, a driver, a dtype: each says what it is
+    except Exception as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"
     return None

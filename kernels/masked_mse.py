@@ -28,7 +28,8 @@ def _patch_error(
     img_ptr, pred_ptr, pid, C, H, W, grid_w, L, P, stride_pn, stride_pl, eps,
     PATCH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """(pred - target) for patch `pid` in image order (c, i, j), and each value's offset inside a pred row."""
+    """(pred - target) for patch `pid` in image order (c, i, j), and each value's offset inside a
+    pred row."""
     n = pid // L
     patch = pid % L
     offs = tl.arange(0, BLOCK)
@@ -38,9 +39,13 @@ def _patch_error(
     valid = offs < P
     row = (patch // grid_w) * PATCH + i
     col = (patch % grid_w) * PATCH + j
-    target = tl.load(img_ptr + ((n * C + c) * H + row) * W + col, mask=valid, other=0.0).to(tl.float32)
+    target = tl.load(img_ptr + ((n * C + c) * H + row) * W + col, mask=valid, other=0.0).to(
+        tl.float32
+    )
     inner = (i * PATCH + j) * C + c  # pred rows are in (p, q, c) order
-    pred = tl.load(pred_ptr + n * stride_pn + patch * stride_pl + inner, mask=valid, other=0.0).to(tl.float32)
+    pred = tl.load(pred_ptr + n * stride_pn + patch * stride_pl + inner, mask=valid, other=0.0).to(
+        tl.float32
+    )
     if NORM:
         mean = tl.sum(target, axis=0) / P
         centered = tl.where(valid, target - mean, 0.0)
@@ -58,16 +63,46 @@ def _masked_mse_fwd(
     weight = tl.load(mask_ptr + pid).to(tl.float32)
     loss = 0.0
     if weight != 0.0:
-        err, _, _ = _patch_error(img_ptr, pred_ptr, pid, C, H, W, grid_w, L, P, stride_pn, stride_pl, eps,
-                                 PATCH, NORM, BLOCK)
+        err, _, _ = _patch_error(
+            img_ptr,
+            pred_ptr,
+            pid,
+            C,
+            H,
+            W,
+            grid_w,
+            L,
+            P,
+            stride_pn,
+            stride_pl,
+            eps,
+            PATCH,
+            NORM,
+            BLOCK,
+        )
         loss = tl.sum(err * err, axis=0) / P * weight
     tl.store(loss_ptr + pid, loss)
 
 
 @triton.jit
 def _masked_mse_bwd(
-    img_ptr, pred_ptr, mask_ptr, scale_ptr, grad_ptr, C, H, W, grid_w, L, P, stride_pn, stride_pl, eps,
-    PATCH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr,
+    img_ptr,
+    pred_ptr,
+    mask_ptr,
+    scale_ptr,
+    grad_ptr,
+    C,
+    H,
+    W,
+    grid_w,
+    L,
+    P,
+    stride_pn,
+    stride_pl,
+    eps,
+    PATCH: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     weight = tl.load(mask_ptr + pid).to(tl.float32)
@@ -87,13 +122,25 @@ def _launch_args(imgs: Tensor, pred: Tensor, patch_size: int, norm_pix: bool) ->
     grid_w = width // patch_size
     values = patch_size * patch_size * chans
     meta = dict(PATCH=patch_size, NORM=norm_pix, BLOCK=triton.next_power_of_2(values))
-    args = (chans, height, width, grid_w, pred.shape[1], values, pred.stride(0), pred.stride(1), NORM_PIX_EPS)
+    args = (
+        chans,
+        height,
+        width,
+        grid_w,
+        pred.shape[1],
+        values,
+        pred.stride(0),
+        pred.stride(1),
+        NORM_PIX_EPS,
+    )
     return args, meta
 
 
 class MaskedPatchMSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, pred: Tensor, imgs: Tensor, mask: Tensor, patch_size: int, norm_pix: bool) -> Tensor:
+    def forward(
+        ctx: Any, pred: Tensor, imgs: Tensor, mask: Tensor, patch_size: int, norm_pix: bool
+    ) -> Tensor:
         imgs, mask = imgs.contiguous(), mask.contiguous()
         if pred.stride(2) != 1:
             pred = pred.contiguous()

@@ -33,7 +33,9 @@ def _visible_tokens_fwd(
     patch = tl.load(ids_keep_ptr + n * K + rows - 1, mask=row_ok & is_patch, other=0).to(tl.int64)
     x = tl.load(x_ptr + (n * L + patch)[:, None] * D + cols[None, :],
                 mask=tile_ok & is_patch[:, None], other=0.0)
-    cls = tl.load(cls_ptr + cols[None, :] + 0 * rows[:, None], mask=tile_ok & ~is_patch[:, None], other=0.0)
+    cls = tl.load(
+        cls_ptr + cols[None, :] + 0 * rows[:, None], mask=tile_ok & ~is_patch[:, None], other=0.0
+    )
     pos_row = tl.where(is_patch, patch + 1, 0)
     pos = tl.load(pos_ptr + pos_row[:, None] * D + cols[None, :], mask=tile_ok, other=0.0)
     out = x.to(tl.float32) + cls.to(tl.float32) + pos.to(tl.float32)
@@ -62,12 +64,19 @@ class VisibleTokens(torch.autograd.Function):
         ids_keep = ids_keep.contiguous()
         n, length, width = x.shape
         keep = ids_keep.shape[1]
-        out_dtype = torch.promote_types(torch.promote_types(x.dtype, pos_embed.dtype), cls_token.dtype)
+        out_dtype = torch.promote_types(
+            torch.promote_types(x.dtype, pos_embed.dtype), cls_token.dtype
+        )
         out = torch.empty(n, keep + 1, width, device=x.device, dtype=out_dtype)
         grid, tiles = token_grid(n, keep + 1, width)
-        _visible_tokens_fwd[grid](x, pos_embed, cls_token, ids_keep, out, length, keep, width, **tiles)
+        _visible_tokens_fwd[grid](
+            x, pos_embed, cls_token, ids_keep, out, length, keep, width, **tiles
+        )
         ctx.save_for_backward(ids_restore)
-        ctx.shape, ctx.dtypes = (n, length, width, keep), (x.dtype, pos_embed.dtype, cls_token.dtype)
+        ctx.shape, ctx.dtypes = (
+            (n, length, width, keep),
+            (x.dtype, pos_embed.dtype, cls_token.dtype),
+        )
         return out
 
     @staticmethod
@@ -78,7 +87,9 @@ class VisibleTokens(torch.autograd.Function):
         x_dtype, pos_dtype, cls_dtype = ctx.dtypes
         grad_x = torch.empty(n, length, width, device=grad_out.device, dtype=x_dtype)
         grid, tiles = token_grid(n, length, width)
-        _visible_tokens_bwd[grid](grad_out, ids_restore.contiguous(), grad_x, length, keep, width, **tiles)
+        _visible_tokens_bwd[grid](
+            grad_out, ids_restore.contiguous(), grad_x, length, keep, width, **tiles
+        )
         grad_pos = grad_cls = None
         cls_rows = grad_out[:, :1].sum(0, keepdim=True, dtype=torch.float32)
         if ctx.needs_input_grad[1]:
@@ -93,8 +104,9 @@ def visible_tokens_reference(
     x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor, ids_keep: torch.Tensor,
     ids_restore: torch.Tensor,
 ) -> torch.Tensor:
-    """The reference MAE's formulation: add pos to all tokens, repeat-index gather, prepend cls. It takes the
-    kernel's arguments; only the kernel's backward needs `ids_restore` (torch's autograd keeps the gather)."""
+    """The reference MAE's formulation: add pos to all tokens, repeat-index gather, prepend cls. It
+    takes the kernel's arguments; only the kernel's backward needs `ids_restore` (torch's autograd
+    keeps the gather)."""
     x = x + pos_embed[:, 1:, :]
     x = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, x.shape[-1]))
     cls = (cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
@@ -105,7 +117,8 @@ def visible_tokens(
     x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor, ids_keep: torch.Tensor,
     ids_restore: torch.Tensor, choice: KernelChoice = "auto",
 ) -> torch.Tensor:
-    """[N, 1+K, D] encoder input from patch tokens x [N, L, D]; pos_embed [1, 1+L, D], cls [1, 1, D]."""
+    """[N, 1+K, D] encoder input from patch tokens x [N, L, D]; pos_embed [1, 1+L, D], cls [1, 1,
+    D]."""
     if use_triton("visible_tokens", x, pos_embed, cls_token, choice=choice):
         return VisibleTokens.apply(x, pos_embed, cls_token, ids_keep, ids_restore)
     return visible_tokens_reference(x, pos_embed, cls_token, ids_keep, ids_restore)

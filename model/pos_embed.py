@@ -6,7 +6,8 @@ import torch
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """[len(positions), dim] embedding: first half sin, second half cos, omega_k = 1/10000^(k/(dim/2))."""
+    """[len(positions), dim] embedding: first half sin, second half cos, omega_k =
+    1/10000^(k/(dim/2))."""
     if dim % 2:
         raise ValueError(f"sin-cos embedding needs an even width, got {dim}")
     omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
@@ -24,15 +25,17 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> tor
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {dim}")
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+    emb = torch.cat(
+        [sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1
+    )
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """[1, 1 + h*w, D] -> [1, 1 + grid_h*grid_w, D]: the patch grid resampled bicubically, the cls slot kept
-    (fine-tuning at another resolution than pre-training, e.g. ViT-H/14 at 448)."""
+    """[1, 1 + h*w, D] -> [1, 1 + grid_h*grid_w, D]: the patch grid resampled bicubically, the cls
+    slot kept (fine-tuning at another resolution than pre-training, e.g. ViT-H/14 at 448)."""
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
     side = round(grid.shape[1] ** 0.5)
     if side * side != grid.shape[1]:
@@ -40,5 +43,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch
     if (side, side) == (grid_h, grid_w):
         return pos_embed
     image = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    image = torch.nn.functional.interpolate(image, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    image = torch.nn.functional.interpolate(
+        image, size=(grid_h, grid_w), mode="bicubic", align_corners=False
+    )
     return torch.cat([cls, image.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)], dim=1)

@@ -1,5 +1,5 @@
-"""The paper's model sizes (He et al. 2021, Table 1 and appendix A.1: ViT-B/16, L/16, H/14 with a 512-d,
-8-block decoder) and a tiny one for tests and the CPU demo."""
+"""The paper's model sizes (He et al. 2021, Table 1 and appendix A.1: ViT-B/16, L/16, H/14 with a
+512-d, 8-block decoder) and a tiny one for tests and the CPU demo."""
 
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ _DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mae_vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DECODER),
-    "mae_vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DECODER),
+    "mae_vit_large_patch16": dict(
+        patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DECODER
+    ),
     "mae_vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DECODER),
     "mae_vit_tiny_patch16": dict(
-        patch_size=16, embed_dim=192, depth=4, num_heads=3, decoder_embed_dim=128, decoder_depth=2,
+        patch_size=16,
+        embed_dim=192,
+        depth=4,
+        num_heads=3,
+        decoder_embed_dim=128,
+        decoder_depth=2,
         decoder_num_heads=4,
     ),
 }

@@ -1,4 +1,5 @@
-"""Weights in the reference MAE layout: read them safely, load them into a model, name the decoder part.
+"""Weights in the reference MAE layout: read them safely, load them into a model, name the decoder
+part.
 
 The files are those the reference code released or saved (`mae_pretrain_vit_*.pth`, its training
 checkpoints) and those `train.export` writes: `{"model": state_dict, ...}` or a bare state dict.
@@ -18,10 +19,12 @@ from model.mae import MaskedAutoencoderViT
 
 
 class WeightsError(ValueError):
-    """A weight file that cannot be read safely, or that holds another model than the one it is loaded into."""
+    """A weight file that cannot be read safely, or that holds another model than the one it is
+    loaded into."""
 
 
-DECODER_PREFIXES = ("decoder_", "mask_token")  # state-dict keys of the decoder; the rest is the encoder
+# state-dict keys of the decoder; the rest is the encoder
+DECODER_PREFIXES = ("decoder_", "mask_token")
 
 
 @dataclass
@@ -40,13 +43,22 @@ class LoadReport:
             return "all weights loaded (encoder and decoder)"
         lines = []
         if self.encoder_only:
-            lines.append(f"encoder-only checkpoint: the decoder ({len(self.missing)} tensors) keeps its fresh init")
+            lines.append(
+                f"encoder-only checkpoint: the decoder ({len(self.missing)} tensors) keeps its "
+                "fresh init"
+            )
         elif self.missing:
-            lines.append(f"{len(self.missing)} weights missing from the checkpoint: {', '.join(self.missing[:8])}"
-                         + (" ..." if len(self.missing) > 8 else ""))
+            lines.append(
+                f"{len(self.missing)} weights missing from the checkpoint: "
+                f"{', '.join(self.missing[:8])}"
+                + (" ..." if len(self.missing) > 8 else "")
+            )
         if self.unexpected:
-            lines.append(f"{len(self.unexpected)} checkpoint entries the model does not have (ignored): "
-                         + ", ".join(self.unexpected[:8]) + (" ..." if len(self.unexpected) > 8 else ""))
+            lines.append(
+                f"{len(self.unexpected)} checkpoint entries the model does not have (ignored): "
+                + ", ".join(self.unexpected[:8])
+                + (" ..." if len(self.unexpected) > 8 else "")
+            )
         return "; ".join(lines)
 
 
@@ -57,20 +69,25 @@ SAFE_CHECKPOINT_TYPES = [argparse.Namespace]
 
 
 def load_weights_file(path: str | os.PathLike) -> object:
-    """`torch.load` restricted to tensors, containers and `SAFE_CHECKPOINT_TYPES`; a clear error otherwise."""
+    """`torch.load` restricted to tensors, containers and `SAFE_CHECKPOINT_TYPES`; a clear error
+    otherwise."""
     try:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_TYPES):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch's message is a paragraph that ends advising to allow-list the object; name it instead.
+        # torch's message is a paragraph that ends advising to allow-list the object; name it
+        # instead.
         named = re.search(r"GLOBAL (\S+)", str(err))
         culprit = f"it names {named.group(1)}" if named else "it holds an object torch refuses"
-        raise WeightsError(f"{path}: refused to load: {culprit}; weight files may hold only tensors and plain data, "
-                         "since unpickling anything else can run code") from None
+        raise WeightsError(
+            f"{path}: refused to load: {culprit}; weight files may hold only tensors and plain "
+            "data, since unpickling anything else can run code"
+        ) from None
 
 
 def read_weights(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
-    """The state dict in a file (or dict) holding `{"model": state_dict, ...}` or a bare state dict."""
+    """The state dict in a file (or dict) holding `{"model": state_dict, ...}` or a bare state
+    dict."""
     obj = source if isinstance(source, dict) else load_weights_file(source)
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -95,7 +112,9 @@ def load_reference_weights(
         if key in own and own[key].shape != value.shape
     ]
     if mismatched:
-        raise WeightsError("weights do not fit this model (wrong preset or image size?): " + "; ".join(mismatched))
+        raise WeightsError(
+            "weights do not fit this model (wrong preset or image size?): " + "; ".join(mismatched)
+        )
     result = model.load_state_dict(state, strict=False)
     report = LoadReport(missing=list(result.missing_keys), unexpected=list(result.unexpected_keys))
     if strict and (report.missing or report.unexpected):

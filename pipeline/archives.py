@@ -1,17 +1,22 @@
 """Images inside the containers users download, listed once and read by offset, never extracted.
 
-An `Entry` is one file of the input: its name (a POSIX path inside the container, or relative to a folder),
-where its bytes are (the file that holds it, and an offset there), and, for a zip member, how it is packed.
-Listing reads headers only; a worker then reads each image with one seek, in parallel, so building from an
-archive runs as fast as from the same files extracted, with memory independent of the archive's size.
+An `Entry` is one file of the input: its name (a POSIX path inside the container, or relative to a
+folder), where its bytes are (the file that holds it, and an offset there), and, for a zip member,
+how it is packed. Listing reads headers only; a worker then reads each image with one seek, in
+parallel, so building from an archive runs as fast as from the same files extracted, with memory
+independent of the archive's size.
 
-- plain tar (ImageNet's `ILSVRC2012_img_train.tar`, whose members are per-class tars, or any tar of images):
-  members of an inner tar lie at the outer member's offset plus their own, so they are read in place too;
-- zip (the Kaggle ImageNet download, or any zip of images): the central directory gives each member's local
+- plain tar (ImageNet's `ILSVRC2012_img_train.tar`, whose members are per-class tars, or any tar of
+images):
+  members of an inner tar lie at the outer member's offset plus their own, so they are read in place
+  too;
+- zip (the Kaggle ImageNet download, or any zip of images): the central directory gives each
+member's local
   header; a stored member is read as is, a deflated one inflated (zlib), member by member;
-- .tar.gz / .tgz: gzip cannot seek, so it costs one sequential pass that writes the uncompressed tar to a
-  temporary file in the output folder (disk equal to the archive's uncompressed size, removed when the build
-  ends; memory stays bounded), which is then read as a plain tar.
+- .tar.gz / .tgz: gzip cannot seek, so it costs one sequential pass that writes the uncompressed tar
+to a
+  temporary file in the output folder (disk equal to the archive's uncompressed size, removed when
+  the build ends; memory stays bounded), which is then read as a plain tar.
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ class Entry:
     """why it cannot be an image ("a link", "an unsafe name", "cut short"); reported, never read"""
 
     def row(self) -> list:
-        """The entry as a JSON row, for the builder's scratch files (a listed entry has no problem)."""
+        """The entry as a JSON row, for the builder's scratch files (a listed entry has no
+        problem)."""
         return [self.name, self.path, self.size, self.offset, self.packed_size, self.method]
 
     @classmethod
@@ -66,8 +72,8 @@ class Entry:
 
 
 def read_entry(entry: Entry, head: int | None = None) -> bytes:
-    """The entry's bytes (its first `head` bytes, when given); OSError when the container is cut short or damaged
-    there."""
+    """The entry's bytes (its first `head` bytes, when given); OSError when the container is cut
+    short or damaged there."""
     wanted = entry.size if head is None else min(head, entry.size)
     with open(entry.path, "rb") as f:
         f.seek(max(entry.offset, 0))
@@ -101,15 +107,17 @@ def unsafe_name(name: str) -> str:
 
 
 def tar_archive_entries(archive: Path, scratch: Path, problems: Reports) -> Iterator[Entry]:
-    """Every file member of a tar or .tar.gz (members of inner tars expanded, named "<inner stem>/<name>"),
-    streamed; the problems met listing it ({"path", "reason"}) go to `problems`. (A zip: `zip_entries`.)"""
+    """Every file member of a tar or .tar.gz (members of inner tars expanded, named "<inner
+    stem>/<name>"), streamed; the problems met listing it ({"path", "reason"}) go to `problems`. (A
+    zip: `zip_entries`.)"""
     if archive.name.lower().endswith(GZIP_SUFFIXES):
         return tar_entries(ungzipped(archive, scratch), archive.name, problems)
     return tar_entries(archive, archive.name, problems)
 
 
 def ungzipped(archive: Path, scratch: Path) -> Path:
-    """The tar inside a .tar.gz, written once to `scratch` (one sequential pass; reused by a rerun)."""
+    """The tar inside a .tar.gz, written once to `scratch` (one sequential pass; reused by a
+    rerun)."""
     target = scratch / f"{archive.name}.tar"
     if target.is_file() and target.stat().st_mtime >= archive.stat().st_mtime:
         return target
@@ -118,7 +126,8 @@ def ungzipped(archive: Path, scratch: Path) -> Path:
     try:
         with gzip.open(archive, "rb") as source, open(partial, "wb") as sink:
             shutil.copyfileobj(source, sink, length=1 << 22)
-    except (OSError, EOFError) as err:  # cut short: keep what came out whole, the tar listing reports the rest
+    # cut short: keep what came out whole, the tar listing reports the rest
+    except (OSError, EOFError) as err:
         if not partial.is_file() or partial.stat().st_size == 0:
             raise ArchiveError(f"{archive}: not a readable gzip file ({err})") from None
     partial.replace(target)
@@ -127,8 +136,9 @@ def ungzipped(archive: Path, scratch: Path) -> Path:
 
 def tar_entries(tar_path: Path, display: str, problems: Reports, base: int = 0, fileobj=None,
                 prefix: str = "") -> Iterator[Entry]:
-    """File members of a plain tar (at `base` inside `tar_path` when it is an inner tar), inner tars expanded,
-    streamed as its headers are read. A tar that cannot be opened at all raises ArchiveError at once."""
+    """File members of a plain tar (at `base` inside `tar_path` when it is an inner tar), inner tars
+    expanded, streamed as its headers are read. A tar that cannot be opened at all raises
+    ArchiveError at once."""
     try:
         tar = tarfile.open(tar_path if fileobj is None else None, mode="r:", fileobj=fileobj)  # noqa: SIM115
     except (tarfile.TarError, OSError) as err:
@@ -145,12 +155,18 @@ def _tar_members(tar: tarfile.TarFile, tar_path: Path, display: str, problems: R
             try:
                 info = tar.next()
             except (tarfile.TarError, OSError, EOFError) as err:
-                problems.append({"path": display, "reason": f"the tar ends early or is damaged after {members} "
-                                                            f"members ({err}): later members are missing"})
+                problems.append(
+                    {
+                        "path": display,
+                        "reason": f"the tar ends early or is damaged after {members} "
+                        f"members ({err}): later members are missing",
+                    }
+                )
                 break
             if info is None:
                 break
-            tar.members.clear()  # TarFile keeps every header it reads: a million-member tar would hold them all
+            # TarFile keeps every header it reads: a million-member tar would hold them all
+            tar.members.clear()
             name = prefix + (info.name[2:] if info.name.startswith("./") else info.name)
             if info.isdir():
                 members += 1
@@ -163,7 +179,8 @@ def _tar_members(tar: tarfile.TarFile, tar_path: Path, display: str, problems: R
                 continue
             offset = base + info.offset_data
             unsafe = unsafe_name(info.name)
-            if info.name.lower().endswith(".tar") and not unsafe:  # an inner tar, whose whole members count even if cut
+            # an inner tar, whose whole members count even if cut
+            if info.name.lower().endswith(".tar") and not unsafe:
                 members += 1
                 yield from _inner_tar(tar, info, tar_path, offset, name[:-4] + "/", problems)
                 continue
@@ -172,17 +189,29 @@ def _tar_members(tar: tarfile.TarFile, tar_path: Path, display: str, problems: R
             members += 1
             yield Entry(name, str(tar_path), info.size, offset, problem=problem)
     if first_cut:
-        problems.append({"path": display, "reason": f"the tar is cut short inside {first_cut}: the members after it "
-                                                    "are missing"})
+        problems.append(
+            {
+                "path": display,
+                "reason": f"the tar is cut short inside {first_cut}: the members after it "
+                "are missing",
+            }
+        )
 
 
 def _inner_tar(outer: tarfile.TarFile, info: tarfile.TarInfo, tar_path: Path, offset: int,
                prefix: str, problems: Reports) -> Iterator[Entry]:
-    """An inner tar's members, named "<inner stem>/<name>"; a damaged inner tar is reported, its class kept."""
+    """An inner tar's members, named "<inner stem>/<name>"; a damaged inner tar is reported, its
+    class kept."""
     yield Entry(prefix, str(tar_path), 0, problem="a folder")
     try:
-        members = tar_entries(tar_path, info.name, problems, base=offset, fileobj=outer.extractfile(info),
-                              prefix=prefix)
+        members = tar_entries(
+            tar_path,
+            info.name,
+            problems,
+            base=offset,
+            fileobj=outer.extractfile(info),
+            prefix=prefix,
+        )
     except ArchiveError as err:
         problems.append({"path": info.name, "reason": str(err).removeprefix(f"{info.name}: ")})
         return
@@ -202,7 +231,12 @@ def zip_entries(archive: Path, problems: Reports) -> list[Entry]:
             entries.append(Entry(info.filename, str(archive), 0, problem="a folder"))
             continue
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            problems.append({"path": info.filename, "reason": f"compression {info.compress_type} is not supported"})
+            problems.append(
+                {
+                    "path": info.filename,
+                    "reason": f"compression {info.compress_type} is not supported",
+                }
+            )
             continue
         entries.append(Entry(info.filename, str(archive), info.file_size, info.header_offset,
                              packed_size=max(info.compress_size, 1), method=info.compress_type,
@@ -211,20 +245,25 @@ def zip_entries(archive: Path, problems: Reports) -> list[Entry]:
 
 
 def folder_entries(folder: Path, depth: int | None, under: str = "") -> Iterator[Entry]:
-    """Files under `folder`, named relative to it (and its folders, as entries whose problem is "a folder"):
-    only `class/file` when `depth` is 2, any depth when None. Hidden files and folders are left out. One folder's
-    listing at a time, in name order."""
+    """Files under `folder`, named relative to it (and its folders, as entries whose problem is "a
+    folder"): only `class/file` when `depth` is 2, any depth when None. Hidden files and folders are
+    left out. One folder's listing at a time, in name order."""
     with os.scandir(folder) as listing:
-        children = sorted((child.name, child.is_dir(), child.is_symlink(), child.path) for child in listing
-                          if not child.name.startswith("."))
+        children = sorted(
+            (child.name, child.is_dir(), child.is_symlink(), child.path)
+            for child in listing
+            if not child.name.startswith(".")
+        )
     for name, is_dir, is_link, path in children:
         rel = under + name
         if is_dir:
             yield Entry(rel + "/", path, 0, problem="a folder")
-            # A linked class folder is read (a subset made of links); a walk at any depth does not follow links,
-            # which could lead it round in a circle.
+            # A linked class folder is read (a subset made of links); a walk at any depth does not
+            # follow links, which could lead it round in a circle.
             if (not is_link) if depth is None else depth > 1:
-                yield from folder_entries(Path(path), None if depth is None else depth - 1, rel + "/")
+                yield from folder_entries(
+                    Path(path), None if depth is None else depth - 1, rel + "/"
+                )
         elif os.path.isfile(path):
             yield Entry(rel, path, os.stat(path).st_size)
 

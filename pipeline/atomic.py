@@ -1,12 +1,14 @@
-"""Files that are complete or absent, and on the disk once they say so: write beside the target, flush the bytes to
-the disk (fsync), rename over the target, then flush the folder that holds the new name.
+"""Files that are complete or absent, and on the disk once they say so: write beside the target,
+flush the bytes to the disk (fsync), rename over the target, then flush the folder that holds the
+new name.
 
-The one home of this rule for the whole project (shards, indexes, manifests, checkpoints, exports, bench history).
-`os.replace` is atomic on POSIX file systems, so a reader or a resumed job never sees a half-written file, whatever
-killed the writer. The fsyncs make it hold across a power loss or a node's crash too: without them a local file
-system (ext4, xfs) may keep the rename and lose the bytes, and a file marked complete comes back empty or short.
-Whatever marks other files complete (a checkpoint's completion mark, a manifest) is written after them, so that
-the mark is never on the disk before what it vouches for.
+The one home of this rule for the whole project (shards, indexes, manifests, checkpoints, exports,
+bench history). `os.replace` is atomic on POSIX file systems, so a reader or a resumed job never
+sees a half-written file, whatever killed the writer. The fsyncs make it hold across a power loss or
+a node's crash too: without them a local file system (ext4, xfs) may keep the rename and lose the
+bytes, and a file marked complete comes back empty or short. Whatever marks other files complete (a
+checkpoint's completion mark, a manifest) is written after them, so that the mark is never on the
+disk before what it vouches for.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 def durable_replace(written: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Put the finished file `written` in place as `target`, on the disk before and after the rename."""
+    """Put the finished file `written` in place as `target`, on the disk before and after the
+    rename."""
     fsync_path(written)
     os.replace(written, target)
     fsync_path(Path(target).parent)
@@ -40,7 +43,8 @@ def durable_replace(written: str | os.PathLike, target: str | os.PathLike) -> No
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path to write; on success it replaces `path` durably, on an exception it is removed."""
+    """Yields a temporary path to write; on success it replaces `path` durably, on an exception it
+    is removed."""
     target = Path(path)
     tmp = temporary_name(target)
     try:

@@ -1,9 +1,10 @@
-"""Fine-tuning's batch-level augmentation, on the device that trains: random erasing, then mixup or cutmix
-with label smoothing (He et al. 2021, A.2: erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1).
+"""Fine-tuning's batch-level augmentation, on the device that trains: random erasing, then mixup or
+cutmix with label smoothing (He et al. 2021, A.2: erasing 0.25, mixup 0.8, cutmix 1.0, smoothing
+0.1).
 
 The semantics are timm's (RandomErasing in "pixel" mode, Mixup in "batch" mode), which the reference
-fine-tuning code uses, and the tests compare them for the same random draws. The draws are a function of
-(seed, step, rank), so a resumed run mixes exactly as the uninterrupted one would have.
+fine-tuning code uses, and the tests compare them for the same random draws. The draws are a
+function of (seed, step, rank), so a resumed run mixes exactly as the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class MixDraw:
     """One batch's draw: the weight of each image's own content, and the pasted box for cutmix."""
 
     lam: float
-    box: tuple[int, int, int, int] | None = None  # (top, bottom, left, right) rows and columns taken from the pair
+    # (top, bottom, left, right) rows and columns taken from the pair
+    box: tuple[int, int, int, int] | None = None
 
 
 def draw_mix(rng: np.random.Generator, height: int, width: int, mix: MixConfig) -> MixDraw:
@@ -53,8 +55,11 @@ def draw_mix(rng: np.random.Generator, height: int, width: int, mix: MixConfig) 
 
 
 def cutmix_draw(top: int, bottom: int, left: int, right: int, height: int, width: int) -> MixDraw:
-    """A cutmix box, its weight corrected to the area actually pasted (the box may be clipped at an edge)."""
-    return MixDraw(1.0 - (bottom - top) * (right - left) / (height * width), (top, bottom, left, right))
+    """A cutmix box, its weight corrected to the area actually pasted (the box may be clipped at an
+    edge)."""
+    return MixDraw(
+        1.0 - (bottom - top) * (right - left) / (height * width), (top, bottom, left, right)
+    )
 
 
 def smooth_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -66,10 +71,12 @@ def smooth_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
 
 def mix_batch(images: torch.Tensor, labels: torch.Tensor, draw: MixDraw, num_classes: int,
               smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image mixed with its partner in the reversed batch, and the soft targets that go with it."""
+    """Each image mixed with its partner in the reversed batch, and the soft targets that go with
+    it."""
     partner = images.flip(0)
     if draw.box is None:
-        images = torch.lerp(partner, images, draw.lam)  # lam x images + (1 - lam) x partner, in one pass
+        # lam x images + (1 - lam) x partner, in one pass
+        images = torch.lerp(partner, images, draw.lam)
     else:
         top, bottom, left, right = draw.box
         images = images.clone()
@@ -80,9 +87,9 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, draw: MixDraw, num_cla
 
 def erase_boxes(rng: np.random.Generator, count: int, height: int, width: int,
                 prob: float) -> list[tuple[int, int, int, int, int]]:
-    """timm's RandomErasing draws (one box, pixel mode) for `count` images: (image, top, left, h, w) for each image
-    that gets a box. With probability `prob` an image gets one of 2-33% of its area and aspect ratio 0.3-3.3, the
-    first of 10 tries that fits."""
+    """timm's RandomErasing draws (one box, pixel mode) for `count` images: (image, top, left, h, w)
+    for each image that gets a box. With probability `prob` an image gets one of 2-33% of its area
+    and aspect ratio 0.3-3.3, the first of 10 tries that fits."""
     boxes = []
     for image in range(count):
         if rng.random() >= prob:
@@ -92,15 +99,23 @@ def erase_boxes(rng: np.random.Generator, count: int, height: int, width: int,
             ratio = math.exp(rng.uniform(*ERASE_LOG_RATIO))
             h, w = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
             if h < height and w < width:
-                boxes.append((image, int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w))
+                boxes.append(
+                    (
+                        image,
+                        int(rng.integers(0, height - h + 1)),
+                        int(rng.integers(0, width - w + 1)),
+                        h,
+                        w,
+                    )
+                )
                 break
     return boxes
 
 
 def random_erase(images: torch.Tensor, prob: float, rng: np.random.Generator,
                  generator: torch.Generator) -> torch.Tensor:
-    """Random erasing in place: boxes drawn on the host (no device sync), filled on the device with N(0, 1) noise
-    from `generator`, in normalized units; only the boxes' pixels are drawn."""
+    """Random erasing in place: boxes drawn on the host (no device sync), filled on the device with
+    N(0, 1) noise from `generator`, in normalized units; only the boxes' pixels are drawn."""
     _, channels, height, width = images.shape
     for image, top, left, h, w in erase_boxes(rng, images.shape[0], height, width, prob):
         images[image, :, top:top + h, left:left + w] = torch.randn(

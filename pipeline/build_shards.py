@@ -7,11 +7,11 @@
 
 Samples are shuffled globally with the seed before being cut into shards, because DALI reads tars
 sequentially and only shuffles within a buffer; the shuffle holds `--sort-buffer` images in memory,
-whatever the data set's size. Each shard is written under a temporary name and renamed when complete;
-a progress file records finished shards, so rerunning an interrupted command keeps them (after
-checking size and sha256) and writes only the rest. The roles live apart: `shard_listing` lists the input,
-`shard_labels` labels it by input mode (`imagenet_labels` reads ImageNet's label files), `shard_order` shuffles it
-on disk, `shard_writing` cuts it into shards and writes
+whatever the data set's size. Each shard is written under a temporary name and renamed when
+complete; a progress file records finished shards, so rerunning an interrupted command keeps them
+(after checking size and sha256) and writes only the rest. The roles live apart: `shard_listing`
+lists the input, `shard_labels` labels it by input mode (`imagenet_labels` reads ImageNet's label
+files), `shard_order` shuffles it on disk, `shard_writing` cuts it into shards and writes
 them in worker processes, `shard_resume` keeps finished shards across runs, `shard_verify` checks a
 finished split.
 """
@@ -37,7 +37,14 @@ from pipeline.errors import BuildError
 from pipeline.formats import FormatError
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.manifest import Manifest, class_mismatch
-from pipeline.shard_labels import CLASS_FOLDERS, INPUT_MODES, LabelCounts, Labelling, ModeInput, read_class_list
+from pipeline.shard_labels import (
+    CLASS_FOLDERS,
+    INPUT_MODES,
+    LabelCounts,
+    Labelling,
+    ModeInput,
+    read_class_list,
+)
 from pipeline.shard_order import DEFAULT_SORT_BUFFER, ordered_parts, spill
 from pipeline.shard_reports import Reports, ReportSpill, write_reports
 from pipeline.shard_resume import ProgressLog, plan_fingerprint
@@ -53,7 +60,8 @@ class BuildOptions:
     out: Path
     split: str = "train"
     mode: str = CLASS_FOLDERS.name
-    """how SRC is read and labelled: the name of one of `shard_labels.INPUT_MODES`, or class folders"""
+    """how SRC is read and labelled: the name of one of `shard_labels.INPUT_MODES`, or class
+    folders"""
     val_labels: Path | None = None
     synsets: Path | None = None
     classes: Path | None = None
@@ -74,8 +82,9 @@ class VerifyOptions:
 
 SCRATCH = ".scratch"  # inside OUT while a build runs: its listing and plan, a .tar.gz's tar
 
-# Exit status when damaged data was found: a shard --verify rejects, or an image --strict would not skip. The same
-# code as a training run that failed on its data (README, "Exit codes"); 2 is a refused command.
+# Exit status when damaged data was found: a shard --verify rejects, or an image --strict would not
+# skip. The same code as a training run that failed on its data (README, "Exit codes"); 2 is a
+# refused command.
 DAMAGED_DATA = 5
 
 
@@ -85,14 +94,25 @@ def labelling(options: BuildOptions, scratch: Path, rejected: Reports) -> Labell
         raise BuildError(f"SRC {options.src} does not exist")
     classes = read_class_list(options.classes) if options.classes else None
     mode = next(m for m in (*INPUT_MODES, CLASS_FOLDERS) if m.name == options.mode)
-    return mode.make(ModeInput(options.src, options.split, scratch, rejected, classes, options.val_labels,
-                               options.synsets))
+    return mode.make(
+        ModeInput(
+            options.src,
+            options.split,
+            scratch,
+            rejected,
+            classes,
+            options.val_labels,
+            options.synsets,
+        )
+    )
 
 
-def shuffled(options: BuildOptions, labels: Labelling, scratch: Path, skipped: ReportSpill) -> tuple[
-        list[str], ShardPlan, str]:
-    """List, label and shuffle the input into a plan of shards (on disk under `scratch`): the class list, the plan
-    and its fingerprint; the images left out go to `skipped`. Raises BuildError before any shard is written.
+def shuffled(
+    options: BuildOptions, labels: Labelling, scratch: Path, skipped: ReportSpill
+) -> tuple[list[str], ShardPlan, str]:
+    """List, label and shuffle the input into a plan of shards (on disk under `scratch`): the class
+    list, the plan and its fingerprint; the images left out go to `skipped`. Raises BuildError
+    before any shard is written.
     Memory: `options.sort_buffer` images per worker."""
     parts = spill(labels.candidates(), options.seed, scratch / f"{options.split}.listing")
     try:
@@ -121,8 +141,9 @@ def shuffled(options: BuildOptions, labels: Labelling, scratch: Path, skipped: R
 
 @contextmanager
 def scratch_space(out: Path) -> Iterator[Path]:
-    """OUT/.scratch for the build's listing and plan, removed when the build ends; a refused build leaves OUT as it
-    found it (a .tar.gz's decompressed tar is kept there for a rerun of a killed build)."""
+    """OUT/.scratch for the build's listing and plan, removed when the build ends; a refused build
+    leaves OUT as it found it (a .tar.gz's decompressed tar is kept there for a rerun of a killed
+    build)."""
     created = not out.exists()
     scratch = out / SCRATCH
     scratch.mkdir(parents=True, exist_ok=True)
@@ -140,7 +161,9 @@ def build(options: BuildOptions) -> int:
     out, split = options.out, options.split
     source = str(options.src.resolve())
     with scratch_space(out) as scratch, ReportSpill(scratch / f"{split}.skipped.jsonl") as skipped:
-        classes, plan, fingerprint = shuffled(options, labelling(options, scratch, skipped), scratch, skipped)
+        classes, plan, fingerprint = shuffled(
+            options, labelling(options, scratch, skipped), scratch, skipped
+        )
         log = ProgressLog(out, split, fingerprint, source)
         shards = len(plan.shard_sizes)
         done = len(log.records)
@@ -152,12 +175,20 @@ def build(options: BuildOptions) -> int:
         # The reports go in place before the manifest that counts them.
         rejected = write_reports(Manifest.report_path(out, split, "rejected"),
                                  itertools.chain(skipped, log.reports("rejected")))
-        converted = write_reports(Manifest.report_path(out, split, "converted"), log.reports("converted"))
+        converted = write_reports(
+            Manifest.report_path(out, split, "converted"), log.reports("converted")
+        )
     records = [log.records[i] for i in range(shards)]
     manifest = Manifest(
-        split=split, samples=sum(r.samples for r in records), classes=classes,
-        shards=[r for r in records if r.samples], rejected=rejected, converted=converted, seed=options.seed,
-        source=source, plan=fingerprint,
+        split=split,
+        samples=sum(r.samples for r in records),
+        classes=classes,
+        shards=[r for r in records if r.samples],
+        rejected=rejected,
+        converted=converted,
+        seed=options.seed,
+        source=source,
+        plan=fingerprint,
     )
     atomic_write_text(Manifest.path(out, split), manifest.to_json())
     _print_summary(manifest, out)
@@ -179,18 +210,23 @@ def _write_shards(options: BuildOptions, plan: ShardPlan, log: ProgressLog) -> N
 
         def show_rate() -> None:
             elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(MBps=f"{read[0] / elapsed / 2**20:.1f}", shards=f"{len(log.records)}/{shards}",
-                            refresh=False)
+            bar.set_postfix(
+                MBps=f"{read[0] / elapsed / 2**20:.1f}",
+                shards=f"{len(log.records)}/{shards}",
+                refresh=False,
+            )
 
-        jobs = shard_jobs(plan, options.split, options.out, options.max_pixels, skip=set(log.records))
+        jobs = shard_jobs(
+            plan, options.split, options.out, options.max_pixels, skip=set(log.records)
+        )
         for result in run_jobs(jobs, options.workers, advance):
             log.add(result)
             show_rate()
 
 
 def _refuse_other_class_lists(out: Path, split: str, classes: list[str]) -> None:
-    """Labels index the class list: a split built beside another with a different list would give its labels
-    other meanings (a class folder missing from val shifts every later label)."""
+    """Labels index the class list: a split built beside another with a different list would give
+    its labels other meanings (a class folder missing from val shifts every later label)."""
     for manifest_path in sorted(out.glob("*.json")) if out.is_dir() else []:
         other = manifest_path.stem
         if other == split or other.endswith(".progress"):
@@ -201,45 +237,79 @@ def _refuse_other_class_lists(out: Path, split: str, classes: list[str]) -> None
             continue  # not a manifest
         mismatch = class_mismatch(theirs, classes)
         if mismatch:
-            raise BuildError(f"{split}'s classes differ from {manifest_path.name}'s ({mismatch}): its labels would "
-                             f"mean other classes; pass --classes {manifest_path} to label it with that list")
+            raise BuildError(
+                f"{split}'s classes differ from {manifest_path.name}'s ({mismatch}): its labels "
+                f"would mean other classes; pass --classes {manifest_path} to label it with that "
+                "list"
+            )
 
 
 def _print_summary(manifest: Manifest, out: Path) -> None:
     size = sum(s.bytes for s in manifest.shards) / 2**20
-    print(f"{manifest.split}: {manifest.samples} kept ({manifest.converted} converted to RGB JPEG), "
-          f"{manifest.rejected} rejected -> {len(manifest.shards)} shards, {size:.1f} MiB in {out}")
+    print(
+        f"{manifest.split}: {manifest.samples} kept ({manifest.converted} converted to RGB JPEG), "
+        f"{manifest.rejected} rejected -> {len(manifest.shards)} shards, {size:.1f} MiB in {out}"
+    )
     for item in itertools.islice(Manifest.reports(out, manifest.split, "rejected"), 20):
         print(f"  rejected {item['path']}: {item['reason']}", file=sys.stderr)
     if manifest.rejected > 20:
-        print(f"  ... and {manifest.rejected - 20} more (see {Manifest.report_path(out, manifest.split, 'rejected')})",
-              file=sys.stderr)
+        print(
+            f"  ... and {manifest.rejected - 20} more (see "
+            f"{Manifest.report_path(out, manifest.split, 'rejected')})",
+            file=sys.stderr,
+        )
 
 
 def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
     parser = argparse.ArgumentParser(prog="maeflow-shards", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("src", nargs="?", help="image tree SRC/<class>/<image>, a flat val folder, or an archive "
-                        "(tar, .tar.gz, zip: ImageNet's train tar of class tars, the Kaggle zip...), or a folder "
-                        "of per-class tars (ImageNet-21k)")
+    parser.add_argument(
+        "src",
+        nargs="?",
+        help="image tree SRC/<class>/<image>, a flat val folder, or an archive "
+        "(tar, .tar.gz, zip: ImageNet's train tar of class tars, the Kaggle zip...), or a folder "
+        "of per-class tars (ImageNet-21k)",
+    )
     parser.add_argument("out", nargs="?", help="output folder for shards, indexes and the manifest")
-    parser.add_argument("--split", default="train", help="split name: shard prefix and manifest name")
+    parser.add_argument(
+        "--split", default="train", help="split name: shard prefix and manifest name"
+    )
     for mode in INPUT_MODES:  # the input modes: one at most
         if mode.value:
             parser.add_argument(mode.flag, metavar=mode.value, help=mode.help)
         else:
             parser.add_argument(mode.flag, action="store_true", help=mode.help)
-    parser.add_argument("--synsets", help="the devkit's meta.mat, or a text file of '<ILSVRC2012_ID> <wnid>' lines "
-                        "(a bare wnid list is refused: its order is not the ids')")
-    parser.add_argument("--classes", help="class list to reuse (the train manifest, or one class per line)")
-    parser.add_argument("--shard-size-mb", type=float, default=1024, help="target shard size in MiB")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel processes")
+    parser.add_argument(
+        "--synsets",
+        help="the devkit's meta.mat, or a text file of '<ILSVRC2012_ID> <wnid>' lines "
+        "(a bare wnid list is refused: its order is not the ids')",
+    )
+    parser.add_argument(
+        "--classes", help="class list to reuse (the train manifest, or one class per line)"
+    )
+    parser.add_argument(
+        "--shard-size-mb", type=float, default=1024, help="target shard size in MiB"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel processes"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images")
-    parser.add_argument("--strict", action="store_true", help="exit non-zero if any image was rejected")
-    parser.add_argument("--verify", metavar="OUT", help="re-read and check the shards in OUT instead of building")
-    parser.add_argument("--sort-buffer", type=int, default=DEFAULT_SORT_BUFFER, help="images the global shuffle "
-                        "holds in memory at once (about 1 KB each); the shards are the same whatever it is")
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit non-zero if any image was rejected"
+    )
+    parser.add_argument(
+        "--verify", metavar="OUT", help="re-read and check the shards in OUT instead of building"
+    )
+    parser.add_argument(
+        "--sort-buffer",
+        type=int,
+        default=DEFAULT_SORT_BUFFER,
+        help="images the global shuffle "
+        "holds in memory at once (about 1 KB each); the shards are the same whatever it is",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.verify:
@@ -250,15 +320,29 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
     if len(modes) > 1:
         parser.error(f"{modes[0].flag} and {modes[1].flag} are different inputs: pass one")
     if args.shard_size_mb <= 0 or args.workers < 1 or args.max_pixels < 1 or args.sort_buffer < 1:
-        parser.error("--shard-size-mb and --max-pixels must be positive, --workers and --sort-buffer at least 1")
+        parser.error(
+            "--shard-size-mb and --max-pixels must be positive, --workers and --sort-buffer at "
+            "least 1"
+        )
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.split):
-        parser.error(f"--split {args.split!r}: a split name is letters, digits, '_' and '-' (it names files)")
+        parser.error(
+            f"--split {args.split!r}: a split name is letters, digits, '_' and '-' (it names files)"
+        )
     return BuildOptions(
-        src=Path(args.src), out=Path(args.out), split=args.split, mode=modes[0].name if modes else CLASS_FOLDERS.name,
+        src=Path(args.src),
+        out=Path(args.out),
+        split=args.split,
+        mode=modes[0].name if modes else CLASS_FOLDERS.name,
         val_labels=Path(args.val_labels) if args.val_labels else None,
-        synsets=Path(args.synsets) if args.synsets else None, classes=Path(args.classes) if args.classes else None,
-        shard_size_mb=args.shard_size_mb, workers=args.workers, seed=args.seed, max_pixels=args.max_pixels,
-        strict=args.strict, quiet=args.quiet, sort_buffer=args.sort_buffer,
+        synsets=Path(args.synsets) if args.synsets else None,
+        classes=Path(args.classes) if args.classes else None,
+        shard_size_mb=args.shard_size_mb,
+        workers=args.workers,
+        seed=args.seed,
+        max_pixels=args.max_pixels,
+        strict=args.strict,
+        quiet=args.quiet,
+        sort_buffer=args.sort_buffer,
     )
 
 

@@ -1,11 +1,12 @@
-"""The format policy, in one place: every file maeflow writes for a later reader carries its format's version, and
-a reader takes only the versions it knows.
+"""The format policy, in one place: every file maeflow writes for a later reader carries its
+format's version, and a reader takes only the versions it knows.
 
-The kinds and their versions are below. maeflow has had no release yet, so each reader takes exactly the version
-this maeflow writes, and refuses another in one line naming the file, both versions and what to do. From the first
-tagged release on, a change to a format raises its version here, and the readers keep reading every version a
-release wrote (a checkpoint of release N resumes under N + 1), each such branch named by the release that wrote
-it; versions written only between releases are never read back.
+The kinds and their versions are below. maeflow has had no release yet, so each reader takes exactly
+the version this maeflow writes, and refuses another in one line naming the file, both versions and
+what to do. From the first tagged release on, a change to a format raises its version here, and the
+readers keep reading every version a release wrote (a checkpoint of release N resumes under N + 1),
+each such branch named by the release that wrote it; versions written only between releases are
+never read back.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 VERSIONS = {
-    "manifest": 1,  # <split>.json: the shards, their counts and digests, the classes, the build's plan
+    # <split>.json: the shards, their counts and digests, the classes, the build's plan
+    "manifest": 1,
     "build_progress": 1,  # OUT/<split>.progress.jsonl: the shards a build finished (its first line)
     "config": 1,  # OUTPUT/config.json, and the config inside exported weights and best.pth
     "checkpoint": 1,  # a checkpoint's completion mark (train_state.json)
@@ -26,7 +28,8 @@ KEY = "format"
 
 
 class FormatError(ValueError):
-    """A file in a format this maeflow does not read: the message names the file, both versions and what to do."""
+    """A file in a format this maeflow does not read: the message names the file, both versions and
+    what to do."""
 
 
 def stamp(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -35,8 +38,12 @@ def stamp(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_format(kind: str, payload: dict[str, Any], where: str) -> None:
-    """FormatError unless `payload` (read from `where`) is in the version of `kind` this maeflow reads."""
+    """FormatError unless `payload` (read from `where`) is in the version of `kind` this maeflow
+    reads."""
     found = payload.get(KEY) if isinstance(payload, dict) else None
     if found != VERSIONS[kind]:
-        raise FormatError(f"{where} is a {kind.replace('_', ' ')} in format {found!r} and this maeflow reads format "
-                          f"{VERSIONS[kind]}: write it again with this maeflow, or use the maeflow that wrote it")
+        raise FormatError(
+            f"{where} is a {kind.replace('_', ' ')} in format {found!r} and this maeflow reads "
+            f"format {VERSIONS[kind]}: write it again with this maeflow, or use the maeflow that "
+            "wrote it"
+        )

@@ -1,6 +1,7 @@
-"""ImageNet's own label files, read without their tools: the Kaggle CSV (`LOC_val_solution.csv`), the devkit's
-ground truth (ILSVRC ids) mapped to wnids through its `meta.mat` (read by `pipeline.matfile`, no scipy) or a synsets
-text file that names each id, and the devkit's .tar.gz itself, read inside."""
+"""ImageNet's own label files, read without their tools: the Kaggle CSV (`LOC_val_solution.csv`),
+the devkit's ground truth (ILSVRC ids) mapped to wnids through its `meta.mat` (read by
+`pipeline.matfile`, no scipy) or a synsets text file that names each id, and the devkit's .tar.gz
+itself, read inside."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ DEVKIT_META = "data/meta.mat"
 
 
 def read_val_labels(labels: Path, synsets: Path | None) -> dict[str, str]:
-    """Image stem -> wnid, from the Kaggle CSV, the devkit's ground-truth file, or the devkit's .tar.gz."""
+    """Image stem -> wnid, from the Kaggle CSV, the devkit's ground-truth file, or the devkit's
+    .tar.gz."""
     if not labels.is_file():
         raise BuildError(f"--val-labels {labels}: no such file")
     if labels.name.endswith((".tar.gz", ".tgz")):
@@ -27,8 +29,11 @@ def read_val_labels(labels: Path, synsets: Path | None) -> dict[str, str]:
     return parse_val_labels(labels.name, labels.read_text(), lambda: _ilsvrc_id_to_wnid(synsets))
 
 
-def parse_val_labels(name: str, text: str, id_to_wnid: Callable[[], dict[int, str]] | None) -> dict[str, str]:
-    """Stem -> wnid from a Kaggle CSV, or from devkit ground truth (ILSVRC ids, mapped by `id_to_wnid`)."""
+def parse_val_labels(
+    name: str, text: str, id_to_wnid: Callable[[], dict[int, str]] | None
+) -> dict[str, str]:
+    """Stem -> wnid from a Kaggle CSV, or from devkit ground truth (ILSVRC ids, mapped by
+    `id_to_wnid`)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if lines and lines[0].lower().startswith("imageid"):
         out = {}
@@ -42,11 +47,14 @@ def parse_val_labels(name: str, text: str, id_to_wnid: Callable[[], dict[int, st
         if bad:
             raise BuildError(f"{name}: class id {bad[0]} is not in the synsets")
         return {f"ILSVRC2012_val_{i + 1:08d}": mapping[int(x)] for i, x in enumerate(lines)}
-    raise BuildError(f"{name}: neither a Kaggle CSV (ImageId,PredictionString) nor a devkit ground-truth file")
+    raise BuildError(
+        f"{name}: neither a Kaggle CSV (ImageId,PredictionString) nor a devkit ground-truth file"
+    )
 
 
 def _devkit_labels(devkit: Path, synsets: Path | None) -> dict[str, str]:
-    """The ground truth and meta.mat read from inside ILSVRC2012_devkit_t12.tar.gz (small: one pass)."""
+    """The ground truth and meta.mat read from inside ILSVRC2012_devkit_t12.tar.gz (small: one
+    pass)."""
     found: dict[str, bytes] = {}
     try:
         with tarfile.open(devkit, "r:gz") as tar:
@@ -71,26 +79,30 @@ def _devkit_labels(devkit: Path, synsets: Path | None) -> dict[str, str]:
 
 def _ilsvrc_id_to_wnid(synsets: Path | None) -> dict[int, str]:
     if synsets is None:
-        raise BuildError("a devkit ground-truth file needs --synsets: the devkit's meta.mat, or a text file of "
-                         "'<ILSVRC2012_ID> <wnid>' lines")
+        raise BuildError(
+            "a devkit ground-truth file needs --synsets: the devkit's meta.mat, or a text file of "
+            "'<ILSVRC2012_ID> <wnid>' lines"
+        )
     if synsets.suffix == ".mat":
         return _meta_mat_wnids(synsets)
     return _id_wnid_lines(synsets)
 
 
 def _id_wnid_lines(synsets: Path) -> dict[int, str]:
-    """A synsets text file that names each id: '<ILSVRC2012_ID> <wnid>' lines. A bare list of wnids is refused:
-    its order is not the ids' (the usual synsets.txt and LOC_synset_mapping.txt are sorted by wnid, which
-    labels every val image wrongly)."""
+    """A synsets text file that names each id: '<ILSVRC2012_ID> <wnid>' lines. A bare list of wnids
+    is refused: its order is not the ids' (the usual synsets.txt and LOC_synset_mapping.txt are
+    sorted by wnid, which labels every val image wrongly)."""
     mapping: dict[int, str] = {}
     for number, line in enumerate(synsets.read_text().splitlines(), 1):
         words = line.split()
         if not words:
             continue
         if len(words) < 2 or not words[0].isdigit():
-            raise BuildError(f"--synsets {synsets}, line {number}: expected '<ILSVRC2012_ID> <wnid>', got {line!r} "
-                             "(a bare wnid list is not in id order: pass the devkit's meta.mat, or its .tar.gz as "
-                             "--val-labels)")
+            raise BuildError(
+                f"--synsets {synsets}, line {number}: expected '<ILSVRC2012_ID> <wnid>', got "
+                f"{line!r} (a bare wnid list is not in id order: pass the devkit's meta.mat, or "
+                "its .tar.gz as --val-labels)"
+            )
         if int(words[0]) in mapping:
             raise BuildError(f"--synsets {synsets}, line {number}: id {words[0]} is given twice")
         mapping[int(words[0])] = words[1]
@@ -103,5 +115,7 @@ def _meta_mat_wnids(source: Path | bytes) -> dict[int, str]:
         rows = read_mat(source)["synsets"]
         return {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in rows}
     except (MatFileError, KeyError, TypeError, struct.error, zlib.error) as err:
-        raise BuildError(f"{source if isinstance(source, Path) else DEVKIT_META}: not the devkit's meta.mat "
-                         f"(a struct array 'synsets' with ILSVRC2012_ID and WNID): {err}") from None
+        raise BuildError(
+            f"{source if isinstance(source, Path) else DEVKIT_META}: not the devkit's meta.mat "
+            f"(a struct array 'synsets' with ILSVRC2012_ID and WNID): {err}"
+        ) from None

@@ -33,8 +33,13 @@ def dali_available() -> bool:
 
 # How launchers tell a process how many ranks share its node: torchrun, the deepspeed launcher,
 # SLURM's srun (with --ntasks-per-node), Open MPI's and MPICH's mpirun.
-LOCAL_RANK_COUNT_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                              "MPI_LOCALNRANKS")
+LOCAL_RANK_COUNT_VARIABLES = (
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "SLURM_NTASKS_PER_NODE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+)
 
 
 def local_rank_count() -> int:
@@ -47,11 +52,14 @@ def local_rank_count() -> int:
 
 
 def default_threads() -> int:
-    """CPU threads for one rank's decoding: the CPUs it may use, shared evenly by the ranks that share them. Under
-    SLURM, a task's own CPUs (--cpus-per-task) shared by the ranks that task started: one each when srun starts the
-    ranks itself (srun may bind each task to its share already), all of them when one task per node starts a
-    launcher. Elsewhere, the cores this process may use (affinity, cgroups) shared by the node's ranks."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """CPU threads for one rank's decoding: the CPUs it may use, shared evenly by the ranks that
+    share them. Under SLURM, a task's own CPUs (--cpus-per-task) shared by the ranks that task
+    started: one each when srun starts the ranks itself (srun may bind each task to its share
+    already), all of them when one task per node starts a launcher. Elsewhere, the cores this
+    process may use (affinity, cgroups) shared by the node's ranks."""
+    usable = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
     if per_task.isdigit() and int(per_task) > 0:
         ranks_per_task = max(1, local_rank_count() // slurm_tasks_on_node())
@@ -60,7 +68,8 @@ def default_threads() -> int:
 
 
 def slurm_tasks_on_node() -> int:
-    """SLURM tasks on this node: --ntasks-per-node, or the first count of SLURM_TASKS_PER_NODE ("4(x2),3")."""
+    """SLURM tasks on this node: --ntasks-per-node, or the first count of SLURM_TASKS_PER_NODE
+    ("4(x2),3")."""
     value = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "")
     first = value.split(",")[0].split("(")[0]
     return int(first) if first.isdigit() and int(first) > 0 else 1
@@ -68,7 +77,8 @@ def slurm_tasks_on_node() -> int:
 
 def sample_counts(shards: str | Path | None, split: str, backend: Backend,
                   synthetic_samples: int = IMAGENET_TRAIN_SAMPLES) -> list[int]:
-    """Samples per shard of the split a loader of this backend reads (synthetic data: one virtual shard)."""
+    """Samples per shard of the split a loader of this backend reads (synthetic data: one virtual
+    shard)."""
     if backend == "synthetic":
         return [synthetic_samples]
     return resolve_shards(shards, split).sample_counts()
@@ -96,19 +106,22 @@ def build_loader(
 ) -> Loader:
     """A loader over `shards` (a shard folder with `<split>.json`, or a brace pattern of tars).
 
-    Rank `rank` of `world_size` gets `local_batch_size` images per batch. train: `augment`, by default
-    RandomResizedCrop(img_size, scale (0.2, 1), ratio (3/4, 4/3), bicubic) + flip p=0.5; else resize
-    the shorter side to img_size/0.875 (bicubic) and centre-crop. Images come normalized with the
-    ImageNet mean/std, on the GPU when device="gpu". backend "dali" falls back to "pil" (with a
-    message) where DALI is not installed. `num_threads` (DALI threads or PIL worker processes)
-    defaults to the CPU cores this process may use over the ranks on this node. `limit` reads only the
-    first `limit` samples of the split (the builder shuffled it, so they are a random subset).
-    backend "synthetic" reads no shards: random normalized images of a virtual split of `synthetic_samples`.
-    `labels` False: batches carry None for labels, and none is read or moved (MAE pre-training needs none).
+    Rank `rank` of `world_size` gets `local_batch_size` images per batch. train: `augment`, by
+    default RandomResizedCrop(img_size, scale (0.2, 1), ratio (3/4, 4/3), bicubic) + flip p=0.5;
+    else resize the shorter side to img_size/0.875 (bicubic) and centre-crop. Images come normalized
+    with the ImageNet mean/std, on the GPU when device="gpu". backend "dali" falls back to "pil"
+    (with a message) where DALI is not installed. `num_threads` (DALI threads or PIL worker
+    processes) defaults to the CPU cores this process may use over the ranks on this node. `limit`
+    reads only the first `limit` samples of the split (the builder shuffled it, so they are a random
+    subset). backend "synthetic" reads no shards: random normalized images of a virtual split of
+    `synthetic_samples`. `labels` False: batches carry None for labels, and none is read or moved
+    (MAE pre-training needs none).
     """
     if local_batch_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need local_batch_size >= 1 and 0 <= rank < world_size, got {local_batch_size}, {rank}, "
-                         f"{world_size}")
+        raise ValueError(
+            f"need local_batch_size >= 1 and 0 <= rank < world_size, got {local_batch_size}, "
+            f"{rank}, {world_size}"
+        )
     if backend not in get_args(Backend):
         raise ValueError(f"backend must be one of {', '.join(get_args(Backend))}, got {backend!r}")
     if backend == "dali" and not dali_available():
@@ -124,8 +137,10 @@ def build_loader(
     if samples == 0:
         raise DataError(f"{shards}: the {split} shards hold no samples")
     if train and samples // world_size < local_batch_size:
-        raise DataError(f"local batch size {local_batch_size} is larger than a rank's share of "
-                         f"{samples // world_size} samples ({samples} samples over {world_size} ranks)")
+        raise DataError(
+            f"local batch size {local_batch_size} is larger than a rank's share of "
+            f"{samples // world_size} samples ({samples} samples over {world_size} ranks)"
+        )
     spec = LoaderSpec(shard_set, split, local_batch_size, img_size, train, rank, world_size, seed,
                       _resolve_device(device), threads, dtype, limit, augment, labels)
     if backend == "dali":
@@ -142,6 +157,9 @@ def build_loader(
             from pipeline.dali_graph import reservation
 
             reserved = f"; its GPU decoding reserves {reservation(threads)} per rank"
-        print(f"maeflow: {backend} loader on {spec.device}, {len(loader)} batches of {local_batch_size} per epoch "
-              f"for rank {rank}/{world_size}, {threads} CPU threads{reserved}")
+        print(
+            f"maeflow: {backend} loader on {spec.device}, {len(loader)} batches of "
+            f"{local_batch_size} per epoch for rank {rank}/{world_size}, {threads} CPU "
+            f"threads{reserved}"
+        )
     return loader

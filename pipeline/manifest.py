@@ -1,4 +1,5 @@
-"""The shard manifest `<split>.json` and how loaders find shards from a folder or a brace pattern."""
+"""The shard manifest `<split>.json` and how loaders find shards from a folder or a brace
+pattern."""
 
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ class Manifest:
 
     @staticmethod
     def report_path(folder: Path, split: str, kind: str) -> Path:
-        """A build's per-image reports of one kind (`REPORT_KINDS`), a JSON object a line: kept out of the manifest,
-        which every rank reads at start, so that a data set of a billion PNGs costs a rank nothing."""
+        """A build's per-image reports of one kind (`REPORT_KINDS`), a JSON object a line: kept out
+        of the manifest, which every rank reads at start, so that a data set of a billion PNGs costs
+        a rank nothing."""
         return Path(folder) / f"{split}.{kind}.jsonl"
 
     @staticmethod
@@ -79,10 +81,10 @@ class ShardSet:
     manifest: Manifest | None
 
     def identity(self) -> str:
-        """A fingerprint of exactly the data these shards hold, in their order: each shard's digest from the
-        manifest and the plan it was cut from (without a manifest: each tar's name and size). A reading position
-        is a position in this data and no other: shards rebuilt with another seed have the same sizes, not the same
-        identity."""
+        """A fingerprint of exactly the data these shards hold, in their order: each shard's digest
+        from the manifest and the plan it was cut from (without a manifest: each tar's name and
+        size). A reading position is a position in this data and no other: shards rebuilt with
+        another seed have the same sizes, not the same identity."""
         if self.manifest is not None:
             digests = {s.name: s.sha256 for s in self.manifest.shards}
             parts = [self.manifest.plan, *(f"{tar.name} {digests[tar.name]}" for tar in self.tars)]
@@ -91,15 +93,18 @@ class ShardSet:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def sample_counts(self) -> list[int]:
-        """Samples per shard: the manifest's counts where there is one (each index is checked against them when a
-        loader first reads it), else each index file's header line (`v1.2 <count>`). Looked up once per shard set."""
+        """Samples per shard: the manifest's counts where there is one (each index is checked
+        against them when a loader first reads it), else each index file's header line (`v1.2
+        <count>`). Looked up once per shard set."""
         return list(self._counts)
 
     @cached_property
     def _counts(self) -> tuple[int, ...]:
         missing = first_missing(self.indexes)
         if missing is not None:
-            raise FileNotFoundError(f"index file {missing} is missing; rebuild the shards or run DALI's wds2idx on it")
+            raise FileNotFoundError(
+                f"index file {missing} is missing; rebuild the shards or run DALI's wds2idx on it"
+            )
         if self.manifest is None:
             return tuple(index_sample_count(idx) for idx in self.indexes)
         listed = {s.name: s.samples for s in self.manifest.shards}
@@ -107,8 +112,9 @@ class ShardSet:
 
 
 def first_missing(paths: list[Path]) -> Path | None:
-    """The first of `paths` that is not a file, found by listing each folder once: a hundred thousand shards cost a
-    few directory reads, not a hundred thousand file-system lookups (which a parallel file system serves slowly)."""
+    """The first of `paths` that is not a file, found by listing each folder once: a hundred
+    thousand shards cost a few directory reads, not a hundred thousand file-system lookups (which a
+    parallel file system serves slowly)."""
     listed: dict[str, set[str]] = {}
     for path in paths:
         folder, name = os.path.split(os.fspath(path))
@@ -123,14 +129,17 @@ def first_missing(paths: list[Path]) -> Path | None:
 
 
 def resolve_shards(shards: str | Path, split: str = "train") -> ShardSet:
-    """A shard folder (read `<split>.json`) or a brace pattern such as `out/train-{000000..000009}.tar`."""
+    """A shard folder (read `<split>.json`) or a brace pattern such as
+    `out/train-{000000..000009}.tar`."""
     text = str(shards)
     if ("{" in text or text.endswith(".tar")) and not Path(text).is_dir():
         tars = [Path(p) for p in braceexpand(text)]
         missing = first_missing(tars)
         if missing is not None:
             count = sum(not p.is_file() for p in tars)
-            raise FileNotFoundError(f"shard pattern {text}: {count} file(s) missing, first {missing}")
+            raise FileNotFoundError(
+                f"shard pattern {text}: {count} file(s) missing, first {missing}"
+            )
         manifest_path = Manifest.path(tars[0].parent, split)
         manifest = Manifest.load(manifest_path) if manifest_path.is_file() else None
     else:
@@ -140,30 +149,37 @@ def resolve_shards(shards: str | Path, split: str = "train") -> ShardSet:
             raise FileNotFoundError(f"shard folder {folder} {what}")
         manifest_path = Manifest.path(folder, split)
         if not manifest_path.is_file():
-            found = sorted(p.name for p in folder.glob("*.json") if not p.name.startswith("."))  # not progress files
+            # not progress files
+            found = sorted(p.name for p in folder.glob("*.json") if not p.name.startswith("."))
             raise FileNotFoundError(
-                f"{manifest_path} not found (splits here: {', '.join(f[:-5] for f in found) or 'none'}); "
-                "build shards with `python -m pipeline.build_shards`"
+                f"{manifest_path} not found (splits here: "
+                f"{', '.join(f[:-5] for f in found) or 'none'}); build shards with `python -m "
+                "pipeline.build_shards`"
             )
         manifest = Manifest.load(manifest_path)
         tars = [folder / s.name for s in manifest.shards]
         missing = first_missing(tars)
         if missing is not None:
             count = sum(not p.is_file() for p in tars)
-            raise FileNotFoundError(f"{manifest_path} lists {count} shard(s) that are missing: {missing}")
+            raise FileNotFoundError(
+                f"{manifest_path} lists {count} shard(s) that are missing: {missing}"
+            )
     if not tars:
         raise FileNotFoundError(f"no shards for split {split!r} in {text}")
     if manifest is not None:
         listed = {s.name for s in manifest.shards}
         strays = [p.name for p in tars if p.name not in listed]
         if strays:
-            raise DataError(f"shard {strays[0]} is not in {manifest_path}: the shard list and manifest disagree")
+            raise DataError(
+                f"shard {strays[0]} is not in {manifest_path}: the shard list and manifest disagree"
+            )
     indexes = [index_path(p) for p in tars]
     return ShardSet(tars, indexes, manifest)
 
 
 def class_mismatch(first: list[str], second: list[str]) -> str | None:
-    """How two class lists differ (labels index them, so any difference changes what a label means), or None."""
+    """How two class lists differ (labels index them, so any difference changes what a label means),
+    or None."""
     if first == second:
         return None
     missing, extra = sorted(set(first) - set(second)), sorted(set(second) - set(first))
@@ -175,17 +191,22 @@ def class_mismatch(first: list[str], second: list[str]) -> str | None:
 
 
 def check_same_classes(shards: str | Path, split: str, other: str) -> None:
-    """A ValueError unless `split` and `other` label with one class list (where both have manifests), and have
-    one at all: unlabeled shards (built with --unlabeled) serve pre-training, not evaluation."""
+    """A ValueError unless `split` and `other` label with one class list (where both have
+    manifests), and have one at all: unlabeled shards (built with --unlabeled) serve pre-training,
+    not evaluation."""
     lists = [resolve_shards(shards, name).manifest for name in (split, other)]
     if None in lists:
         return
     for name, manifest in zip((split, other), lists, strict=True):
         if not manifest.classes:
-            raise DataError(f"the {name} shards in {shards} are unlabeled: evaluation needs labelled {split} and "
-                             f"{other} splits (pre-training does not)")
+            raise DataError(
+                f"the {name} shards in {shards} are unlabeled: evaluation needs labelled {split} "
+                f"and {other} splits (pre-training does not)"
+            )
     mismatch = class_mismatch(lists[0].classes, lists[1].classes)
     if mismatch:
-        raise DataError(f"the {split} and {other} shards in {shards} label different class lists ({mismatch}): "
-                         f"label k means another class in each; rebuild {other} with --classes "
-                         f"{Manifest.path(Path(str(shards)), split)}")
+        raise DataError(
+            f"the {split} and {other} shards in {shards} label different class lists ({mismatch}): "
+            f"label k means another class in each; rebuild {other} with --classes "
+            f"{Manifest.path(Path(str(shards)), split)}"
+        )

@@ -1,12 +1,13 @@
-"""A reader of MATLAB's MAT-file level 5 format (MATLAB 5 to 7.2, compressed or not), enough for ImageNet's
-devkit `meta.mat`: numeric, char, cell and struct arrays. Every install reads it, so that val labels never depend
-on an optional package (or on an unchecked id list in its place).
+"""A reader of MATLAB's MAT-file level 5 format (MATLAB 5 to 7.2, compressed or not), enough for
+ImageNet's devkit `meta.mat`: numeric, char, cell and struct arrays. Every install reads it, so that
+val labels never depend on an optional package (or on an unchecked id list in its place).
 
-Layout (MathWorks, "MAT-File Format"): a 128-byte header, then data elements, each an 8-byte tag (type, byte
-count) or a 4-byte "small element" tag with its data, padded to 8 bytes; a miCOMPRESSED element holds a zlib
-stream of further elements; a miMATRIX element holds array flags, dimensions, a name and the array's data.
-Arrays come back as Python values: a numeric array as a list in column-major order (a scalar as a number), a char
-array as a str, a cell array as a list, a struct array as a list of {field: value}.
+Layout (MathWorks, "MAT-File Format"): a 128-byte header, then data elements, each an 8-byte tag
+(type, byte count) or a 4-byte "small element" tag with its data, padded to 8 bytes; a miCOMPRESSED
+element holds a zlib stream of further elements; a miMATRIX element holds array flags, dimensions, a
+name and the array's data. Arrays come back as Python values: a numeric array as a list in
+column-major order (a scalar as a number), a char array as a str, a cell array as a list, a struct
+array as a list of {field: value}.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ NUMERIC_CLASSES = range(6, 16)  # double, single, int8 ... uint64
 
 
 class MatFileError(ValueError):
-    """Not a MAT-file level 5, or one this reader does not understand (the message says which part)."""
+    """Not a MAT-file level 5, or one this reader does not understand (the message says which
+    part)."""
 
 
 def read_mat(source: str | Path | bytes) -> dict[str, Any]:
@@ -47,7 +49,8 @@ def _elements(data: bytes, offset: int, order: str) -> Any:
     """(type, body) of each data element from `offset` on."""
     while offset + 8 <= len(data):
         kind, size = struct.unpack_from(order + "II", data, offset)
-        if kind >> 16:  # the small element format: size in the upper half, the data in the tag's second word
+        # the small element format: size in the upper half, the data in the tag's second word
+        if kind >> 16:
             kind, size = kind & 0xFFFF, kind >> 16
             yield kind, data[offset + 4: offset + 4 + size]
             offset += 8
@@ -59,7 +62,9 @@ def _elements(data: bytes, offset: int, order: str) -> Any:
 def _values(kind: int, body: bytes, order: str) -> list:
     if kind in TEXT_ENCODINGS:
         encoding = TEXT_ENCODINGS[kind]
-        return list(body.decode(encoding if kind == 16 else encoding + ("-le" if order == "<" else "-be")))
+        return list(
+            body.decode(encoding if kind == 16 else encoding + ("-le" if order == "<" else "-be"))
+        )
     if kind not in NUMBER_FORMATS:
         raise MatFileError(f"data element of type {kind} where numbers were expected")
     code = NUMBER_FORMATS[kind]
@@ -80,7 +85,10 @@ def _matrix(body: bytes, order: str) -> tuple[str, Any]:
         _, width_body = next(parts)
         width = _values(5, width_body, order)[0]
         _, names_body = next(parts)
-        fields = [names_body[i:i + width].split(b"\0")[0].decode() for i in range(0, len(names_body), width)]
+        fields = [
+            names_body[i : i + width].split(b"\0")[0].decode()
+            for i in range(0, len(names_body), width)
+        ]
         members = [_matrix(body, order)[1] if body else [] for _, body in parts]
         return name, [dict(zip(fields, members[i * len(fields):(i + 1) * len(fields)], strict=True))
                       for i in range(count)]

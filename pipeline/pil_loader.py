@@ -36,7 +36,8 @@ from pipeline.timm_ops import timm_data_module
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
                             augment: Augmentation) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop window (left, top, w, h): 10 tries, then a centre fallback."""
+    """torchvision's RandomResizedCrop window (left, top, w, h): 10 tries, then a centre
+    fallback."""
     area = width * height
     crop_ratio = augment.crop_ratio
     log_ratio = (math.log(crop_ratio[0]), math.log(crop_ratio[1]))
@@ -57,12 +58,19 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 
 
 class ShardSamples(Dataset):
-    """Map-style view of one epoch's samples: item i -> (uint8 [3, S, S], label) of `entries`' sample i."""
+    """Map-style view of one epoch's samples: item i -> (uint8 [3, S, S], label) of `entries`'
+    sample i."""
 
     def __init__(self, spec: LoaderSpec, entries: Entries, epoch: int) -> None:
         self.entries, self.epoch = entries, epoch
-        self.img_size, self.train, self.seed, self.augment = spec.img_size, spec.train, spec.seed, spec.augment
-        self._rand_augment: Callable[[Image.Image], Image.Image] | None = None  # made where it runs (a worker)
+        self.img_size, self.train, self.seed, self.augment = (
+            spec.img_size,
+            spec.train,
+            spec.seed,
+            spec.augment,
+        )
+        # made where it runs (a worker)
+        self._rand_augment: Callable[[Image.Image], Image.Image] | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -72,8 +80,10 @@ class ShardSamples(Dataset):
         try:
             img = Image.open(io.BytesIO(entries.jpeg(item))).convert("RGB")
         except Exception as err:
-            raise DamagedImage(f"{entries.name(item)} does not decode ({err}); find damaged shards with "
-                               "`python -m pipeline.build_shards --verify DIR`") from err
+            raise DamagedImage(
+                f"{entries.name(item)} does not decode ({err}); find damaged shards with "
+                "`python -m pipeline.build_shards --verify DIR`"
+            ) from err
         label = entries.label(item)
         size = self.img_size
         if self.train:
@@ -83,7 +93,8 @@ class ShardSamples(Dataset):
             if rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
             if self.augment.rand_augment_layers:
-                # timm draws from the global generators: seeded per sample, the result is the same on any workers.
+                # timm draws from the global generators: seeded per sample, the result is the same
+                # on any workers.
                 seed = int(rng.integers(2**31))
                 random.seed(seed)
                 np.random.seed(seed)
@@ -92,23 +103,35 @@ class ShardSamples(Dataset):
                 img = self._rand_augment(img)
         else:
             width, height, left, top = eval_geometry(img.width, img.height, size)
-            img = img.resize((width, height), Image.BICUBIC).crop((left, top, left + size, top + size))
+            img = img.resize((width, height), Image.BICUBIC).crop(
+                (left, top, left + size, top + size)
+            )
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label
 
 
-def rand_augment(augment: Augmentation, img_size: int) -> Callable[[Image.Image], Image.Image] | None:
-    """timm's RandAugment for `augment` as the MAE fine-tuning recipe configures it (None when off)."""
+def rand_augment(
+    augment: Augmentation, img_size: int
+) -> Callable[[Image.Image], Image.Image] | None:
+    """timm's RandAugment for `augment` as the MAE fine-tuning recipe configures it (None when
+    off)."""
     if not augment.rand_augment_layers:
         return None
-    # magnitude_max: timm's noisy level reaches 10 in 2% of draws, where PosterizeIncreasing keeps 0 bits, which
-    # Pillow >= 11 refuses (older Pillow blanked the image); 9.99 keeps 1 bit and moves every other op by 0.1%.
-    hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN),
-               "interpolation": Image.BICUBIC, "magnitude_max": 9.99}
+    # magnitude_max: timm's noisy level reaches 10 in 2% of draws, where PosterizeIncreasing keeps 0
+    # bits, which Pillow >= 11 refuses (older Pillow blanked the image); 9.99 keeps 1 bit and moves
+    # every other op by 0.1%.
+    hparams = {
+        "translate_const": int(img_size * 0.45),
+        "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN),
+        "interpolation": Image.BICUBIC,
+        "magnitude_max": 9.99,
+    }
     return timm_data_module("auto_augment").rand_augment_transform(augment.timm_policy(), hparams)
 
 
 def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([img for img, _ in items]), torch.tensor([label for _, label in items], dtype=torch.int64)
+    return torch.stack([img for img, _ in items]), torch.tensor(
+        [label for _, label in items], dtype=torch.int64
+    )
 
 
 class PilLoader(Loader):
@@ -126,9 +149,10 @@ class PilLoader(Loader):
         # Located here, once: the workers inherit where every sample lies and read no index.
         dataset = ShardSamples(self.spec, self.table.entries(samples), position.epoch)
         plan = [list(range(i, min(i + b, len(samples)))) for i in range(0, len(samples), b)]
-        # One thread decodes here, in this process. More decode in worker processes started from a clean server
-        # process: this one has threads (DALI's, the collectives', the run's watchdog), and a child forked while
-        # one of them holds the interpreter's lock hangs at its start.
+        # One thread decodes here, in this process. More decode in worker processes started from a
+        # clean server
+        # process: this one has threads (DALI's, the collectives', the run's watchdog), and a child
+        # forked while one of them holds the interpreter's lock hangs at its start.
         workers = self.spec.num_threads if self.spec.num_threads > 1 else 0
         loader = DataLoader(dataset, batch_sampler=plan, num_workers=workers, collate_fn=_collate,
                             pin_memory=self.spec.device == "gpu",
@@ -136,4 +160,7 @@ class PilLoader(Loader):
         for images, labels in loader:
             images = images.to(self._mean.device, non_blocking=True)
             images = ((images.float() - self._mean) / self._std).to(self.spec.dtype)
-            yield images, labels.to(self._mean.device, non_blocking=True) if self.spec.labels else None  # pinned
+            yield (
+                images,
+                labels.to(self._mean.device, non_blocking=True) if self.spec.labels else None,
+            )  # pinned

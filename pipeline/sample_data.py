@@ -26,7 +26,9 @@ def synthetic_photo(class_index: int, image_index: int, split_offset: int) -> Im
     """One image: a class-coloured gradient with noise texture and a few class-shaped objects."""
     rng = np.random.default_rng([class_index, image_index, split_offset])
     width, height = int(rng.integers(200, 500)), int(rng.integers(160, 375))
-    hue = np.array([(class_index * 97) % 256, (class_index * 53 + 80) % 256, (class_index * 151 + 40) % 256])
+    hue = np.array(
+        [(class_index * 97) % 256, (class_index * 53 + 80) % 256, (class_index * 151 + 40) % 256]
+    )
     ys, xs = np.mgrid[0:height, 0:width]
     ramp = (xs / width * rng.uniform(0.3, 1.0) + ys / height * rng.uniform(0.3, 1.0))[..., None]
     noise = rng.normal(0, 12, size=(height, width, 3))
@@ -44,7 +46,9 @@ def synthetic_photo(class_index: int, image_index: int, split_offset: int) -> Im
         elif shape == 1:
             draw.rectangle(box, fill=color)
         else:
-            draw.polygon([(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=color)
+            draw.polygon(
+                [(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=color
+            )
     return img.filter(ImageFilter.GaussianBlur(radius=0.8))
 
 
@@ -55,7 +59,9 @@ def write_split(root: Path, classes: int, per_class: int, split_offset: int) -> 
         for i in range(per_class):
             buf = io.BytesIO()
             # A few progressive JPEGs, as real ImageNet has.
-            synthetic_photo(c, i, split_offset).save(buf, "JPEG", quality=90, progressive=(i % 5 == 4))
+            synthetic_photo(c, i, split_offset).save(
+                buf, "JPEG", quality=90, progressive=(i % 5 == 4)
+            )
             (folder / f"{class_name(c)}_{i}.JPEG").write_bytes(buf.getvalue())
     return classes * per_class
 
@@ -70,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     n_train = write_split(out / "train", args.classes, args.train_per_class, 0)
     n_val = write_split(out / "val", args.classes, args.val_per_class, 1)
-    print(f"sample data: {n_train} train and {n_val} val images in {args.classes} classes under {out}")
+    print(
+        f"sample data: {n_train} train and {n_val} val images in {args.classes} classes under {out}"
+    )
     return 0
 
 

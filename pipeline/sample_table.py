@@ -2,8 +2,9 @@
 of every member): what the PIL backend reads with, what the DALI backend writes its per-epoch index
 files from, and how a DALI error is traced to its sample.
 
-Sample i of a split is row i in shard order. The table holds only the shard sizes: a shard's index is
-read when a sample of it is asked for, so a rank reads the indexes of its own share, not the data set's.
+Sample i of a split is row i in shard order. The table holds only the shard sizes: a shard's index
+is read when a sample of it is asked for, so a rank reads the indexes of its own share, not the data
+set's.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from pipeline.errors import DamagedIndex
 from pipeline.manifest import ShardSet
 from pipeline.wds_format import index_sample_count, read_index
 
-# Shards whose parsed index stays at hand: a batch falls in one or two, and a logged batch asks again.
+# Shards whose parsed index stays at hand: a batch falls in one or two, and a logged batch asks
+# again.
 _SHARDS_KEPT = 8
 
 
 @dataclass(frozen=True)
 class Entries:
-    """Where some samples lie: `rows[i]` = (shard, jpg offset, jpg size, cls offset, cls size) of sample
-    `samples[i]`, whose key is `keys[i]`; `tars[shard]` is the shard's tar."""
+    """Where some samples lie: `rows[i]` = (shard, jpg offset, jpg size, cls offset, cls size) of
+    sample `samples[i]`, whose key is `keys[i]`; `tars[shard]` is the shard's tar."""
 
     samples: np.ndarray
     rows: np.ndarray
@@ -55,8 +57,10 @@ class Entries:
 
     def index_lines(self) -> list[str]:
         """DALI index lines (jpg and cls members) of these samples, in their order."""
-        return [f"jpg {r[1]} {r[2]} {k}.jpg cls {r[3]} {r[4]} {k}.cls"
-                for r, k in zip(self.rows.tolist(), np.char.decode(self.keys).tolist(), strict=True)]
+        return [
+            f"jpg {r[1]} {r[2]} {k}.jpg cls {r[3]} {r[4]} {k}.cls"
+            for r, k in zip(self.rows.tolist(), np.char.decode(self.keys).tolist(), strict=True)
+        ]
 
 
 class SampleTable:
@@ -85,7 +89,10 @@ class SampleTable:
             rows.append((shard, *members["jpg"], *members["cls"]))
             keys.append(key)
         if len(rows) != self.shard_sizes[shard]:
-            raise DamagedIndex(f"{idx}: the header says {self.shard_sizes[shard]} samples, the file lists {len(rows)}")
+            raise DamagedIndex(
+                f"{idx}: the header says {self.shard_sizes[shard]} samples, the file lists "
+                f"{len(rows)}"
+            )
         return np.asarray(rows, dtype=np.int64).reshape(-1, 5), np.asarray(keys, dtype=np.bytes_)
 
     def entries(self, samples: np.ndarray) -> Entries:
@@ -95,13 +102,19 @@ class SampleTable:
         by_shard = np.argsort(shards, kind="stable")
         rows = np.zeros((len(samples), 5), dtype=np.int64)
         found = []
-        for group in np.split(by_shard, np.flatnonzero(np.diff(shards[by_shard])) + 1) if len(samples) else []:
+        for group in (
+            np.split(by_shard, np.flatnonzero(np.diff(shards[by_shard])) + 1)
+            if len(samples)
+            else []
+        ):
             shard = int(shards[group[0]])
             shard_rows, shard_keys = self._shard(shard)
             local = samples[group] - (self._ends[shard] - self.shard_sizes[shard])
             rows[group] = shard_rows[local]
             found.append((group, shard_keys[local]))
-        keys = np.zeros(len(samples), dtype=f"S{max((k.dtype.itemsize for _, k in found), default=1)}")
+        keys = np.zeros(
+            len(samples), dtype=f"S{max((k.dtype.itemsize for _, k in found), default=1)}"
+        )
         for group, shard_keys in found:
             keys[group] = shard_keys
         return Entries(samples, rows, keys, self.tars)

@@ -1,6 +1,7 @@
-"""Every random stream of a run, derived one way from one root seed: a named stream and its indices (an epoch, a
-rank, a step...) give a seed, so that streams never share draws, a stream is reproduced from its name alone
-wherever and whenever it is drawn (a resumed run, another rank count), and a new stream is a new name."""
+"""Every random stream of a run, derived one way from one root seed: a named stream and its indices
+(an epoch, a rank, a step...) give a seed, so that streams never share draws, a stream is reproduced
+from its name alone wherever and whenever it is drawn (a resumed run, another rank count), and a new
+stream is a new name."""
 
 from __future__ import annotations
 

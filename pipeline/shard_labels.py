@@ -1,10 +1,10 @@
-"""Which label each image of a shard build gets, by input mode, and the one table of those modes that both the command
-line and the builder read (`INPUT_MODES`).
+"""Which label each image of a shard build gets, by input mode, and the one table of those modes
+that both the command line and the builder read (`INPUT_MODES`).
 
-A label is the class's index in the sorted class list (empty classes included, so a class with no images shifts
-nothing), or in a list reused from the train manifest (`--classes`) so val labels match train's. The same images
-give the same list, in the same order, with the same names, whichever container holds them; so they give the same
-shards.
+A label is the class's index in the sorted class list (empty classes included, so a class with no
+images shifts nothing), or in a list reused from the train manifest (`--classes`) so val labels
+match train's. The same images give the same list, in the same order, with the same names, whichever
+container holds them; so they give the same shards.
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ class SourceImage:
     entry: Entry
     """where its bytes are"""
     rel: str
-    """its name in the data set (`<class>/<file>`, or its path for unlabeled data), kept in the sample's json"""
+    """its name in the data set (`<class>/<file>`, or its path for unlabeled data), kept in the
+    sample's json"""
     class_name: str
     label: int
     """index in the class list, or UNLABELED"""
     side: tuple[tuple[str, Entry], ...] = ()
-    """a repacked WebDataset sample's other members (ext, entry): their text goes into the sample's json"""
+    """a repacked WebDataset sample's other members (ext, entry): their text goes into the sample's
+    json"""
     key: str = ""
     """a repacked WebDataset sample's original key, kept in the sample's json"""
 
@@ -49,18 +51,31 @@ class SourceImage:
 
     def row(self) -> list:
         """The image as a JSON row, for the builder's scratch files."""
-        return [self.entry.row(), self.rel, self.class_name, self.label, [[ext, e.row()] for ext, e in self.side],
-                self.key]
+        return [
+            self.entry.row(),
+            self.rel,
+            self.class_name,
+            self.label,
+            [[ext, e.row()] for ext, e in self.side],
+            self.key,
+        ]
 
     @classmethod
     def from_row(cls, row: list) -> SourceImage:
         entry, rel, class_name, label, side, key = row
-        return cls(Entry.from_row(entry), rel, class_name, label, tuple((ext, Entry.from_row(e)) for ext, e in side),
-                   key)
+        return cls(
+            Entry.from_row(entry),
+            rel,
+            class_name,
+            label,
+            tuple((ext, Entry.from_row(e)) for ext, e in side),
+            key,
+        )
 
 
 def read_class_list(path: Path) -> list[str]:
-    """Classes from a manifest (`train.json`) or a text file with one class name first on each line."""
+    """Classes from a manifest (`train.json`) or a text file with one class name first on each
+    line."""
     if not path.is_file():
         raise BuildError(f"--classes {path}: no such file")
     if path.suffix == ".json":
@@ -79,7 +94,8 @@ class Candidate:
 
 @dataclass
 class LabelCounts:
-    """What the class list may need to know of the labels of all images: how many, how many labelled, the top."""
+    """What the class list may need to know of the labels of all images: how many, how many
+    labelled, the top."""
 
     images: int = 0
     labelled: int = 0
@@ -98,15 +114,18 @@ class LabelCounts:
 
 
 class Labelling(ABC):
-    """How one input mode labels its images. The builder reads the listing in two passes, so that no pass holds every
-    image (`pipeline.shard_order`):
+    """How one input mode labels its images. The builder reads the listing in two passes, so that no
+    pass holds every image (`pipeline.shard_order`):
 
-    1. `candidates()` streams what may be an image, named as it will be in the data set (the name that places it in
+    1. `candidates()` streams what may be an image, named as it will be in the data set (the name
+    that places it in
        the shuffle), keeping only small facts about the whole (class folders, depths, label counts);
-    2. `settle()` decides from those facts what needs the whole listing (the class list), or raises BuildError;
-    3. `label(group, rejected)` makes the images of one group of candidates, a group holding every candidate of any
-       name it holds; groups are labelled in worker processes, which receive the labelling without its listing and
-       its parent's report of rejections (`label` is given its own);
+    2. `settle()` decides from those facts what needs the whole listing (the class list), or raises
+    BuildError;
+    3. `label(group, rejected)` makes the images of one group of candidates, a group holding every
+    candidate of any
+       name it holds; groups are labelled in worker processes, which receive the labelling without
+       its listing and its parent's report of rejections (`label` is given its own);
     4. `classes(labels)` is the final class list, given the label counts of every image made.
     """
 
@@ -118,22 +137,28 @@ class Labelling(ABC):
         """What may be an image, streamed (step 1)."""
 
     def settle(self) -> None:  # noqa: B027 - a mode that needs the whole listing overrides it
-        """Step 2: decide what needs the whole listing; raise BuildError where it cannot be labelled."""
+        """Step 2: decide what needs the whole listing; raise BuildError where it cannot be
+        labelled."""
 
     @abstractmethod
     def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
-        """The images of `group` with their labels (step 3); what cannot be labelled goes to `rejected`."""
+        """The images of `group` with their labels (step 3); what cannot be labelled goes to
+        `rejected`."""
 
     def classes(self, labels: LabelCounts) -> list[str]:
-        """Step 4. Here: integer labels read as given (a file list's, a .cls), the class list 0..max."""
+        """Step 4. Here: integer labels read as given (a file list's, a .cls), the class list
+        0..max."""
         return [str(i) for i in range(labels.top + 1)]
 
     def __getstate__(self) -> dict:
-        return {key: value for key, value in vars(self).items() if key not in ("listing", "rejected")}
+        return {
+            key: value for key, value in vars(self).items() if key not in ("listing", "rejected")
+        }
 
 
 class ClassFolders(Labelling):
-    """Images named `.../<class>/<file>`: the class is the folder holding the file, at the depth most files lie."""
+    """Images named `.../<class>/<file>`: the class is the folder holding the file, at the depth
+    most files lie."""
 
     def __init__(self, listing: Listing, given: list[str] | None, rejected: Reports) -> None:
         self.listing, self.given, self.rejected = listing, given, rejected
@@ -166,14 +191,18 @@ class ClassFolders(Labelling):
         if not depths:
             if self.saw_folder:
                 raise BuildError("no image files found")
-            raise BuildError("no class folders found (expected SRC/<class>/<image>, or pass --val-labels or "
-                             "--unlabeled)")
+            raise BuildError(
+                "no class folders found (expected SRC/<class>/<image>, or pass --val-labels or "
+                "--unlabeled)"
+            )
         self.depth = max(depths, key=lambda d: self.files_at[d])
         found = sorted(self.folders_at[self.depth - 1] | self.parents_at[self.depth])
         self.class_list = self.given or found
         unknown = sorted(set(found) - set(self.class_list))
         if unknown:
-            raise BuildError(f"class folder {unknown[0]} is not in the class list given by --classes")
+            raise BuildError(
+                f"class folder {unknown[0]} is not in the class list given by --classes"
+            )
         self.label_of = {name: i for i, name in enumerate(self.class_list)}
 
     def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
@@ -181,7 +210,11 @@ class ClassFolders(Labelling):
         for candidate in group:
             entry = candidate.entry
             if entry.name.count("/") != self.depth:
-                where = "outside any class folder" if "/" not in entry.name else "not at the class folders' depth"
+                where = (
+                    "outside any class folder"
+                    if "/" not in entry.name
+                    else "not at the class folders' depth"
+                )
                 rejected.append({"path": entry.name, "reason": f"{where}: skipped"})
                 continue
             cls = candidate.name.partition("/")[0]
@@ -206,8 +239,8 @@ class Unlabeled(Labelling):
 
 
 class FileList(Labelling):
-    """`path [label]` per line (paths relative to the list's folder). Integer labels are kept as given (the class
-    list is then 0..max); without labels the images are unlabeled."""
+    """`path [label]` per line (paths relative to the list's folder). Integer labels are kept as
+    given (the class list is then 0..max); without labels the images are unlabeled."""
 
     def __init__(self, listing: Path, rejected: Reports) -> None:
         if not listing.is_file():
@@ -222,12 +255,19 @@ class FileList(Labelling):
                 if not parts or parts[0].startswith("#"):
                     continue
                 labelled_line = len(parts) > 1 and parts[-1].isdigit()
-                path, label = (line.strip().rsplit(None, 1)[0], int(parts[-1])) if labelled_line else \
-                    (line.strip(), UNLABELED)
+                path, label = (
+                    (line.strip().rsplit(None, 1)[0], int(parts[-1]))
+                    if labelled_line
+                    else (line.strip(), UNLABELED)
+                )
                 file = Path(path) if Path(path).is_absolute() else self.listing.parent / path
                 if not file.is_file():
-                    self.rejected.append({"path": path, "reason": f"line {number} of {self.listing.name}: no such "
-                                                                  "file"})
+                    self.rejected.append(
+                        {
+                            "path": path,
+                            "reason": f"line {number} of {self.listing.name}: no such file",
+                        }
+                    )
                     continue
                 self.lines += 1
                 self.labelled += labelled_line
@@ -235,11 +275,16 @@ class FileList(Labelling):
 
     def settle(self) -> None:
         if self.labelled and self.labelled != self.lines:
-            raise BuildError(f"{self.listing}: {self.labelled} of {self.lines} lines have a label: give every line "
-                             "one, or none")
+            raise BuildError(
+                f"{self.listing}: {self.labelled} of {self.lines} lines have a label: give every "
+                "line one, or none"
+            )
 
     def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
-        return [SourceImage(c.entry, c.name, str(c.label) if self.labelled else "", c.label) for c in group]
+        return [
+            SourceImage(c.entry, c.name, str(c.label) if self.labelled else "", c.label)
+            for c in group
+        ]
 
 
 WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp")
@@ -247,9 +292,10 @@ WEBDATASET_TEXT = ("txt", "json")
 
 
 class WebDatasetSamples(Labelling):
-    """Samples of existing WebDataset tars (img2dataset's: an image with .txt/.json beside it, maybe a .cls): a
-    sample is the members sharing a key (the path up to the first dot of the name). Their `.cls` integers are the
-    labels (the class list is then 0..max); without them the samples are unlabeled."""
+    """Samples of existing WebDataset tars (img2dataset's: an image with .txt/.json beside it, maybe
+    a .cls): a sample is the members sharing a key (the path up to the first dot of the name). Their
+    `.cls` integers are the labels (the class list is then 0..max); without them the samples are
+    unlabeled."""
 
     def __init__(self, listing: Listing, rejected: Reports) -> None:
         self.listing, self.rejected = listing, rejected
@@ -269,7 +315,9 @@ class WebDatasetSamples(Labelling):
         for key, members in samples.items():
             found = [ext for ext in WEBDATASET_IMAGES if ext in members]
             if not found:
-                rejected.append({"path": key, "reason": f"no image member (only {', '.join(sorted(members))})"})
+                rejected.append(
+                    {"path": key, "reason": f"no image member (only {', '.join(sorted(members))})"}
+                )
                 continue
             label = UNLABELED
             if "cls" in members:
@@ -279,39 +327,59 @@ class WebDatasetSamples(Labelling):
                     rejected.append({"path": key, "reason": f"unreadable .cls ({err})"})
                     continue
             side = tuple((ext, members[ext]) for ext in WEBDATASET_TEXT if ext in members)
-            images.append(SourceImage(members[found[0]], key, str(label) if label != UNLABELED else "", label, side,
-                                      key=posixpath.basename(key)))
+            images.append(
+                SourceImage(
+                    members[found[0]],
+                    key,
+                    str(label) if label != UNLABELED else "",
+                    label,
+                    side,
+                    key=posixpath.basename(key),
+                )
+            )
         return images
 
     def classes(self, labels: LabelCounts) -> list[str]:
         if labels.labelled and labels.labelled != labels.images:
-            raise BuildError(f"{labels.labelled} of {labels.images} samples have a .cls: a split is labelled or not")
+            raise BuildError(
+                f"{labels.labelled} of {labels.images} samples have a .cls: a split is labelled or "
+                "not"
+            )
         return super().classes(labels)
 
 
 class FlatVal(Labelling):
-    """Images in one folder, labelled by file stem from `labels_file` (or from the archive's own Kaggle CSV)."""
+    """Images in one folder, labelled by file stem from `labels_file` (or from the archive's own
+    Kaggle CSV)."""
 
     def __init__(self, listing: Listing, labels_file: Path | None, synsets: Path | None,
                  given: list[str] | None, rejected: Reports) -> None:
         if labels_file:
             self.wnid_of = read_val_labels(labels_file, synsets)
         elif listing.val_labels is not None:
-            self.wnid_of = parse_val_labels(KAGGLE_VAL_LABELS, read_entry(listing.val_labels).decode(), None)
+            self.wnid_of = parse_val_labels(
+                KAGGLE_VAL_LABELS, read_entry(listing.val_labels).decode(), None
+            )
         else:
-            raise BuildError("a flat val split needs --val-labels (Kaggle CSV, devkit ground truth or the devkit "
-                             ".tar.gz)")
+            raise BuildError(
+                "a flat val split needs --val-labels (Kaggle CSV, devkit ground truth or the "
+                "devkit .tar.gz)"
+            )
         self.class_list = given or sorted(set(self.wnid_of.values()))
         unknown = sorted(set(self.wnid_of.values()) - set(self.class_list))
         if unknown:
-            raise BuildError(f"{labels_file}: wnid {unknown[0]} is not one of the {len(self.class_list)} known "
-                             "classes")
+            raise BuildError(
+                f"{labels_file}: wnid {unknown[0]} is not one of the {len(self.class_list)} known "
+                "classes"
+            )
         self.label_of = {name: i for i, name in enumerate(self.class_list)}
         self.source = labels_file.name if labels_file else KAGGLE_VAL_LABELS
         self.listing, self.rejected = listing, rejected
 
     def candidates(self) -> Iterator[Candidate]:
-        return (Candidate(basename(e.name), e) for e in self.listing.entries if usable(e, self.rejected))
+        return (
+            Candidate(basename(e.name), e) for e in self.listing.entries if usable(e, self.rejected)
+        )
 
     def label(self, group: list[Candidate], rejected: Reports) -> list[SourceImage]:
         images = []
@@ -351,8 +419,8 @@ class ModeInput:
 
 @dataclass(frozen=True)
 class InputMode:
-    """One way of reading the input, as the command line offers it (`flag`, with a `value` to give or as a switch)
-    and as the builder makes its labelling (`make`)."""
+    """One way of reading the input, as the command line offers it (`flag`, with a `value` to give
+    or as a switch) and as the builder makes its labelling (`make`)."""
 
     name: str
     help: str
@@ -366,23 +434,45 @@ class InputMode:
 
 
 def _class_folders(given: ModeInput) -> Labelling:
-    """The default mode: class folders, or a flat val split where the archive holds its own labels (Kaggle's)."""
+    """The default mode: class folders, or a flat val split where the archive holds its own labels
+    (Kaggle's)."""
     listing = given.listing()
     if listing.val_labels is not None and listing.flat:
         return FlatVal(listing, None, given.synsets, given.classes, given.rejected)
     return ClassFolders(listing, given.classes, given.rejected)
 
 
-CLASS_FOLDERS = InputMode("class_folders", "SRC/<class>/<image> (the default)", None, _class_folders)
+CLASS_FOLDERS = InputMode(
+    "class_folders", "SRC/<class>/<image> (the default)", None, _class_folders
+)
 INPUT_MODES = (
-    InputMode("val_labels", "labels for a flat val folder: Kaggle CSV, devkit ground truth, or the devkit .tar.gz "
-              "itself", "FILE",
-              lambda given: FlatVal(given.listing(), given.val_labels, given.synsets, given.classes, given.rejected)),
-    InputMode("unlabeled", "every image under SRC at any depth, no labels (MAE pre-training needs none)", None,
-              lambda given: Unlabeled(given.listing(any_depth=True), given.rejected)),
-    InputMode("file_list", "SRC is a text file: one image path per line (relative to the file), optionally "
-              "followed by an integer label", None, lambda given: FileList(given.src, given.rejected)),
-    InputMode("webdataset", "SRC is existing WebDataset tars (a tar or a folder of them, e.g. img2dataset's): "
-              "repacked, keeping each sample's key and .txt/.json", None,
-              lambda given: WebDatasetSamples(given.listing(), given.rejected)),
+    InputMode(
+        "val_labels",
+        "labels for a flat val folder: Kaggle CSV, devkit ground truth, or the devkit .tar.gz "
+        "itself",
+        "FILE",
+        lambda given: FlatVal(
+            given.listing(), given.val_labels, given.synsets, given.classes, given.rejected
+        ),
+    ),
+    InputMode(
+        "unlabeled",
+        "every image under SRC at any depth, no labels (MAE pre-training needs none)",
+        None,
+        lambda given: Unlabeled(given.listing(any_depth=True), given.rejected),
+    ),
+    InputMode(
+        "file_list",
+        "SRC is a text file: one image path per line (relative to the file), optionally "
+        "followed by an integer label",
+        None,
+        lambda given: FileList(given.src, given.rejected),
+    ),
+    InputMode(
+        "webdataset",
+        "SRC is existing WebDataset tars (a tar or a folder of them, e.g. img2dataset's): "
+        "repacked, keeping each sample's key and .txt/.json",
+        None,
+        lambda given: WebDatasetSamples(given.listing(), given.rejected),
+    ),
 )

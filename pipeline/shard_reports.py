@@ -1,5 +1,6 @@
-"""A shard build's per-image reports (an image rejected and why, an image converted and how), kept on disk as they
-are met: a data set with millions of them costs the builder no memory, and the manifest only their count."""
+"""A shard build's per-image reports (an image rejected and why, an image converted and how), kept
+on disk as they are met: a data set with millions of them costs the builder no memory, and the
+manifest only their count."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ REPORT_KINDS = ("rejected", "converted")
 
 
 class Reports(Protocol):
-    """Where a step of the build puts the reports it makes: a list in a worker process (a part's or a shard's,
-    bounded), a `ReportSpill` in the builder's own process (the whole build's)."""
+    """Where a step of the build puts the reports it makes: a list in a worker process (a part's or
+    a shard's, bounded), a `ReportSpill` in the builder's own process (the whole build's)."""
 
     def append(self, report: dict) -> None: ...
 

@@ -19,8 +19,8 @@ from pipeline.wds_format import file_sha256, index_path
 
 
 def plan_fingerprint(part_digests: Iterable[bytes], classes: list[str], settings: list) -> str:
-    """Identifies a build: its settings, its class list and every image's name, size and label in shuffle order
-    (each ordered part's digest of them)."""
+    """Identifies a build: its settings, its class list and every image's name, size and label in
+    shuffle order (each ordered part's digest of them)."""
     digest = hashlib.sha256(json.dumps([*settings, classes]).encode())
     for part in part_digests:
         digest.update(part)
@@ -32,14 +32,16 @@ def _progress_path(out: Path, split: str) -> Path:
 
 
 class ProgressLog:
-    """The progress file: a header (the plan's fingerprint, the source), then a line per finished shard as it
-    finished, holding its record and its reports (kept after the build, so that a rerun rebuilds the manifest
-    without re-reading finished shards). In memory a shard costs its record and where its line lies, whatever the
-    number of its reports; a line costs the same whether the build has a hundred shards or a hundred thousand."""
+    """The progress file: a header (the plan's fingerprint, the source), then a line per finished
+    shard as it finished, holding its record and its reports (kept after the build, so that a rerun
+    rebuilds the manifest without re-reading finished shards). In memory a shard costs its record
+    and where its line lies, whatever the number of its reports; a line costs the same whether the
+    build has a hundred shards or a hundred thousand."""
 
     def __init__(self, out: Path, split: str, plan: str, source: str) -> None:
-        """Starts the log of a build, keeping the shards an earlier run of the same command finished that are intact
-        (re-checked by size and sha256); BuildError where OUT holds another build of this split."""
+        """Starts the log of a build, keeping the shards an earlier run of the same command finished
+        that are intact (re-checked by size and sha256); BuildError where OUT holds another build of
+        this split."""
         self.path = _progress_path(out, split)
         self.records: dict[int, ShardRecord] = {}
         """the finished shards' records, by index in the plan"""
@@ -47,7 +49,11 @@ class ProgressLog:
         _refuse_other_builds(out, split, plan, source)
         earlier = _earlier_lines(self.path)
         with atomic_path(self.path) as tmp, open(tmp, "wb") as log:
-            log.write((json.dumps(stamp("build_progress", {"plan": plan, "source": source})) + "\n").encode())
+            log.write(
+                (
+                    json.dumps(stamp("build_progress", {"plan": plan, "source": source})) + "\n"
+                ).encode()
+            )
             if earlier:
                 with open(self.path, "rb") as old:
                     for index, (offset, record) in sorted(earlier.items()):
@@ -64,8 +70,8 @@ class ProgressLog:
             os.fsync(log.fileno())
 
     def reports(self, kind: str) -> Iterator[dict]:
-        """The finished shards' reports of one kind ("rejected", "converted"), in shard order, read back from the
-        log."""
+        """The finished shards' reports of one kind ("rejected", "converted"), in shard order, read
+        back from the log."""
         with open(self.path, "rb") as log:
             for index in sorted(self._offsets):
                 log.seek(self._offsets[index])
@@ -73,28 +79,34 @@ class ProgressLog:
 
 
 def _refuse_other_builds(out: Path, split: str, plan: str, source: str) -> None:
-    """A finished or unfinished build of this split from other files or settings, or shards no build of this
-    command wrote, are never mixed with this one's."""
+    """A finished or unfinished build of this split from other files or settings, or shards no build
+    of this command wrote, are never mixed with this one's."""
     manifest_path, progress_path = Manifest.path(out, split), _progress_path(out, split)
     if manifest_path.is_file():
         old = Manifest.load(manifest_path)
         if (old.plan, old.source) != (plan, source):
             raise BuildError(
-                f"{out} already holds {split} shards built from {old.source or 'another source'} with other "
-                "settings or files, or by a maeflow that shuffled otherwise; choose another OUT or delete them first"
+                f"{out} already holds {split} shards built from {old.source or 'another source'} "
+                "with other settings or files, or by a maeflow that shuffled otherwise; choose "
+                "another OUT or delete them first"
             )
     if progress_path.is_file():
         with open(progress_path) as log:
             progress = json.loads(log.readline())
         check_format("build_progress", progress, str(progress_path))
         if (progress["plan"], progress["source"]) != (plan, source):
-            raise BuildError(f"{out} holds an unfinished {split} build of {progress['source']} with other settings or "
-                             "files, or by a maeflow that shuffled otherwise; choose another OUT or delete it first")
+            raise BuildError(
+                f"{out} holds an unfinished {split} build of {progress['source']} with other "
+                "settings or files, or by a maeflow that shuffled otherwise; choose another OUT "
+                "or delete it first"
+            )
     elif not manifest_path.is_file():
         strays = sorted(out.glob(f"{split}-*.tar")) if out.is_dir() else []
         if strays:
-            raise BuildError(f"{out} holds {strays[0].name} but no {manifest_path.name}: not written by this "
-                             "command; choose another OUT or delete them first")
+            raise BuildError(
+                f"{out} holds {strays[0].name} but no {manifest_path.name}: not written by this "
+                "command; choose another OUT or delete them first"
+            )
 
 
 def _earlier_lines(path: Path) -> dict[int, tuple[int, ShardRecord]]:

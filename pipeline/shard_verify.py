@@ -25,15 +25,21 @@ def verify_shard(out: Path, record: ShardRecord) -> list[str]:
         problems.append("size or sha256 differs from the manifest")
     try:
         samples = _check_members(tar, problems)
-    except (tarfile.TarError, OSError, EOFError) as err:  # cut or overwritten: the rest cannot be read
-        return [*problems, f"not a readable tar ({err or type(err).__name__}): rebuild it (rerun the build command)"]
+    # cut or overwritten: the rest cannot be read
+    except (tarfile.TarError, OSError, EOFError) as err:
+        return [
+            *problems,
+            f"not a readable tar ({err or type(err).__name__}): rebuild it (rerun the build "
+            "command)",
+        ]
     if samples != record.samples:
         problems.append(f"{samples} images, manifest says {record.samples}")
     return problems
 
 
 def _check_members(tar: Path, problems: list[str]) -> int:
-    """Adds the index's and the images' problems; returns the number of images. Raises on an unreadable tar."""
+    """Adds the index's and the images' problems; returns the number of images. Raises on an
+    unreadable tar."""
     idx = index_path(tar)
     if not idx.is_file() or idx.read_text() != index_of_tar(tar):
         problems.append("index file missing or does not match the tar")
@@ -51,7 +57,8 @@ def _check_members(tar: Path, problems: list[str]) -> int:
 
 
 def verify(out: Path, split: str) -> int:
-    """Checks every shard of `split` in `out`, printing each problem; returns the number of damaged shards."""
+    """Checks every shard of `split` in `out`, printing each problem; returns the number of damaged
+    shards."""
     manifest_path = Manifest.path(out, split)
     if not manifest_path.is_file():
         raise BuildError(f"{manifest_path} not found: nothing to verify")
@@ -62,5 +69,8 @@ def verify(out: Path, split: str) -> int:
         bad += bool(problems)
         for problem in problems:
             print(f"{record.name}: {problem}", file=sys.stderr)
-    print(f"{split}: {len(manifest.shards) - bad} of {len(manifest.shards)} shards OK, {manifest.samples} samples")
+    print(
+        f"{split}: {len(manifest.shards) - bad} of {len(manifest.shards)} shards OK, "
+        f"{manifest.samples} samples"
+    )
     return bad

@@ -57,7 +57,8 @@ class ShardPlan:
 
 
 def cut_shards(image_sizes: Iterable[int], shard_bytes: int) -> list[int]:
-    """Images per shard, cutting the shuffled images into shards of about `shard_bytes` by source file size."""
+    """Images per shard, cutting the shuffled images into shards of about `shard_bytes` by source
+    file size."""
     shard_sizes: list[int] = []
     filled = 0
     for size in image_sizes:
@@ -70,16 +71,22 @@ def cut_shards(image_sizes: Iterable[int], shard_bytes: int) -> list[int]:
     return shard_sizes
 
 
-def shard_jobs(plan: ShardPlan, split: str, out: Path, max_pixels: int, skip: Container[int]) -> Iterator[ShardJob]:
-    """The plan's shards but those in `skip`, one at a time, read back in order: a sample's key is its place in the
-    whole shuffle."""
+def shard_jobs(
+    plan: ShardPlan, split: str, out: Path, max_pixels: int, skip: Container[int]
+) -> Iterator[ShardJob]:
+    """The plan's shards but those in `skip`, one at a time, read back in order: a sample's key is
+    its place in the whole shuffle."""
     images = read_images(plan.parts)
     position = 0
     for index, size in enumerate(plan.shard_sizes):
         samples = list(itertools.islice(images, size))
         if index not in skip:
-            yield ShardJob(index, str(out / f"{split}-{index:06d}.tar"),
-                           [(f"{position + i:08d}", image) for i, image in enumerate(samples)], max_pixels)
+            yield ShardJob(
+                index,
+                str(out / f"{split}-{index:06d}.tar"),
+                [(f"{position + i:08d}", image) for i, image in enumerate(samples)],
+                max_pixels,
+            )
         position += size
 
 
@@ -133,7 +140,8 @@ def build_shard(job: ShardJob, report: Callable[[int, int], None] | None = None)
 
 
 def side_members(image: SourceImage) -> dict[str, Any]:
-    """A repacked sample's .txt (as text) and .json (parsed) members; one that cannot be read is noted as such."""
+    """A repacked sample's .txt (as text) and .json (parsed) members; one that cannot be read is
+    noted as such."""
     found: dict[str, Any] = {}
     for ext, entry in image.side:
         try:
@@ -154,9 +162,12 @@ class _QueueReport:
         self.queue.put((images, size))
 
 
-def run_jobs(jobs: Iterable[ShardJob], workers: int, report: Callable[[int, int], None]) -> Iterator[ShardResult]:
-    """Results in completion order; progress reaches `report` in this process while shards are written. Jobs are
-    taken from `jobs` as workers free up (two in hand per worker), so only those shards' samples are in memory."""
+def run_jobs(
+    jobs: Iterable[ShardJob], workers: int, report: Callable[[int, int], None]
+) -> Iterator[ShardResult]:
+    """Results in completion order; progress reaches `report` in this process while shards are
+    written. Jobs are taken from `jobs` as workers free up (two in hand per worker), so only those
+    shards' samples are in memory."""
     if workers <= 1:
         for job in jobs:
             yield build_shard(job, report)
@@ -173,7 +184,8 @@ def run_jobs(jobs: Iterable[ShardJob], workers: int, report: Callable[[int, int]
                 break
             while not ticks.empty():
                 report(*ticks.get())
-            # One look per job per poll: a job that completes between two looks must land in exactly one list.
+            # One look per job per poll: a job that completes between two looks must land in exactly
+            # one list.
             finished, still_running = [], []
             for job in pending:
                 (finished if job.ready() else still_running).append(job)

@@ -1,10 +1,10 @@
-"""timm's augmentation modules, for the PIL + DataLoader baseline and for the tests that hold maeflow's
-augmentation to timm's semantics.
+"""timm's augmentation modules, for the PIL + DataLoader baseline and for the tests that hold
+maeflow's augmentation to timm's semantics.
 
 timm's package imports torchvision, which has no build that loads beside a CPU-only torch wheel; its
-`timm.data.auto_augment`, `random_erasing` and `mixup` need only PIL, numpy and torch. Where `import timm`
-fails, those files are loaded on their own (the same code, not a copy). timm is installed without its
-dependencies for that reason (`pip install --no-deps timm`, as run.sh does).
+`timm.data.auto_augment`, `random_erasing` and `mixup` need only PIL, numpy and torch. Where `import
+timm` fails, those files are loaded on their own (the same code, not a copy). timm is installed
+without its dependencies for that reason (`pip install --no-deps timm`, as run.sh does).
 """
 
 from __future__ import annotations

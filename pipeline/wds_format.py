@@ -35,7 +35,8 @@ def _header(name: str, size: int) -> tarfile.TarInfo:
 
 
 class ShardWriter:
-    """Streams members into a USTAR tar and remembers where each one's data starts, for the index."""
+    """Streams members into a USTAR tar and remembers where each one's data starts, for the
+    index."""
 
     def __init__(self, path: Path) -> None:
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
@@ -57,7 +58,8 @@ class ShardWriter:
 
 
 def index_text(entries: Iterable[tuple[str, str, int, int]]) -> str:
-    """DALI's index format, exactly as `wds2idx` writes it: one line per sample, members in tar order."""
+    """DALI's index format, exactly as `wds2idx` writes it: one line per sample, members in tar
+    order."""
     samples: list[list[str]] = []
     last_key = None
     for key, ext, offset, size in entries:
@@ -72,7 +74,8 @@ def index_text(entries: Iterable[tuple[str, str, int, int]]) -> str:
 
 
 def index_sample_count(path: Path) -> int:
-    """The sample count from an index file's header line (`v1.2 <count>`), without reading the rest."""
+    """The sample count from an index file's header line (`v1.2 <count>`), without reading the
+    rest."""
     with open(path) as f:
         return int(f.readline().split()[1])
 
@@ -105,7 +108,9 @@ def read_members(path: Path) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
 def index_of_tar(path: Path) -> str:
     """The index `wds2idx` would write for an existing tar."""
     with tarfile.open(path, mode="r:") as tar:
-        entries = [(*split_name(info.name), info.offset_data, info.size) for info in tar if info.isfile()]
+        entries = [
+            (*split_name(info.name), info.offset_data, info.size) for info in tar if info.isfile()
+        ]
     return index_text(entries)
 
 

@@ -16,18 +16,21 @@ import pytest
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """Sample shards: 64 train samples in 4 classes and 8 val samples (the tiny preset on 2 ranks: 4 steps an
-    epoch)."""
+    """Sample shards: 64 train samples in 4 classes and 8 val samples (the tiny preset on 2 ranks: 4
+    steps an epoch)."""
     from tests.runs import make_sample_shards  # after TRITON_INTERPRET is set: it imports the model
 
     return make_sample_shards(tmp_path_factory.mktemp("train_data"))
 
 
 def pytest_collection_modifyitems(config, items):
-    # The GPU suite's whole dry run takes minutes that CI's budget does not have; it is run before a GPU is used.
+    # The GPU suite's whole dry run takes minutes that CI's budget does not have; it is run before a
+    # GPU is used.
     if not os.environ.get("MAEFLOW_SUITE_DRY_RUN"):
-        skip_dry_run = pytest.mark.skip(reason="the GPU suite's whole dry run: MAEFLOW_SUITE_DRY_RUN=1 bash run.sh "
-                                               "test tests/test_gpu_suite.py, before a GPU run")
+        skip_dry_run = pytest.mark.skip(
+            reason="the GPU suite's whole dry run: MAEFLOW_SUITE_DRY_RUN=1 bash run.sh "
+            "test tests/test_gpu_suite.py, before a GPU run"
+        )
         for item in items:
             if "suite_dry_run" in item.keywords:
                 item.add_marker(skip_dry_run)
@@ -43,8 +46,9 @@ def pytest_collection_modifyitems(config, items):
 def no_job_outlives_its_test():
     """A test that fails or times out must not leave training ranks running into the next ones.
 
-    Tests start their jobs with `helpers.start_job`, in sessions of their own. The test process's own workers
-    (forked DataLoader workers, pools) share its session and are left to their owner, which raises if they die.
+    Tests start their jobs with `helpers.start_job`, in sessions of their own. The test process's
+    own workers (forked DataLoader workers, pools) share its session and are left to their owner,
+    which raises if they die.
     """
     yield
     ours = os.getsid(0)

@@ -24,7 +24,8 @@ SMALL = dict(
 
 
 def small_model(**overrides) -> MaskedAutoencoderViT:
-    """A two-block MAE on 32x32 images (16 patches of 8x8), seeded so every call builds the same weights."""
+    """A two-block MAE on 32x32 images (16 patches of 8x8), seeded so every call builds the same
+    weights."""
     torch.manual_seed(0)
     return MaskedAutoencoderViT(**{**SMALL, **overrides})
 
@@ -35,19 +36,19 @@ def tiny_preset_model() -> MaskedAutoencoderViT:
 
 
 def start_job(cmd: list[str], **popen) -> subprocess.Popen:
-    """A job (launcher or rank) in a session of its own, as a scheduler starts one, its output captured:
-    conftest kills whatever of it a failed or timed-out test leaves running."""
+    """A job (launcher or rank) in a session of its own, as a scheduler starts one, its output
+    captured: conftest kills whatever of it a failed or timed-out test leaves running."""
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **popen}
-    # Its ranks compute masking and loss with the torch references unless the env says otherwise: under the Triton
-    # interpreter a tiny model's step takes seconds, not milliseconds. The kernels' own tests check the kernels,
-    # and one training run trains with them.
+    # Its ranks compute masking and loss with the torch references unless the env says otherwise:
+    # under the Triton interpreter a tiny model's step takes seconds, not milliseconds. The kernels'
+    # own tests check the kernels, and one training run trains with them.
     popen["env"] = {"MAE_KERNELS": "torch", **(popen.get("env") or os.environ)}
     return subprocess.Popen(cmd, text=True, start_new_session=True, **popen)
 
 
 def mark_checkpoint(folder: Path, step: int, world_size: int = 1) -> None:
-    """A checkpoint's completion mark over the files `folder` holds, as the trainer writes one, and `latest`
-    pointing at it: for checkpoints a test makes by hand."""
+    """A checkpoint's completion mark over the files `folder` holds, as the trainer writes one, and
+    `latest` pointing at it: for checkpoints a test makes by hand."""
     parts = {p.name: describe_part(p) for p in sorted(folder.iterdir()) if p.is_file()}
     state = {"step": step, "epoch": 0, "samples": 16 * step, "world_size": world_size, "jobs": {}}
     (folder / MARK).write_text(json.dumps(stamp("checkpoint", {**state, "parts": parts})))

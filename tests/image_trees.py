@@ -20,14 +20,16 @@ def jpeg_bytes(width: int, height: int, seed: int, mode: str = "RGB", **save) ->
 
 def png_bytes(width: int, height: int, seed: int) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 4), dtype=np.uint8), "RGBA").save(
-        buf, "PNG")
+    Image.fromarray(
+        np.random.default_rng(seed).integers(0, 255, (height, width, 4), dtype=np.uint8), "RGBA"
+    ).save(buf, "PNG")
     return buf.getvalue()
 
 
 GOOD = {  # class -> {file name: bytes}
     "n01000001": {
-        f"a_{i}.JPEG": jpeg_bytes(64 + 8 * i, 48 + 4 * i, seed=i, progressive=(i % 2 == 1)) for i in range(6)
+        f"a_{i}.JPEG": jpeg_bytes(64 + 8 * i, 48 + 4 * i, seed=i, progressive=(i % 2 == 1))
+        for i in range(6)
     },
     "n01000002": {f"b_{i}.JPEG": jpeg_bytes(40, 72, seed=100 + i) for i in range(5)},
     "n01000003": {f"c_{i}.JPEG": jpeg_bytes(56, 56, seed=200 + i, mode="L") for i in range(4)},
@@ -53,7 +55,8 @@ MAX_PIXELS = 100_000
 
 
 def write_tree(root: Path) -> dict[str, int]:
-    """Writes the tree; returns relative path -> expected label for every image that must be kept."""
+    """Writes the tree; returns relative path -> expected label for every image that must be
+    kept."""
     classes = sorted(GOOD)
     expected = {}
     for cls, files in GOOD.items():

@@ -36,7 +36,9 @@ def cut_patches(img: torch.Tensor, p: int) -> list[torch.Tensor]:
     patches = []
     for top in range(0, height, p):
         for left in range(0, width, p):
-            vec = [img[c, top + i, left + j] for i in range(p) for j in range(p) for c in range(chans)]
+            vec = [
+                img[c, top + i, left + j] for i in range(p) for j in range(p) for c in range(chans)
+            ]
             patches.append(torch.stack(vec))
     return patches
 
@@ -74,7 +76,9 @@ def block(x: torch.Tensor, params: dict, prefix: str, heads: int) -> torch.Tenso
     return x + linear(gelu(linear(h, params, f"{prefix}.mlp.fc1")), params, f"{prefix}.mlp.fc2")
 
 
-def mae_forward(params: dict, imgs: torch.Tensor, noise: torch.Tensor, cfg: dict, mask_ratio: float = 0.75):
+def mae_forward(
+    params: dict, imgs: torch.Tensor, noise: torch.Tensor, cfg: dict, mask_ratio: float = 0.75
+):
     """Returns (loss, pred [N, L, p*p*C], mask [N, L]) for one batch, sample by sample."""
     p, heads, dec_heads = cfg["patch_size"], cfg["num_heads"], cfg["decoder_num_heads"]
     rows, cols = imgs.shape[2] // p, imgs.shape[3] // p

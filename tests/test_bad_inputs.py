@@ -1,6 +1,6 @@
-"""What every command answers to a user's mistake: one line naming the thing and the fix, a documented exit
-status (README, "Exit codes": 2 refused), never a traceback. The training command's own cases are in
-test_config.py and test_resume.py; damaged shards in test_build_shards.py."""
+"""What every command answers to a user's mistake: one line naming the thing and the fix, a
+documented exit status (README, "Exit codes": 2 refused), never a traceback. The training command's
+own cases are in test_config.py and test_resume.py; damaged shards in test_build_shards.py."""
 
 import pytest
 import torch
@@ -28,13 +28,16 @@ def argparse_refusal(capsys, command, argv: list[str]) -> str:
 
 def test_export_names_what_is_missing_or_unwritable(tmp_path, capsys):
     assert export_main([str(tmp_path / "nowhere"), "--to", str(tmp_path / "x.pth")]) == 2
-    assert "nowhere is not a training output folder (no config.json there)" in one_line_error(capsys)
+    assert "nowhere is not a training output folder (no config.json there)" in one_line_error(
+        capsys
+    )
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text(load_config(REPO / "configs" / "tiny.toml").to_json())
     assert export_main([str(run), "--to", str(tmp_path / "x.pth")]) == 2
     assert "holds no complete checkpoint" in one_line_error(capsys)
-    for written in ("{not json", "{}", '{"task": "pretrain", "format": 0}'):  # a config of another maeflow's format
+    # a config of another maeflow's format
+    for written in ("{not json", "{}", '{"task": "pretrain", "format": 0}'):
         (run / "config.json").write_text(written)
         assert export_main([str(run), "--to", str(tmp_path / "x.pth")]) == 2
         assert "config.json is not a config this maeflow saved" in one_line_error(capsys)
@@ -53,27 +56,41 @@ def test_export_to_a_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
     assert export_main([str(run), "--to", str(tmp_path / "x.pth")]) == 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["pipeline", "--data", "/no/such/shards"], "--data /no/such/shards: no train.json there"),
-    (["pipeline", "--preset", "vit_giant"], "--preset vit_giant: no such preset (known: finetune_tiny"),
-    (["pipeline", "--local-batch-size", "0"], "--local-batch-size must be at least 1, got 0"),
-    (["model", "--data", "/tmp"], "--data goes with the pipeline stage"),
-    (["nonsense"], "invalid choice: 'nonsense'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pipeline", "--data", "/no/such/shards"], "--data /no/such/shards: no train.json there"),
+        (
+            ["pipeline", "--preset", "vit_giant"],
+            "--preset vit_giant: no such preset (known: finetune_tiny",
+        ),
+        (["pipeline", "--local-batch-size", "0"], "--local-batch-size must be at least 1, got 0"),
+        (["model", "--data", "/tmp"], "--data goes with the pipeline stage"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
+    ],
+)
 def test_bench_refuses_bad_arguments_in_one_line(capsys, argv, message):
     assert message in argparse_refusal(capsys, bench_main, argv)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--shard-size-mb", "0"], "--shard-size-mb and --max-pixels must be positive, --workers and --sort-buffer at "
-                               "least 1"),
-    (["--workers", "0"], "--workers and --sort-buffer at least 1"),
-    (["--sort-buffer", "0"], "--workers and --sort-buffer at least 1"),
-    (["--max-pixels", "-1"], "--max-pixels must be positive"),
-    (["--split", "../elsewhere"], "a split name is letters, digits"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--shard-size-mb", "0"],
+            "--shard-size-mb and --max-pixels must be positive, --workers and --sort-buffer at "
+            "least 1",
+        ),
+        (["--workers", "0"], "--workers and --sort-buffer at least 1"),
+        (["--sort-buffer", "0"], "--workers and --sort-buffer at least 1"),
+        (["--max-pixels", "-1"], "--max-pixels must be positive"),
+        (["--split", "../elsewhere"], "a split name is letters, digits"),
+    ],
+)
 def test_the_shard_builder_refuses_bad_arguments_in_one_line(tmp_path, capsys, argv, message):
-    assert message in argparse_refusal(capsys, build_main, [str(tmp_path), str(tmp_path / "out"), *argv])
+    assert message in argparse_refusal(
+        capsys, build_main, [str(tmp_path), str(tmp_path / "out"), *argv]
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -93,7 +110,9 @@ def test_the_shard_builder_names_a_file_where_a_folder_belongs(tmp_path, capsys)
     ("--train-samples", "-5", "--train-samples must be >= 0, got -5"),
 ])
 def test_the_evaluator_refuses_bad_numbers(tmp_path, capsys, flag, value, message):
-    assert message in argparse_refusal(capsys, evaluate_main, [str(tmp_path), "--data", str(tmp_path), flag, value])
+    assert message in argparse_refusal(
+        capsys, evaluate_main, [str(tmp_path), "--data", str(tmp_path), flag, value]
+    )
 
 
 def test_the_evaluator_names_a_missing_source(tmp_path, capsys):

@@ -45,7 +45,9 @@ def read_all(out: Path) -> dict[str, dict]:
     for sample in wds.WebDataset(urls, shardshuffle=False):
         meta = json.loads(sample["json"])
         assert meta["path"] not in samples, f"{meta['path']} appears twice"
-        samples[meta["path"]] = dict(meta, label=int(sample["cls"]), key=sample["__key__"], jpg=sample["jpg"])
+        samples[meta["path"]] = dict(
+            meta, label=int(sample["cls"]), key=sample["__key__"], jpg=sample["jpg"]
+        )
     return samples
 
 
@@ -66,8 +68,12 @@ def test_bad_inputs_are_converted_or_rejected_with_reasons(built):
     manifest = Manifest.load(out / "train.json")
     reasons = {r["path"]: r["reason"] for r in Manifest.reports(out, "train", "rejected")}
     assert (manifest.rejected, manifest.converted) == (4, 2)
-    assert set(reasons) == {"n01000001/empty.JPEG", "n01000002/truncated.JPEG", "n01000003/notes.txt",
-                            "n01000003/huge.JPEG"}
+    assert set(reasons) == {
+        "n01000001/empty.JPEG",
+        "n01000002/truncated.JPEG",
+        "n01000003/notes.txt",
+        "n01000003/huge.JPEG",
+    }
     assert "empty" in reasons["n01000001/empty.JPEG"]
     assert "truncated" in reasons["n01000002/truncated.JPEG"]
     assert "not an image" in reasons["n01000003/notes.txt"]
@@ -76,8 +82,10 @@ def test_bad_inputs_are_converted_or_rejected_with_reasons(built):
     assert samples["n01000001/cmyk.JPEG"]["converted"] == "JPEG CMYK -> RGB JPEG"
     assert samples["n01000002/really_a_png.JPEG"]["converted"] == "PNG RGBA -> RGB JPEG"
     assert "converted" not in samples["n01000003/c_0.JPEG"]  # grayscale JPEG kept as is
-    assert {c["path"] for c in Manifest.reports(out, "train", "converted")} == {"n01000001/cmyk.JPEG",
-                                                                              "n01000002/really_a_png.JPEG"}
+    assert {c["path"] for c in Manifest.reports(out, "train", "converted")} == {
+        "n01000001/cmyk.JPEG",
+        "n01000002/really_a_png.JPEG",
+    }
 
 
 def test_strict_fails_after_the_summary(tree, tmp_path, capsys):
@@ -105,8 +113,12 @@ def test_dali_webdataset_reader_reads_every_sample(built):
 
     @pipeline_def(batch_size=4, num_threads=1, device_id=None)
     def read():
-        jpg, cls = fn.readers.webdataset(paths=[str(t) for t in tars], index_paths=[str(t.with_suffix(".idx"))
-                                         for t in tars], ext=["jpg", "cls"], name="reader")
+        jpg, cls = fn.readers.webdataset(
+            paths=[str(t) for t in tars],
+            index_paths=[str(t.with_suffix(".idx")) for t in tars],
+            ext=["jpg", "cls"],
+            name="reader",
+        )
         return fn.decoders.image(jpg, device="cpu"), cls
 
     pipe = read()
@@ -128,16 +140,34 @@ def test_same_inputs_same_bytes_and_plain_ustar(tree, tmp_path):
         with tarfile.open(tar) as t:
             assert all(m.type == tarfile.REGTYPE and not m.pax_headers for m in t.getmembers())
         assert tar.read_bytes()[257:263] == b"ustar\x00"
-    # Parallel workers change nothing but the speed, nor does a shuffle that holds 2 images in memory at a time
-    # (its listing split and split again by the hash's bytes).
-    assert build_main([str(src), str(tmp_path / "d"), "--shard-size-mb", "0.03", "--workers", "2", "--quiet",
-                       "--max-pixels", str(MAX_PIXELS), "--sort-buffer", "2"]) == 0
+    # Parallel workers change nothing but the speed, nor does a shuffle that holds 2 images in
+    # memory at a time (its listing split and split again by the hash's bytes).
+    assert (
+        build_main(
+            [
+                str(src),
+                str(tmp_path / "d"),
+                "--shard-size-mb",
+                "0.03",
+                "--workers",
+                "2",
+                "--quiet",
+                "--max-pixels",
+                str(MAX_PIXELS),
+                "--sort-buffer",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").glob("*.tar")} == {
         p.name: p.read_bytes() for p in (tmp_path / "d").glob("*.tar")}
     for name in ("train.json", "train.rejected.jsonl", "train.converted.jsonl"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "d" / name).read_text()
     assert build(src, tmp_path / "c", "--seed", "1") == 0
-    assert (tmp_path / "a" / "train-000000.tar").read_bytes() != (tmp_path / "c" / "train-000000.tar").read_bytes()
+    assert (tmp_path / "a" / "train-000000.tar").read_bytes() != (
+        tmp_path / "c" / "train-000000.tar"
+    ).read_bytes()
 
 
 def test_interrupted_build_resumes_and_keeps_finished_shards(built, tmp_path, capsys):
@@ -146,8 +176,11 @@ def test_interrupted_build_resumes_and_keeps_finished_shards(built, tmp_path, ca
     reports = {p.name: p.read_text() for p in out.glob("train.*.jsonl")}
     shards = sorted(out.glob("*.tar"))
     assert len(shards) >= 3
-    with tarfile.open(shards[0]) as tar:  # a shard with a report, written again after later ones are kept
-        assert any(b'"converted"' in tar.extractfile(m).read() for m in tar if m.name.endswith(".json"))
+    # a shard with a report, written again after later ones are kept
+    with tarfile.open(shards[0]) as tar:
+        assert any(
+            b'"converted"' in tar.extractfile(m).read() for m in tar if m.name.endswith(".json")
+        )
     kept_mtime = shards[1].stat().st_mtime_ns
     # An interruption: manifest never written, one shard gone, one half-written, a stale temp file.
     (out / "train.json").unlink()
@@ -160,13 +193,16 @@ def test_interrupted_build_resumes_and_keeps_finished_shards(built, tmp_path, ca
     (out / ".scratch" / "train.listing").write_text("00ff\t[\"cut")
     (out / ".scratch" / "train.listing.7f").write_text("7f00\t[\"cut")
     capsys.readouterr()
-    assert build(src, out, "--sort-buffer", "2") == 0  # the buffer changes no shard: the finished ones are kept
+    # the buffer changes no shard: the finished ones are kept
+    assert build(src, out, "--sort-buffer", "2") == 0
     assert "shards already complete, 2 to write" in capsys.readouterr().out
     assert shards[1].stat().st_mtime_ns == kept_mtime
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == reference
     assert not list(out.glob("*.tmp")) and not (out / ".scratch").exists()
     # The reports in shard order, whatever order the shards were written in.
-    assert {p.name: p.read_text() for p in out.glob("train.*.jsonl")} == reports and len(reports) == 2
+    assert {p.name: p.read_text() for p in out.glob("train.*.jsonl")} == reports and len(
+        reports
+    ) == 2
     assert Manifest.load(out / "train.json").rejected == 4
 
 
@@ -185,8 +221,8 @@ def test_verify_reports_a_damaged_shard(built, capsys):
 
 @pytest.mark.parametrize("keep", [100, 512, 700, 1024, 1536, -1000, -10])
 def test_verify_reports_a_truncated_shard_at_any_cut(built, tmp_path, capsys, keep):
-    """A copy cut short (a full disk, an interrupted transfer), wherever the cut falls: reported by name, never a
-    traceback, and the other shards still checked."""
+    """A copy cut short (a full disk, an interrupted transfer), wherever the cut falls: reported by
+    name, never a traceback, and the other shards still checked."""
     _, out, _ = built
     copy = tmp_path / "shards"
     shutil.copytree(out, copy)
@@ -218,7 +254,18 @@ def test_flat_val_with_kaggle_csv_devkit_labels_and_train_classes(built, tmp_pat
     synsets.write_text("2 n01000001\n1 n01000002\n3 n01000003\n")  # each line names its ILSVRC id
     ground_truth = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
     ground_truth.write_text("3\n2\n1\n2\n")
-    assert build(val, tmp_path / "v2", "--val-labels", str(ground_truth), "--synsets", str(synsets), *classes) == 0
+    assert (
+        build(
+            val,
+            tmp_path / "v2",
+            "--val-labels",
+            str(ground_truth),
+            "--synsets",
+            str(synsets),
+            *classes,
+        )
+        == 0
+    )
     for out in (tmp_path / "v1", tmp_path / "v2"):
         manifest = Manifest.load(out / "val.json")
         assert manifest.classes == Manifest.load(train_out / "train.json").classes
@@ -226,7 +273,10 @@ def test_flat_val_with_kaggle_csv_devkit_labels_and_train_classes(built, tmp_pat
         for tar in out.glob("val-*.tar"):
             for sample in wds.WebDataset(str(tar), shardshuffle=False):
                 labels[json.loads(sample["json"])["path"]] = int(sample["cls"])
-        assert labels == {f"ILSVRC2012_val_{i + 1:08d}.JPEG": manifest.classes.index(w) for i, w in enumerate(wnids)}
+        assert labels == {
+            f"ILSVRC2012_val_{i + 1:08d}.JPEG": manifest.classes.index(w)
+            for i, w in enumerate(wnids)
+        }
 
 
 def _error_case(tmp_path, capsys, args: list[str], message: str, out: Path) -> None:
@@ -248,23 +298,47 @@ def test_clear_errors_and_nothing_written(built, tmp_path, capsys):
     _error_case(tmp_path, capsys, [str(tmp_path / "empty2"), str(fresh)], "no image files", fresh)
     labels = tmp_path / "labels.csv"
     labels.write_text("ImageId,PredictionString\nx,n09999999 1 2 3 4\n")
-    _error_case(tmp_path, capsys, [str(src / "n01000001"), str(fresh), "--val-labels", str(labels), "--classes",
-                                   str(out / "train.json")], "wnid n09999999 is not one of the 3 known", fresh)
+    _error_case(
+        tmp_path,
+        capsys,
+        [
+            str(src / "n01000001"),
+            str(fresh),
+            "--val-labels",
+            str(labels),
+            "--classes",
+            str(out / "train.json"),
+        ],
+        "wnid n09999999 is not one of the 3 known",
+        fresh,
+    )
     other = tmp_path / "other"
     (other / "n5").mkdir(parents=True)
     (other / "n5" / "x.JPEG").write_bytes((src / "n01000002" / "b_0.JPEG").read_bytes())
-    _error_case(tmp_path, capsys, [str(other), str(out)], "already holds train shards built from", out)
+    _error_case(
+        tmp_path, capsys, [str(other), str(out)], "already holds train shards built from", out
+    )
 
 
 def test_sample_data_is_deterministic(tmp_path):
     from pipeline.sample_data import main as sample_data
 
     for name in ("a", "b"):
-        args = [str(tmp_path / name), "--classes", "2", "--train-per-class", "3", "--val-per-class", "1"]
+        args = [
+            str(tmp_path / name),
+            "--classes",
+            "2",
+            "--train-per-class",
+            "3",
+            "--val-per-class",
+            "1",
+        ]
         assert sample_data(args) == 0
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.JPEG"))
     assert len(files) == 8
-    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert all(
+        (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files
+    )
 
 
 def test_a_shard_finishing_between_two_polls_is_not_lost(tree, tmp_path, monkeypatch):
@@ -275,7 +349,8 @@ def test_a_shard_finishing_between_two_polls_is_not_lost(tree, tmp_path, monkeyp
     seen_done: set[int] = set()
 
     def ready_one_poll_late(result):
-        # The first look after a job completes still says 'not yet', as if it completed just after that look.
+        # The first look after a job completes still says 'not yet', as if it completed just after
+        # that look.
         done = real_ready(result)
         if done and id(result) not in seen_done:
             seen_done.add(id(result))
@@ -303,9 +378,11 @@ def test_the_pixel_limit_is_inclusive(tmp_path):
         prepare_image(over.read_bytes(), max_pixels=1000)
 
 
-def test_a_split_whose_classes_differ_from_train_is_refused_unless_given_its_list(built, tmp_path, capsys):
-    """Val built from class folders with one class missing would shift every later label: the builder refuses
-    it, naming the list to pass; with --classes it is labelled in train's list."""
+def test_a_split_whose_classes_differ_from_train_is_refused_unless_given_its_list(
+    built, tmp_path, capsys
+):
+    """Val built from class folders with one class missing would shift every later label: the
+    builder refuses it, naming the list to pass; with --classes it is labelled in train's list."""
     src, out, _ = built
     val = tmp_path / "val"
     for cls in ("n01000001", "n01000003"):  # n01000002 has no val images
@@ -313,16 +390,19 @@ def test_a_split_whose_classes_differ_from_train_is_refused_unless_given_its_lis
     capsys.readouterr()
     assert build(val, out, "--split", "val") == 2
     err = capsys.readouterr().err
-    assert "val's classes differ from train.json's (3 vs 2 classes: 1 missing (first n01000002))" in err
+    assert (
+        "val's classes differ from train.json's (3 vs 2 classes: 1 missing (first n01000002))"
+        in err
+    )
     assert f"--classes {out / 'train.json'}" in err and not (out / "val.json").exists()
     assert build(val, out, "--split", "val", "--classes", str(out / "train.json")) == 0
     assert Manifest.load(out / "val.json").classes == Manifest.load(out / "train.json").classes
 
 
-def test_the_shuffle_labels_at_most_its_sort_buffer_at_once_and_the_order_is_the_same_whatever_it_is(tmp_path):
-    """The sort buffer bounds every group of the listing that is labelled and sorted in memory (what the shuffle
-    holds at once: `bench shards` measures its memory); the parts it forces change neither the order (the plan's
-    fingerprint) nor the shards."""
+def test_the_shuffle_labels_at_most_its_sort_buffer_at_once_and_the_order_is_the_same(tmp_path):
+    """The sort buffer bounds every group of the listing that is labelled and sorted in memory (what
+    the shuffle holds at once: `bench shards` measures its memory); the parts it forces change
+    neither the order (the plan's fingerprint) nor the shards."""
     from bench.shards import simulated_listing
     from pipeline.build_shards import BuildOptions, shuffled
     from pipeline.shard_labels import ClassFolders
@@ -339,16 +419,20 @@ def test_the_shuffle_labels_at_most_its_sort_buffer_at_once_and_the_order_is_the
         work = tmp_path / str(buffer)
         work.mkdir()
         options = BuildOptions(src=work, out=work, sort_buffer=buffer, shard_size_mb=10)
-        _, plan, fingerprint = shuffled(options, CountedGroups(Listing(simulated_listing(3_000)), None, []), work, [])
+        _, plan, fingerprint = shuffled(
+            options, CountedGroups(Listing(simulated_listing(3_000)), None, []), work, []
+        )
         plans[buffer] = plan.shard_sizes, fingerprint
         assert sum(groups) == 3_000
-    assert max(groups_of[8]) <= 8 < max(groups_of[10**6])  # without a buffer a part is about 3,000 / 256 = 12
+    # without a buffer a part is about 3,000 / 256 = 12
+    assert max(groups_of[8]) <= 8 < max(groups_of[10**6])
     assert plans[8] == plans[10**6]
 
 
 def test_the_builders_memory_does_not_grow_with_the_images_it_rejects(tmp_path):
-    """Reports go to disk as they are met: a listing with ten times as many damaged entries costs the plan no more
-    memory (a data set of millions of them would otherwise hold every report until the manifest is written)."""
+    """Reports go to disk as they are met: a listing with ten times as many damaged entries costs
+    the plan no more memory (a data set of millions of them would otherwise hold every report until
+    the manifest is written)."""
     from bench.shards import simulated_listing
     from pipeline.archives import Entry
     from pipeline.build_shards import BuildOptions, shuffled
@@ -357,9 +441,12 @@ def test_the_builders_memory_does_not_grow_with_the_images_it_rejects(tmp_path):
     from pipeline.shard_reports import ReportSpill
 
     def planned(damaged: int) -> tuple[int, int]:
-        """Peak memory while planning 500 images beside `damaged` entries cut short, and the reports made."""
-        entries = itertools.chain(simulated_listing(500), (Entry(f"n0/cut_{i}.JPEG", "/data", 0, problem="cut short")
-                                                           for i in range(damaged)))
+        """Peak memory while planning 500 images beside `damaged` entries cut short, and the reports
+        made."""
+        entries = itertools.chain(
+            simulated_listing(500),
+            (Entry(f"n0/cut_{i}.JPEG", "/data", 0, problem="cut short") for i in range(damaged)),
+        )
         work = tmp_path / str(damaged)
         work.mkdir()
         with ReportSpill(work / "skipped.jsonl") as skipped:
@@ -372,27 +459,38 @@ def test_the_builders_memory_does_not_grow_with_the_images_it_rejects(tmp_path):
 
     (few, reported_few), (many, reported_many) = planned(1_000), planned(10_000)
     assert (reported_few, reported_many) == (1_000, 10_000)
-    assert many - few < 2**19, (few, many)  # held in memory, 9,000 more reports would take over 2 MB
+    # held in memory, 9,000 more reports would take over 2 MB
+    assert many - few < 2**19, (few, many)
 
 
 def test_a_manifest_in_a_format_this_maeflow_does_not_read_is_refused_naming_it(built, capsys):
-    """The format policy (pipeline.formats): a manifest says its format, and one of another is refused in one line,
-    by the loader and by a rebuild into the same folder, never read as if it were this one."""
+    """The format policy (pipeline.formats): a manifest says its format, and one of another is
+    refused in one line, by the loader and by a rebuild into the same folder, never read as if it
+    were this one."""
     src, out, _ = built
     raw = json.loads((out / "train.json").read_text())
     assert raw["format"] == VERSIONS["manifest"]
-    for written in ({k: v for k, v in raw.items() if k != "format"}, {**raw, "format": VERSIONS["manifest"] + 1}):
+    for written in (
+        {k: v for k, v in raw.items() if k != "format"},
+        {**raw, "format": VERSIONS["manifest"] + 1},
+    ):
         (out / "train.json").write_text(json.dumps(written))
-        with pytest.raises(FormatError, match=r"train\.json is a manifest in format .+ and this maeflow reads format"):
+        with pytest.raises(
+            FormatError,
+            match=r"train\.json is a manifest in format .+ and this maeflow reads format",
+        ):
             Manifest.load(out / "train.json")
         assert build(src, out) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "train.json is a manifest in format" in err[0], err
 
 
-def test_every_shard_index_and_manifest_is_on_the_disk_before_it_is_relied_on(tree, tmp_path, monkeypatch):
-    """A tar and its index reach the disk (fsync) before they are renamed into place, their folder after; the
-    manifest, which marks the split complete, goes last. Recorded from the worker processes too, through a file."""
+def test_every_shard_index_and_manifest_is_on_the_disk_before_it_is_relied_on(
+    tree, tmp_path, monkeypatch
+):
+    """A tar and its index reach the disk (fsync) before they are renamed into place, their folder
+    after; the manifest, which marks the split complete, goes last. Recorded from the worker
+    processes too, through a file."""
     log = tmp_path / "events.txt"
     fsync, replace = os.fsync, os.replace
 
@@ -418,4 +516,9 @@ def test_every_shard_index_and_manifest_is_on_the_disk_before_it_is_relied_on(tr
     manifest = events.index(f"replace {out / 'train.json.tmp'} {out / 'train.json'}")
     for path in [*tars, *(t.with_suffix(".idx") for t in tars)]:
         in_place = events.index(f"replace {path}.tmp {path}")
-        assert events.index(f"fsync {path}.tmp") < in_place < events.index(f"fsync {out}", in_place) < manifest
+        assert (
+            events.index(f"fsync {path}.tmp")
+            < in_place
+            < events.index(f"fsync {out}", in_place)
+            < manifest
+        )

@@ -1,6 +1,6 @@
-"""Checkpoints that survive a node's crash: every part on the disk before the mark that vouches for it, the mark
-before `latest`, pruning after both (counted on a real run's fsyncs and renames), and a resume that finds a
-damaged newest checkpoint and takes the newest sound one."""
+"""Checkpoints that survive a node's crash: every part on the disk before the mark that vouches for
+it, the mark before `latest`, pruning after both (counted on a real run's fsyncs and renames), and a
+resume that finds a damaged newest checkpoint and takes the newest sound one."""
 
 import json
 import os
@@ -16,23 +16,49 @@ from train.checkpoint import MARK, ResumeError, damage, sound_resume_tag
 
 @pytest.fixture
 def one_rank(monkeypatch):
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
-                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+    for name, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("LOCAL_WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(free_port())),
+    ):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("MAE_KERNELS", "torch")
 
 
 def tiny_run(output: Path, *extra: str) -> list[str]:
-    return ["--config", "tiny", "--output", str(output), "--set", "data.backend=synthetic", "--set",
-            "data.synthetic_samples=256", "--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep_last=1",
-            "--set", "eval.every_epochs=0", "--set", "log.viz_every=100", "--set", "log.tensorboard=false", *extra]
+    return [
+        "--config",
+        "tiny",
+        "--output",
+        str(output),
+        "--set",
+        "data.backend=synthetic",
+        "--set",
+        "data.synthetic_samples=256",
+        "--set",
+        "checkpoint.every_steps=2",
+        "--set",
+        "checkpoint.keep_last=1",
+        "--set",
+        "eval.every_epochs=0",
+        "--set",
+        "log.viz_every=100",
+        "--set",
+        "log.tensorboard=false",
+        *extra,
+    ]
 
 
-def test_a_checkpoint_is_on_the_disk_before_its_mark_and_the_mark_before_latest_and_pruning(one_rank, tmp_path,
-                                                                                            monkeypatch):
-    """The real trainer, checkpoints at steps 2, 4 and 6 keeping the last: each file's bytes reach the disk (fsync)
-    before its rename, every part the mark lists before the mark is renamed into place, the folder after each
-    rename, `latest` after the mark, and the older checkpoint goes only after `latest` names the new one."""
+def test_a_checkpoint_is_on_the_disk_before_its_mark_and_the_mark_before_latest_and_pruning(
+    one_rank, tmp_path, monkeypatch
+):
+    """The real trainer, checkpoints at steps 2, 4 and 6 keeping the last: each file's bytes reach
+    the disk (fsync) before its rename, every part the mark lists before the mark is renamed into
+    place, the folder after each rename, `latest` after the mark, and the older checkpoint goes only
+    after `latest` names the new one."""
     events: list[tuple[str, str]] = []
     fsync, replace, rmtree = os.fsync, os.replace, shutil.rmtree
 
@@ -64,9 +90,17 @@ def test_a_checkpoint_is_on_the_disk_before_its_mark_and_the_mark_before_latest_
     assert {"rank00000.pt", "adamw_norms.json", "mp_rank_00_model_states.pt"} <= set(parts)
     for name in parts:  # DeepSpeed's files are flushed where they lie; ours before their rename
         written = step6 / name
-        flushed = [i for i, (k, w) in enumerate(events) if k == "fsync" and w in (str(written), f"{written}.tmp")]
+        flushed = [
+            i
+            for i, (k, w) in enumerate(events)
+            if k == "fsync" and w in (str(written), f"{written}.tmp")
+        ]
         assert flushed and flushed[0] < mark_in_place, name
-    assert first("fsync", f"{step6 / MARK}.tmp") < mark_in_place < events.index(("fsync", str(step6)), mark_in_place)
+    assert (
+        first("fsync", f"{step6 / MARK}.tmp")
+        < mark_in_place
+        < events.index(("fsync", str(step6)), mark_in_place)
+    )
     latest = events.index(("replace", f"{ckpt / 'latest'}.tmp -> {ckpt / 'latest'}"), mark_in_place)
     assert latest < events.index(("fsync", str(ckpt)), latest)
     pruned = first("remove", step4)
@@ -74,21 +108,28 @@ def test_a_checkpoint_is_on_the_disk_before_its_mark_and_the_mark_before_latest_
     assert (ckpt / "latest").read_text() == "step00000006" and damage(ckpt, "step00000006") is None
 
 
-def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_newest_sound_one(one_rank, tmp_path,
-                                                                                           capsys):
+def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_newest_sound_one(
+    one_rank, tmp_path, capsys
+):
     output = tmp_path / "run"
-    assert pretrain.main(tiny_run(output, "--max-steps", "4", "--set", "checkpoint.keep_last=2")) == 0
+    assert (
+        pretrain.main(tiny_run(output, "--max-steps", "4", "--set", "checkpoint.keep_last=2")) == 0
+    )
     ckpt = output / "checkpoints"
     assert (ckpt / "latest").read_text() == "step00000004"
     part = ckpt / "step00000004" / "mp_rank_00_model_states.pt"
     size = part.stat().st_size
     with open(part, "r+b") as f:  # what a crash leaves of a file whose bytes never reached the disk
         f.truncate(size // 3)
-    assert damage(ckpt, "step00000004") == f"mp_rank_00_model_states.pt is {size // 3} bytes, {size} when written"
+    assert (
+        damage(ckpt, "step00000004")
+        == f"mp_rank_00_model_states.pt is {size // 3} bytes, {size} when written"
+    )
     assert damage(ckpt, "step00000002") is None
     capsys.readouterr()
 
-    assert pretrain.main(tiny_run(output, "--max-steps", "4", "--resume", "4")) == 2  # the one asked: refused
+    # the one asked: refused
+    assert pretrain.main(tiny_run(output, "--max-steps", "4", "--resume", "4")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step00000004 is damaged: mp_rank_00_model_states.pt is" in err[0], err
 
@@ -96,16 +137,24 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_newes
     out = capsys.readouterr().out
     (line,) = [line for line in out.splitlines() if "is damaged" in line]
     assert line.endswith("resuming from step00000002, the newest sound checkpoint before it"), line
-    resumed = [json.loads(r) for r in (output / "metrics.jsonl").read_text().splitlines() if '"resumed"' in r]
+    resumed = [
+        json.loads(r)
+        for r in (output / "metrics.jsonl").read_text().splitlines()
+        if '"resumed"' in r
+    ]
     assert resumed[-1]["from"] == "step00000002"
-    (aside,) = (output / "abandoned").iterdir()  # nothing is deleted: the damaged branch is set aside
+    # nothing is deleted: the damaged branch is set aside
+    (aside,) = (output / "abandoned").iterdir()
     assert (aside / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt").is_file()
 
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step00000005"]  # keep_last 1: 2 went after 5
+    # keep_last 1: 2 went after 5
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step00000005"]
     zeroed = ckpt / "step00000005" / "rank00000.pt"
     zeroed.write_bytes(bytes(zeroed.stat().st_size))  # same size, other bytes
     assert damage(ckpt, "step00000005") == "rank00000.pt holds other bytes than were written"
-    with pytest.raises(ResumeError, match=r"step00000005 is damaged: .*; no sound checkpoint to resume from"):
+    with pytest.raises(
+        ResumeError, match=r"step00000005 is damaged: .*; no sound checkpoint to resume from"
+    ):
         sound_resume_tag(ckpt, "latest")
     (ckpt / "step00000005" / MARK).write_text('{"step": 5')  # a mark cut short
     assert damage(ckpt, "step00000005").startswith(f"its completion mark {MARK} cannot be read")

@@ -1,5 +1,6 @@
-"""The epoch plan: which samples each rank reads, in what order, and how an epoch changes hands. Pure numpy
-rules first, then the same rules through a real loader's state (PIL backend: no decoding needed to count)."""
+"""The epoch plan: which samples each rank reads, in what order, and how an epoch changes hands.
+Pure numpy rules first, then the same rules through a real loader's state (PIL backend: no decoding
+needed to count)."""
 
 import itertools
 import tracemalloc
@@ -25,8 +26,9 @@ def whole_epoch(sizes: list[int], seed: int, epoch: int) -> np.ndarray:
 
 def rank_share(order: np.ndarray, rank: int, world: int, local_batch_size: int, train: bool,
                segments: tuple[Segment, ...] = ()) -> np.ndarray:
-    """The specification of a rank's share: drop what each hand-over segment read (each of its ranks the start of
-    its block), take the rank-th contiguous block of the rest, in training cut to every rank's full batches."""
+    """The specification of a rank's share: drop what each hand-over segment read (each of its ranks
+    the start of its block), take the rank-th contiguous block of the rest, in training cut to every
+    rank's full batches."""
     for segment in segments:
         n, read = len(order), np.zeros(len(order), dtype=bool)
         for r in range(segment.world_size):
@@ -38,7 +40,9 @@ def rank_share(order: np.ndarray, rank: int, world: int, local_batch_size: int, 
     return mine[:(n // world) // local_batch_size * local_batch_size] if train else mine
 
 
-def plan(sizes: list[int], seed: int = 0, train: bool = True, limit: int | None = None) -> EpochPlan:
+def plan(
+    sizes: list[int], seed: int = 0, train: bool = True, limit: int | None = None
+) -> EpochPlan:
     return EpochPlan(np.asarray(sizes, dtype=np.int64), seed, train, limit)
 
 
@@ -46,14 +50,15 @@ def test_an_epoch_reads_every_sample_once_a_shard_at_a_time():
     order = whole_epoch(SHARDS, seed=0, epoch=3)
     assert sorted(order.tolist()) == list(range(sum(SHARDS)))
     runs = [shard_of(s) for s in order]
-    assert sum(a != b for a, b in itertools.pairwise(runs)) == len(SHARDS) - 1  # each shard in one piece
+    # each shard in one piece
+    assert sum(a != b for a, b in itertools.pairwise(runs)) == len(SHARDS) - 1
     stored = plan(SHARDS, train=False).rank_samples(ReadPosition(3), 0, 1, 4)
     assert stored.tolist() == list(range(sum(SHARDS)))
 
 
 def test_samples_inside_a_shard_come_in_a_new_order_every_epoch():
-    """Not only the shard order: a shard read in the same order every epoch would give the same neighbours in
-    every batch."""
+    """Not only the shard order: a shard read in the same order every epoch would give the same
+    neighbours in every batch."""
     def within(epoch: int) -> dict[int, list[int]]:
         order = whole_epoch(SHARDS, seed=0, epoch=epoch)
         return {shard: [s for s in order if shard_of(s) == shard] for shard in range(len(SHARDS))}
@@ -68,9 +73,12 @@ def test_samples_inside_a_shard_come_in_a_new_order_every_epoch():
 
 def test_ranks_take_disjoint_blocks_of_equal_batch_counts():
     blocks = [plan(SHARDS).rank_samples(ReadPosition(0), r, 3, 2) for r in range(3)]
-    assert [len(b) for b in blocks] == [6, 6, 6]  # 22 samples / 3 ranks = 7 each: 3 full batches of 2
+    # 22 samples / 3 ranks = 7 each: 3 full batches of 2
+    assert [len(b) for b in blocks] == [6, 6, 6]
     assert not set(blocks[0].tolist()) & set(blocks[1].tolist())
-    evaluation = [plan(SHARDS, train=False).rank_samples(ReadPosition(0), r, 3, 2) for r in range(3)]
+    evaluation = [
+        plan(SHARDS, train=False).rank_samples(ReadPosition(0), r, 3, 2) for r in range(3)
+    ]
     assert sorted(np.concatenate(evaluation).tolist()) == list(range(sum(SHARDS)))
 
 
@@ -81,8 +89,9 @@ def test_a_hand_over_drops_exactly_what_each_rank_read():
 
 @pytest.mark.parametrize("case", range(60))
 def test_each_rank_computes_exactly_its_share_of_the_whole_epoch_after_any_hand_overs(case):
-    """The rank's own computation (runs of places, the shards they fall in) against the specification, which
-    orders the whole epoch: random shard sizes, rank counts, batch sizes, limits and chains of hand-overs."""
+    """The rank's own computation (runs of places, the shards they fall in) against the
+    specification, which orders the whole epoch: random shard sizes, rank counts, batch sizes,
+    limits and chains of hand-overs."""
     rng = np.random.default_rng(case)
     sizes = rng.integers(0 if case % 3 else 1, 40, rng.integers(1, 12)).tolist()
     total = sum(sizes)
@@ -107,9 +116,9 @@ def test_each_rank_computes_exactly_its_share_of_the_whole_epoch_after_any_hand_
 
 
 def test_a_rank_orders_only_the_shards_it_reads_in_memory_that_follows_its_share(monkeypatch):
-    """100 M samples in 20,000 shards over 512 ranks: rank 5's share is 195,312 samples in about 40 shards. Its
-    plan draws the order of exactly the shards its block touches, and its peak allocation is a few times its share,
-    where the whole epoch's order alone is 800 MB."""
+    """100 M samples in 20,000 shards over 512 ranks: rank 5's share is 195,312 samples in about 40
+    shards. Its plan draws the order of exactly the shards its block touches, and its peak
+    allocation is a few times its share, where the whole epoch's order alone is 800 MB."""
     sizes = np.full(20_000, 5_000, dtype=np.int64)
     ordered: list[int] = []
 
@@ -119,25 +128,31 @@ def test_a_rank_orders_only_the_shards_it_reads_in_memory_that_follows_its_share
 
     monkeypatch.setattr(plan_module, "order_in_shard", counted)
     tracemalloc.start()
-    mine = EpochPlan(sizes, 0, True).rank_samples(ReadPosition(2, 0, (Segment(256, 1024, 3),)), 5, 512, 256)
+    mine = EpochPlan(sizes, 0, True).rank_samples(
+        ReadPosition(2, 0, (Segment(256, 1024, 3),)), 5, 512, 256
+    )
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert len(mine) == (sizes.sum() - 256 * 3 * 1024) // 512 // 256 * 256
     touched = set((np.searchsorted(np.cumsum(sizes), mine, side="right")).tolist())
     assert sorted(ordered) == sorted(touched) and len(touched) < 45
     share_mib = mine.nbytes / 2**20
-    assert peak < 12 * mine.nbytes + 8 * sizes.nbytes, f"{peak / 2**20:.0f} MiB for a share of {share_mib:.1f} MiB"
+    assert peak < 12 * mine.nbytes + 8 * sizes.nbytes, (
+        f"{peak / 2**20:.0f} MiB for a share of {share_mib:.1f} MiB"
+    )
 
 
 def test_read_position_transitions():
     start = ReadPosition(epoch=2)
     assert start.after_batch().after_batch() == ReadPosition(2, 2)
-    assert ReadPosition(2, 2).at_epoch(2) == ReadPosition(2, 2)  # a restored place is kept by set_epoch
+    # a restored place is kept by set_epoch
+    assert ReadPosition(2, 2).at_epoch(2) == ReadPosition(2, 2)
     assert ReadPosition(2, 2).at_epoch(3) == ReadPosition(3)
     handed = ReadPosition(2, 3).handed_to_new_ranks(world_size=4, local_batch_size=8)
     assert handed == ReadPosition(2, 0, (Segment(4, 8, 3),))
     assert handed.after_batch().rewound() == handed
-    assert ReadPosition(2, 0).handed_to_new_ranks(4, 8) == ReadPosition(2, 0)  # nothing read: nothing handed over
+    # nothing read: nothing handed over
+    assert ReadPosition(2, 0).handed_to_new_ranks(4, 8) == ReadPosition(2, 0)
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +168,19 @@ def id_shards(tmp_path_factory):
 
 
 def loaders(shards, world: int, local_batch_size: int) -> list:
-    return [build_loader(shards, local_batch_size=local_batch_size, img_size=8, rank=r, world_size=world,
-                         device="cpu", backend="pil", num_threads=0) for r in range(world)]
+    return [
+        build_loader(
+            shards,
+            local_batch_size=local_batch_size,
+            img_size=8,
+            rank=r,
+            world_size=world,
+            device="cpu",
+            backend="pil",
+            num_threads=0,
+        )
+        for r in range(world)
+    ]
 
 
 def read(loader, epoch: int, batches: int | None = None) -> list[int]:
@@ -202,10 +228,12 @@ def test_an_epoch_handed_over_twice_reads_every_sample_at_most_once(id_shards):
 
 
 def test_an_epoch_handed_over_to_a_rank_count_that_divides_nothing_reads_every_sample_once():
-    """41 samples; 3 ranks read 2 batches of 4 each, then the rest (17, a prime) goes to 5 ranks, whose blocks
-    (evaluation mode: every sample, the last batch partial) are 3 or 4 long."""
+    """41 samples; 3 ranks read 2 batches of 4 each, then the rest (17, a prime) goes to 5 ranks,
+    whose blocks (evaluation mode: every sample, the last batch partial) are 3 or 4 long."""
     sizes = [*SHARDS, 19]
-    before = [s for rank in range(3) for s in plan(sizes, 1).rank_samples(ReadPosition(2), rank, 3, 4)[:8]]
+    before = [
+        s for rank in range(3) for s in plan(sizes, 1).rank_samples(ReadPosition(2), rank, 3, 4)[:8]
+    ]
     handed = ReadPosition(2, 0, (Segment(world_size=3, local_batch_size=4, batches=2),))
     # The rest in training's order, read as evaluation reads: every sample of each block.
     rest = rank_share(whole_epoch(sizes, 1, 2), 0, 1, 1, False, handed.handed_over)

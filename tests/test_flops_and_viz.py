@@ -11,10 +11,17 @@ from tests.helpers import small_model
 from train.viz import MIN_CELL, TITLE_BAND, reconstruction_grid
 
 
-@pytest.mark.parametrize("name, gmacs", [("mae_vit_base_patch16", 9.8), ("mae_vit_large_patch16", 20.8),
-                                         ("mae_vit_huge_patch14", 48.6)])
+@pytest.mark.parametrize(
+    "name, gmacs",
+    [
+        ("mae_vit_base_patch16", 9.8),
+        ("mae_vit_large_patch16", 20.8),
+        ("mae_vit_huge_patch14", 48.6),
+    ],
+)
 def test_forward_flops_match_the_published_counts(name, gmacs):
-    """MAE forward at 224 with 75% masking, matmuls only: ViT-B 9.8, ViT-L 20.8, ViT-H/14 48.6 GMACs per image."""
+    """MAE forward at 224 with 75% masking, matmuls only: ViT-B 9.8, ViT-L 20.8, ViT-H/14 48.6 GMACs
+    per image."""
     with torch.device("meta"):  # the count needs the shapes, not 630M initialised weights
         model = build_mae(name)
     assert mae_forward_flops(model) / 2e9 == pytest.approx(gmacs, rel=0.01)
@@ -32,14 +39,17 @@ def test_peak_flops_are_known_for_datacenter_gpus_only():
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("cpu") is None and peak_flops("NVIDIA GeForce GTX 1080") is None
     # The PCIe and NVL H100s are not the SXM one; a B200 is not an H100.
-    assert (peak_flops("NVIDIA H100 PCIe"), peak_flops("NVIDIA H100 NVL"), peak_flops("NVIDIA B200")) == (
-        756e12, 835e12, 2250e12)
+    assert (
+        peak_flops("NVIDIA H100 PCIe"),
+        peak_flops("NVIDIA H100 NVL"),
+        peak_flops("NVIDIA B200"),
+    ) == (756e12, 835e12, 2250e12)
 
 
 def test_the_reconstruction_grid_shows_original_masked_reconstruction_and_paste():
-    """Four columns per image: the original, the visible patches (removed ones the mean colour, the normalized
-    zero), the prediction, and the prediction pasted into the removed patches; enlarged so that patches stay
-    visible."""
+    """Four columns per image: the original, the visible patches (removed ones the mean colour, the
+    normalized zero), the prediction, and the prediction pasted into the removed patches; enlarged
+    so that patches stay visible."""
     model = small_model()  # 32 x 32 images, 8 x 8 patches: 16 patches
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).clamp(-1.5, 1.5)
     pred = model.patchify(torch.full((2, 3, 32, 32), 1.0))  # predicts one flat colour everywhere
@@ -54,7 +64,9 @@ def test_the_reconstruction_grid_shows_original_masked_reconstruction_and_paste(
         assert (titles[:, column * cell:(column + 1) * cell] < 128).any(), column
     original, masked, pasted = (pixels[:cell, c * cell:(c + 1) * cell] for c in (0, 1, 3))
     mean_colour = np.round(255 * np.array(IMAGENET_MEAN)).astype(int)
-    assert (np.abs(masked[: 8 * scale] - mean_colour) <= 1).all()  # the removed row is blanked in the masked view
+    # the removed row is blanked in the masked view
+    assert (np.abs(masked[: 8 * scale] - mean_colour) <= 1).all()
     assert (masked[8 * scale:] == original[8 * scale:]).all()
     assert (pasted[8 * scale:] == original[8 * scale:]).all()  # visible patches are the original's
-    assert not (pasted[: 8 * scale] == original[: 8 * scale]).all()  # removed patches show the prediction
+    # removed patches show the prediction
+    assert not (pasted[: 8 * scale] == original[: 8 * scale]).all()

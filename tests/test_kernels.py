@@ -62,9 +62,13 @@ def test_visible_tokens_match_reference(n, length, keep, width):
     ids_keep, ids_restore, _ = masking(n, length, keep)
     assert ids_keep.shape[1] == keep
     x = torch.randn(n, length, width, device=DEVICE)
-    pos, cls = torch.randn(1, length + 1, width, device=DEVICE), torch.randn(1, 1, width, device=DEVICE)
-    (out, grads), (ref_out, ref_grads) = run_both(visible_tokens, visible_tokens_reference, [x, pos, cls],
-                                                  (ids_keep, ids_restore))
+    pos, cls = (
+        torch.randn(1, length + 1, width, device=DEVICE),
+        torch.randn(1, 1, width, device=DEVICE),
+    )
+    (out, grads), (ref_out, ref_grads) = run_both(
+        visible_tokens, visible_tokens_reference, [x, pos, cls], (ids_keep, ids_restore)
+    )
     assert out.shape == (n, keep + 1, width)
     assert rel_err(out, ref_out) <= 1e-6
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
@@ -75,9 +79,13 @@ def test_visible_tokens_match_reference(n, length, keep, width):
 def test_decoder_tokens_match_reference(n, length, keep, width):
     _, ids_restore, _ = masking(n, length, keep)
     x = torch.randn(n, keep + 1, width, device=DEVICE)
-    token, pos = torch.randn(1, 1, width, device=DEVICE), torch.randn(1, length + 1, width, device=DEVICE)
-    (out, grads), (ref_out, ref_grads) = run_both(decoder_tokens, decoder_tokens_reference, [x, token, pos],
-                                                  (ids_restore,))
+    token, pos = (
+        torch.randn(1, 1, width, device=DEVICE),
+        torch.randn(1, length + 1, width, device=DEVICE),
+    )
+    (out, grads), (ref_out, ref_grads) = run_both(
+        decoder_tokens, decoder_tokens_reference, [x, token, pos], (ids_restore,)
+    )
     assert out.shape == (n, length + 1, width)
     assert rel_err(out, ref_out) <= 1e-6
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
@@ -101,8 +109,9 @@ def test_masked_mse_matches_reference(n, chans, height, width, patch, norm_pix):
     pred = torch.randn(n, length + 1, patch * patch * chans, device=DEVICE)[:, 1:]
     mask = (torch.rand(n, length, device=DEVICE) < 0.7).float()
     mask[0, 0] = 1.0
-    (loss, grads), (ref_loss, ref_grads) = run_both(masked_patch_mse, masked_patch_mse_reference, [pred, imgs],
-                                                    (mask, patch, norm_pix))
+    (loss, grads), (ref_loss, ref_grads) = run_both(
+        masked_patch_mse, masked_patch_mse_reference, [pred, imgs], (mask, patch, norm_pix)
+    )
     assert rel_err(loss, ref_loss) <= 1e-5
     assert grads[1] is None  # images are data: the fused loss does not differentiate them
     assert rel_err(grads[0], ref_grads[0]) <= 1e-5
@@ -111,18 +120,20 @@ def test_masked_mse_matches_reference(n, chans, height, width, patch, norm_pix):
 
 
 def test_masked_mse_on_flat_patches_matches_the_reference():
-    """A constant patch (sky, a black border) has zero variance: the norm-pix epsilon keeps target and gradient
-    finite, and the kernel must use the same epsilon as the reference."""
+    """A constant patch (sky, a black border) has zero variance: the norm-pix epsilon keeps target
+    and gradient finite, and the kernel must use the same epsilon as the reference."""
     imgs = torch.randn(2, 3, 16, 16, device=DEVICE)
     imgs[0, :, :8, :8] = 0.25  # patch 0 of image 0 flat
     imgs[1] = -1.0  # every patch of image 1 flat
     pred = torch.randn(2, 4, 192, device=DEVICE) * 1e-3
     mask = torch.ones(2, 4, device=DEVICE)
-    (loss, grads), (ref_loss, ref_grads) = run_both(masked_patch_mse, masked_patch_mse_reference, [pred, imgs],
-                                                    (mask, 8, True))
+    (loss, grads), (ref_loss, ref_grads) = run_both(
+        masked_patch_mse, masked_patch_mse_reference, [pred, imgs], (mask, 8, True)
+    )
     assert torch.isfinite(loss) and torch.isfinite(grads[0]).all()
     assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grads[0], ref_grads[0]) <= 1e-5
-    # A flat patch's normalized target is 0 (not NaN, not a huge value): its loss is the prediction's own square.
+    # A flat patch's normalized target is 0 (not NaN, not a huge value): its loss is the
+    # prediction's own square.
     flat = masked_patch_mse(pred[1:], imgs[1:], mask[1:], 8, True)
     assert flat.item() == pytest.approx(pred[1].pow(2).mean().item(), rel=1e-4)
 
@@ -161,13 +172,22 @@ def test_whole_model_triton_matches_torch(norm_pix_loss, monkeypatch):
 def test_dispatch_rules(monkeypatch):
     x64 = torch.randn(1, 4, 8, dtype=torch.float64)
     ids_keep, ids_restore, _ = masking(1, 4, 2)
-    args = (x64, torch.zeros(1, 5, 8, dtype=torch.float64), torch.zeros(1, 1, 8, dtype=torch.float64), ids_keep.cpu(),
-            ids_restore.cpu())
+    args = (
+        x64,
+        torch.zeros(1, 5, 8, dtype=torch.float64),
+        torch.zeros(1, 1, 8, dtype=torch.float64),
+        ids_keep.cpu(),
+        ids_restore.cpu(),
+    )
     monkeypatch.delenv("MAE_KERNELS")
-    with pytest.raises(RuntimeError, match="kernels set to triton but visible_tokens cannot run in Triton"):
+    with pytest.raises(
+        RuntimeError, match="kernels set to triton but visible_tokens cannot run in Triton"
+    ):
         visible_tokens(*args, choice="triton")
-    assert torch.equal(visible_tokens(*args, choice="auto"), visible_tokens_reference(*args))  # float64: the reference
-    monkeypatch.setenv("MAE_KERNELS", "triton")  # the environment overrides the model's choice (tests, benchmarks)
+    # float64: the reference
+    assert torch.equal(visible_tokens(*args, choice="auto"), visible_tokens_reference(*args))
+    # the environment overrides the model's choice (tests, benchmarks)
+    monkeypatch.setenv("MAE_KERNELS", "triton")
     with pytest.raises(RuntimeError, match="kernels set to triton"):
         visible_tokens(*args, choice="torch")
     monkeypatch.setenv("MAE_KERNELS", "cuda")
@@ -177,15 +197,19 @@ def test_dispatch_rules(monkeypatch):
 
 def flash_rule_errors(op, reference, inputs: list[torch.Tensor], extra: tuple,
                       dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, float, float]]:
-    """(what, kernel error in `dtype`, torch error in `dtype`) for the output and every input gradient,
-    both measured against torch in float32 on the same inputs and output gradient."""
+    """(what, kernel error in `dtype`, torch error in `dtype`) for the output and every input
+    gradient, both measured against torch in float32 on the same inputs and output gradient."""
     exact = run_both(reference, reference, inputs, extra)[0]
     low = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
     (ours, ours_grads), (theirs, theirs_grads) = run_both(op, reference, low, extra)
     rows = [("output", rel_err(ours, exact[0]), rel_err(theirs, exact[0]))]
-    for i, (grad, ref_grad, exact_grad) in enumerate(zip(ours_grads, theirs_grads, exact[1], strict=True)):
+    for i, (grad, ref_grad, exact_grad) in enumerate(
+        zip(ours_grads, theirs_grads, exact[1], strict=True)
+    ):
         if grad is not None:  # the loss takes no gradient for its images: they are data
-            rows.append((f"grad of input {i}", rel_err(grad, exact_grad), rel_err(ref_grad, exact_grad)))
+            rows.append(
+                (f"grad of input {i}", rel_err(grad, exact_grad), rel_err(ref_grad, exact_grad))
+            )
     return rows
 
 
@@ -193,17 +217,37 @@ def flash_rule_cases(op: str, n: int, length: int, keep: int, width: int, patch:
     """(op, reference, fp32 inputs, the arguments after them) for one kernel at one shape."""
     ids_keep, ids_restore, mask = masking(n, length, keep)
     if op == "visible_tokens":
-        return (visible_tokens, visible_tokens_reference,
-                [torch.randn(n, length, width, device=DEVICE), torch.randn(1, length + 1, width, device=DEVICE),
-                 torch.randn(1, 1, width, device=DEVICE)], (ids_keep, ids_restore))
+        return (
+            visible_tokens,
+            visible_tokens_reference,
+            [
+                torch.randn(n, length, width, device=DEVICE),
+                torch.randn(1, length + 1, width, device=DEVICE),
+                torch.randn(1, 1, width, device=DEVICE),
+            ],
+            (ids_keep, ids_restore),
+        )
     if op == "decoder_tokens":
-        return (decoder_tokens, decoder_tokens_reference,
-                [torch.randn(n, keep + 1, width, device=DEVICE), torch.randn(1, 1, width, device=DEVICE),
-                 torch.randn(1, length + 1, width, device=DEVICE)], (ids_restore,))
+        return (
+            decoder_tokens,
+            decoder_tokens_reference,
+            [
+                torch.randn(n, keep + 1, width, device=DEVICE),
+                torch.randn(1, 1, width, device=DEVICE),
+                torch.randn(1, length + 1, width, device=DEVICE),
+            ],
+            (ids_restore,),
+        )
     side = int(length**0.5) * patch
-    return (masked_patch_mse, masked_patch_mse_reference,
-            [torch.randn(n, length, patch * patch * 3, device=DEVICE), torch.randn(n, 3, side, side, device=DEVICE)],
-            (mask, patch, True))
+    return (
+        masked_patch_mse,
+        masked_patch_mse_reference,
+        [
+            torch.randn(n, length, patch * patch * 3, device=DEVICE),
+            torch.randn(n, 3, side, side, device=DEVICE),
+        ],
+        (mask, patch, True),
+    )
 
 
 def assert_flash_rule(op: str, shape: tuple, dtype: torch.dtype) -> None:
@@ -211,7 +255,9 @@ def assert_flash_rule(op: str, shape: tuple, dtype: torch.dtype) -> None:
     rows = flash_rule_errors(kernel, reference, inputs, extra, dtype)
     assert len(rows) >= 2  # the output and at least one gradient
     for what, ours, torch_err in rows:
-        assert ours <= 2 * torch_err + 1e-6, f"{op} {shape} {what}: kernel {ours:.3g} vs torch {torch_err:.3g}"
+        assert ours <= 2 * torch_err + 1e-6, (
+            f"{op} {shape} {what}: kernel {ours:.3g} vs torch {torch_err:.3g}"
+        )
 
 
 KERNEL_OPS = ["visible_tokens", "decoder_tokens", "masked_patch_mse"]
@@ -224,19 +270,24 @@ REAL_SHAPES = {"vit_b16": (256, 196, 49, 768, 16), "vit_h14": (128, 256, 64, 128
 @pytest.mark.parametrize("shape", sorted(REAL_SHAPES))
 @pytest.mark.parametrize("op", KERNEL_OPS)
 def test_bf16_kernels_within_twice_torch_error_at_real_shapes(op, shape):
-    """flash-attention's rule: the kernel's bf16 error is at most twice torch's, both against fp32."""
+    """flash-attention's rule: the kernel's bf16 error is at most twice torch's, both against
+    fp32."""
     n, length, keep, width, patch = REAL_SHAPES[shape]
-    assert_flash_rule(op, (n, length, keep, 512 if op == "decoder_tokens" else width, patch), torch.bfloat16)
+    assert_flash_rule(
+        op, (n, length, keep, 512 if op == "decoder_tokens" else width, patch), torch.bfloat16
+    )
 
 
 @pytest.mark.parametrize("op", KERNEL_OPS)
 def test_fp16_kernels_within_twice_torch_error(op):
-    """The same rule in float16 at a small shape, which the CPU interpreter can run (numpy has no bf16)."""
+    """The same rule in float16 at a small shape, which the CPU interpreter can run (numpy has no
+    bf16)."""
     assert_flash_rule(op, (3, 16, 4, 48, 4), torch.float16)
 
 
 def test_kernels_compile_for_h100_with_the_real_compiler(tmp_path):
-    """The interpreter accepts code the GPU compiler rejects (types across branches, casts): compile for sm_90."""
+    """The interpreter accepts code the GPU compiler rejects (types across branches, casts): compile
+    for sm_90."""
     import os
     import subprocess
     import sys

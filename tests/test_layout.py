@@ -1,4 +1,5 @@
-"""The package graph: data flows pipeline -> model (with kernels) -> train; bench only calls into them."""
+"""The package graph: data flows pipeline -> model (with kernels) -> train; bench only calls into
+them."""
 
 import ast
 import itertools
@@ -17,7 +18,8 @@ ALLOWED = {
 
 
 def module_imports() -> dict[str, set[str]]:
-    """module name -> the project modules it imports (anywhere in the file, lazy imports included)."""
+    """module name -> the project modules it imports (anywhere in the file, lazy imports
+    included)."""
     graph = {}
     for package in PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
@@ -40,7 +42,9 @@ def test_no_import_cycles():
     def visit(module: str, trail: list[str]) -> None:
         state[module] = "open"
         for target in sorted(graph[module]):
-            assert state.get(target) != "open", "import cycle: " + " -> ".join([*trail, module, target])
+            assert state.get(target) != "open", "import cycle: " + " -> ".join(
+                [*trail, module, target]
+            )
             if target not in state:
                 visit(target, [*trail, module])
         state[module] = "done"

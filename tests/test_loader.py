@@ -23,7 +23,12 @@ def write_jpeg(path: Path, pixels: np.ndarray) -> None:
 
 
 def shards_from(tree: Path, out: Path, *extra: str) -> Path:
-    assert build_shards([str(tree), str(out), "--shard-size-mb", "0.02", "--workers", "1", "--quiet", *extra]) == 0
+    assert (
+        build_shards(
+            [str(tree), str(out), "--shard-size-mb", "0.02", "--workers", "1", "--quiet", *extra]
+        )
+        == 0
+    )
     return out
 
 
@@ -33,7 +38,9 @@ def id_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("ids")
     rng = np.random.default_rng(0)
     for i in range(41):
-        write_jpeg(root / "tree" / f"c{i:03d}" / "img.JPEG", rng.integers(0, 255, (40 + i % 7, 48, 3)))
+        write_jpeg(
+            root / "tree" / f"c{i:03d}" / "img.JPEG", rng.integers(0, 255, (40 + i % 7, 48, 3))
+        )
     return shards_from(root / "tree", root / "shards")
 
 
@@ -58,9 +65,10 @@ def uniform_shards(tmp_path_factory):
 
 @pytest.fixture
 def open_loader():
-    """build_loader on the CPU with one thread, checking the backend asked for is the one that runs. Each loader
-    is closed when its test ends, as the trainer closes its own: DALI pipelines left to the garbage collector are
-    torn down at a moment nobody chose, from whichever thread it runs in, while other pipelines decode."""
+    """build_loader on the CPU with one thread, checking the backend asked for is the one that runs.
+    Each loader is closed when its test ends, as the trainer closes its own: DALI pipelines left to
+    the garbage collector are torn down at a moment nobody chose, from whichever thread it runs in,
+    while other pipelines decode."""
     opened = []
 
     def open_(shards, backend: str, **options):
@@ -88,20 +96,28 @@ def test_shapes_dtype_and_normalization(uniform_shards, backend, train, open_loa
     images, labels = batches[0]
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
     assert labels.dtype == torch.int64 and labels.tolist() == [0, 0]
-    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip((200, 100, 50), IMAGENET_MEAN, IMAGENET_STD,
-                                                                   strict=True)])
+    expected = torch.tensor(
+        [
+            (c / 255 - m) / s
+            for c, m, s in zip((200, 100, 50), IMAGENET_MEAN, IMAGENET_STD, strict=True)
+        ]
+    )
     torch.testing.assert_close(images.mean((0, 2, 3)), expected, atol=0.05, rtol=0)
     assert (images - expected.view(1, 3, 1, 1)).abs().max() < 0.1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bfloat16_output(uniform_shards, backend, open_loader):
-    loader = open_loader(uniform_shards, backend, local_batch_size=2, img_size=32, dtype=torch.bfloat16)
+    loader = open_loader(
+        uniform_shards, backend, local_batch_size=2, img_size=32, dtype=torch.bfloat16
+    )
     assert next(iter(loader))[0].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_train_crops_respect_scale_and_ratio_and_flip_half_the_time(gradient_shards, backend, open_loader):
+def test_train_crops_respect_scale_and_ratio_and_flip_half_the_time(
+    gradient_shards, backend, open_loader
+):
     loader = open_loader(gradient_shards, backend, local_batch_size=8, img_size=32)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -109,7 +125,8 @@ def test_train_crops_respect_scale_and_ratio_and_flip_half_the_time(gradient_sha
     for epoch in range(12):
         loader.set_epoch(epoch)
         for images, _ in loader:
-            pixels = (images * std + mean) * 255 / 2  # back to source coordinates: red = x, green = y
+            # back to source coordinates: red = x, green = y
+            pixels = (images * std + mean) * 255 / 2
             red, green = pixels[:, 0], pixels[:, 1]
             x_first, x_last = red[:, :, 0].mean(1), red[:, :, -1].mean(1)
             y_top, y_bottom = green[:, 0, :].mean(1), green[:, -1, :].mean(1)
@@ -129,8 +146,12 @@ def test_train_crops_respect_scale_and_ratio_and_flip_half_the_time(gradient_sha
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_ranks_see_disjoint_samples_and_nearly_all(id_shards, backend, open_loader):
     batch, world = 4, 2
-    loaders = [open_loader(id_shards, backend, local_batch_size=batch, img_size=16, rank=r, world_size=world)
-               for r in range(world)]
+    loaders = [
+        open_loader(
+            id_shards, backend, local_batch_size=batch, img_size=16, rank=r, world_size=world
+        )
+        for r in range(world)
+    ]
     assert len(loaders[0]) == len(loaders[1]) == (41 // 2) // 4
     for epoch in range(2):
         seen = [epoch_labels(loader, epoch) for loader in loaders]
@@ -150,8 +171,8 @@ def test_a_rank_reads_different_samples_in_different_epochs(id_shards, backend, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eval_crop_is_centred(gradient_shards, backend, open_loader):
-    """Evaluation resizes the shorter side to S/0.875 and takes the central S x S: on a gradient image
-    (red = 2x, green = 2y over 128 px) the crop's mean colour is the image centre's, 128."""
+    """Evaluation resizes the shorter side to S/0.875 and takes the central S x S: on a gradient
+    image (red = 2x, green = 2y over 128 px) the crop's mean colour is the image centre's, 128."""
     loader = open_loader(gradient_shards, backend, local_batch_size=8, img_size=32, train=False)
     images, _ = next(iter(loader))
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -165,8 +186,15 @@ def test_eval_crop_is_centred(gradient_shards, backend, open_loader):
 def test_eval_yields_every_sample_exactly_once(id_shards, backend, world, open_loader):
     labels = []
     for rank in range(world):
-        loader = open_loader(id_shards, backend, local_batch_size=4, img_size=16, train=False, rank=rank,
-                           world_size=world)
+        loader = open_loader(
+            id_shards,
+            backend,
+            local_batch_size=4,
+            img_size=16,
+            train=False,
+            rank=rank,
+            world_size=world,
+        )
         labels += epoch_labels(loader, 0)
     assert sorted(labels) == list(range(41))
 
@@ -184,11 +212,15 @@ def test_epochs_differ_and_a_seed_reproduces_the_stream(id_shards, backend, open
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loop_ended", [False, True])
-def test_resume_mid_epoch_continues_with_the_same_batches(id_shards, backend, loop_ended, open_loader):
-    """Bitwise: the state taken mid-epoch (while the loop runs, as a periodic checkpoint does, or after
-    it stopped, as at the end of a run) reproduces the rest of the stream, crops included."""
+def test_resume_mid_epoch_continues_with_the_same_batches(
+    id_shards, backend, loop_ended, open_loader
+):
+    """Bitwise: the state taken mid-epoch (while the loop runs, as a periodic checkpoint does, or
+    after it stopped, as at the end of a run) reproduces the rest of the stream, crops included."""
     def make():
-        return open_loader(id_shards, backend, local_batch_size=4, img_size=16, rank=1, world_size=2)
+        return open_loader(
+            id_shards, backend, local_batch_size=4, img_size=16, rank=1, world_size=2
+        )
 
     whole = make()
     whole.set_epoch(2)
@@ -230,7 +262,9 @@ def test_clear_errors(id_shards, tmp_path, backend):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"train.json not found"):
         build_loader(tmp_path / "empty", local_batch_size=4, **opts)
-    with pytest.raises(ValueError, match=r"batch size 32 is larger than a rank's share of 20 samples \(41"):
+    with pytest.raises(
+        ValueError, match=r"batch size 32 is larger than a rank's share of 20 samples \(41"
+    ):
         build_loader(id_shards, local_batch_size=32, rank=1, world_size=2, **opts)
     with pytest.raises(FileNotFoundError, match=r"\d+ file\(s\) missing, first .*train-000099.tar"):
         build_loader(str(id_shards / "train-{000099..000000}.tar"), local_batch_size=4, **opts)
@@ -240,21 +274,33 @@ def test_clear_errors(id_shards, tmp_path, backend):
         (copy / p.name).write_bytes(p.read_bytes())
     (copy / "train-000000.tar").rename(copy / "train-000777.tar")
     (copy / "train-000000.idx").rename(copy / "train-000777.idx")
-    with pytest.raises(ValueError, match=r"train-000777.tar is not in .*train.json: the shard list and manifest"):
+    with pytest.raises(
+        ValueError, match=r"train-000777.tar is not in .*train.json: the shard list and manifest"
+    ):
         build_loader(str(copy / "train-{000777,000001}.tar"), local_batch_size=4, **opts)
     with pytest.raises(FileNotFoundError, match=r"lists 1 shard\(s\) that are missing"):
         build_loader(copy, local_batch_size=4, **opts)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_an_index_that_disagrees_with_its_manifest_stops_the_reading_naming_it(id_shards, tmp_path, backend,
-                                                                              open_loader):
-    """A loader reads a shard's index when it first reads the shard (a rank reads its own share's, not all of
-    them): an index cut short, or whose header disagrees with the manifest, stops that reading, naming the file."""
-    for damage, message in ((lambda lines: lines[:-1], r"train-000000.idx: the header says \d+ samples, the file "
-                                                       r"lists \d+"),
-                            (lambda lines: ["v1.2 999", *lines[1:]], r"train-000000.idx: the index header lists 999 "
-                                                                     r"samples, the manifest \d+")):
+def test_an_index_that_disagrees_with_its_manifest_stops_the_reading_naming_it(
+    id_shards, tmp_path, backend, open_loader
+):
+    """A loader reads a shard's index when it first reads the shard (a rank reads its own share's,
+    not all of them): an index cut short, or whose header disagrees with the manifest, stops that
+    reading, naming the file."""
+    for damage, message in (
+        (
+            lambda lines: lines[:-1],
+            r"train-000000.idx: the header says \d+ samples, the file "
+            r"lists \d+",
+        ),
+        (
+            lambda lines: ["v1.2 999", *lines[1:]],
+            r"train-000000.idx: the index header lists 999 "
+            r"samples, the manifest \d+",
+        ),
+    ):
         bad = tmp_path / f"bad{len(message)}"
         bad.mkdir()
         for p in id_shards.iterdir():
@@ -262,7 +308,8 @@ def test_an_index_that_disagrees_with_its_manifest_stops_the_reading_naming_it(i
         idx = bad / "train-000000.idx"
         idx.write_text("\n".join(damage(idx.read_text().splitlines())) + "\n")
         loader = open_loader(bad, backend, local_batch_size=4, img_size=16, train=False)
-        with pytest.raises(DamagedIndex, match=message):  # a RuntimeError: a run stops with exit 5, resumable
+        # a RuntimeError: a run stops with exit 5, resumable
+        with pytest.raises(DamagedIndex, match=message):
             list(loader)
 
 
@@ -287,7 +334,9 @@ def test_corrupt_image_in_a_shard_fails_naming_it(tmp_path, backend, open_loader
 def test_both_backends_read_the_same_samples_in_the_same_order(id_shards, train, open_loader):
     streams = []
     for backend in BACKENDS:
-        loader = open_loader(id_shards, backend, local_batch_size=4, img_size=16, rank=1, world_size=2, train=train)
+        loader = open_loader(
+            id_shards, backend, local_batch_size=4, img_size=16, rank=1, world_size=2, train=train
+        )
         streams.append([epoch_labels(loader, epoch) for epoch in range(2)])
     assert streams[0] == streams[1]
 
@@ -300,17 +349,26 @@ def read_batches(loader, count: int) -> list[int]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("new_world", [1, 3])
-def test_an_epoch_interrupted_on_two_ranks_finishes_on_another_count(id_shards, backend, new_world, open_loader):
-    """The rest of an interrupted epoch is read exactly once by the new ranks, in equal batch counts;
-    the epochs after it are whole epochs at the new rank count."""
-    old = [open_loader(id_shards, backend, local_batch_size=4, img_size=16, rank=r, world_size=2) for r in range(2)]
+def test_an_epoch_interrupted_on_two_ranks_finishes_on_another_count(
+    id_shards, backend, new_world, open_loader
+):
+    """The rest of an interrupted epoch is read exactly once by the new ranks, in equal batch
+    counts; the epochs after it are whole epochs at the new rank count."""
+    old = [
+        open_loader(id_shards, backend, local_batch_size=4, img_size=16, rank=r, world_size=2)
+        for r in range(2)
+    ]
     before = []
     for loader in old:
         loader.set_epoch(5)
         before += read_batches(loader, 2)
     state = old[0].state_dict()
-    new = [open_loader(id_shards, backend, local_batch_size=3, img_size=16, rank=r, world_size=new_world)
-           for r in range(new_world)]
+    new = [
+        open_loader(
+            id_shards, backend, local_batch_size=3, img_size=16, rank=r, world_size=new_world
+        )
+        for r in range(new_world)
+    ]
     after = []
     for loader in new:
         loader.load_state_dict(state)
@@ -319,7 +377,8 @@ def test_an_epoch_interrupted_on_two_ranks_finishes_on_another_count(id_shards, 
         after += epoch_labels(loader, 5)
     assert len(before) == len(set(before)) == 16 and len(after) == len(set(after))
     assert not set(before) & set(after)
-    assert 41 - len(before) - len(after) < new_world * (3 + 1)  # only what cannot fill a batch on every rank
+    # only what cannot fill a batch on every rank
+    assert 41 - len(before) - len(after) < new_world * (3 + 1)
     following = [label for loader in new for label in epoch_labels(loader, 6)]
     assert len(following) == len(set(following)) == new_world * (41 // new_world // 3) * 3
 
@@ -351,11 +410,15 @@ def test_threads_default_to_the_usable_cores_over_the_ranks_on_the_node(monkeypa
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_checkpoint_taken_after_an_exact_resume_resumes_exactly_too(id_shards, backend, open_loader):
-    """A run checkpointed, resumed, checkpointed again and resumed again reads the batches an uninterrupted
-    one reads: the exact (DALI) state must survive the first resume."""
+def test_a_checkpoint_taken_after_an_exact_resume_resumes_exactly_too(
+    id_shards, backend, open_loader
+):
+    """A run checkpointed, resumed, checkpointed again and resumed again reads the batches an
+    uninterrupted one reads: the exact (DALI) state must survive the first resume."""
     def make():
-        return open_loader(id_shards, backend, local_batch_size=2, img_size=16, rank=0, world_size=2)
+        return open_loader(
+            id_shards, backend, local_batch_size=2, img_size=16, rank=0, world_size=2
+        )
 
     whole = make()
     whole.set_epoch(1)
@@ -382,9 +445,11 @@ def read_tensors(loader, count: int) -> list:
     return [next(batches) for _ in range(count)]
 
 
-def test_evaluation_pixels_agree_between_backends_and_are_never_flipped(gradient_shards, open_loader):
-    """The same eval images through DALI and PIL: the same centre crop, bicubic-resized, within a few grey
-    levels; and a left-to-right gradient stays left-to-right (evaluation never mirrors)."""
+def test_evaluation_pixels_agree_between_backends_and_are_never_flipped(
+    gradient_shards, open_loader
+):
+    """The same eval images through DALI and PIL: the same centre crop, bicubic-resized, within a
+    few grey levels; and a left-to-right gradient stays left-to-right (evaluation never mirrors)."""
     streams = {backend: [] for backend in BACKENDS}
     for backend, stream in streams.items():
         loader = open_loader(gradient_shards, backend, local_batch_size=8, img_size=32, train=False)
@@ -394,26 +459,47 @@ def test_evaluation_pixels_agree_between_backends_and_are_never_flipped(gradient
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     for dali, pil in zip(streams["dali"], streams["pil"], strict=True):
         grey_levels = ((dali - pil) * std * 255).abs()
-        assert grey_levels.mean() < 2.0 and grey_levels.max() < 12, (grey_levels.mean(), grey_levels.max())
+        assert grey_levels.mean() < 2.0 and grey_levels.max() < 12, (
+            grey_levels.mean(),
+            grey_levels.max(),
+        )
         for images in (dali, pil):
             red = images[:, 0]  # red = 2x in the source: rises left to right unless mirrored
             assert bool((red[:, :, -1].mean(1) > red[:, :, 0].mean(1)).all())
 
 
 def test_synthetic_data_follows_the_epoch_plan_and_resumes_exactly():
-    """Random images made in place, in the real loaders' range, at the real batch counts and positions."""
+    """Random images made in place, in the real loaders' range, at the real batch counts and
+    positions."""
     def make(rank=0, world=2):
-        return build_loader(None, backend="synthetic", local_batch_size=4, img_size=16, rank=rank, world_size=world,
-                            device="cpu", synthetic_samples=41)
+        return build_loader(
+            None,
+            backend="synthetic",
+            local_batch_size=4,
+            img_size=16,
+            rank=rank,
+            world_size=world,
+            device="cpu",
+            synthetic_samples=41,
+        )
 
     loader = make()
     assert loader.backend == "synthetic" and len(loader) == 5  # 20 samples a rank: 5 batches of 4
     batches = list(loader)
     images, labels = batches[0]
-    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
-    low = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]).view(1, 3, 1, 1)
-    high = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]).view(1, 3, 1, 1)
-    assert bool(((images >= low) & (images <= high)).all()) and images.std() > 0.5  # spread over the whole range
+    assert (
+        images.shape == (4, 3, 16, 16)
+        and images.dtype == torch.float32
+        and labels.dtype == torch.int64
+    )
+    low = torch.tensor(
+        [(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+    ).view(1, 3, 1, 1)
+    high = torch.tensor(
+        [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+    ).view(1, 3, 1, 1)
+    # spread over the whole range
+    assert bool(((images >= low) & (images <= high)).all()) and images.std() > 0.5
     other_rank = [label for _, labels in make(rank=1) for label in labels.tolist()]
     assert not set(other_rank) & {label for _, labels in batches for label in labels.tolist()}
     first = make()
@@ -429,18 +515,23 @@ ODD_SIZES = [(640, 427), (427, 640), (503, 375), (375, 503), (500, 500), (257, 3
 
 
 def torchvision_eval_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
-    """The reference's evaluation transform, written out as torchvision computes it: Resize(int(size / crop_pct))
-    with crop_pct 224/256 up to 224 and 1.0 above, then CenterCrop(size). (resized w, resized h, left, top)."""
+    """The reference's evaluation transform, written out as torchvision computes it: Resize(int(size
+    / crop_pct)) with crop_pct 224/256 up to 224 and 1.0 above, then CenterCrop(size). (resized w,
+    resized h, left, top)."""
     shorter = int(size / (224 / 256 if size <= 224 else 1.0))
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = shorter, int(shorter * long / short)
     new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-    return new_w, new_h, round((new_w - size) / 2.0), round((new_h - size) / 2.0)  # torchvision: int(round(..))
+    # torchvision: int(round(..))
+    return new_w, new_h, round((new_w - size) / 2.0), round((new_h - size) / 2.0)
 
 
 def smooth_image(width: int, height: int, seed: int) -> Image.Image:
-    """Low-frequency random colours: a one-pixel shift of a crop changes it measurably, JPEG keeps it well."""
-    coarse = np.random.default_rng(seed).integers(0, 256, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
+    """Low-frequency random colours: a one-pixel shift of a crop changes it measurably, JPEG keeps
+    it well."""
+    coarse = np.random.default_rng(seed).integers(
+        0, 256, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8
+    )
     return Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
 
 
@@ -449,15 +540,20 @@ def test_eval_geometry_is_the_references_resize_and_centre_crop(size):
     from pipeline.loader_base import eval_geometry
 
     for width, height in ODD_SIZES:
-        assert eval_geometry(width, height, size) == torchvision_eval_box(width, height, size), (width, height)
+        assert eval_geometry(width, height, size) == torchvision_eval_box(width, height, size), (
+            width,
+            height,
+        )
 
 
 def test_both_backends_crop_odd_sizes_where_the_reference_does(tmp_path, open_loader):
-    """640x427 and 503x375 (each way round) at 224: PIL's pixels equal the reference transform's; DALI's come
-    within a grey level of them, and a crop one pixel off would not."""
+    """640x427 and 503x375 (each way round) at 224: PIL's pixels equal the reference transform's;
+    DALI's come within a grey level of them, and a crop one pixel off would not."""
     (tmp_path / "tree" / "c0").mkdir(parents=True)
     for seed, (width, height) in enumerate(ODD_SIZES[:4]):
-        smooth_image(width, height, seed).save(tmp_path / "tree" / "c0" / f"{seed}.JPEG", quality=98)
+        smooth_image(width, height, seed).save(
+            tmp_path / "tree" / "c0" / f"{seed}.JPEG", quality=98
+        )
     shards = shards_from(tmp_path / "tree", tmp_path / "shards")
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -470,18 +566,25 @@ def test_both_backends_crop_odd_sizes_where_the_reference_does(tmp_path, open_lo
             img = Image.open(io.BytesIO(entries.jpeg(i))).convert("RGB")
             new_w, new_h, left, top = torchvision_eval_box(img.width, img.height, 224)
             resized = np.asarray(img.resize((new_w, new_h), Image.BICUBIC), dtype=np.float64)
-            error = {(dy, dx): np.abs(got - resized[top + dy:top + dy + 224, left + dx:left + dx + 224]).mean()
-                     for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)) if min(top + dy, left + dx) >= 0}
+            error = {
+                (dy, dx): np.abs(
+                    got - resized[top + dy : top + dy + 224, left + dx : left + dx + 224]
+                ).mean()
+                for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+                if min(top + dy, left + dx) >= 0
+            }
             assert error[(0, 0)] < (0.5 if backend == "pil" else 1.5), (backend, img.size, error)
             assert all(e > error[(0, 0)] + 0.3 for shift, e in error.items() if shift != (0, 0)), \
                 (backend, img.size, error)
 
 
-def test_the_keys_named_here_stay_this_epochs_while_the_next_epoch_is_planned_in_another_thread(id_shards,
-                                                                                               open_loader):
-    """The DALI loader plans the next epoch in a background thread while the loop names the keys of the batches it
-    read (log.sample_ids, the search for a damaged image): those must never be the other epoch's. The planner runs
-    between any two lines of the loader's `samples` here (each line waits a little), as threads may interleave."""
+def test_the_keys_named_here_stay_this_epochs_while_the_next_epoch_is_planned_in_another_thread(
+    id_shards, open_loader
+):
+    """The DALI loader plans the next epoch in a background thread while the loop names the keys of
+    the batches it read (log.sample_ids, the search for a damaged image): those must never be the
+    other epoch's. The planner runs between any two lines of the loader's `samples` here (each line
+    waits a little), as threads may interleave."""
     import sys
     import threading
     import time
@@ -493,7 +596,9 @@ def test_the_keys_named_here_stay_this_epochs_while_the_next_epoch_is_planned_in
     loader.set_epoch(0)
     batches = len(loader)
     expected = [loader.batch_keys(b) for b in range(batches)]
-    assert loader.table.keys(loader.samples(ReadPosition(1))) != [key for keys in expected for key in keys]
+    assert loader.table.keys(loader.samples(ReadPosition(1))) != [
+        key for keys in expected for key in keys
+    ]
     stop = threading.Event()
 
     def plan_next_epoch() -> None:
@@ -521,12 +626,17 @@ def test_the_keys_named_here_stay_this_epochs_while_the_next_epoch_is_planned_in
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "synthetic"])
-def test_a_loader_asked_for_no_labels_gives_none_and_the_same_images(id_shards, backend, open_loader):
-    """MAE pre-training reads no labels: its loader reads, decodes and moves none, and its images are the same."""
+def test_a_loader_asked_for_no_labels_gives_none_and_the_same_images(
+    id_shards, backend, open_loader
+):
+    """MAE pre-training reads no labels: its loader reads, decodes and moves none, and its images
+    are the same."""
     options = dict(local_batch_size=4, img_size=16, rank=0, world_size=2, synthetic_samples=41)
     shards = None if backend == "synthetic" else id_shards
     with_labels = [(images, labels) for images, labels in open_loader(shards, backend, **options)]
-    without = [(images, labels) for images, labels in open_loader(shards, backend, labels=False, **options)]
+    without = [
+        (images, labels) for images, labels in open_loader(shards, backend, labels=False, **options)
+    ]
     assert len(with_labels) == len(without) == 41 // 2 // 4
     assert all(labels is None for _, labels in without)
     assert all(labels.dtype == torch.int64 and labels.shape == (4,) for _, labels in with_labels)
@@ -538,8 +648,9 @@ def test_a_loader_asked_for_no_labels_gives_none_and_the_same_images(id_shards, 
 @pytest.mark.parametrize("backend", [*BACKENDS, "synthetic"])
 @pytest.mark.parametrize("labels", [False, True])
 def test_no_batch_crosses_to_the_gpu_from_pageable_memory(id_shards, backend, labels):
-    """A copy from pageable host memory waits for the stream: the host loses its run-ahead at every batch. Every
-    host-to-device copy a batch makes must come from pinned memory (DALI's own copies happen inside its graph)."""
+    """A copy from pageable host memory waits for the stream: the host loses its run-ahead at every
+    batch. Every host-to-device copy a batch makes must come from pinned memory (DALI's own copies
+    happen inside its graph)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     copies: list[tuple[str, bool]] = []
@@ -555,11 +666,21 @@ def test_no_batch_crosses_to_the_gpu_from_pageable_memory(id_shards, backend, la
             return out
 
     shards = None if backend == "synthetic" else id_shards
-    loader = build_loader(shards, backend=backend, device="gpu", num_threads=2, local_batch_size=4, img_size=16,
-                          labels=labels, synthetic_samples=41)
+    loader = build_loader(
+        shards,
+        backend=backend,
+        device="gpu",
+        num_threads=2,
+        local_batch_size=4,
+        img_size=16,
+        labels=labels,
+        synthetic_samples=41,
+    )
     try:
         with HostToDevice():
-            batches = [(images.device.type, None if y is None else y.device.type) for images, y in loader]
+            batches = [
+                (images.device.type, None if y is None else y.device.type) for images, y in loader
+            ]
     finally:
         loader.close()
     assert batches and all(b == ("cuda", "cuda" if labels else None) for b in batches), batches

@@ -34,7 +34,9 @@ def test_matches_independent_mae_in_float64(norm_pix_loss, monkeypatch):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     for name, param in model.named_parameters():
         if param.requires_grad:
-            torch.testing.assert_close(param.grad, params[name].grad, rtol=1e-8, atol=1e-10, msg=name)
+            torch.testing.assert_close(
+                param.grad, params[name].grad, rtol=1e-8, atol=1e-10, msg=name
+            )
 
 
 def test_kept_tokens_are_the_lowest_noise_ones():
@@ -95,7 +97,9 @@ def test_paper_presets_have_reference_layout(builder, patch, dim, depth, encoder
         "decoder_pred.weight": (patch * patch * 3, 512), "decoder_pred.bias": (patch * patch * 3,),
     }
     expected.update({f"blocks.{i}.{k}": None for i in range(depth) for k in EXPECTED_BLOCK_KEYS})
-    expected.update({f"decoder_blocks.{i}.{k}": None for i in range(8) for k in EXPECTED_BLOCK_KEYS})
+    expected.update(
+        {f"decoder_blocks.{i}.{k}": None for i in range(8) for k in EXPECTED_BLOCK_KEYS}
+    )
     assert set(state) == set(expected)
     for key, shape in expected.items():
         if shape is not None:
@@ -103,8 +107,11 @@ def test_paper_presets_have_reference_layout(builder, patch, dim, depth, encoder
     assert tuple(state["blocks.0.attn.qkv.weight"].shape) == (3 * dim, dim)
     assert tuple(state["blocks.0.mlp.fc1.weight"].shape) == (4 * dim, dim)
     assert tuple(state["decoder_blocks.0.attn.qkv.weight"].shape) == (3 * 512, 512)
-    encoder = sum(v.numel() for k, v in model.named_parameters() if not k.startswith(("decoder", "mask_token"))
-                  and v.requires_grad)
+    encoder = sum(
+        v.numel()
+        for k, v in model.named_parameters()
+        if not k.startswith(("decoder", "mask_token")) and v.requires_grad
+    )
     assert abs(encoder - encoder_params) / encoder_params < 0.01
     assert model.blocks[0].norm1.eps == 1e-6
 
@@ -148,19 +155,26 @@ def test_reference_checkpoints_load(tmp_path):
     for key, value in trained.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
 
-    encoder_only = {k: v for k, v in trained.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    encoder_only = {
+        k: v for k, v in trained.state_dict().items() if not k.startswith(("decoder", "mask_token"))
+    }
     encoder_only["fc_norm.weight"] = torch.ones(32)
     report = load_reference_weights(small_model(), encoder_only)
     assert report.encoder_only and report.unexpected == ["fc_norm.weight"]
     assert "encoder-only checkpoint" in str(report) and "fc_norm.weight" in str(report)
     with pytest.raises(ValueError, match="strict load failed"):
         load_reference_weights(small_model(), encoder_only, strict=True)
-    with pytest.raises(ValueError, match=r"pos_embed: checkpoint \[1, 17, 32\] vs model \[1, 37, 32\]"):
+    with pytest.raises(
+        ValueError, match=r"pos_embed: checkpoint \[1, 17, 32\] vs model \[1, 37, 32\]"
+    ):
         load_reference_weights(small_model(img_size=(32, 72)), full)
 
 
-def saved_for_backward_bytes(model: MaskedAutoencoderViT, imgs: torch.Tensor, noise: torch.Tensor) -> int:
-    """Bytes autograd keeps from the forward for the backward: the activation memory of a training step."""
+def saved_for_backward_bytes(
+    model: MaskedAutoencoderViT, imgs: torch.Tensor, noise: torch.Tensor
+) -> int:
+    """Bytes autograd keeps from the forward for the backward: the activation memory of a training
+    step."""
     total = 0
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -184,7 +198,8 @@ def test_activation_recompute_saves_memory_not_results():
         saved.append(saved_for_backward_bytes(model, imgs, noise))
         results.append((model(imgs, noise=noise)[0].detach(),
                         [p.grad.clone() for p in model.parameters() if p.requires_grad]))
-    # Recomputing the 6 encoder blocks keeps only their inputs: under half of what the plain forward keeps.
+    # Recomputing the 6 encoder blocks keeps only their inputs: under half of what the plain forward
+    # keeps.
     assert saved[1] < 0.5 * saved[0], saved
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     for a, b in zip(results[0][1], results[1][1], strict=True):
@@ -208,6 +223,17 @@ def test_weight_files_holding_code_are_refused(tmp_path, capsys):
     # What the reference training script saves beside the weights still loads.
     import argparse
     own = tmp_path / "checkpoint-799.pth"
-    torch.save({"model": model.state_dict(), "optimizer": {"state": {}}, "epoch": 799, "scaler": {"scale": 1.0},
-                "args": argparse.Namespace(blr=1.5e-4, model="mae_vit_base_patch16")}, own)
-    assert str(load_reference_weights(small_model(), own, strict=True)) == "all weights loaded (encoder and decoder)"
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": {"state": {}},
+            "epoch": 799,
+            "scaler": {"scale": 1.0},
+            "args": argparse.Namespace(blr=1.5e-4, model="mae_vit_base_patch16"),
+        },
+        own,
+    )
+    assert (
+        str(load_reference_weights(small_model(), own, strict=True))
+        == "all weights loaded (encoder and decoder)"
+    )

@@ -1,4 +1,5 @@
-"""The trainer's parts that need no run: the metric window's divergence check, the cadences, the exit codes."""
+"""The trainer's parts that need no run: the metric window's divergence check, the cadences, the
+exit codes."""
 
 import math
 
@@ -13,7 +14,9 @@ from train.outcome import RunEnd
 
 @pytest.fixture
 def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     yield
     dist.destroy_process_group()
 
@@ -42,7 +45,10 @@ def test_cadences_say_when_work_is_due():
     assert not any(EverySteps(0).due(s) for s in range(1, 10))
     assert [e for e in range(1, 7) if EveryEpochs(2).due(e)] == [2, 4, 6]
     clock = CheckpointCadence(steps=5, minutes=0)
-    assert [s for s in range(1, 11) if clock.due_by_steps(s)] == [5, 10] and not clock.due_by_clock()
+    assert [s for s in range(1, 11) if clock.due_by_steps(s)] == [
+        5,
+        10,
+    ] and not clock.due_by_clock()
     by_time = CheckpointCadence(steps=0, minutes=1)
     assert not by_time.due_by_clock() and not by_time.due_by_steps(5)
     by_time.last_save -= 61
@@ -54,5 +60,6 @@ def test_cadences_say_when_work_is_due():
 def test_every_way_a_run_ends_has_its_own_exit_code():
     codes = [end.value for end in RunEnd]
     assert len(set(codes)) == len(codes) and RunEnd.FINISHED == 0
-    assert 1 not in codes  # Python's own status for an uncaught exception: a bug, never a run's outcome
+    # Python's own status for an uncaught exception: a bug, never a run's outcome
+    assert 1 not in codes
     assert (RunEnd.REFUSED, RunEnd.STOPPED, RunEnd.DIVERGED, RunEnd.FAILED) == (2, 3, 4, 5)

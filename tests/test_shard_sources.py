@@ -1,4 +1,5 @@
-"""Shards from the containers users download, built with the standard library here, never extracted by the
+"""Shards from the containers users download, built with the standard library here, never extracted
+by the
 builder: the same images give byte-identical shards whichever container holds them; bad archives are
 reported and lose nothing good; unlabeled collections and existing WebDataset tars."""
 
@@ -57,7 +58,8 @@ def tar_of_class_tars(tree: Path, target: Path) -> Path:
 
 
 def class_folder_archive(tree: Path, target: Path) -> Path:
-    """A tar, .tar.gz or zip of the tree under a parent folder, the way `tar czf train.tar.gz train/` makes it."""
+    """A tar, .tar.gz or zip of the tree under a parent folder, the way `tar czf train.tar.gz
+    train/` makes it."""
     if target.suffix == ".zip":
         with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
             for cls, files in class_files(tree).items():
@@ -89,28 +91,40 @@ def per_class_tars(tree: Path, folder: Path) -> Path:
 
 
 CONTAINERS = {
-    "imagenet_train_tar_of_tars": lambda tree, tmp: tar_of_class_tars(tree, tmp / "ILSVRC2012_img_train.tar"),
+    "imagenet_train_tar_of_tars": lambda tree, tmp: tar_of_class_tars(
+        tree, tmp / "ILSVRC2012_img_train.tar"
+    ),
     "class_folder_tar": lambda tree, tmp: class_folder_archive(tree, tmp / "train.tar"),
     "class_folder_tar_gz": lambda tree, tmp: class_folder_archive(tree, tmp / "train.tar.gz"),
     "class_folder_zip": lambda tree, tmp: class_folder_archive(tree, tmp / "train.zip"),
-    "kaggle_zip": lambda tree, tmp: kaggle_zip(tree, tmp / "imagenet-object-localization-challenge.zip"),
+    "kaggle_zip": lambda tree, tmp: kaggle_zip(
+        tree, tmp / "imagenet-object-localization-challenge.zip"
+    ),
     "imagenet21k_folder_of_tars": lambda tree, tmp: per_class_tars(tree, tmp / "winter21"),
 }
 
 
 @pytest.mark.parametrize("container", sorted(CONTAINERS))
-def test_the_same_images_give_the_same_shards_whichever_container_holds_them(tree, tmp_path, container):
+def test_the_same_images_give_the_same_shards_whichever_container_holds_them(
+    tree, tmp_path, container
+):
     src = CONTAINERS[container](tree, tmp_path)
     out = tmp_path / "shards"
     assert build(src, out) == 0
     assert shard_bytes(out) == shard_bytes(tree / "from_tree")  # keys, bytes, labels, order
     for ext in (".idx",):
-        assert {p.name for p in out.glob(f"*{ext}")} == {p.name for p in (tree / "from_tree").glob(f"*{ext}")}
-    ours, theirs = Manifest.load(out / "train.json"), Manifest.load(tree / "from_tree" / "train.json")
+        assert {p.name for p in out.glob(f"*{ext}")} == {
+            p.name for p in (tree / "from_tree").glob(f"*{ext}")
+        }
+    ours, theirs = (
+        Manifest.load(out / "train.json"),
+        Manifest.load(tree / "from_tree" / "train.json"),
+    )
     assert (ours.classes, ours.samples, ours.plan) == (theirs.classes, theirs.samples, theirs.plan)
     assert sorted(r["path"] for r in Manifest.reports(out, "train", "rejected")) == sorted(
         r["path"] for r in Manifest.reports(tree / "from_tree", "train", "rejected"))
-    assert not (out / ".scratch").exists()  # a .tar.gz's temporary tar is gone once the build is done
+    # a .tar.gz's temporary tar is gone once the build is done
+    assert not (out / ".scratch").exists()
     assert build_main(["--verify", str(out)]) == 0
 
 
@@ -127,8 +141,8 @@ def test_an_interrupted_archive_build_resumes_and_keeps_its_finished_shards(tree
 
 
 def test_val_from_the_imagenet_val_tar_and_the_devkit_archive(tree, tmp_path):
-    """ILSVRC2012_img_val.tar (flat JPEGs) labelled from ILSVRC2012_devkit_t12.tar.gz, read in place; the same
-    shards as the extracted folder with the ground-truth file and a synsets list."""
+    """ILSVRC2012_img_val.tar (flat JPEGs) labelled from ILSVRC2012_devkit_t12.tar.gz, read in
+    place; the same shards as the extracted folder with the ground-truth file and a synsets list."""
     classes = list(class_files(tree))
     folder = tmp_path / "val"
     folder.mkdir()
@@ -144,42 +158,81 @@ def test_val_from_the_imagenet_val_tar_and_the_devkit_archive(tree, tmp_path):
     with tarfile.open(tmp_path / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
         add_bytes(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
                   (tmp_path / "truth.txt").read_bytes())
-        add_bytes(tar, "ILSVRC2012_devkit_t12/data/meta.mat", devkit_meta_mat(classes, compressed=True))
+        add_bytes(
+            tar, "ILSVRC2012_devkit_t12/data/meta.mat", devkit_meta_mat(classes, compressed=True)
+        )
     train = tree / "from_tree" / "train.json"
     common = ["--split", "val", "--classes", str(train)]
-    assert build(folder, tmp_path / "a", *common, "--val-labels", str(tmp_path / "truth.txt"), "--synsets",
-                 str(tmp_path / "synsets.txt")) == 0
+    assert (
+        build(
+            folder,
+            tmp_path / "a",
+            *common,
+            "--val-labels",
+            str(tmp_path / "truth.txt"),
+            "--synsets",
+            str(tmp_path / "synsets.txt"),
+        )
+        == 0
+    )
     # The README's command: the devkit archive alone, its meta.mat read in place (no scipy needed).
     assert build(tmp_path / "ILSVRC2012_img_val.tar", tmp_path / "b", *common, "--val-labels",
                  str(tmp_path / "ILSVRC2012_devkit_t12.tar.gz")) == 0
     (tmp_path / "meta.mat").write_bytes(devkit_meta_mat(classes, compressed=False))
-    assert build(folder, tmp_path / "c", *common, "--val-labels", str(tmp_path / "truth.txt"), "--synsets",
-                 str(tmp_path / "meta.mat")) == 0
+    assert (
+        build(
+            folder,
+            tmp_path / "c",
+            *common,
+            "--val-labels",
+            str(tmp_path / "truth.txt"),
+            "--synsets",
+            str(tmp_path / "meta.mat"),
+        )
+        == 0
+    )
     assert shard_bytes(tmp_path / "a", "val") == shard_bytes(tmp_path / "b", "val") == shard_bytes(
         tmp_path / "c", "val") != {}
     assert Manifest.load(tmp_path / "b" / "val.json").samples == 9
 
 
 def devkit_meta_mat(classes: list[str], compressed: bool) -> bytes:
-    """The devkit's meta.mat as MATLAB lays it out (a struct array `synsets`, one row per synset: the classes
-    first, ids 1..N, then inner synsets of the hierarchy), written by scipy."""
+    """The devkit's meta.mat as MATLAB lays it out (a struct array `synsets`, one row per synset:
+    the classes first, ids 1..N, then inner synsets of the hierarchy), written by scipy."""
     import numpy as np
     from scipy.io import savemat
 
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     rows = np.zeros((len(classes) + 2, 1), dtype=[(f, "O") for f in fields])
     for i, wnid in enumerate([*classes, "n00001740", "n00002137"]):
         inner = i >= len(classes)
-        rows[i, 0] = (np.array([[i + 1.0]]), wnid, f"synset {i}", "a gloss", np.array([[2.0 if inner else 0.0]]),
-                      np.array([[1.0, 2.0]]) if inner else np.zeros((1, 0)), np.array([[0.0]]), np.array([[732.0]]))
+        rows[i, 0] = (
+            np.array([[i + 1.0]]),
+            wnid,
+            f"synset {i}",
+            "a gloss",
+            np.array([[2.0 if inner else 0.0]]),
+            np.array([[1.0, 2.0]]) if inner else np.zeros((1, 0)),
+            np.array([[0.0]]),
+            np.array([[732.0]]),
+        )
     out = io.BytesIO()
     savemat(out, {"synsets": rows}, do_compression=compressed)
     return out.getvalue()
 
 
 def test_val_ids_are_never_mapped_to_classes_through_an_unchecked_list(tree, tmp_path, capsys):
-    """A synsets.txt sorted by wnid (the usual file of that name) is not in ILSVRC id order: refused, not used."""
+    """A synsets.txt sorted by wnid (the usual file of that name) is not in ILSVRC id order:
+    refused, not used."""
     folder = tmp_path / "val"
     folder.mkdir()
     (folder / "ILSVRC2012_val_00000001.JPEG").write_bytes(jpeg_bytes(48, 40, seed=300))
@@ -188,8 +241,21 @@ def test_val_ids_are_never_mapped_to_classes_through_an_unchecked_list(tree, tmp
     for listing in (sorted(classes), list(reversed(classes))):
         (tmp_path / "synsets.txt").write_text("\n".join(listing) + "\n")
         capsys.readouterr()
-        assert build(folder, tmp_path / "out", "--split", "val", "--classes", str(tree / "from_tree" / "train.json"),
-                     "--val-labels", str(tmp_path / "truth.txt"), "--synsets", str(tmp_path / "synsets.txt")) == 2
+        assert (
+            build(
+                folder,
+                tmp_path / "out",
+                "--split",
+                "val",
+                "--classes",
+                str(tree / "from_tree" / "train.json"),
+                "--val-labels",
+                str(tmp_path / "truth.txt"),
+                "--synsets",
+                str(tmp_path / "synsets.txt"),
+            )
+            == 2
+        )
         assert "expected '<ILSVRC2012_ID> <wnid>'" in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
 
@@ -206,13 +272,16 @@ def test_kaggle_val_takes_its_labels_from_the_csv_inside_the_zip(tree, tmp_path)
     out = tmp_path / "shards"
     train = tree / "from_tree" / "train.json"
     assert build(tmp_path / "kaggle.zip", out, "--split", "val", "--classes", str(train)) == 0
-    samples = list(wds.WebDataset([str(p) for p in sorted(out.glob("val-*.tar"))], shardshuffle=False))
+    samples = list(
+        wds.WebDataset([str(p) for p in sorted(out.glob("val-*.tar"))], shardshuffle=False)
+    )
     assert sorted(int(s["cls"]) for s in samples) == [0, 0, 1, 1, 2, 2]
 
 
 def test_bad_archives_are_reported_and_lose_nothing_good(tmp_path):
-    """Non-images, hidden files, names with .. or an absolute path, spaces and non-ASCII names, links, the same
-    file name in two classes, an empty class and a corrupt inner tar, in ImageNet's tar-of-tars layout."""
+    """Non-images, hidden files, names with .. or an absolute path, spaces and non-ASCII names,
+    links, the same file name in two classes, an empty class and a corrupt inner tar, in ImageNet's
+    tar-of-tars layout."""
     good = {"n1": {"a b.JPEG": jpeg_bytes(40, 40, seed=1), "é.JPEG": jpeg_bytes(40, 40, seed=2),
                    "same.JPEG": jpeg_bytes(40, 40, seed=3)},
             "n2": {"same.JPEG": jpeg_bytes(40, 40, seed=4), "x.png": png_bytes(30, 30, seed=5)}}
@@ -240,10 +309,18 @@ def test_bad_archives_are_reported_and_lose_nothing_good(tmp_path):
     # Every class keeps its index, the empty and the damaged one too: no label shifts.
     assert manifest.classes == ["n0_empty", "n1", "n2", "n3_corrupt"] and manifest.samples == 5
     reasons = {r["path"]: r["reason"] for r in Manifest.reports(out, "train", "rejected")}
-    assert "not an image" in reasons["n1/README.txt"] and "not a readable tar" in reasons["n3_corrupt.tar"]
-    assert "leaves the archive" in reasons["n1/../escape.JPEG"] and "absolute" in reasons["n1//abs.JPEG"]
+    assert (
+        "not an image" in reasons["n1/README.txt"]
+        and "not a readable tar" in reasons["n3_corrupt.tar"]
+    )
+    assert (
+        "leaves the archive" in reasons["n1/../escape.JPEG"]
+        and "absolute" in reasons["n1//abs.JPEG"]
+    )
     assert "a link" in reasons["n1/link.JPEG"]
-    samples = list(wds.WebDataset([str(p) for p in sorted(out.glob("train-*.tar"))], shardshuffle=False))
+    samples = list(
+        wds.WebDataset([str(p) for p in sorted(out.glob("train-*.tar"))], shardshuffle=False)
+    )
     paths = sorted(json.loads(s["json"])["path"] for s in samples)
     assert paths == ["n1/a b.JPEG", "n1/same.JPEG", "n1/é.JPEG", "n2/same.JPEG", "n2/x.png"]
 
@@ -257,7 +334,9 @@ def test_a_truncated_archive_keeps_every_whole_image_and_names_the_cut(tree, tmp
     assert build(src, out) == 0
     manifest = Manifest.load(out / "train.json")
     rejected = list(Manifest.reports(out, "train", "rejected"))
-    assert any("cut short" in r["reason"] or "ends early" in r["reason"] for r in rejected), rejected
+    assert any("cut short" in r["reason"] or "ends early" in r["reason"] for r in rejected), (
+        rejected
+    )
     full = Manifest.load(tree / "from_tree" / "train.json").samples
     assert 0 < manifest.samples < full if cut > 0.5 else manifest.samples < full
     assert build_main(["--verify", str(out)]) == 0  # what was written is whole
@@ -267,13 +346,21 @@ def test_an_unlabeled_collection_at_any_depth_and_a_file_list(tmp_path):
     root = tmp_path / "photos"
     for i, rel in enumerate(["a.jpg", "trip/b.jpg", "trip/day2/c.png", ".hidden/d.jpg"]):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(jpeg_bytes(40, 30, seed=i) if rel.endswith("jpg") else png_bytes(30, 30, seed=i))
+        (root / rel).write_bytes(
+            jpeg_bytes(40, 30, seed=i) if rel.endswith("jpg") else png_bytes(30, 30, seed=i)
+        )
     out = tmp_path / "shards"
     assert build(root, out, "--unlabeled") == 0
     manifest = Manifest.load(out / "train.json")
     assert manifest.classes == [] and manifest.samples == 3
-    samples = list(wds.WebDataset([str(p) for p in sorted(out.glob("train-*.tar"))], shardshuffle=False))
-    assert sorted(json.loads(s["json"])["path"] for s in samples) == ["a.jpg", "trip/b.jpg", "trip/day2/c.png"]
+    samples = list(
+        wds.WebDataset([str(p) for p in sorted(out.glob("train-*.tar"))], shardshuffle=False)
+    )
+    assert sorted(json.loads(s["json"])["path"] for s in samples) == [
+        "a.jpg",
+        "trip/b.jpg",
+        "trip/day2/c.png",
+    ]
     assert {int(s["cls"]) for s in samples} == {-1}  # "no label", which the loaders read as -1
     listing = tmp_path / "list.txt"
     listing.write_text("photos/a.jpg 3\nphotos/trip/b.jpg 0\n# a comment\n\nphotos/missing.jpg 1\n")
@@ -285,8 +372,8 @@ def test_an_unlabeled_collection_at_any_depth_and_a_file_list(tmp_path):
 
 
 def test_existing_webdataset_tars_are_repacked_keeping_keys_and_metadata(tmp_path):
-    """img2dataset's layout: <key>.jpg/.webp with .txt and .json beside; repacked, converted where DALI cannot
-    decode, shuffled, indexed, the original key and text kept in each sample's json."""
+    """img2dataset's layout: <key>.jpg/.webp with .txt and .json beside; repacked, converted where
+    DALI cannot decode, shuffled, indexed, the original key and text kept in each sample's json."""
     from PIL import Image
 
     folder = tmp_path / "img2dataset"
@@ -300,16 +387,22 @@ def test_existing_webdataset_tars_are_repacked_keeping_keys_and_metadata(tmp_pat
                 image = webp.getvalue() if i == 1 else jpeg_bytes(40, 30, seed=10 * shard + i)
                 add_bytes(tar, f"{key}.{'webp' if i == 1 else 'jpg'}", image)
                 add_bytes(tar, f"{key}.txt", f"caption {key}".encode())
-                add_bytes(tar, f"{key}.json", json.dumps({"url": f"http://x/{key}", "width": 40}).encode())
+                add_bytes(
+                    tar, f"{key}.json", json.dumps({"url": f"http://x/{key}", "width": 40}).encode()
+                )
             add_bytes(tar, "orphan.txt", b"no image")
     out = tmp_path / "shards"
     assert build(folder, out, "--webdataset") == 0
     manifest = Manifest.load(out / "train.json")
     assert manifest.samples == 6 and manifest.classes == [] and manifest.converted == 2
-    samples = list(wds.WebDataset([str(p) for p in sorted(out.glob("train-*.tar"))], shardshuffle=False))
+    samples = list(
+        wds.WebDataset([str(p) for p in sorted(out.glob("train-*.tar"))], shardshuffle=False)
+    )
     metas = sorted((json.loads(s["json"]) for s in samples), key=lambda m: m["key"])
     assert [m["key"] for m in metas] == [f"{s:05d}{i:04d}" for s in range(2) for i in range(3)]
-    assert metas[0]["txt"] == "caption 000000000" and metas[0]["json"]["url"] == "http://x/000000000"
+    assert (
+        metas[0]["txt"] == "caption 000000000" and metas[0]["json"]["url"] == "http://x/000000000"
+    )
     assert any(r["path"].endswith("orphan") for r in Manifest.reports(out, "train", "rejected"))
     assert build_main(["--verify", str(out)]) == 0
 
@@ -326,29 +419,65 @@ def test_one_input_kind_at_a_time(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_unlabeled_shards_train_and_evaluation_says_it_needs_labels(tmp_path, capsys):
-    """MAE needs no labels: a run on unlabeled shards trains; the k-NN monitor and the evaluator say plainly why
-    they do not run."""
+    """MAE needs no labels: a run on unlabeled shards trains; the k-NN monitor and the evaluator say
+    plainly why they do not run."""
     from pipeline.sample_data import main as sample_data
     from tests.runs import metrics, run
     from train.evaluate import main as evaluate_main
 
-    sample_data([str(tmp_path / "images"), "--classes", "4", "--train-per-class", "8", "--val-per-class", "2"])
+    sample_data(
+        [
+            str(tmp_path / "images"),
+            "--classes",
+            "4",
+            "--train-per-class",
+            "8",
+            "--val-per-class",
+            "2",
+        ]
+    )
     shards = tmp_path / "shards"
     for split in ("train", "val"):
-        assert build_main([str(tmp_path / "images" / split), str(shards), "--split", split, "--unlabeled",
-                           "--shard-size-mb", "0.5", "--workers", "1", "--quiet"]) == 0
-    out = run(shards, tmp_path / "run", "--max-steps", "4", "--log-every", "1", "--set", "eval.every_epochs=1",
-              ranks=1)
+        assert (
+            build_main(
+                [
+                    str(tmp_path / "images" / split),
+                    str(shards),
+                    "--split",
+                    split,
+                    "--unlabeled",
+                    "--shard-size-mb",
+                    "0.5",
+                    "--workers",
+                    "1",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+    out = run(
+        shards,
+        tmp_path / "run",
+        "--max-steps",
+        "4",
+        "--log-every",
+        "1",
+        "--set",
+        "eval.every_epochs=1",
+        ranks=1,
+    )
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
     assert "k-NN evaluation off: the train shards" in out and "are unlabeled" in out
     capsys.readouterr()
     assert evaluate_main([str(tmp_path / "run"), "--data", str(shards), "--probe-epochs", "0"]) == 2
-    assert "are unlabeled: evaluation needs labelled train and val splits" in capsys.readouterr().err
+    assert (
+        "are unlabeled: evaluation needs labelled train and val splits" in capsys.readouterr().err
+    )
 
 
 def test_zip_members_with_a_local_header_extra_field_are_read_at_their_data(tree, tmp_path):
-    """Zips made by common tools (Info-ZIP's `zip`) put an extended-timestamp field in each local header, which
-    Python's zipfile does not: the member's bytes start after it."""
+    """Zips made by common tools (Info-ZIP's `zip`) put an extended-timestamp field in each local
+    header, which Python's zipfile does not: the member's bytes start after it."""
     import struct
 
     target = tmp_path / "train.zip"
@@ -357,16 +486,19 @@ def test_zip_members_with_a_local_header_extra_field_are_read_at_their_data(tree
             for f in files:
                 info = zipfile.ZipInfo(f"train/{cls}/{f.name}", date_time=(2012, 5, 1, 12, 0, 0))
                 info.compress_type = zipfile.ZIP_DEFLATED
-                info.extra = struct.pack("<HHBII", 0x5455, 9, 3, 1336000000, 1336000000)  # "UT": mtime, atime
+                # "UT": mtime, atime
+                info.extra = struct.pack("<HHBII", 0x5455, 9, 3, 1336000000, 1336000000)
                 zf.writestr(info, f.read_bytes())
-    assert zipfile.ZipFile(target).infolist()[0].extra  # the field is there, in the local header too
+    # the field is there, in the local header too
+    assert zipfile.ZipFile(target).infolist()[0].extra
     out = tmp_path / "shards"
     assert build(target, out) == 0
     assert shard_bytes(out) == shard_bytes(tree / "from_tree")
 
 
 def test_a_tar_of_the_folders_contents_with_dot_slash_names_builds(tree, tmp_path):
-    """`tar -C train -cf train.tar .`: members named ./n01440764/x.JPEG, and a member "." for the folder itself."""
+    """`tar -C train -cf train.tar .`: members named ./n01440764/x.JPEG, and a member "." for the
+    folder itself."""
     import subprocess
 
     target = tmp_path / "train.tar"
@@ -379,7 +511,8 @@ def test_a_tar_of_the_folders_contents_with_dot_slash_names_builds(tree, tmp_pat
 
 
 def test_webdataset_members_with_several_dots_stay_one_sample(tmp_path):
-    """A sample's key is its name up to the first dot: k1.jpg, k1.seg.png and k1.seg.json are one sample."""
+    """A sample's key is its name up to the first dot: k1.jpg, k1.seg.png and k1.seg.json are one
+    sample."""
     folder = tmp_path / "wds"
     folder.mkdir()
     with tarfile.open(folder / "00000.tar", "w") as tar:
@@ -392,26 +525,32 @@ def test_webdataset_members_with_several_dots_stay_one_sample(tmp_path):
     assert build(folder, out, "--webdataset") == 0
     manifest = Manifest.load(out / "train.json")
     assert manifest.samples == 3 and not manifest.rejected
-    samples = list(wds.WebDataset([str(p) for p in sorted(out.glob("train-*.tar"))], shardshuffle=False))
+    samples = list(
+        wds.WebDataset([str(p) for p in sorted(out.glob("train-*.tar"))], shardshuffle=False)
+    )
     assert sorted(json.loads(s["json"])["key"] for s in samples) == ["k0", "k1", "k2"]
 
 
 def test_a_stray_non_image_in_the_container_changes_no_shard(tree, tmp_path):
-    """A Thumbs.db in one class of the archive (and not in the extracted tree): reported, and the shards are the
-    tree's, byte for byte: the shuffle follows the images alone."""
+    """A Thumbs.db in one class of the archive (and not in the extracted tree): reported, and the
+    shards are the tree's, byte for byte: the shuffle follows the images alone."""
     target = class_folder_archive(tree, tmp_path / "train.tar")
     cls = next(iter(class_files(tree)))
     with tarfile.open(target, "a") as tar:
-        add_bytes(tar, f"train/{cls}/Thumbs.db", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))  # an OLE2 file
+        # an OLE2 file
+        add_bytes(tar, f"train/{cls}/Thumbs.db", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))
     out = tmp_path / "shards"
     assert build(target, out) == 0
     assert shard_bytes(out) == shard_bytes(tree / "from_tree")
-    assert {"path": f"{cls}/Thumbs.db", "reason": "not an image (format not recognised)"} in Manifest.reports(
-        out, "train", "rejected")
+    assert {
+        "path": f"{cls}/Thumbs.db",
+        "reason": "not an image (format not recognised)",
+    } in Manifest.reports(out, "train", "rejected")
 
 
 def test_linked_class_folders_are_read_and_a_walk_at_any_depth_never_goes_round_a_link(tmp_path):
-    """A subset made of links to class folders builds like the folders; a link back up the tree is not followed."""
+    """A subset made of links to class folders builds like the folders; a link back up the tree is
+    not followed."""
     photos = tmp_path / "photos"
     (photos / "n1").mkdir(parents=True)
     (photos / "n1" / "x.jpg").write_bytes(jpeg_bytes(40, 40, seed=1))
@@ -427,8 +566,8 @@ def test_linked_class_folders_are_read_and_a_walk_at_any_depth_never_goes_round_
 
 
 def test_listing_a_tar_holds_none_of_its_headers(tmp_path):
-    """A tar of millions of images is listed in memory that does not grow with it (tarfile keeps every header it
-    reads unless told otherwise): ten times the members, the same peak."""
+    """A tar of millions of images is listed in memory that does not grow with it (tarfile keeps
+    every header it reads unless told otherwise): ten times the members, the same peak."""
     import tracemalloc
 
     from bench.shards import tiny_images_archive

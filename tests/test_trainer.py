@@ -1,6 +1,6 @@
-"""The trainer's shape, on real parts without a training run: resources released on every path out of set-up,
-the exit status of a refusal and of a bug, errors agreed across ranks, presets that belong to their task, and
-periodic jobs named as themselves."""
+"""The trainer's shape, on real parts without a training run: resources released on every path out
+of set-up, the exit status of a refusal and of a bug, errors agreed across ranks, presets that
+belong to their task, and periodic jobs named as themselves."""
 
 import contextlib
 import json
@@ -33,9 +33,16 @@ from train.trainer import Trainer
 
 @pytest.fixture
 def one_rank(monkeypatch):
-    """What a launcher tells a single rank, so that the trainer can join its process group in this process."""
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
-                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+    """What a launcher tells a single rank, so that the trainer can join its process group in this
+    process."""
+    for name, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("LOCAL_WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(free_port())),
+    ):
         monkeypatch.setenv(name, value)
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     yield
@@ -43,13 +50,16 @@ def one_rank(monkeypatch):
 
 
 def assert_released(output) -> None:
-    """Nothing of the run is left in this process: no watchdog thread, no process group, the folder's lock free."""
+    """Nothing of the run is left in this process: no watchdog thread, no process group, the
+    folder's lock free."""
     assert not [t for t in threading.enumerate() if t.name == "maeflow-watchdog" and t.is_alive()]
     assert not dist.is_initialized()
     lock_folder(output).close()  # raises FolderInUse while the run's own handle is still open
 
 
-def test_a_run_refused_inside_the_trainer_releases_everything_it_took(one_rank, shards, tmp_path, capsys):
+def test_a_run_refused_inside_the_trainer_releases_everything_it_took(
+    one_rank, shards, tmp_path, capsys
+):
     output = tmp_path / "refused"
     argv = ["--config", "finetune_tiny", "--data", str(shards), "--output", str(output),
             "--set", "finetune.num_classes=3", "--set", "runtime.hang_timeout_s=600"]
@@ -69,9 +79,11 @@ class TaskWithABug(MaeTask):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a torch without CUDA is what this refuses")
-def test_gpus_allocated_to_a_torch_without_cuda_are_refused_in_one_line(one_rank, shards, tmp_path, monkeypatch,
-                                                                        capsys):
-    """A .venv installed on a login node (CPU torch) and a job given GPUs: refused, not trained on the CPU."""
+def test_gpus_allocated_to_a_torch_without_cuda_are_refused_in_one_line(
+    one_rank, shards, tmp_path, monkeypatch, capsys
+):
+    """A .venv installed on a login node (CPU torch) and a job given GPUs: refused, not trained on
+    the CPU."""
     output = tmp_path / "refused"
     monkeypatch.setenv("SLURM_JOB_GPUS", "0,1")
     assert pretrain.main(["--config", "tiny", "--data", str(shards), "--output", str(output)]) == 2
@@ -80,15 +92,21 @@ def test_gpus_allocated_to_a_torch_without_cuda_are_refused_in_one_line(one_rank
     assert "a CPU build" in err[0] and "bash run.sh setup --cuda" in err[0]
     assert not output.exists()
     monkeypatch.delenv("SLURM_JOB_GPUS")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # what the deepspeed launcher sets on a CPU machine too
+    # what the deepspeed launcher sets on a CPU machine too
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     from train.distributed import allocated_gpus
     assert allocated_gpus() is None
 
 
-def test_a_bug_is_not_a_refusal_it_propagates_and_the_trainer_still_closes(one_rank, shards, tmp_path):
+def test_a_bug_is_not_a_refusal_it_propagates_and_the_trainer_still_closes(
+    one_rank, shards, tmp_path
+):
     output = tmp_path / "bug"
-    with pytest.raises(ValueError, match="a bug, not the user's mistake"):  # uncaught: status 1 with the traceback
-        launch.main(TaskWithABug, ["--config", "tiny", "--data", str(shards), "--output", str(output)])
+    # uncaught: status 1 with the traceback
+    with pytest.raises(ValueError, match="a bug, not the user's mistake"):
+        launch.main(
+            TaskWithABug, ["--config", "tiny", "--data", str(shards), "--output", str(output)]
+        )
     assert_released(output)
 
 
@@ -96,33 +114,65 @@ def test_an_error_on_another_rank_keeps_its_type_and_names_the_rank():
     port = free_port()
     script = str(REPO / "tests" / "scripts" / "agree_ranks.py")
     env = {"PYTHONPATH": str(REPO)}
-    ranks = [start_job([sys.executable, script], env={**rank_env(rank, 2, port), **env}) for rank in (0, 1)]
+    ranks = [
+        start_job([sys.executable, script], env={**rank_env(rank, 2, port), **env})
+        for rank in (0, 1)
+    ]
     outs = [p.communicate(timeout=120)[0] for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], outs
     seen = [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for out in outs]
     message = "shard train-000003.tar is damaged"
-    assert seen[1] == [{"type": "DataError", "message": message}, {"type": "KeyError", "message": repr(message)}]
-    assert seen[0] == [{"type": "DataError", "message": f"rank 1: {message}"},  # a refusal on every rank: exit 2
-                       {"type": "KeyError", "message": repr(f"rank 1: {message!r}")}]  # a bug everywhere: exit 1
+    assert seen[1] == [
+        {"type": "DataError", "message": message},
+        {"type": "KeyError", "message": repr(message)},
+    ]
+    # a refusal on every rank: exit 2
+    assert seen[0] == [{"type": "DataError", "message": f"rank 1: {message}"},
+                       # a bug everywhere: exit 1
+                       {"type": "KeyError", "message": repr(f"rank 1: {message!r}")}]
 
 
-@pytest.mark.parametrize("script, preset, right", [(pretrain, "finetune_vit_b16", "train/finetune.py"),
-                                                   (pretrain, "linprobe_vit_l16", "train/finetune.py"),
-                                                   (finetune, "vit_b16_1600ep", "train/pretrain.py")])
-def test_a_preset_given_to_the_other_tasks_script_is_refused_naming_the_right_one(script, preset, right, capsys):
+@pytest.mark.parametrize(
+    "script, preset, right",
+    [
+        (pretrain, "finetune_vit_b16", "train/finetune.py"),
+        (pretrain, "linprobe_vit_l16", "train/finetune.py"),
+        (finetune, "vit_b16_1600ep", "train/pretrain.py"),
+    ],
+)
+def test_a_preset_given_to_the_other_tasks_script_is_refused_naming_the_right_one(
+    script, preset, right, capsys
+):
     assert script.main(["--config", preset, "--print-config"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"preset: run it with {right}" in err and len(err.splitlines()) == 1, err
 
 
 def test_each_task_config_holds_only_what_that_task_reads(capsys):
-    assert finetune.main(["--config", "finetune_tiny", "--set", "model.mask_ratio=0.5", "--print-config"]) == 2
-    assert "model.mask_ratio is a setting of MAE pre-training (train/pretrain.py)" in capsys.readouterr().err
-    assert pretrain.main(["--config", "tiny", "--set", "finetune.mode=linear_probe", "--print-config"]) == 2
-    assert "finetune.mode is a setting of fine-tuning (train/finetune.py)" in capsys.readouterr().err
+    assert (
+        finetune.main(
+            ["--config", "finetune_tiny", "--set", "model.mask_ratio=0.5", "--print-config"]
+        )
+        == 2
+    )
+    assert (
+        "model.mask_ratio is a setting of MAE pre-training (train/pretrain.py)"
+        in capsys.readouterr().err
+    )
+    assert (
+        pretrain.main(["--config", "tiny", "--set", "finetune.mode=linear_probe", "--print-config"])
+        == 2
+    )
+    assert (
+        "finetune.mode is a setting of fine-tuning (train/finetune.py)" in capsys.readouterr().err
+    )
     assert finetune.main(["--config", "finetune_tiny", "--print-config"]) == 0
     printed = capsys.readouterr().out
-    assert "finetune.layer_decay = 0.75" in printed and "mask_ratio" not in printed and "viz_every" not in printed
+    assert (
+        "finetune.layer_decay = 0.75" in printed
+        and "mask_ratio" not in printed
+        and "viz_every" not in printed
+    )
 
 
 def test_periodic_jobs_are_named_as_themselves_in_hang_reports(tmp_path):
@@ -133,7 +183,8 @@ def test_periodic_jobs_are_named_as_themselves_in_hang_reports(tmp_path):
         name = Top1Job.name
 
         def run(self, step: int, finished_epochs: int) -> None:
-            self.report = watchdog.report().read_text()  # what the watchdog writes if the job hangs here
+            # what the watchdog writes if the job hangs here
+            self.report = watchdog.report().read_text()
 
     watchdog = Watchdog(0, tmp_path, 0, lambda: 7)
     job = Stuck(every_epochs=1)
@@ -144,18 +195,32 @@ def test_periodic_jobs_are_named_as_themselves_in_hang_reports(tmp_path):
 
 @pytest.fixture
 def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     yield
     dist.destroy_process_group()
 
 
 def one_rank_context(cfg, resources: contextlib.ExitStack) -> RunContext:
     """What the trainer hands a task on one CPU rank (the process group: `one_rank_group`)."""
-    return RunContext(cfg, torch.device("cpu"), 0, 1, plan_batch(cfg.optim, 1), torch.float32, dist.group.WORLD,
-                      MetricsLog(Path(cfg.output), True, False), print, resources)
+    return RunContext(
+        cfg,
+        torch.device("cpu"),
+        0,
+        1,
+        plan_batch(cfg.optim, 1),
+        torch.float32,
+        dist.group.WORLD,
+        MetricsLog(Path(cfg.output), True, False),
+        print,
+        resources,
+    )
 
 
-def test_fine_tuning_starts_from_the_pretrained_encoder_unless_a_checkpoint_follows(shards, tmp_path, one_rank_group):
+def test_fine_tuning_starts_from_the_pretrained_encoder_unless_a_checkpoint_follows(
+    shards, tmp_path, one_rank_group
+):
     torch.manual_seed(1)
     pretrained = build_mae("mae_vit_tiny_patch16", img_size=64)
     torch.save({"model": pretrained.state_dict()}, tmp_path / "encoder.pth")
@@ -168,42 +233,66 @@ def test_fine_tuning_starts_from_the_pretrained_encoder_unless_a_checkpoint_foll
             if key in started and key != "pos_embed":  # the decoder and the mask token stay behind
                 assert torch.equal(started[key], value), key
         torch.testing.assert_close(started["pos_embed"], pretrained.state_dict()["pos_embed"])
-        fresh = task.build_model(initialise=False).state_dict()  # a resume: the checkpoint's weights follow
-        assert not torch.equal(fresh["blocks.0.attn.qkv.weight"], started["blocks.0.attn.qkv.weight"])
+        # a resume: the checkpoint's weights follow
+        fresh = task.build_model(initialise=False).state_dict()
+        assert not torch.equal(
+            fresh["blocks.0.attn.qkv.weight"], started["blocks.0.attn.qkv.weight"]
+        )
 
 
-def test_the_best_top1_so_far_is_the_jobs_state_so_best_pth_never_gets_worse(shards, tmp_path, one_rank_group):
+def test_the_best_top1_so_far_is_the_jobs_state_so_best_pth_never_gets_worse(
+    shards, tmp_path, one_rank_group
+):
     cfg = load_config("finetune_tiny", [f"data.shards={shards}", f"output={tmp_path}"])
     with contextlib.ExitStack() as resources:
         ctx = one_rank_context(cfg, resources)
         torch.manual_seed(0)
         model = build_classifier(cfg.model.name, cfg.data.img_size, 4)
         job = Top1Job(ctx, model, model, ctx.loader("val", train=False))
-        job.load_state_dict({"best_top1": 1.01})  # a resumed run's best so far: better than any evaluation
+        # a resumed run's best so far: better than any evaluation
+        job.load_state_dict({"best_top1": 1.01})
         job.run(step=5, finished_epochs=1)
         assert not (tmp_path / "best.pth").exists() and job.state_dict() == {"best_top1": 1.01}
         job.load_state_dict({"best_top1": -1.0})
         job.run(step=6, finished_epochs=2)
-        top1 = [json.loads(line)["top1"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        top1 = [
+            json.loads(line)["top1"]
+            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        ]
         assert job.state_dict() == {"best_top1": top1[-1]} and (tmp_path / "best.pth").is_file()
         switched_on = Top1Job(ctx, model, model, ctx.loader("val", train=False))
-        switched_on.load_state_dict(None)  # a job the checkpoint holds nothing of (evaluation switched on since)
+        # a job the checkpoint holds nothing of (evaluation switched on since)
+        switched_on.load_state_dict(None)
         assert switched_on.state_dict() == {"best_top1": -1.0}
 
 
-def test_the_loop_never_waits_on_the_device_nor_on_the_other_ranks_between_log_steps(one_rank, tmp_path,
-                                                                                    monkeypatch):
-    """The real trainer, 12 steps on synthetic data, a log every 12: no accelerator synchronize(), no read of a
-    device tensor's value, no reduction of one and no blocking collective of any kind in steps 1-11. What the loop
-    sends between log steps: one vote per step (stop, checkpoint by the clock), an all-reduce issued without waiting
-    and read at the next step."""
+def test_the_loop_never_waits_on_the_device_nor_on_the_other_ranks_between_log_steps(
+    one_rank, tmp_path, monkeypatch
+):
+    """The real trainer, 12 steps on synthetic data, a log every 12: no accelerator synchronize(),
+    no read of a device tensor's value, no reduction of one and no blocking collective of any kind
+    in steps 1-11. What the loop sends between log steps: one vote per step (stop, checkpoint by the
+    clock), an all-reduce issued without waiting and read at the next step."""
     from deepspeed.accelerator import get_accelerator
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    monkeypatch.setenv("MAE_KERNELS", "torch")  # the interpreter is for the kernels' tests, not for the loop's
-    cfg = load_config("tiny", ["data.backend=synthetic", "data.synthetic_samples=512", f"output={tmp_path / 'run'}",
-                               "max_steps=12", "log.log_every=12", "checkpoint.at_end=false", "eval.every_epochs=0",
-                               "log.tensorboard=false", "log.peak_tflops=0.5", "checkpoint.every_minutes=30"])
+    # the interpreter is for the kernels' tests, not for the loop's
+    monkeypatch.setenv("MAE_KERNELS", "torch")
+    cfg = load_config(
+        "tiny",
+        [
+            "data.backend=synthetic",
+            "data.synthetic_samples=512",
+            f"output={tmp_path / 'run'}",
+            "max_steps=12",
+            "log.log_every=12",
+            "checkpoint.at_end=false",
+            "eval.every_epochs=0",
+            "log.tensorboard=false",
+            "log.peak_tflops=0.5",
+            "checkpoint.every_minutes=30",
+        ],
+    )
     waits: list[tuple[int, str]] = []
     accelerator = get_accelerator()
     synchronize = accelerator.synchronize
@@ -214,7 +303,12 @@ def test_the_loop_never_waits_on_the_device_nor_on_the_other_ranks_between_log_s
 
     def counted(name: str, collective):
         def call(*args, **kwargs):
-            waits.append((trainer.state.step, f"{name}{' issued' if kwargs.get('async_op') else ' blocking'}"))
+            waits.append(
+                (
+                    trainer.state.step,
+                    f"{name}{' issued' if kwargs.get('async_op') else ' blocking'}",
+                )
+            )
             return collective(*args, **kwargs)
         return call
 
@@ -226,8 +320,16 @@ def test_the_loop_never_waits_on_the_device_nor_on_the_other_ranks_between_log_s
 
     with Trainer(cfg, MaeTask, None) as trainer:
         monkeypatch.setattr(accelerator, "synchronize", counted_synchronize)
-        for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list",
-                     "barrier", "reduce", "gather_object"):
+        for name in (
+            "all_reduce",
+            "all_gather",
+            "all_gather_object",
+            "broadcast",
+            "broadcast_object_list",
+            "barrier",
+            "reduce",
+            "gather_object",
+        ):
             monkeypatch.setattr(dist, name, counted(name, getattr(dist, name)))
         with Reads():
             assert trainer.fit() == 0
@@ -236,30 +338,49 @@ def test_the_loop_never_waits_on_the_device_nor_on_the_other_ranks_between_log_s
     assert between_logs == [(step, "all_reduce issued") for step in range(1, 12)], between_logs
     assert (12, "all_reduce blocking") in waits  # the log step reduces the window's loss
     # A card the table does not know (here the CPU) reports MFU against the peak its config names.
-    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-                 if '"loss"' in line]
-    assert record["mfu"] == pytest.approx(trainer.monitor.flops_per_image * record["img_per_s"] / 0.5e12)
+    (record,) = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert record["mfu"] == pytest.approx(
+        trainer.monitor.flops_per_image * record["img_per_s"] / 0.5e12
+    )
 
 
 @pytest.mark.parametrize("accumulation", [1, 4])
-def test_under_autocast_each_weight_is_cast_to_bf16_once_per_optimizer_step(one_rank, tmp_path, monkeypatch,
-                                                                            accumulation):
-    """The real trainer under autocast, 3 optimizer steps of 1 and of 4 micro-steps: each weight's bf16 copy is
-    made once per optimizer step (counted as aten._to_copy of a parameter), never once per micro-step, and every
-    matmul weight has one."""
+def test_under_autocast_each_weight_is_cast_to_bf16_once_per_optimizer_step(
+    one_rank, tmp_path, monkeypatch, accumulation
+):
+    """The real trainer under autocast, 3 optimizer steps of 1 and of 4 micro-steps: each weight's
+    bf16 copy is made once per optimizer step (counted as aten._to_copy of a parameter), never once
+    per micro-step, and every matmul weight has one."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     monkeypatch.setenv("MAE_KERNELS", "torch")
-    cfg = load_config("tiny", ["data.backend=synthetic", "data.synthetic_samples=512", f"output={tmp_path / 'run'}",
-                               "max_steps=3", "checkpoint.at_end=false", "eval.every_epochs=0", "log.viz_every=100",
-                               "log.tensorboard=false", "runtime.precision=autocast_bf16",
-                               f"optim.grad_accum_steps={accumulation}"])
+    cfg = load_config(
+        "tiny",
+        [
+            "data.backend=synthetic",
+            "data.synthetic_samples=512",
+            f"output={tmp_path / 'run'}",
+            "max_steps=3",
+            "checkpoint.at_end=false",
+            "eval.every_epochs=0",
+            "log.viz_every=100",
+            "log.tensorboard=false",
+            "runtime.precision=autocast_bf16",
+            f"optim.grad_accum_steps={accumulation}",
+        ],
+    )
     casts: dict[tuple[int, str], int] = {}
 
     class WeightCasts(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            name = weights.get(args[0].data_ptr()) if func is torch.ops.aten._to_copy.default else None
+            name = (
+                weights.get(args[0].data_ptr()) if func is torch.ops.aten._to_copy.default else None
+            )
             if name is not None and kwargs.get("dtype") == torch.bfloat16:
                 key = (trainer.state.step, name)
                 casts[key] = casts.get(key, 0) + 1
@@ -272,27 +393,44 @@ def test_under_autocast_each_weight_is_cast_to_bf16_once_per_optimizer_step(one_
             assert trainer.fit() == 0
     twice = {key: count for key, count in casts.items() if count > 1}
     assert not twice, f"weights cast more than once in an optimizer step: {sorted(twice)[:4]}"
-    matmul_weights = {name for name, module in trainer.model.named_modules() if isinstance(module, torch.nn.Linear)
-                      for name in (f"{name}.weight",)}
+    matmul_weights = {
+        name
+        for name, module in trainer.model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        for name in (f"{name}.weight",)
+    }
     for step in range(3):
         assert matmul_weights <= {name for s, name in casts if s == step}, step
 
 
 @pytest.mark.parametrize("task, preset", [(MaeTask, "tiny"), (ClassifierTask, "finetune_tiny")])
-def test_compiled_blocks_compile_in_the_first_step_only_and_give_the_eager_losses(one_rank, shards, tmp_path,
-                                                                                  monkeypatch, task, preset):
-    """The real trainer, eager then compiled, one epoch and its evaluation (k-NN or top-1) and, in pre-training, a
-    reconstruction: after the first optimizer step nothing recompiles (dynamo refuses to), no graph breaks, no
-    fallback to eager, and every step's loss is eager's."""
+def test_compiled_blocks_compile_in_the_first_step_only_and_give_the_eager_losses(
+    one_rank, shards, tmp_path, monkeypatch, task, preset
+):
+    """The real trainer, eager then compiled, one epoch and its evaluation (k-NN or top-1) and, in
+    pre-training, a
+    reconstruction: after the first optimizer step nothing recompiles (dynamo refuses to), no graph
+    breaks, no fallback to eager, and every step's loss is eager's."""
     import torch._dynamo as dynamo
 
     monkeypatch.setenv("MAE_KERNELS", "torch")
     losses = []
     for compiled in (False, True):
         output = tmp_path / f"compiled_{compiled}"
-        cfg = load_config(preset, [f"data.shards={shards}", f"output={output}", "max_steps=4", "log.log_every=1",
-                                   "eval.every_epochs=1", "log.tensorboard=false", "checkpoint.at_end=false",
-                                   f"runtime.compile={str(compiled).lower()}", "runtime.compile_backend=aot_eager"])
+        cfg = load_config(
+            preset,
+            [
+                f"data.shards={shards}",
+                f"output={output}",
+                "max_steps=4",
+                "log.log_every=1",
+                "eval.every_epochs=1",
+                "log.tensorboard=false",
+                "checkpoint.at_end=false",
+                f"runtime.compile={str(compiled).lower()}",
+                "runtime.compile_backend=aot_eager",
+            ],
+        )
         dynamo.reset()
         dynamo.utils.counters.clear()
         with Trainer(cfg, task, None) as trainer, contextlib.ExitStack() as after_the_first_step:
@@ -310,18 +448,22 @@ def test_compiled_blocks_compile_in_the_first_step_only_and_give_the_eager_losse
         assert not dynamo.utils.counters["graph_break"]
         assert compiled == bool(dynamo.utils.counters["stats"]["unique_graphs"])
         records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-        assert any(key in r for r in records for key in ("knn_top1_cls", "top1"))  # the evaluation ran
-        losses.append([r["loss"] for r in records if "loss" in r and "step" in r and "top1" not in r])
+        # the evaluation ran
+        assert any(key in r for r in records for key in ("knn_top1_cls", "top1"))
+        losses.append(
+            [r["loss"] for r in records if "loss" in r and "step" in r and "top1" not in r]
+        )
     assert len(losses[0]) == 4
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
 @pytest.mark.slow
 def test_with_peers_the_gradients_leave_in_bf16_buckets_while_the_backward_pass_runs(tmp_path):
-    """Two gloo ranks of the real trainer under autocast_bf16, 3 optimizer steps of 2 micro-steps, 1 MB buckets.
-    In every optimizer step each trainable parameter's gradient is all-reduced exactly once, in bf16 (half of
-    fp32's bytes) and in several buckets; nothing in the first micro-step, which only accumulates; and the first
-    bucket leaves while the last micro-step's backward pass still has operators to run."""
+    """Two gloo ranks of the real trainer under autocast_bf16, 3 optimizer steps of 2 micro-steps, 1
+    MB buckets. In every optimizer step each trainable parameter's gradient is all-reduced exactly
+    once, in bf16 (half of fp32's bytes) and in several buckets; nothing in the first micro-step,
+    which only accumulates; and the first bucket leaves while the last micro-step's backward pass
+    still has operators to run."""
     port = free_port()
     script = str(REPO / "tests" / "scripts" / "reduction_ranks.py")
     ranks = [start_job([sys.executable, script, str(tmp_path / "run"), "autocast_bf16"],
@@ -336,12 +478,14 @@ def test_with_peers_the_gradients_leave_in_bf16_buckets_while_the_backward_pass_
             assert sum(elements for _, elements in step["reduced"]) == counted["parameters"]
             assert len(step["reduced"]) > 2
             assert step["first_sent_in_micro_step"] == 1
-            assert step["ops_after_first_send"] > 50, step  # the backward pass went on after the first bucket left
+            # the backward pass went on after the first bucket left
+            assert step["ops_after_first_send"] > 50, step
 
 
 def wandb_records(run_file: Path) -> list:
-    """The records of a W&B run file (offline mode), read as W&B's own sync reads them: a header, then 32 KiB blocks of
-    chunks (crc32, length, type: 1 whole, 2 first, 3 middle, 4 last) holding its protobuf records."""
+    """The records of a W&B run file (offline mode), read as W&B's own sync reads them: a header,
+    then 32 KiB blocks of chunks (crc32, length, type: 1 whole, 2 first, 3 middle, 4 last) holding
+    its protobuf records."""
     import struct
 
     from wandb.proto import wandb_internal_pb2
@@ -364,21 +508,41 @@ def wandb_records(run_file: Path) -> list:
     return records
 
 
-def test_a_run_logs_to_weights_and_biases_offline_and_its_resume_continues_the_same_wandb_run(one_rank, tmp_path,
-                                                                                            monkeypatch):
-    """log.wandb_project: the W&B run gets the run's config and every logged window's figures at its step, and the
-    reconstruction; a resume goes on in the same W&B run (its id kept in the output folder)."""
+def test_a_run_logs_to_weights_and_biases_offline_and_its_resume_continues_the_same_wandb_run(
+    one_rank, tmp_path, monkeypatch
+):
+    """log.wandb_project: the W&B run gets the run's config and every logged window's figures at its
+    step, and the reconstruction; a resume goes on in the same W&B run (its id kept in the output
+    folder)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     output = tmp_path / "run"
-    argv = ["--config", "tiny", "--output", str(output), "--log-every", "2", "--set", "data.backend=synthetic",
-            "--set", "data.synthetic_samples=256", "--set", "eval.every_epochs=0", "--set", "log.tensorboard=false",
-            "--set", "log.wandb_project=maeflow-test", "--set", "checkpoint.every_steps=4"]
+    argv = [
+        "--config",
+        "tiny",
+        "--output",
+        str(output),
+        "--log-every",
+        "2",
+        "--set",
+        "data.backend=synthetic",
+        "--set",
+        "data.synthetic_samples=256",
+        "--set",
+        "eval.every_epochs=0",
+        "--set",
+        "log.tensorboard=false",
+        "--set",
+        "log.wandb_project=maeflow-test",
+        "--set",
+        "checkpoint.every_steps=4",
+    ]
     assert pretrain.main([*argv, "--max-steps", "4"]) == 0
     assert pretrain.main([*argv, "--max-steps", "6", "--resume"]) == 0
     run_id = (output / "wandb_run_id").read_text().strip()
     runs = sorted((output / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert len(runs) == 2, sorted(p.name for p in (output / "wandb").iterdir())  # one W&B run, written twice
+    # one W&B run, written twice
+    assert len(runs) == 2, sorted(p.name for p in (output / "wandb").iterdir())
     logged = {}
     for run_file in runs:
         for record in wandb_records(run_file):
@@ -388,16 +552,21 @@ def test_a_run_logs_to_weights_and_biases_offline_and_its_resume_continues_the_s
                 assert json.loads(config["model"])["name"] == "mae_vit_tiny_patch16"
                 assert json.loads(config["log"])["wandb_project"] == "maeflow-test"
             if kind == "history":
-                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in
-                         record.history.item}
+                items = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
                 logged.setdefault(items["_step"], set()).update(items)
-    assert {2, 4, 6} <= set(logged) and all({"loss", "lr", "grad_norm"} <= logged[step] for step in (2, 4, 6)), logged
+    assert {2, 4, 6} <= set(logged) and all(
+        {"loss", "lr", "grad_norm"} <= logged[step] for step in (2, 4, 6)
+    ), logged
     assert any("reconstruction" in name for keys in logged.values() for name in keys), logged
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 48 MB file system of its own (tmpfs), for a run that fills it; skipped where mounting is not allowed."""
+    """A 48 MB file system of its own (tmpfs), for a run that fills it; skipped where mounting is
+    not allowed."""
     import subprocess
 
     mount = tmp_path / "small_disk"
@@ -409,14 +578,31 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_checkpoint_with_no_room_is_refused_in_one_line_and_the_last_one_resumes(one_rank, small_disk, capsys):
-    """The tiny MAE's checkpoint is 29.5 MB: on a 48 MB disk the first fits and the second does not. The run stops
-    at it (exit 5) naming the folder, the room it needs and the free space; nothing of it is left half-written, and
-    the run resumes from the first."""
+def test_a_checkpoint_with_no_room_is_refused_in_one_line_and_the_last_one_resumes(
+    one_rank, small_disk, capsys
+):
+    """The tiny MAE's checkpoint is 29.5 MB: on a 48 MB disk the first fits and the second does not.
+    The run stops at it (exit 5) naming the folder, the room it needs and the free space; nothing of
+    it is left half-written, and the run resumes from the first."""
     output = small_disk / "run"
-    argv = ["--config", "tiny", "--output", str(output), "--set", "data.backend=synthetic", "--set",
-            "data.synthetic_samples=512", "--set", "checkpoint.every_steps=2", "--set", "eval.every_epochs=0",
-            "--set", "log.viz_every=100", "--set", "log.tensorboard=false"]
+    argv = [
+        "--config",
+        "tiny",
+        "--output",
+        str(output),
+        "--set",
+        "data.backend=synthetic",
+        "--set",
+        "data.synthetic_samples=512",
+        "--set",
+        "checkpoint.every_steps=2",
+        "--set",
+        "eval.every_epochs=0",
+        "--set",
+        "log.viz_every=100",
+        "--set",
+        "log.tensorboard=false",
+    ]
     assert pretrain.main([*argv, "--max-steps", "6"]) == 5
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if "checkpoint" in line and "GB free" in line]
@@ -425,10 +611,19 @@ def test_a_checkpoint_with_no_room_is_refused_in_one_line_and_the_last_one_resum
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["latest", "step00000002"]
     written = sum(f.stat().st_size for f in (output / "checkpoints" / "step00000002").rglob("*"))
     with torch.device("meta"):  # --print-config's estimate, from the shapes alone
-        estimate = estimated_checkpoint_bytes(MaeTask.model_shape(load_config("tiny", [], task=MaeTask)))
+        estimate = estimated_checkpoint_bytes(
+            MaeTask.model_shape(load_config("tiny", [], task=MaeTask))
+        )
     assert abs(estimate - written) < 0.03 * written, (estimate, written)
-    # Resumable from it (here to a step that writes no checkpoint, the disk being as full as it was).
-    assert pretrain.main([*argv, "--max-steps", "3", "--resume", "--set", "checkpoint.at_end=false"]) == 0, \
-        capsys.readouterr().err[-2000:]
-    resumed = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if "resumed" in line]
+    # Resumable from it (here to a step that writes no checkpoint, the disk being as full as it
+    # was).
+    assert (
+        pretrain.main([*argv, "--max-steps", "3", "--resume", "--set", "checkpoint.at_end=false"])
+        == 0
+    ), capsys.readouterr().err[-2000:]
+    resumed = [
+        json.loads(line)
+        for line in (output / "metrics.jsonl").read_text().splitlines()
+        if "resumed" in line
+    ]
     assert resumed[-1]["from"] == "step00000002"

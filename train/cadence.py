@@ -1,4 +1,5 @@
-"""When periodic work is due: each answers "due now?" for one kind of work, so the training loop only asks.
+"""When periodic work is due: each answers "due now?" for one kind of work, so the training loop
+only asks.
 
 Steps count optimizer steps; epochs count finished epochs. A cadence of 0 is never due.
 """
@@ -21,7 +22,8 @@ class EverySteps:
 
 @dataclass
 class EveryEpochs:
-    """Due when an epoch that is a multiple of `epochs` has just finished (k-NN, milestones, reconstructions)."""
+    """Due when an epoch that is a multiple of `epochs` has just finished (k-NN, milestones,
+    reconstructions)."""
 
     epochs: int
 
@@ -31,9 +33,10 @@ class EveryEpochs:
 
 @dataclass
 class CheckpointCadence:
-    """Due every `steps` optimizer steps or every `minutes` of wall clock since the last save, whichever
-    comes first; `saved` restarts the clock. The steps are the same on every rank; each rank's clock is its own,
-    so the trainer has the ranks vote on it (`train.distributed.StepVote`)."""
+    """Due every `steps` optimizer steps or every `minutes` of wall clock since the last save,
+    whichever comes first; `saved` restarts the clock. The steps are the same on every rank; each
+    rank's clock is its own, so the trainer has the ranks vote on it
+    (`train.distributed.StepVote`)."""
 
     steps: int
     minutes: float

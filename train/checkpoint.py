@@ -1,24 +1,30 @@
-"""Complete-or-absent DeepSpeed checkpoints with per-rank loader and RNG state, resumable on any rank count.
+"""Complete-or-absent DeepSpeed checkpoints with per-rank loader and RNG state, resumable on any
+rank count.
 
 Layout under OUTPUT/checkpoints/:
     step00001200/               DeepSpeed's files (ZeRO shards, client state) + our per-rank files
         rank00000.pt            loader position and the task's random streams of rank 0, ...
-        train_state.json        the completion mark: step, epoch, samples seen, world size, the periodic jobs'
-                                state (read before DeepSpeed starts), and every other file of the checkpoint
-                                with its size and a digest of its ends. Written last, once every rank's files are
-                                on the disk: its presence marks the checkpoint complete
+        train_state.json        the completion mark: step, epoch, samples seen, world size, the
+        periodic jobs'
+                                state (read before DeepSpeed starts), and every other file of the
+                                checkpoint with its size and a digest of its ends. Written last,
+                                once every rank's files are on the disk: its presence marks the
+                                checkpoint complete
         adamw_norms.json        the L2 norms of AdamW's two moments: what a resume must reproduce
-        milestone               present when the checkpoint is a milestone: kept apart from keep_last
+        milestone               present when the checkpoint is a milestone: kept apart from
+        keep_last
     latest                      name of the newest complete checkpoint, replaced after the mark
-    universal/step00001200/     DeepSpeed's universal form of a checkpoint, made when a run resumes it on
+    universal/step00001200/     DeepSpeed's universal form of a checkpoint, made when a run resumes
+    it on
                                 another rank count (per-parameter fp32 weights and AdamW moments)
-    (a run that goes back to an older checkpoint moves the newer ones to OUTPUT/abandoned/: train.run_folder)
+    (a run that goes back to an older checkpoint moves the newer ones to OUTPUT/abandoned/:
+    train.run_folder)
 
-Every file is flushed to the disk before what relies on it (`pipeline.atomic`): each rank's files before the mark,
-the mark before `latest`, `latest` before older checkpoints are pruned. A crash while saving leaves `latest`
-pointing at the previous checkpoint, so a half-written directory is never loaded; it is removed at the next
-successful save. A resume checks the files the mark lists: a damaged newest checkpoint is passed over for the
-newest sound one (`sound_resume_tag`).
+Every file is flushed to the disk before what relies on it (`pipeline.atomic`): each rank's files
+before the mark, the mark before `latest`, `latest` before older checkpoints are pruned. A crash
+while saving leaves `latest` pointing at the previous checkpoint, so a half-written directory is
+never loaded; it is removed at the next successful save. A resume checks the files the mark lists: a
+damaged newest checkpoint is passed over for the newest sound one (`sound_resume_tag`).
 """
 
 from __future__ import annotations
@@ -84,11 +90,14 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     """Checkpoints every rank finished writing (their completion mark is there), oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("step") and (p / MARK).is_file())
+    return sorted(
+        p.name for p in ckpt_dir.iterdir() if p.name.startswith("step") and (p / MARK).is_file()
+    )
 
 
 def read_mark(ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    """A checkpoint's completion mark: its run state and its parts (FormatError in another format)."""
+    """A checkpoint's completion mark: its run state and its parts (FormatError in another
+    format)."""
     path = ckpt_dir / tag / MARK
     mark = json.loads(path.read_text())
     check_format("checkpoint", mark, str(path))
@@ -101,7 +110,8 @@ def read_train_state(ckpt_dir: Path, tag: str) -> TrainState:
 
 
 def resume_tag(ckpt_dir: Path, wanted: str) -> str | None:
-    """The checkpoint `--resume` means: "latest", or a tag such as step00001200 (or just 1200), that is complete."""
+    """The checkpoint `--resume` means: "latest", or a tag such as step00001200 (or just 1200), that
+    is complete."""
     if wanted == LATEST:
         return latest_tag(ckpt_dir)
     tag = tag_of(int(wanted)) if wanted.isdigit() else wanted
@@ -112,8 +122,9 @@ def resume_tag(ckpt_dir: Path, wanted: str) -> str | None:
 
 
 def part_digest(path: Path) -> str:
-    """A digest of a file's first and last 64 KiB (of all of it, when smaller): it tells a part cut short or
-    zero-filled by a crash from the one written, for two small reads however large the part."""
+    """A digest of a file's first and last 64 KiB (of all of it, when smaller): it tells a part cut
+    short or zero-filled by a crash from the one written, for two small reads however large the
+    part."""
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -129,8 +140,8 @@ def describe_part(path: Path) -> dict[str, Any]:
 
 
 def damage(ckpt_dir: Path, tag: str) -> str | None:
-    """What is wrong with checkpoint `tag` (a part missing, of another size or content than its mark lists, or a
-    mark that cannot be read), in a few words; None when it is sound."""
+    """What is wrong with checkpoint `tag` (a part missing, of another size or content than its mark
+    lists, or a mark that cannot be read), in a few words; None when it is sound."""
     folder = ckpt_dir / tag
     try:
         parts = read_mark(ckpt_dir, tag)["parts"]
@@ -149,29 +160,39 @@ def damage(ckpt_dir: Path, tag: str) -> str | None:
 
 
 def sound_resume_tag(ckpt_dir: Path, wanted: str) -> tuple[str | None, list[str]]:
-    """The checkpoint `--resume` continues from, and a line for each newer one passed over as damaged: with
-    "latest", the checkpoint `latest` names or, where it is damaged, the newest sound one before it (pruning only
-    ever follows a sound new checkpoint, so one is left); a tag named must be sound itself (ResumeError)."""
+    """The checkpoint `--resume` continues from, and a line for each newer one passed over as
+    damaged: with "latest", the checkpoint `latest` names or, where it is damaged, the newest sound
+    one before it (pruning only ever follows a sound new checkpoint, so one is left); a tag named
+    must be sound itself (ResumeError)."""
     tag = resume_tag(ckpt_dir, wanted)
     if tag is None:
         return None, []
     passed_over = []
-    for candidate in [tag] if wanted != LATEST else [t for t in reversed(complete_tags(ckpt_dir)) if t <= tag]:
+    for candidate in (
+        [tag] if wanted != LATEST else [t for t in reversed(complete_tags(ckpt_dir)) if t <= tag]
+    ):
         problem = damage(ckpt_dir, candidate)
         if problem is None:
             return candidate, passed_over
         passed_over.append(f"checkpoint {ckpt_dir / candidate} is damaged: {problem}")
-    raise ResumeError(f"{'; '.join(passed_over)}; no sound checkpoint to resume from"
-                      + ("" if wanted == LATEST else f" among those asked ({tag}): --resume takes the newest sound "
-                                                     "one"))
+    raise ResumeError(
+        f"{'; '.join(passed_over)}; no sound checkpoint to resume from"
+        + (
+            ""
+            if wanted == LATEST
+            else f" among those asked ({tag}): --resume takes the newest sound one"
+        )
+    )
 
 
 class CheckpointNotWritten(OSError):
-    """No room for the next checkpoint, or a write that failed: the message names the folder and the free space."""
+    """No room for the next checkpoint, or a write that failed: the message names the folder and the
+    free space."""
 
 
 def checkpoint_bytes(ckpt_dir: Path, engine: Any) -> int:
-    """What the next checkpoint will take: the newest complete one's size, or before the first one an estimate."""
+    """What the next checkpoint will take: the newest complete one's size, or before the first one
+    an estimate."""
     done = complete_tags(ckpt_dir)
     if done:
         return sum(f.stat().st_size for f in (ckpt_dir / done[-1]).rglob("*") if f.is_file())
@@ -179,14 +200,15 @@ def checkpoint_bytes(ckpt_dir: Path, engine: Any) -> int:
 
 
 def estimated_checkpoint_bytes(model: torch.nn.Module) -> int:
-    """A checkpoint's size before one exists: fp32 weights (4 bytes a parameter) and AdamW's two moments of each
-    trained one (8 more)."""
+    """A checkpoint's size before one exists: fp32 weights (4 bytes a parameter) and AdamW's two
+    moments of each trained one (8 more)."""
     return sum((12 if p.requires_grad else 4) * p.numel() for p in model.parameters())
 
 
 def check_room(ckpt_dir: Path, tag: str, need: int, group: Any) -> None:
-    """Collective: CheckpointNotWritten on every rank unless every rank's file system has room for one more
-    checkpoint (with a 5% margin): the new one is written before the old ones are pruned."""
+    """Collective: CheckpointNotWritten on every rank unless every rank's file system has room for
+    one more checkpoint (with a 5% margin): the new one is written before the old ones are
+    pruned."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     free = torch.tensor([shutil.disk_usage(ckpt_dir).free], dtype=torch.int64)
     dist.all_reduce(free, op=dist.ReduceOp.MIN, group=group)
@@ -194,12 +216,15 @@ def check_room(ckpt_dir: Path, tag: str, need: int, group: Any) -> None:
         raise CheckpointNotWritten(
             f"checkpoint {ckpt_dir / tag} needs about {need / 1e9:.2f} GB and its file system has "
             f"{int(free) / 1e9:.2f} GB free; nothing was written, the last checkpoint "
-            f"({latest_tag(ckpt_dir) or 'none yet'}) is intact: free space or move the run, then --resume")
+            f"({latest_tag(ckpt_dir) or 'none yet'}) is intact: free space or move the run, then "
+            "--resume"
+        )
 
 
 class DurableParts:
-    """DeepSpeed's checkpoint engine, with every file it saves for this rank flushed to the disk and listed (its
-    size and digest) for the completion mark. Every other call goes to the engine it wraps."""
+    """DeepSpeed's checkpoint engine, with every file it saves for this rank flushed to the disk and
+    listed (its size and digest) for the completion mark. Every other call goes to the engine it
+    wraps."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -214,12 +239,21 @@ class DurableParts:
         return getattr(self.inner, name)
 
 
-def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: dict, keep_last: int,
-                    adamw_norms: tuple[float, float], group: Any, milestone: bool = False) -> str:
-    """Collective: every rank calls it, with `engine.checkpoint_engine` a `DurableParts`. Returns the tag written.
-    `adamw_norms` (optimizer_state_norms) is kept beside it: a resume on any rank count must reproduce it. `group`:
-    the CPU side-channel the room check and the parts' list go over. A save that fails part-way (a disk that filled
-    up regardless) removes what it wrote of this checkpoint."""
+def save_checkpoint(
+    engine: Any,
+    ckpt_dir: Path,
+    state: TrainState,
+    rank_state: dict,
+    keep_last: int,
+    adamw_norms: tuple[float, float],
+    group: Any,
+    milestone: bool = False,
+) -> str:
+    """Collective: every rank calls it, with `engine.checkpoint_engine` a `DurableParts`. Returns
+    the tag written. `adamw_norms` (optimizer_state_norms) is kept beside it: a resume on any rank
+    count must reproduce it. `group`: the CPU side-channel the room check and the parts' list go
+    over. A save that fails part-way (a disk that filled up regardless) removes what it wrote of
+    this checkpoint."""
     tag = tag_of(state.step)
     rank = dist.get_rank()
     tag_dir = ckpt_dir / tag
@@ -233,15 +267,18 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: 
         parts.written = {own.name: describe_part(own)}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"train_state": asdict(state)},
                                save_latest=False)
-    except (RuntimeError, OSError) as err:  # torch.save reports ENOSPC as "[enforce fail ...] unexpected pos"
+    # torch.save reports ENOSPC as "[enforce fail ...] unexpected pos"
+    except (RuntimeError, OSError) as err:
         shutil.rmtree(tag_dir, ignore_errors=True)
         free = shutil.disk_usage(ckpt_dir).free
         raise CheckpointNotWritten(
-            f"writing checkpoint {tag_dir} failed ({str(err).strip().splitlines()[0]}) with {free / 1e9:.2f} GB "
-            f"free on its file system; the partial checkpoint was removed, the last one "
-            f"({latest_tag(ckpt_dir) or 'none yet'}) is intact") from err
+            f"writing checkpoint {tag_dir} failed ({str(err).strip().splitlines()[0]}) with "
+            f"{free / 1e9:.2f} GB free on its file system; the partial checkpoint was removed, the "
+            f"last one ({latest_tag(ckpt_dir) or 'none yet'}) is intact"
+        ) from err
     written: list[dict[str, dict[str, Any]]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(written, parts.written, group=group)  # every rank's parts are on the disk now
+    # every rank's parts are on the disk now
+    dist.all_gather_object(written, parts.written, group=group)
     if rank == 0:
         listed = {name: part for rank_parts in written for name, part in rank_parts.items()}
         extra = {ADAMW_NORMS: json.dumps(list(adamw_norms))}
@@ -259,8 +296,8 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, rank_state: 
 
 
 def prune_checkpoints(ckpt_dir: Path, keep_last: int, newest: str) -> None:
-    """Keep the newest `keep_last` complete checkpoints (milestones apart); remove every incomplete one older than
-    `newest`: a save that was killed half-way."""
+    """Keep the newest `keep_last` complete checkpoints (milestones apart); remove every incomplete
+    one older than `newest`: a save that was killed half-way."""
     tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
     complete = complete_tags(ckpt_dir)
     rolling = [t for t in complete if not (ckpt_dir / t / MILESTONE).is_file()]
@@ -276,37 +313,54 @@ def point_latest_at(ckpt_dir: Path, tag: str) -> None:
 
 
 def needs_universal(ckpt_dir: Path, tag: str, world_size: int) -> bool:
-    """Whether resuming `tag` on `world_size` ranks goes through DeepSpeed's universal checkpoint: the rank
-    count changed and the optimizer state is partitioned (ZeRO 1-3, or the bf16 optimizer's shards)."""
+    """Whether resuming `tag` on `world_size` ranks goes through DeepSpeed's universal checkpoint:
+    the rank count changed and the optimizer state is partitioned (ZeRO 1-3, or the bf16 optimizer's
+    shards)."""
     partitioned = any((ckpt_dir / tag).glob("*zero_pp_rank_*optim_states.pt"))
     return partitioned and read_train_state(ckpt_dir, tag).world_size != world_size
 
 
 def make_universal(ckpt_dir: Path, tag: str) -> Path:
-    """Collective: rank 0 converts `tag` to DeepSpeed's universal form once (kept beside it); returns its parent
-    folder, which `engine.load_checkpoint` takes with `load_universal`. The conversion runs in a fresh
+    """Collective: rank 0 converts `tag` to DeepSpeed's universal form once (kept beside it);
+    returns its parent folder, which `engine.load_checkpoint` takes with `load_universal`. The
+    conversion runs in a fresh
     process: its worker pool must not fork a process that holds loader and communication threads."""
     target = ckpt_dir / "universal" / tag
     failure = [None]
     if dist.get_rank() == 0 and not (target / "zero").is_dir():
         shutil.rmtree(target, ignore_errors=True)
         workers = max(1, min(4, len(os.sched_getaffinity(0))))
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
-               "--output_folder", str(target), "--num_extract_workers", str(workers), "--num_merge_workers", "1",
-               "--inject_missing_state"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(ckpt_dir / tag),
+            "--output_folder",
+            str(target),
+            "--num_extract_workers",
+            str(workers),
+            "--num_merge_workers",
+            "1",
+            "--inject_missing_state",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             failure = [f"converting {ckpt_dir / tag} to DeepSpeed's universal checkpoint failed:\n"
                        f"{done.stdout[-2000:]}{done.stderr[-2000:]}"]
-    dist.broadcast_object_list(failure, src=0)  # every rank stops, not only the one that saw it fail
+    # every rank stops, not only the one that saw it fail
+    dist.broadcast_object_list(failure, src=0)
     if failure[0]:
         raise ResumeError(failure[0])
     return target.parent
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, universal: bool, gradient_clipping: float) -> dict:
-    """Collective: model and optimizer state of `tag` into `engine`. Returns this rank's saved state where the
-    rank count is unchanged, else rank 0's loader state alone (the position every rank was at)."""
+def load_checkpoint(
+    engine: Any, ckpt_dir: Path, tag: str, universal: bool, gradient_clipping: float
+) -> dict:
+    """Collective: model and optimizer state of `tag` into `engine`. Returns this rank's saved state
+    where the rank count is unchanged, else rank 0's loader state alone (the position every rank was
+    at)."""
     world = dist.get_world_size()
     same_ranks = read_train_state(ckpt_dir, tag).world_size == world
     folder = make_universal(ckpt_dir, tag) if universal else ckpt_dir
@@ -322,8 +376,8 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, universal: bool, grad
 
 
 def check_shared_folder(folder: Path, group: Any = None) -> None:
-    """Collective: stop, on every rank, unless every rank sees the files the others write in `folder`
-    (checkpoints written to node-local disks could not be resumed)."""
+    """Collective: stop, on every rank, unless every rank sees the files the others write in
+    `folder` (checkpoints written to node-local disks could not be resumed)."""
     probe = folder / ".shared-check"
     probe.mkdir(parents=True, exist_ok=True)
     run = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
@@ -336,8 +390,11 @@ def check_shared_folder(folder: Path, group: Any = None) -> None:
     dist.barrier(group=group)
     mine.unlink()
     if int(seen) < dist.get_world_size():
-        raise ResumeError(f"{folder} is not shared by all ranks (a rank saw {int(seen)} of {dist.get_world_size()} "
-                          "ranks' files there): put --output on a file system every node mounts")
+        raise ResumeError(
+            f"{folder} is not shared by all ranks (a rank saw {int(seen)} of "
+            f"{dist.get_world_size()} ranks' files there): put --output on a file system every "
+            "node mounts"
+        )
 
 
 def read_adamw_norms(ckpt_dir: Path, tag: str) -> tuple[float, float]:
@@ -345,10 +402,12 @@ def read_adamw_norms(ckpt_dir: Path, tag: str) -> tuple[float, float]:
 
 
 def optimizer_state_norms(engine: Any, replicated: bool, group: Any = None) -> tuple[float, float]:
-    """The L2 norms of AdamW's two moments over the whole model: a fingerprint a resume must reproduce, on
-    any rank count. `replicated`: every rank holds all of it (ZeRO-0 without DeepSpeed's bf16 shards)."""
+    """The L2 norms of AdamW's two moments over the whole model: a fingerprint a resume must
+    reproduce, on any rank count. `replicated`: every rank holds all of it (ZeRO-0 without
+    DeepSpeed's bf16 shards)."""
     inner = engine.optimizer
-    while not isinstance(inner, torch.optim.Optimizer):  # DeepSpeed's ZeRO and bf16 wrappers hold the torch one
+    # DeepSpeed's ZeRO and bf16 wrappers hold the torch one
+    while not isinstance(inner, torch.optim.Optimizer):
         inner = inner.optimizer
     sums = torch.zeros(2, dtype=torch.float64)
     for state in inner.state.values():
@@ -365,12 +424,19 @@ def describe_norms(norms: tuple[float, float]) -> str:
 
 
 class Checkpointer:
-    """The run's checkpoints: when one is due (every `every_steps` steps or `every_minutes` minutes since the last,
-    milestones every `milestone_every_epochs` epochs), writing one and loading one. Saves and loads are
-    collective."""
+    """The run's checkpoints: when one is due (every `every_steps` steps or `every_minutes` minutes
+    since the last, milestones every `milestone_every_epochs` epochs), writing one and loading one.
+    Saves and loads are collective."""
 
-    def __init__(self, cfg: CheckpointConfig, ckpt_dir: Path, engine: Any, replicated: bool, control: Any,
-                 say: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        ckpt_dir: Path,
+        engine: Any,
+        replicated: bool,
+        control: Any,
+        say: Callable[[str], None],
+    ) -> None:
         """`replicated`: every rank holds the whole optimizer state (see optimizer_state_norms)."""
         self.cfg, self.ckpt_dir, self.engine, self.replicated, self.control, self.say = \
             cfg, ckpt_dir, engine, replicated, control, say
@@ -383,20 +449,35 @@ class Checkpointer:
         return self.cadence.due_by_steps(step)
 
     def due_by_clock(self) -> bool:
-        """This rank's clock says a checkpoint is due: a vote, which the ranks agree on (`StepVote`)."""
+        """This rank's clock says a checkpoint is due: a vote, which the ranks agree on
+        (`StepVote`)."""
         return self.cadence.due_by_clock()
 
     def save(self, state: TrainState, rank_state: dict[str, Any], milestone: bool = False) -> str:
         norms = optimizer_state_norms(self.engine, self.replicated, self.control)
-        tag = save_checkpoint(self.engine, self.ckpt_dir, state, rank_state, self.cfg.keep_last, norms,
-                              self.control, milestone)
+        tag = save_checkpoint(
+            self.engine,
+            self.ckpt_dir,
+            state,
+            rank_state,
+            self.cfg.keep_last,
+            norms,
+            self.control,
+            milestone,
+        )
         self.cadence.saved()
         self.saved_step = state.step
-        self.say(f"{'milestone ' if milestone else ''}checkpoint {self.ckpt_dir / tag}; {describe_norms(norms)}")
+        self.say(
+            f"{'milestone ' if milestone else ''}checkpoint {self.ckpt_dir / tag}; "
+            f"{describe_norms(norms)}"
+        )
         return tag
 
-    def load(self, tag: str, universal: bool, gradient_clipping: float) -> tuple[TrainState, dict[str, Any]]:
-        """The saved run state of `tag` and this rank's saved state (its streams None on another rank count)."""
+    def load(
+        self, tag: str, universal: bool, gradient_clipping: float
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """The saved run state of `tag` and this rank's saved state (its streams None on another
+        rank count)."""
         rank_state = load_checkpoint(self.engine, self.ckpt_dir, tag, universal, gradient_clipping)
         state = read_train_state(self.ckpt_dir, tag)
         self.saved_step = state.step

@@ -1,11 +1,13 @@
-"""Typed training configuration: a preset file from configs/ plus `--set section.key=value` overrides.
+"""Typed training configuration: a preset file from configs/ plus `--set section.key=value`
+overrides.
 
-This module holds the sections every task's config has and their parsing: each field is a `setting` with its
-default and a one-line doc (`describe()` prints them, `--print-config` shows them), and values are checked here,
-before any process starts distributed work, so a typo costs one clear line rather than a cluster job. A task's own
-sections live with the task (`train.mae_task`, `train.classifier_task`), in its `RunConfig` subclass. What a
-config implies lives where it is used: the batch plan and lr in `train.recipe`, DeepSpeed's config in
-`train.engine`, what a resume may change in `train.resume`.
+This module holds the sections every task's config has and their parsing: each field is a `setting`
+with its default and a one-line doc (`describe()` prints them, `--print-config` shows them), and
+values are checked here, before any process starts distributed work, so a typo costs one clear line
+rather than a cluster job. A task's own sections live with the task (`train.mae_task`,
+`train.classifier_task`), in its `RunConfig` subclass. What a config implies lives where it is used:
+the batch plan and lr in `train.recipe`, DeepSpeed's config in `train.engine`, what a resume may
+change in `train.resume`.
 """
 
 from __future__ import annotations
@@ -40,14 +42,19 @@ def setting(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
 
-# The tasks maeflow ships, by the name their presets' `task` line gives, and where each one's `Task` lives. A task of
-# one's own needs no line here: its script hands its `Task` to `train.launch`. What reads a preset or a saved config
-# without a script at hand (a preset given to another task's script, `train.export` of a run) looks tasks up here.
-BUILTIN_TASKS = {"pretrain": "train.mae_task:MaeTask", "finetune": "train.classifier_task:ClassifierTask"}
+# The tasks maeflow ships, by the name their presets' `task` line gives, and where each one's `Task`
+# lives. A task of one's own needs no line here: its script hands its `Task` to `train.launch`. What
+# reads a preset or a saved config without a script at hand (a preset given to another task's
+# script, `train.export` of a run) looks tasks up here.
+BUILTIN_TASKS = {
+    "pretrain": "train.mae_task:MaeTask",
+    "finetune": "train.classifier_task:ClassifierTask",
+}
 
 
 def builtin_task(name: str) -> Any:
-    """The `Task` class maeflow ships under `name` (its script, config type and the rest), or None."""
+    """The `Task` class maeflow ships under `name` (its script, config type and the rest), or
+    None."""
     if name not in BUILTIN_TASKS:
         return None
     module, _, attribute = BUILTIN_TASKS[name].partition(":")
@@ -57,23 +64,19 @@ def builtin_task(name: str) -> Any:
 @dataclass
 class ModelConfig:
     name: str = setting("mae_vit_huge_patch14", "model preset, one of model.PRESETS")
-    activation_recompute: bool = setting(
-        False, "recompute encoder blocks in backward: less activation memory, ~30% more encoder "
-        "compute")
+    activation_recompute: bool = setting(False,
+        "recompute encoder blocks in backward: less activation memory, ~30% more encoder compute")
     init: str = setting(
-        "", "start from these weights: a train.export file, a released MAE .pth or (fine-tuning) a "
-        "maeflow run folder")
+        "", "start from these weights: an export, a released MAE .pth, a run folder (fine-tuning)")
 
 
 @dataclass
 class DataConfig:
     shards: str = setting("", "shard folder (with train.json) or brace pattern; --data sets it")
     img_size: int = setting(
-        224, "side of the square crops the loader delivers; the model is built for it (divisible "
-        "by the patch)")
+        224, "side of the square crops the loader delivers, which the model is built for")
     backend: Backend = setting(
-        "dali", "dali (GPU 'mixed' decoding, CPU without a GPU), pil (the baseline) or synthetic "
-        "(random images, no data)")
+        "dali", "dali (decoding on the GPU where there is one), pil (the baseline) or synthetic")
     num_threads: int = setting(
         0, "decoder threads (DALI) or workers (PIL) per rank; 0 = CPU cores per local rank")
     synthetic_samples: int = setting(
@@ -83,15 +86,13 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     global_batch_size: int = setting(
-        4096, "images per optimizer step, all ranks together: local_batch_size x grad_accum_steps "
-        "x ranks")
+        4096, "images per optimizer step, all ranks: local_batch_size x grad_accum_steps x ranks")
     local_batch_size: int = setting(
         0, "images per rank per forward pass; 0 = derived from the others")
     grad_accum_steps: int = setting(
         0, "forward passes per optimizer step; 0 = derived from the others")
     max_local_batch_size: int = setting(
-        0, "most images per forward pass that fit in a GPU's memory (0 = no limit); bounds a "
-        "derived local batch")
+        0, "most images per forward pass a GPU's memory holds (0 = no limit): bounds a derived one")
     blr: float = setting(1.5e-4, "base learning rate: lr = blr x global_batch_size / 256")
     lr: float = setting(0.0, "absolute peak learning rate; 0 = from blr")
     min_lr: float = setting(0.0, "floor of the cosine schedule")
@@ -117,20 +118,17 @@ class RuntimeConfig:
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = setting(
         "auto", "scaled-dot-product attention backend; auto lets torch choose")
     compile: bool = setting(
-        True, "torch.compile each transformer block for the training step (the first step "
-        "compiles; eager where it fails)")
+        True, "torch.compile each transformer block for the training step (eager where it fails)")
     compile_backend: str = setting(
         "inductor", "torch.compile's backend: inductor (fused kernels); aot_eager traces the same "
         "graphs without generating code")
     reduce_bucket_mb: float = setting(
-        25.0, "ZeRO stage 0 on several ranks: gradient MB per all-reduce bucket, each sent during "
-        "the backward pass")
+        25.0, "ZeRO stage 0: gradient MB per all-reduce bucket, each sent during the backward pass")
     deepspeed_config: str = setting(
         "", "a DeepSpeed JSON merged over the derived config (bucket sizes, overlap, monitors...)")
     seed: int = setting(0, "seeds model init and data order (fixed for a run)")
     hang_timeout_s: float = setting(
-        1800.0, "seconds without an optimizer step before a rank reports a hang and exits (x4 in "
-        "slow phases; 0 = off)")
+        1800.0, "seconds with no optimizer step before a rank reports a hang (x4 in slow phases)")
 
 
 @dataclass
@@ -150,17 +148,14 @@ class LogConfig:
     log_every: int = setting(
         50, "optimizer steps between metric reductions (the only host syncs of the loop)")
     peak_tflops: float = setting(
-        0.0, "the accelerator's dense bf16 peak for MFU, TFLOP/s (0 = model.flops' table by the "
-        "device's name)")
-    tensorboard: bool = setting(
-        True, "write scalars and reconstructions for TensorBoard under OUTPUT/tb/ (when it is "
-        "installed)")
+        0.0, "the accelerator's dense bf16 peak for MFU, TFLOP/s (0 = model.flops' table)")
+    tensorboard: bool = setting(True,
+        "write scalars and reconstructions for TensorBoard under OUTPUT/tb/ (when it is installed)")
     wandb_project: str = setting(
         "", "also log them to this Weights & Biases project (empty = off; WANDB_MODE=offline keeps "
         "them in OUTPUT/wandb/)")
     sample_ids: bool = setting(
-        False, "append the key of every sample each rank reads to OUTPUT/samples/rank<r>.txt "
-        "(audits, loss spikes)")
+        False, "append the key of every sample each rank reads to OUTPUT/samples/rank<r>.txt")
     straggler_margin: float = setting(
         0.25, "a rank whose own work in a window (forward, data wait) exceeds the median rank's by "
         "this fraction is slow")
@@ -174,8 +169,7 @@ class LogConfig:
     spike_history: int = setting(
         10, "logged windows the spike detector compares with (and waits for before it judges)")
     profile_steps: int = setting(
-        0, "profile this many optimizer steps (after 2 warm-up steps) and write OUTPUT/profile.txt "
-        "(0 = off)")
+        0, "profile this many optimizer steps (after 2 warm-up steps) into OUTPUT/profile.txt")
 
 
 @dataclass
@@ -188,7 +182,8 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """What every task's run reads; each task's config adds its own fields (`PretrainConfig`, `FinetuneConfig`)."""
+    """What every task's run reads; each task's config adds its own fields (`PretrainConfig`,
+    `FinetuneConfig`)."""
 
     TASK: ClassVar[str] = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -203,7 +198,8 @@ class RunConfig:
         0, "stop after this many optimizer steps in total (0 = run the whole schedule)")
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, the task the config is for and the format (what config_from_dict reads back)."""
+        """Every field, the task the config is for and the format (what config_from_dict reads
+        back)."""
         return stamp("config", {"task": self.TASK, **dataclasses.asdict(self)})
 
     def to_json(self) -> str:
@@ -248,9 +244,9 @@ def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
     *path, name = dotted.split(".")
     target = cfg
     for part in path:
-        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
-            raise ConfigError(_other_task_hint(cfg, dotted)
-                              or f"unknown config section {part!r} in {dotted!r}; sections: {_names(cfg)}")
+        if not dataclasses.is_dataclass(target) or part not in _names(target).split(", "):
+            unknown = f"unknown config section {part!r} in {dotted!r}; sections: {_names(cfg)}"
+            raise ConfigError(_other_task_hint(cfg, dotted) or unknown)
         target = getattr(target, part)
     fields = {f.name: f for f in dataclasses.fields(target)}
     if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
@@ -261,7 +257,8 @@ def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
 
 
 def _other_task_hint(cfg: RunConfig, dotted: str) -> str | None:
-    """The line for a key that only another task's config has (model.mask_ratio given to fine-tuning)."""
+    """The line for a key that only another task's config has (model.mask_ratio given to
+    fine-tuning)."""
     for name in BUILTIN_TASKS:
         other = builtin_task(name)
         if name != cfg.TASK and dotted in flat_fields(other.config_type()):
@@ -286,40 +283,46 @@ def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def find_preset(preset: str | Path) -> Path:
-    """A preset file (or a run's config.json), or the name of one in the repository's configs/ (wherever the
-    command runs from)."""
+    """A preset file (or a run's config.json), or the name of one in the repository's configs/
+    (wherever the command runs from)."""
     path = Path(preset)
     if not path.is_file() and (PRESET_DIR / f"{preset}.toml").is_file():
         path = PRESET_DIR / f"{preset}.toml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml"))) or "none here"
-        raise ConfigError(f"config preset {preset} not found: give a preset file or a name in configs/ ({known})")
+        raise ConfigError(
+            f"config preset {preset} not found: give a preset file or a name in configs/ ({known})"
+        )
     return path
 
 
-def load_config(preset: str | Path | None, overrides: list[str] = (), task: Any = None) -> RunConfig:
-    """Defaults <- preset file (TOML) <- `key=value` overrides, then validated. `task`: the script's `Task`, whose
-    config type it is and whose name a preset's own `task` line must give; None: the task the preset names (one of
-    maeflow's, pre-training without a line)."""
+def load_config(preset: str | Path | None, overrides: list[str] = (),
+                task: Any = None) -> RunConfig:
+    """Defaults <- preset file (TOML) <- `key=value` overrides, then validated. `task`: the script's
+    `Task`, whose config type it is and whose name a preset's own `task` line must give; None: the
+    task the preset names (one of maeflow's, pre-training without a line)."""
     table: dict[str, Any] = {}
     declared = None
     if preset:
         path = find_preset(preset)
         try:  # a preset (TOML), or a run's config.json passed back (the same sections, as JSON)
-            table = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+            text = path.read_text()
+            table = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"{path}: {err}") from None
         table.pop("format", None)  # a run's config.json: checked where a run's folder is read
         declared = table.pop("task", None)
         if task is not None and declared and declared != task.config_type.TASK:
             other = builtin_task(declared)
-            what, where = (other.name, other.script) if other else (declared, f"task {declared!r}'s script")
+            what, where = (other.name, other.script) if other else (declared, "its own script")
             raise ConfigError(f"{path} is a {what} preset: run it with {where}, not {task.script}")
     if task is None:
         task = builtin_task(declared or "pretrain")
         if task is None:
-            raise ConfigError(f"{preset}: task {declared!r} is none of maeflow's ({', '.join(BUILTIN_TASKS)}): "
-                              "run it with its own script")
+            raise ConfigError(
+                f"{preset}: task {declared!r} is none of maeflow's ({', '.join(BUILTIN_TASKS)}): "
+                "run it with its own script"
+            )
     cfg = task.config_type()
     for key, value in _flatten(table).items():
         _set(cfg, key, value)
@@ -333,49 +336,53 @@ def load_config(preset: str | Path | None, overrides: list[str] = (), task: Any 
 
 
 def validate(cfg: RunConfig) -> None:
+    model, data, optim, runtime, log, ckpt = (cfg.model, cfg.data, cfg.optim, cfg.runtime, cfg.log,
+                                              cfg.checkpoint)
+    patch = PRESETS.get(model.name, {}).get("patch_size", 1)
     checks = [
-        (cfg.model.name in PRESETS, f"model.name {cfg.model.name!r} is not one of {', '.join(PRESETS)}"),
-        (cfg.data.img_size % PRESETS.get(cfg.model.name, {}).get("patch_size", 1) == 0,
-         f"data.img_size {cfg.data.img_size} is not divisible by the patch size of {cfg.model.name}"),
-        (cfg.optim.global_batch_size > 0, "optim.global_batch_size must be positive"),
-        (min(cfg.optim.local_batch_size, cfg.optim.grad_accum_steps, cfg.optim.max_local_batch_size) >= 0,
-         "optim.local_batch_size, optim.grad_accum_steps and optim.max_local_batch_size must be >= 0"),
-        (cfg.optim.epochs > 0 and 0 <= cfg.optim.warmup_epochs < cfg.optim.epochs,
+        (model.name in PRESETS, f"model.name {model.name!r} is not one of {', '.join(PRESETS)}"),
+        (data.img_size % patch == 0,
+         f"data.img_size {data.img_size} is not divisible by the patch size of {model.name}"),
+        (optim.global_batch_size > 0, "optim.global_batch_size must be positive"),
+        (min(optim.local_batch_size, optim.grad_accum_steps, optim.max_local_batch_size) >= 0,
+         "optim.local_batch_size, grad_accum_steps and max_local_batch_size must be >= 0"),
+        (optim.epochs > 0 and 0 <= optim.warmup_epochs < optim.epochs,
          "optim.warmup_epochs must be in [0, epochs)"),
-        (cfg.optim.blr > 0 or cfg.optim.lr > 0, "set optim.blr or optim.lr"),
-        (min(cfg.optim.blr, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) >= 0,
+        (optim.blr > 0 or optim.lr > 0, "set optim.blr or optim.lr"),
+        (min(optim.blr, optim.lr, optim.min_lr, optim.weight_decay) >= 0,
          "optim.blr, optim.lr, optim.min_lr and optim.weight_decay must be >= 0"),
-        (all(0 <= beta < 1 for beta in cfg.optim.betas), f"optim.betas must be in [0, 1), got {cfg.optim.betas}"),
-        (cfg.data.img_size > 0, f"data.img_size must be positive, got {cfg.data.img_size}"),
-        (cfg.data.synthetic_samples > 0, "data.synthetic_samples must be positive"),
-        (cfg.data.num_threads >= 0, f"data.num_threads must be >= 0 (0 = the cores per local rank), got "
-                                    f"{cfg.data.num_threads}"),
-        (cfg.checkpoint.every_minutes >= 0 and cfg.checkpoint.every_steps >= 0,
+        (all(0 <= b < 1 for b in optim.betas), f"optim.betas must be in [0, 1), got {optim.betas}"),
+        (data.img_size > 0, f"data.img_size must be positive, got {data.img_size}"),
+        (data.synthetic_samples > 0, "data.synthetic_samples must be positive"),
+        (data.num_threads >= 0,
+         f"data.num_threads must be >= 0 (0 = the cores per local rank), got {data.num_threads}"),
+        (ckpt.every_minutes >= 0 and ckpt.every_steps >= 0,
          "checkpoint.every_minutes and checkpoint.every_steps must be >= 0 (0 = off)"),
-        (cfg.log.profile_steps >= 0, "log.profile_steps must be >= 0"),
-        (cfg.log.peak_tflops >= 0, "log.peak_tflops must be >= 0 (0 = from the device's name)"),
-        (cfg.runtime.reduce_bucket_mb > 0, f"runtime.reduce_bucket_mb must be positive, got "
-                                           f"{cfg.runtime.reduce_bucket_mb}"),
-        (cfg.runtime.hang_timeout_s >= 0, "runtime.hang_timeout_s must be >= 0 (0 = no watchdog)"),
-        (cfg.log.straggler_margin > 0 and cfg.log.straggler_windows >= 1,
+        (log.profile_steps >= 0, "log.profile_steps must be >= 0"),
+        (log.peak_tflops >= 0, "log.peak_tflops must be >= 0 (0 = from the device's name)"),
+        (runtime.reduce_bucket_mb > 0,
+         f"runtime.reduce_bucket_mb must be positive, got {runtime.reduce_bucket_mb}"),
+        (runtime.hang_timeout_s >= 0, "runtime.hang_timeout_s must be >= 0 (0 = no watchdog)"),
+        (log.straggler_margin > 0 and log.straggler_windows >= 1,
          "log.straggler_margin must be positive and log.straggler_windows >= 1"),
-        (min(cfg.log.spike_loss_factor, cfg.log.spike_grad_factor) >= 0 and cfg.log.spike_history >= 2,
-         "log.spike_loss_factor and log.spike_grad_factor must be >= 0 and log.spike_history >= 2"),
-        (cfg.optim.gradient_clipping >= 0, "optim.gradient_clipping must be >= 0"),
-        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
-        (cfg.checkpoint.milestone_every_epochs >= 0, "checkpoint.milestone_every_epochs must be >= 0"),
+        (min(log.spike_loss_factor, log.spike_grad_factor) >= 0 and log.spike_history >= 2,
+         "log.spike_loss_factor and spike_grad_factor must be >= 0 and log.spike_history >= 2"),
+        (optim.gradient_clipping >= 0, "optim.gradient_clipping must be >= 0"),
+        (ckpt.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
+        (ckpt.milestone_every_epochs >= 0, "checkpoint.milestone_every_epochs must be >= 0"),
         (cfg.eval.every_epochs >= 0, "eval.every_epochs must be >= 0"),
-        (cfg.log.log_every >= 1, "log.log_every and log.viz_every must be >= 1"),
+        (log.log_every >= 1, "log.log_every and log.viz_every must be >= 1"),
         (cfg.max_steps >= 0, "max_steps must be >= 0"),
-        (not cfg.model.init or Path(cfg.model.init).exists(), f"model.init {cfg.model.init}: no such file or folder"),
-        (not cfg.runtime.deepspeed_config or Path(cfg.runtime.deepspeed_config).is_file(),
-         f"runtime.deepspeed_config {cfg.runtime.deepspeed_config}: no such file"),
-        (not (cfg.runtime.compile and cfg.runtime.zero_stage == 3),
-         "runtime.compile does not work with ZeRO-3 (its parameter gathering hooks break the graphs): set "
-         "runtime.compile=false"),
-        (not cfg.runtime.compile or cfg.runtime.compile_backend in compile_backends(),
-         f"runtime.compile_backend {cfg.runtime.compile_backend!r} is not one of torch.compile's backends: "
-         f"{', '.join(compile_backends())}"),
+        (not model.init or Path(model.init).exists(),
+         f"model.init {model.init}: no such file or folder"),
+        (not runtime.deepspeed_config or Path(runtime.deepspeed_config).is_file(),
+         f"runtime.deepspeed_config {runtime.deepspeed_config}: no such file"),
+        (not (runtime.compile and runtime.zero_stage == 3),
+         "runtime.compile does not work with ZeRO-3 (its parameter gathering hooks break the "
+         "graphs): set runtime.compile=false"),
+        (not runtime.compile or runtime.compile_backend in compile_backends(),
+         f"runtime.compile_backend {runtime.compile_backend!r} is not one of torch.compile's "
+         f"backends: {', '.join(compile_backends())}"),
         *cfg.checks(),
     ]
     for ok, message in checks:
@@ -384,7 +391,8 @@ def validate(cfg: RunConfig) -> None:
 
 
 def compile_backends() -> list[str]:
-    """torch.compile's backends here, registered ones included (imports the compiler: call only with compile on)."""
+    """torch.compile's backends here, registered ones included (imports the compiler: call only with
+    compile on)."""
     import torch._dynamo
 
     return torch._dynamo.list_backends(exclude_tags=())
@@ -407,16 +415,21 @@ def flat_fields(cfg: RunConfig) -> dict[str, Any]:
     return _flatten(dataclasses.asdict(cfg))
 
 
-def config_from_dict(saved: dict[str, Any], config_type: type[RunConfig] | None = None) -> RunConfig:
-    """A resolved config as a run saved it (config.json, or the provenance of an exported file), as `config_type`
-    (default: the type of the task it names, one of maeflow's). ConfigError when it is another task's."""
+def config_from_dict(
+    saved: dict[str, Any], config_type: type[RunConfig] | None = None
+) -> RunConfig:
+    """A resolved config as a run saved it (config.json, or the provenance of an exported file), as
+    `config_type` (default: the type of the task it names, one of maeflow's). ConfigError when it is
+    another task's."""
     check_format("config", saved, "a saved config")
     saved = {key: value for key, value in saved.items() if key != "format"}
     written_by = saved.pop("task")
     if config_type is None:
         task = builtin_task(written_by)
         if task is None:
-            raise ConfigError(f"a config of task {written_by!r}, none of maeflow's ({', '.join(BUILTIN_TASKS)})")
+            raise ConfigError(
+                f"a config of task {written_by!r}, none of maeflow's ({', '.join(BUILTIN_TASKS)})"
+            )
         config_type = task.config_type
     if written_by != config_type.TASK:
         raise ConfigError(f"a config of task {written_by!r}, not {config_type.TASK!r}")

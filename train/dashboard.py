@@ -1,6 +1,7 @@
-"""Where rank 0's numbers are watched besides metrics.jsonl: TensorBoard under OUTPUT/tb/ and, when a project is
-named, Weights & Biases. Each gets every metrics.jsonl number as a scalar and the reconstruction grids as images.
-Both are optional: without the package the run says so once and goes on."""
+"""Where rank 0's numbers are watched besides metrics.jsonl: TensorBoard under OUTPUT/tb/ and, when
+a project is named, Weights & Biases. Each gets every metrics.jsonl number as a scalar and the
+reconstruction grids as images. Both are optional: without the package the run says so once and goes
+on."""
 
 from __future__ import annotations
 
@@ -26,9 +27,13 @@ class Board:
         if not enabled:
             return
         try:
-            from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+            # needs the optional tensorboard package
+            from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            print("TensorBoard is not installed (pip install tensorboard): metrics go to metrics.jsonl only")
+            print(
+                "TensorBoard is not installed (pip install tensorboard): metrics go to "
+                "metrics.jsonl only"
+            )
             return
         self.writer = SummaryWriter(log_dir=str(folder))
 
@@ -50,21 +55,31 @@ class Board:
 
 
 class WandbBoard:
-    """One W&B run per output folder: its id is kept in OUTPUT/wandb_run_id, so a resumed or requeued run goes on in
-    the same W&B run. WANDB_MODE=offline keeps it under OUTPUT/wandb/ for `wandb sync` (a node without network)."""
+    """One W&B run per output folder: its id is kept in OUTPUT/wandb_run_id, so a resumed or
+    requeued run goes on in the same W&B run. WANDB_MODE=offline keeps it under OUTPUT/wandb/ for
+    `wandb sync` (a node without network)."""
 
     def __init__(self, folder: Path, project: str, config: dict[str, Any]) -> None:
         self.run = None
         try:
             import wandb  # the optional wandb package
         except ImportError:
-            print("wandb is not installed (pip install 'maeflow[wandb]'): metrics go to metrics.jsonl and TensorBoard")
+            print(
+                "wandb is not installed (pip install 'maeflow[wandb]'): metrics go to "
+                "metrics.jsonl and TensorBoard"
+            )
             return
         id_file = folder / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         atomic_write_text(id_file, run_id + "\n")
-        self.run = wandb.init(project=project, id=run_id, resume="allow", name=folder.name, dir=str(folder),
-                              config=config)
+        self.run = wandb.init(
+            project=project,
+            id=run_id,
+            resume="allow",
+            name=folder.name,
+            dir=str(folder),
+            config=config,
+        )
         self._image, self._teardown = wandb.Image, wandb.teardown
 
     def scalars(self, record: dict[str, Any], step: int) -> None:
@@ -78,4 +93,5 @@ class WandbBoard:
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
-            self._teardown()  # W&B's service process ends with the run, not at some exit hook after the trainer's
+            # W&B's service process ends with the run, not at some exit hook after the trainer's
+            self._teardown()

@@ -1,8 +1,10 @@
-"""What DeepSpeed is asked for, and the model switches around it (attention backend, compile, recompute).
+"""What DeepSpeed is asked for, and the model switches around it (attention backend, compile,
+recompute).
 
-The DeepSpeed config is derived from maeflow's own; a user's DeepSpeed JSON (`runtime.deepspeed_config`)
-is merged over it for everything maeflow does not decide itself (bucket sizes, overlap, monitors...).
-The merged config is saved beside config.json as deepspeed_config.json.
+The DeepSpeed config is derived from maeflow's own; a user's DeepSpeed JSON
+(`runtime.deepspeed_config`) is merged over it for everything maeflow does not decide itself (bucket
+sizes, overlap, monitors...). The merged config is saved beside config.json as
+deepspeed_config.json.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from train.distributed import local_rank
 from train.recipe import BatchPlan
 
 # Keys maeflow derives from its own config; a user's DeepSpeed JSON may not set them, since a second
-# source for the batch, the precision or the optimizer would make the run differ from its config.json.
+# source for the batch, the precision or the optimizer would make the run differ from its
+# config.json.
 DERIVED_KEYS = {
     "train_batch_size": "optim.global_batch_size",
     "train_micro_batch_size_per_gpu": "optim.local_batch_size",
@@ -41,20 +44,24 @@ ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.C
 
 
 def image_dtype(cfg: RunConfig) -> torch.dtype:
-    """What the loaders deliver and the model takes: bf16 for bf16 weights; under autocast the images stay fp32,
-    as in the reference code."""
+    """What the loaders deliver and the model takes: bf16 for bf16 weights; under autocast the
+    images stay fp32, as in the reference code."""
     return torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
 
 
-def apply_model_switches(model: torch.nn.Module, cfg: RunConfig, report: Callable[[str], None] = print) -> None:
-    """The config's speed and memory switches, through the hooks maeflow's model families have (model.hooks); a
-    task's model without them is refused the switches. `report`: where a rank says that compiling failed on it and
-    it runs eager."""
+def apply_model_switches(
+    model: torch.nn.Module, cfg: RunConfig, report: Callable[[str], None] = print
+) -> None:
+    """The config's speed and memory switches, through the hooks maeflow's model families have
+    (model.hooks); a task's model without them is refused the switches. `report`: where a rank says
+    that compiling failed on it and it runs eager."""
     if not isinstance(model, TransformerHooks):
         if cfg.runtime.compile or cfg.model.activation_recompute:
-            raise ConfigError(f"runtime.compile and model.activation_recompute work through model.hooks."
-                              f"TransformerHooks, which this task's {type(model).__name__} does not have: set both "
-                              "to false, or give the model those hooks")
+            raise ConfigError(
+                "runtime.compile and model.activation_recompute work through "
+                f"model.hooks.TransformerHooks, which this task's {type(model).__name__} does not "
+                "have: set both to false, or give the model those hooks"
+            )
         return
     model.set_grad_checkpointing(cfg.model.activation_recompute)
     if cfg.runtime.compile:
@@ -62,15 +69,16 @@ def apply_model_switches(model: torch.nn.Module, cfg: RunConfig, report: Callabl
 
 
 def engine_args(device: torch.device) -> argparse.Namespace:
-    """What deepspeed.initialize reads of a command line: the device maeflow chose for this rank. Left to itself,
-    DeepSpeed takes its LOCAL_RANK's GPU (its engine's `_set_distributed_vars`), so a task bound to its own GPU
-    (srun --gpus-per-task=1, --gpu-bind: one visible device) with local rank 1 or more would ask for a device
-    that does not exist there."""
+    """What deepspeed.initialize reads of a command line: the device maeflow chose for this rank.
+    Left to itself, DeepSpeed takes its LOCAL_RANK's GPU (its engine's `_set_distributed_vars`), so
+    a task bound to its own GPU (srun --gpus-per-task=1, --gpu-bind: one visible device) with local
+    rank 1 or more would ask for a device that does not exist there."""
     return argparse.Namespace(device_rank=device.index if device.type == "cuda" else local_rank())
 
 
 def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
-    """The DeepSpeed config for this run: maeflow's derived keys, then the user's file merged over the rest."""
+    """The DeepSpeed config for this run: maeflow's derived keys, then the user's file merged over
+    the rest."""
     ours: dict[str, Any] = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.local_batch_size,
@@ -79,8 +87,9 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
         "gradient_clipping": cfg.optim.gradient_clipping,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
-        # DeepSpeed's throughput timer is on by default and synchronizes the device at every forward and step: a
-        # stall per micro-step. maeflow times its windows itself; a user's JSON may turn the timer back on.
+        # DeepSpeed's throughput timer is on by default and synchronizes the device at every forward
+        # and step: a stall per micro-step. maeflow times its windows itself; a user's JSON may turn
+        # the timer back on.
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if cfg.runtime.precision == "bf16":
@@ -96,41 +105,53 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
         raise ConfigError(f"runtime.deepspeed_config {path}: {err}") from None
     clashes = sorted(set(user) & set(DERIVED_KEYS))
     if clashes:
-        raise ConfigError(f"runtime.deepspeed_config {path} sets {clashes[0]}, which maeflow derives: set "
-                          f"{DERIVED_KEYS[clashes[0]]} instead")
+        raise ConfigError(
+            f"runtime.deepspeed_config {path} sets {clashes[0]}, which maeflow derives: set "
+            f"{DERIVED_KEYS[clashes[0]]} instead"
+        )
     if "stage" in user.get("zero_optimization", {}):
-        raise ConfigError(f"runtime.deepspeed_config {path} sets zero_optimization.stage: set runtime.zero_stage")
+        raise ConfigError(
+            f"runtime.deepspeed_config {path} sets zero_optimization.stage: set runtime.zero_stage"
+        )
     return _merged(ours, user)
 
 
 def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merged(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
 def weights_cast_once(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """Around an optimizer step's whole accumulation: under autocast each weight's bf16 copy is made once per
-    optimizer step, not once per micro-step (at ViT-H, 8 GB of copies per micro-step otherwise).
+    """Around an optimizer step's whole accumulation: under autocast each weight's bf16 copy is made
+    once per optimizer step, not once per micro-step (at ViT-H, 8 GB of copies per micro-step
+    otherwise).
 
-    Autocast keeps the copies it makes of weights until its outermost region ends, and DeepSpeed's autocast around
-    each forward pass nests inside this one. This region itself is disabled: the backward passes and the optimizer
-    step run outside autocast, as they would without it. It ends right after the optimizer step, so no copy outlives
-    the weights it was made from."""
+    Autocast keeps the copies it makes of weights until its outermost region ends, and DeepSpeed's
+    autocast around each forward pass nests inside this one. This region itself is disabled: the
+    backward passes and the optimizer step run outside autocast, as they would without it. It ends
+    right after the optimizer step, so no copy outlives the weights it was made from."""
     return torch.autocast(device.type, enabled=False)
 
 
 @contextlib.contextmanager
 def evaluating(module: torch.nn.Module, runtime: RuntimeConfig, device: torch.device,
                gather: bool = True) -> Iterator[None]:
-    """An evaluation's forward passes, alike for every job and command: `module` in eval mode (and back to what it
-    was after), no gradients, bf16 autocast where the run computes under it (`runtime.precision` autocast_bf16), the
-    run's attention backend, and under ZeRO-3 every rank's slices of the weights gathered (`gather` False for
-    DeepSpeed's engine, whose forward gathers them itself)."""
+    """An evaluation's forward passes, alike for every job and command: `module` in eval mode (and
+    back to what it was after), no gradients, bf16 autocast where the run computes under it
+    (`runtime.precision` autocast_bf16), the run's attention backend, and under ZeRO-3 every rank's
+    slices of the weights gathered (`gather` False for DeepSpeed's engine, whose forward gathers
+    them itself)."""
     gathered = deepspeed.zero.GatheredParameters(list(module.parameters()),
                                                  enabled=gather and runtime.zero_stage == 3)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=runtime.precision == "autocast_bf16")
+    autocast = torch.autocast(
+        device.type, torch.bfloat16, enabled=runtime.precision == "autocast_bf16"
+    )
     was_training = module.training
     module.eval()
     try:
@@ -142,7 +163,8 @@ def evaluating(module: torch.nn.Module, runtime: RuntimeConfig, device: torch.de
 
 @contextlib.contextmanager
 def attention_backend(name: str) -> Iterator[None]:
-    """SDPA restricted to one backend ("auto": torch's own choice, which on an H100 in bf16 is flash)."""
+    """SDPA restricted to one backend ("auto": torch's own choice, which on an H100 in bf16 is
+    flash)."""
     if name == "auto":
         yield
         return

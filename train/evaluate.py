@@ -1,12 +1,15 @@
-"""Evaluate an encoder without fine-tuning: weighted k-NN top-1 and a linear probe on frozen features.
+"""Evaluate an encoder without fine-tuning: weighted k-NN top-1 and a linear probe on frozen
+features.
 
     python -m train.evaluate runs/vit_b16 --data /data/shards [--tag step00100000]
-    python -m train.evaluate mae_pretrain_vit_base.pth --model mae_vit_base_patch16 --data /data/shards
-    python -m train.evaluate exported.pth --data /data/shards      (a train.export file knows its model)
+    python -m train.evaluate mae_pretrain_vit_base.pth --model mae_vit_base_patch16 --data
+    /data/shards python -m train.evaluate exported.pth --data /data/shards      (a train.export file
+    knows its model)
 
-The linear probe is the paper's protocol in miniature (He et al. 2021, appendix A.3): the class token's
-features, BatchNorm without affine parameters, then a linear classifier trained with SGD (momentum 0.9,
-lr 1.0 x batch / 256 on a cosine) for a few epochs on features computed once, without augmentation.
+The linear probe is the paper's protocol in miniature (He et al. 2021, appendix A.3): the class
+token's features, BatchNorm without affine parameters, then a linear classifier trained with SGD
+(momentum 0.9, lr 1.0 x batch / 256 on a cosine) for a few epochs on features computed once, without
+augmentation.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from train.mae_task import mae_from_config
 
 def load_encoder(source: Path, tag: str, preset: str | None,
                  img_size: int) -> tuple[MaskedAutoencoderViT, str, RuntimeConfig]:
-    """The model to evaluate, where its weights came from, and how its run computed (its precision and attention;
-    a reference-layout file of the preset `preset` has no run: the defaults). `source`: a run folder, a
-    train.export file (which records its config) or a reference-layout file."""
+    """The model to evaluate, where its weights came from, and how its run computed (its precision
+    and attention; a reference-layout file of the preset `preset` has no run: the defaults).
+    `source`: a run folder, a train.export file (which records its config) or a reference-layout
+    file."""
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such run folder or weight file")
     if source.is_dir():
@@ -52,22 +56,33 @@ def load_encoder(source: Path, tag: str, preset: str | None,
     elif preset:
         model = build_mae(preset, img_size=img_size)
     else:
-        raise ValueError(f"{source} does not say which model it holds: pass --model (e.g. mae_vit_base_patch16)")
+        raise ValueError(
+            f"{source} does not say which model it holds: pass --model (e.g. mae_vit_base_patch16)"
+        )
     if not isinstance(saved, dict):
         raise ValueError(f"{source}: expected {{'model': state_dict}} or a state dict")
     return model, f"{source} ({load_reference_weights(model, saved)})", runtime
 
 
-def linear_probe(train: Embedded, val: Embedded, epochs: int, batch: int = 256, base_lr: float = 1.0) -> float:
-    """Top-1 of BatchNorm(affine=False) + Linear trained on the cls features of `train`, tested on `val`."""
+def linear_probe(
+    train: Embedded, val: Embedded, epochs: int, batch: int = 256, base_lr: float = 1.0
+) -> float:
+    """Top-1 of BatchNorm(affine=False) + Linear trained on the cls features of `train`, tested on
+    `val`."""
     torch.manual_seed(0)
     features, labels = train.features["cls"], train.labels
     classes = int(max(labels.max(), val.labels.max())) + 1
-    head = nn.Sequential(nn.BatchNorm1d(features.shape[1], affine=False), nn.Linear(features.shape[1], classes))
+    head = nn.Sequential(
+        nn.BatchNorm1d(features.shape[1], affine=False), nn.Linear(features.shape[1], classes)
+    )
     head = head.to(features.device)
-    optimizer = torch.optim.SGD(head.parameters(), lr=base_lr * batch / 256, momentum=0.9, weight_decay=0.0)
+    optimizer = torch.optim.SGD(
+        head.parameters(), lr=base_lr * batch / 256, momentum=0.9, weight_decay=0.0
+    )
     steps = epochs * math.ceil(len(features) / batch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     for _ in range(epochs):
         for chunk in torch.randperm(len(features), device=features.device).split(batch):
             if len(chunk) < 2:
@@ -83,38 +98,64 @@ def linear_probe(train: Embedded, val: Embedded, epochs: int, batch: int = 256, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="a training output folder, a train.export file or a reference weight file")
-    parser.add_argument("--data", required=True, help="shard folder with a train split and the held-out split")
-    parser.add_argument("--tag", default="latest", help="run folders: which checkpoint (default: the newest)")
+    parser = argparse.ArgumentParser(
+        prog="python -m train.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "source", help="a training output folder, a train.export file or a reference weight file"
+    )
+    parser.add_argument(
+        "--data", required=True, help="shard folder with a train split and the held-out split"
+    )
+    parser.add_argument(
+        "--tag", default="latest", help="run folders: which checkpoint (default: the newest)"
+    )
     parser.add_argument("--model", help="reference files: the preset, e.g. mae_vit_base_patch16")
     parser.add_argument("--img-size", type=int, default=224, help="reference files: the resolution")
     parser.add_argument("--split", default="val", help="the held-out split")
-    parser.add_argument("--train-samples", type=int, default=0, help="train samples as k-NN memory (0 = all)")
+    parser.add_argument(
+        "--train-samples", type=int, default=0, help="train samples as k-NN memory (0 = all)"
+    )
     parser.add_argument("--val-samples", type=int, default=0, help="held-out samples (0 = all)")
     parser.add_argument("--k", type=int, default=20, help="neighbours voting")
-    parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
-    parser.add_argument("--probe-epochs", type=int, default=10, help="linear probe epochs (0 = no probe)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)"
+    )
+    parser.add_argument(
+        "--probe-epochs", type=int, default=10, help="linear probe epochs (0 = no probe)"
+    )
     parser.add_argument("--batch", type=int, default=128, help="images per forward pass")
     parser.add_argument("--out", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    bad = [f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}" for name, ok, rule in (
-        ("k", args.k >= 1, "at least 1"), ("temperature", args.temperature > 0, "positive"),
-        ("batch", args.batch >= 1, "at least 1"), ("train_samples", args.train_samples >= 0, ">= 0"),
-        ("val_samples", args.val_samples >= 0, ">= 0"), ("probe_epochs", args.probe_epochs >= 0, ">= 0"),
-        ("img_size", args.img_size >= 1, "positive")) if not ok]
+    bad = [
+        f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}"
+        for name, ok, rule in (
+            ("k", args.k >= 1, "at least 1"),
+            ("temperature", args.temperature > 0, "positive"),
+            ("batch", args.batch >= 1, "at least 1"),
+            ("train_samples", args.train_samples >= 0, ">= 0"),
+            ("val_samples", args.val_samples >= 0, ">= 0"),
+            ("probe_epochs", args.probe_epochs >= 0, ">= 0"),
+            ("img_size", args.img_size >= 1, "positive"),
+        )
+        if not ok
+    ]
     if bad:
         parser.error(bad[0])
     try:
-        model, origin, runtime = load_encoder(Path(args.source), args.tag, args.model, args.img_size)
+        model, origin, runtime = load_encoder(
+            Path(args.source), args.tag, args.model, args.img_size
+        )
         monitor = knn_monitor(args.data, args.split, args.train_samples, args.val_samples,
                              local_batch_size=args.batch, img_size=model.img_size[0])
-    except (FileNotFoundError, ValueError, RuntimeError) as err:  # ResumeError and ConfigError among them
+    # ResumeError and ConfigError among them
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    with evaluating(model, runtime, device, gather=False):  # as the run's own evaluation computes (whole weights)
+    # as the run's own evaluation computes (whole weights)
+    with evaluating(model, runtime, device, gather=False):
         memory, queries = monitor.embed(model.forward_features, device)
     result = {"source": origin, **knn_top1(memory, queries, args.k, args.temperature)}
     if args.probe_epochs:

@@ -1,5 +1,5 @@
-"""Consolidate a run's newest checkpoint into one file in the reference MAE layout (a fine-tuning run's: the
-reference fine-tuning code's classifier layout).
+"""Consolidate a run's newest checkpoint into one file in the reference MAE layout (a fine-tuning
+run's: the reference fine-tuning code's classifier layout).
 
     python -m train.export OUTPUT --to mae_vit_h.pth [--encoder-only] [--tag step00001200]
 
@@ -27,8 +27,11 @@ from train.config import ConfigError, config_from_json
 from train.mae_task import mae_from_config
 
 
-def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[str, torch.Tensor], dict]:
-    """float32 reference-layout weights of a complete checkpoint (the newest by default), and provenance."""
+def consolidated_state_dict(
+    output: Path, wanted: str = LATEST
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """float32 reference-layout weights of a complete checkpoint (the newest by default), and
+    provenance."""
     if not (output / "config.json").is_file():
         raise FileNotFoundError(f"{output} is not a training output folder (no config.json there)")
     cfg = config_from_json(output / "config.json")
@@ -49,8 +52,12 @@ def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[st
     elif cfg.TASK == "pretrain":
         model = mae_from_config(cfg)
     else:
-        raise ConfigError(f"{output} is a run of task {cfg.TASK!r}: export writes pre-training and fine-tuning runs")
-    # The sin-cos position embeddings are frozen and fixed by the config: rebuild any DeepSpeed omitted.
+        raise ConfigError(
+            f"{output} is a run of task {cfg.TASK!r}: export writes pre-training and fine-tuning "
+            "runs"
+        )
+    # The sin-cos position embeddings are frozen and fixed by the config: rebuild any DeepSpeed
+    # omitted.
     fixed = {k: v for k, v in model.state_dict().items() if k not in weights and "pos_embed" in k}
     model.load_state_dict({**weights, **fixed}, strict=True)
     state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
@@ -59,11 +66,18 @@ def consolidated_state_dict(output: Path, wanted: str = LATEST) -> tuple[dict[st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="maeflow-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("output", help="a training output folder (holds config.json and checkpoints/)")
+    parser.add_argument(
+        "output", help="a training output folder (holds config.json and checkpoints/)"
+    )
     parser.add_argument("--to", required=True, help="file to write")
-    parser.add_argument("--tag", default=LATEST, help="which checkpoint (e.g. step00001200; default: the newest)")
-    parser.add_argument("--encoder-only", action="store_true", help="drop the decoder, as the released "
-                        "mae_pretrain_vit_*.pth files do")
+    parser.add_argument(
+        "--tag", default=LATEST, help="which checkpoint (e.g. step00001200; default: the newest)"
+    )
+    parser.add_argument(
+        "--encoder-only",
+        action="store_true",
+        help="drop the decoder, as the released mae_pretrain_vit_*.pth files do",
+    )
     args = parser.parse_args(argv)
     try:
         state, provenance = consolidated_state_dict(Path(args.output), args.tag)
@@ -74,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         state = {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES)}
     target = Path(args.to)
     if not target.parent.is_dir():
-        print(f"error: cannot write {target}: the folder {target.parent} does not exist", file=sys.stderr)
+        print(
+            f"error: cannot write {target}: the folder {target.parent} does not exist",
+            file=sys.stderr,
+        )
         return 2
     try:
         with atomic_path(target) as tmp:

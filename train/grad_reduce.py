@@ -1,15 +1,16 @@
-"""The gradients' all-reduce of replicated training (ZeRO stage 0 over several ranks), overlapped with the backward
-pass and in bf16 where the weights' gradients are only ever used for a bf16 step.
+"""The gradients' all-reduce of replicated training (ZeRO stage 0 over several ranks), overlapped
+with the backward pass and in bf16 where the weights' gradients are only ever used for a bf16 step.
 
-DeepSpeed's stage 0 flattens every gradient into fp32 buckets and reduces them after the backward pass has ended,
-so that the network idles while the GPU computes and the GPU idles while the network sends. Here, as in torch's
-DDP, a hook on each parameter fires once the accumulation's last backward pass has added its gradient; a bucket
-whose gradients are all there is sent at once, asynchronously, while the backward pass goes on with the earlier
-layers. Only the last wait, before the optimizer step, can stall.
+DeepSpeed's stage 0 flattens every gradient into fp32 buckets and reduces them after the backward
+pass has ended, so that the network idles while the GPU computes and the GPU idles while the network
+sends. Here, as in torch's DDP, a hook on each parameter fires once the accumulation's last backward
+pass has added its gradient; a bucket whose gradients are all there is sent at once, asynchronously,
+while the backward pass goes on with the earlier layers. Only the last wait, before the optimizer
+step, can stall.
 
-Under `autocast_bf16` the gradients are sent in bf16, each divided by the rank count before the sum (torch's
-`bf16_compress_hook`): half the bytes of fp32, the dynamic range of fp32, the matmuls' own precision. fp32 runs
-send fp32.
+Under `autocast_bf16` the gradients are sent in bf16, each divided by the rank count before the sum
+(torch's `bf16_compress_hook`): half the bytes of fp32, the dynamic range of fp32, the matmuls' own
+precision. fp32 runs send fp32.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ from torch import nn
 class _Bucket:
     params: list[nn.Parameter]
     waiting: int = 0  # gradients not yet complete in this accumulation's last backward pass
-    sent: tuple[torch.Tensor, Any] | None = field(default=None, repr=False)  # (flat gradients, pending work)
+    # (flat gradients, pending work)
+    sent: tuple[torch.Tensor, Any] | None = field(default=None, repr=False)
 
 
 class OverlappedAllReduce:
-    """Gradient buckets all-reduced during the backward pass of each optimizer step's last micro-step.
+    """Gradient buckets all-reduced during the backward pass of each optimizer step's last
+    micro-step.
 
-    `arm()` before that backward pass, `finish()` after it and before the optimizer step: the gradients are then
-    the ranks' mean, as DeepSpeed's own reduction leaves them. The earlier micro-steps only accumulate.
-    `bucket_bytes`: DDP's default of 25 MB is large enough for a network's bandwidth and small enough that the
-    first bucket leaves early in the backward pass."""
+    `arm()` before that backward pass, `finish()` after it and before the optimizer step: the
+    gradients are then the ranks' mean, as DeepSpeed's own reduction leaves them. The earlier
+    micro-steps only accumulate. `bucket_bytes`: DDP's default of 25 MB is large enough for a
+    network's bandwidth and small enough that the first bucket leaves early in the backward pass."""
 
     def __init__(self, model: nn.Module, group: Any, dtype: torch.dtype, bucket_bytes: int) -> None:
         self.group, self.dtype = group, dtype
@@ -54,7 +57,8 @@ class OverlappedAllReduce:
         self.armed = False
 
     def arm(self) -> None:
-        """The next backward pass is the accumulation's last: send each bucket as soon as it is complete."""
+        """The next backward pass is the accumulation's last: send each bucket as soon as it is
+        complete."""
         for bucket in self.buckets:
             bucket.waiting, bucket.sent = len(bucket.params), None
         self.armed = True
@@ -74,14 +78,17 @@ class OverlappedAllReduce:
         bucket.sent = (flat, dist.all_reduce(flat, group=self.group, async_op=True))
 
     def finish(self) -> None:
-        """Wait for every bucket (sending those a parameter without a gradient held back) and write the mean back."""
+        """Wait for every bucket (sending those a parameter without a gradient held back) and write
+        the mean back."""
         for bucket in self.buckets:
             if bucket.sent is None:
                 self._send(bucket)
         for bucket in self.buckets:
             flat, work = bucket.sent
             work.wait()
-            for param, piece in zip(bucket.params, flat.split([p.numel() for p in bucket.params]), strict=True):
+            for param, piece in zip(
+                bucket.params, flat.split([p.numel() for p in bucket.params]), strict=True
+            ):
                 if param.grad is None:
                     param.grad = torch.empty_like(param)
                 param.grad.copy_(piece.view_as(param))

@@ -1,17 +1,24 @@
-"""How a run is doing, beyond its loss: a hang watchdog, stacks on demand, stragglers and loss spikes.
+"""How a run is doing, beyond its loss: a hang watchdog, stacks on demand, stragglers and loss
+spikes.
 
-- `Watchdog`: a thread per rank. If no optimizer step completes within the timeout (a longer one while the
-  rank is in a known slow phase: start-up and the first steps' compilation, a checkpoint, an evaluation),
-  it writes every thread's stack to OUTPUT/hangs/step<N>-rank<R>.txt (and, on NCCL, torch's flight
-  recorder of the last collectives where this torch has one), prints one line naming the step, the rank
-  and the host, and ends the process with the "hung" exit status, which train/slurm.sbatch requeues.
-- `dump_stacks_on(signal)`: `kill -USR1 <pid>` appends every thread's stack to OUTPUT/stacks/ and training
-  goes on (faulthandler writes from the signal itself, so a rank stuck inside a collective answers too).
-- `RankTimes`: each logged window, every rank's forward time and data wait (host time on CPUs, CUDA events
-  on GPUs: work that is the rank's own, not time spent waiting for its peers) and peak device memory,
-  gathered over the CPU side-channel: the slowest and median rank, and a warning naming a rank that stays
-  the slowest by more than a margin for several windows.
-- `SpikeDetector`: a window whose loss, or gradient norm, is far above the median of the recent windows.
+- `Watchdog`: a thread per rank. If no optimizer step completes within the timeout (a longer one
+while the
+  rank is in a known slow phase: start-up and the first steps' compilation, a checkpoint, an
+  evaluation), it writes every thread's stack to OUTPUT/hangs/step<N>-rank<R>.txt (and, on NCCL,
+  torch's flight recorder of the last collectives where this torch has one), prints one line naming
+  the step, the rank and the host, and ends the process with the "hung" exit status, which
+  train/slurm.sbatch requeues.
+- `dump_stacks_on(signal)`: `kill -USR1 <pid>` appends every thread's stack to OUTPUT/stacks/ and
+training
+  goes on (faulthandler writes from the signal itself, so a rank stuck inside a collective answers
+  too).
+- `RankTimes`: each logged window, every rank's forward time and data wait (host time on CPUs, CUDA
+events
+  on GPUs: work that is the rank's own, not time spent waiting for its peers) and peak device
+  memory, gathered over the CPU side-channel: the slowest and median rank, and a warning naming a
+  rank that stays the slowest by more than a margin for several windows.
+- `SpikeDetector`: a window whose loss, or gradient norm, is far above the median of the recent
+windows.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ class Watchdog:
     def __init__(self, timeout_s: float, output: Path, rank: int, step: Callable[[], int],
                  on_hang: Callable[[], None] | None = None) -> None:
         self.timeout_s, self.output, self.rank, self.step = timeout_s, output, rank, step
-        self.on_hang = on_hang or (lambda: os._exit(HUNG_EXIT_STATUS))  # the main thread may be stuck in C
+        # the main thread may be stuck in C
+        self.on_hang = on_hang or (lambda: os._exit(HUNG_EXIT_STATUS))
         self.last_beat = time.monotonic()
         self.phase: str | None = "start-up"
         self._stop = threading.Event()
@@ -83,24 +91,29 @@ class Watchdog:
                 return
 
     def report(self, error: str = "") -> Path:
-        """Write the hang report (every thread's stack, and `error`: what the stuck call raised, if it did) and
-        say where it is; returns its path."""
+        """Write the hang report (every thread's stack, and `error`: what the stuck call raised, if
+        it did) and say where it is; returns its path."""
         silent = time.monotonic() - self.last_beat
         step = self.step()
         where = f"during {self.phase}" if self.phase else f"after step {step}"
         path = self.output / "hangs" / f"step{step:08d}-rank{self.rank:05d}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
-            f.write(f"rank {self.rank} on {socket.gethostname()} (pid {os.getpid()}): no progress for {silent:.0f} s "
-                    f"{where} (limit {self.limit_s():.0f} s)\n\n")
+            f.write(
+                f"rank {self.rank} on {socket.gethostname()} (pid {os.getpid()}): no progress for "
+                f"{silent:.0f} s {where} (limit {self.limit_s():.0f} s)\n\n"
+            )
             if error:
                 f.write(f"the call that was stuck ended with:\n{error}\n")
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
             _write_flight_recorder(f)
-        print(f"HUNG: rank {self.rank} on {socket.gethostname()} made no progress for {silent:.0f} s {where}; "
-              f"stacks in {path}; exiting with {HUNG_EXIT_STATUS} (resume with --resume)", file=sys.stderr,
-              flush=True)
+        print(
+            f"HUNG: rank {self.rank} on {socket.gethostname()} made no progress for {silent:.0f} s "
+            f"{where}; stacks in {path}; exiting with {HUNG_EXIT_STATUS} (resume with --resume)",
+            file=sys.stderr,
+            flush=True,
+        )
         return path
 
 
@@ -118,11 +131,12 @@ def _write_flight_recorder(f: Any) -> None:
 
 
 def dump_stacks_on(signum: int, output: Path, rank: int) -> Any:
-    """`kill -<signum>` appends every thread's stack to OUTPUT/stacks/rank<R>-<host>.txt; returns the open file,
-    which must stay open for the run."""
+    """`kill -<signum>` appends every thread's stack to OUTPUT/stacks/rank<R>-<host>.txt; returns
+    the open file, which must stay open for the run."""
     folder = output / "stacks"
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / f"rank{rank:05d}-{socket.gethostname()}.txt", "a")  # noqa: SIM115 - held for the run
+    # held for the run
+    handle = open(folder / f"rank{rank:05d}-{socket.gethostname()}.txt", "a")  # noqa: SIM115
     faulthandler.register(signum, file=handle, all_threads=True)
     return handle
 
@@ -141,15 +155,26 @@ class WindowTimes:
 
 
 class RankTimes:
-    """Collects one rank's forward time per window and, at each log, gathers every rank's over `group`."""
+    """Collects one rank's forward time per window and, at each log, gathers every rank's over
+    `group`."""
 
-    def __init__(self, device: torch.device, group: Any, hosts: list[str], margin: float, windows: int) -> None:
+    def __init__(
+        self, device: torch.device, group: Any, hosts: list[str], margin: float, windows: int
+    ) -> None:
         """`hosts`: every rank's host name, in rank order (to name the slowest)."""
-        self.device, self.group, self.hosts, self.margin, self.windows = device, group, hosts, margin, windows
+        self.device, self.group, self.hosts, self.margin, self.windows = (
+            device,
+            group,
+            hosts,
+            margin,
+            windows,
+        )
         self.cuda = device.type == "cuda"
-        self.pending: list[tuple[Any, Any]] = []  # CUDA events, read at the log (already a sync point)
+        # CUDA events, read at the log (already a sync point)
+        self.pending: list[tuple[Any, Any]] = []
         self.forward_s = 0.0
-        self.slowest_run: tuple[int, int] = (-1, 0)  # (rank, consecutive windows it was a straggler)
+        # (rank, consecutive windows it was a straggler)
+        self.slowest_run: tuple[int, int] = (-1, 0)
 
     @contextmanager
     def forward(self) -> Iterator[None]:
@@ -165,8 +190,11 @@ class RankTimes:
             self.forward_s += time.perf_counter() - began
 
     def gather(self, data_wait_s: float) -> tuple[dict[str, Any], str | None]:
-        """Collective over the side-channel: the window's figures for metrics.jsonl, and a straggler warning."""
-        forward_s = self.forward_s + sum(start.elapsed_time(end) for start, end in self.pending) / 1000
+        """Collective over the side-channel: the window's figures for metrics.jsonl, and a straggler
+        warning."""
+        forward_s = (
+            self.forward_s + sum(start.elapsed_time(end) for start, end in self.pending) / 1000
+        )
         memory = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else -1.0
         mine = torch.tensor([forward_s, data_wait_s, memory], dtype=torch.float64)
         everyone = [torch.zeros(3, dtype=torch.float64) for _ in self.hosts]
@@ -174,7 +202,10 @@ class RankTimes:
         self.forward_s, self.pending = 0.0, []
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        times = [WindowTimes(float(t[0]), float(t[1]), float(t[2]) if t[2] >= 0 else None) for t in everyone]
+        times = [
+            WindowTimes(float(t[0]), float(t[1]), float(t[2]) if t[2] >= 0 else None)
+            for t in everyone
+        ]
         return self._summary(times)
 
     def _summary(self, times: list[WindowTimes]) -> tuple[dict[str, Any], str | None]:
@@ -186,23 +217,29 @@ class RankTimes:
             "rank_forward_s_median": statistics.median(t.forward_s for t in times),
             "rank_data_wait_s_max": max(t.data_wait_s for t in times),
             "rank_data_wait_s_median": statistics.median(t.data_wait_s for t in times),
-            "slowest_rank": slowest, "slowest_host": self.hosts[slowest],
-            "peak_memory_gb": max((t.peak_memory_gb for t in times if t.peak_memory_gb is not None), default=None),
+            "slowest_rank": slowest,
+            "slowest_host": self.hosts[slowest],
+            "peak_memory_gb": max(
+                (t.peak_memory_gb for t in times if t.peak_memory_gb is not None), default=None
+            ),
         }
         straggling = len(times) > 1 and own[slowest] > (1 + self.margin) * median
         rank, count = self.slowest_run
         self.slowest_run = (slowest, count + 1 if rank == slowest else 1) if straggling else (-1, 0)
         warning = None
         if self.slowest_run[1] >= self.windows:
-            warning = (f"straggler: rank {slowest} on {self.hosts[slowest]} has been the slowest for "
-                       f"{self.slowest_run[1]} windows: {own[slowest]:.2f} s of its own work (forward and data "
-                       f"wait) against a median of {median:.2f} s")
+            warning = (
+                f"straggler: rank {slowest} on {self.hosts[slowest]} has been the slowest for "
+                f"{self.slowest_run[1]} windows: {own[slowest]:.2f} s of its own work (forward and "
+                f"data wait) against a median of {median:.2f} s"
+            )
         return record, warning
 
 
 class SpikeDetector:
-    """A logged window whose loss is above (1 + loss_factor) x the median of the last `history` windows, or
-    whose gradient norm is above grad_factor x theirs. Quiet until `history` windows are known."""
+    """A logged window whose loss is above (1 + loss_factor) x the median of the last `history`
+    windows, or whose gradient norm is above grad_factor x theirs. Quiet until `history` windows are
+    known."""
 
     def __init__(self, loss_factor: float, grad_factor: float, history: int) -> None:
         self.loss_factor, self.grad_factor = loss_factor, grad_factor
@@ -210,11 +247,16 @@ class SpikeDetector:
         self.grad_norms: deque[float] = deque(maxlen=history)
 
     def check(self, loss: float, grad_norm: float | None) -> dict[str, Any] | None:
-        """The spike's figures, or None; then remembers this window. Each check has its own switch (factor 0)."""
+        """The spike's figures, or None; then remembers this window. Each check has its own switch
+        (factor 0)."""
         full = self.losses.maxlen
         median_loss = statistics.median(self.losses) if len(self.losses) == full else None
         median_grad = statistics.median(self.grad_norms) if len(self.grad_norms) == full else None
-        loss_jump = self.loss_factor > 0 and median_loss is not None and loss > (1 + self.loss_factor) * median_loss
+        loss_jump = (
+            self.loss_factor > 0
+            and median_loss is not None
+            and loss > (1 + self.loss_factor) * median_loss
+        )
         grad_jump = (self.grad_factor > 0 and grad_norm is not None and median_grad is not None
                      and grad_norm > self.grad_factor * median_grad)
         spike = None

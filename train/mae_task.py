@@ -1,5 +1,6 @@
-"""MAE pre-training as a task of the trainer (He et al. 2021): the model, its loss on masks drawn from the run's
-own noise stream, and two periodic jobs: the k-NN monitor of the encoder's features and the reconstruction figure.
+"""MAE pre-training as a task of the trainer (He et al. 2021): the model, its loss on masks drawn
+from the run's own noise stream, and two periodic jobs: the k-NN monitor of the encoder's features
+and the reconstruction figure.
 """
 
 from __future__ import annotations
@@ -85,18 +86,28 @@ class PretrainConfig(RunConfig):
 
     def checks(self) -> list[tuple[bool, str]]:
         return [
-            (0 <= self.model.mask_ratio < 1, f"model.mask_ratio must be in [0, 1), got {self.model.mask_ratio}"),
+            (
+                0 <= self.model.mask_ratio < 1,
+                f"model.mask_ratio must be in [0, 1), got {self.model.mask_ratio}",
+            ),
             (self.log.viz_images >= 1, "log.viz_images must be >= 1"),
             (self.log.viz_every >= 1, "log.log_every and log.viz_every must be >= 1"),
-            (min(self.eval.train_samples, self.eval.val_samples) >= 0 and self.eval.k >= 1
-             and self.eval.temperature > 0, "eval.train_samples and eval.val_samples must be >= 0, eval.k >= 1 and "
-                                            "eval.temperature > 0"),
+            (
+                min(self.eval.train_samples, self.eval.val_samples) >= 0
+                and self.eval.k >= 1
+                and self.eval.temperature > 0,
+                "eval.train_samples and eval.val_samples must be >= 0, eval.k >= 1 and "
+                "eval.temperature > 0",
+            ),
         ]
 
 
 def mae_from_config(cfg: PretrainConfig) -> MaskedAutoencoderViT:
-    """The MAE a pre-training config describes: its preset at the loader's resolution, with its loss and kernels."""
-    model = build_mae(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+    """The MAE a pre-training config describes: its preset at the loader's resolution, with its loss
+    and kernels."""
+    model = build_mae(
+        cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss
+    )
     model.kernels = cfg.runtime.kernels
     return model
 
@@ -115,7 +126,8 @@ class MaeTask(Task):
         self.model: MaskedAutoencoderViT | None = None
 
     def _noise_seed(self, step: int) -> int:
-        """Seeds a rank's mask noise: a fresh run's, or one that continues on other ranks or other masks."""
+        """Seeds a rank's mask noise: a fresh run's, or one that continues on other ranks or other
+        masks."""
         runtime = self.cfg.runtime
         return stream_seed(runtime.seed, "mask noise", runtime.mask_seed, self.ctx.rank, step)
 
@@ -128,8 +140,10 @@ class MaeTask(Task):
         init = self.cfg.model.init
         if init and initialise:
             if Path(init).is_dir():
-                raise ConfigError(f"model.init {init} is a folder: pre-training starts from a weight file (write "
-                                  "one from a run with `python -m train.export`)")
+                raise ConfigError(
+                    f"model.init {init} is a folder: pre-training starts from a weight file (write "
+                    "one from a run with `python -m train.export`)"
+                )
             report = self.ctx.agree(lambda: load_reference_weights(self.model, init))
             self.ctx.say(f"initialised from {init}: {report}")
         return self.model
@@ -137,8 +151,12 @@ class MaeTask(Task):
     def flops_per_image(self, model: MaskedAutoencoderViT) -> int:
         return mae_train_flops(model, self.cfg.model.mask_ratio)
 
-    def loss(self, engine: Any, images: torch.Tensor, labels: None, micro: MicroBatch) -> torch.Tensor:
-        noise = torch.rand(images.shape[0], self.model.num_patches, device=self.ctx.device, generator=self.noise)
+    def loss(
+        self, engine: Any, images: torch.Tensor, labels: None, micro: MicroBatch
+    ) -> torch.Tensor:
+        noise = torch.rand(
+            images.shape[0], self.model.num_patches, device=self.ctx.device, generator=self.noise
+        )
         loss, _, _ = engine(images, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
         return loss
 
@@ -151,14 +169,17 @@ class MaeTask(Task):
         return jobs
 
     def _knn_monitor(self) -> KnnMonitor | None:
-        """The k-NN monitor's two evaluation-mode loaders (the train memory, the held-out queries), or None without
-        a held-out split of the train split's classes."""
+        """The k-NN monitor's two evaluation-mode loaders (the train memory, the held-out queries),
+        or None without a held-out split of the train split's classes."""
         eval_cfg, ctx = self.cfg.eval, self.ctx
         try:
             check_same_classes(self.cfg.data.shards, "train", eval_cfg.split)
-            return KnnMonitor(ctx.loader("train", train=False, limit=eval_cfg.train_samples or None),
-                              ctx.loader(eval_cfg.split, train=False, limit=eval_cfg.val_samples or None))
-        except (FileNotFoundError, DataError) as err:  # no held-out split, or one labelled with other classes
+            return KnnMonitor(
+                ctx.loader("train", train=False, limit=eval_cfg.train_samples or None),
+                ctx.loader(eval_cfg.split, train=False, limit=eval_cfg.val_samples or None),
+            )
+        # no held-out split, or one labelled with other classes
+        except (FileNotFoundError, DataError) as err:
             ctx.say(f"k-NN evaluation off: {str(err).splitlines()[0]}")
             return None
 
@@ -189,16 +210,27 @@ class KnnJob(PeriodicJob):
 
         with evaluating(self.model, ctx.cfg.runtime, ctx.device):
             memory, queries = self.monitor.embed(encode, ctx.device)
-        result = knn_top1(memory, queries, ctx.cfg.eval.k, ctx.cfg.eval.temperature)  # in fp32, as the features
-        ctx.metrics.record({"step": step, "epoch": finished_epochs, **result, "eval_s": time.perf_counter() - began})
-        ctx.say(f"k-NN top-1 at step {step}: {100 * result['knn_top1_cls']:.1f}% (cls token), "
-                f"{100 * result['knn_top1_patch_mean']:.1f}% (mean patch token); {result['knn_train_samples']} "
-                f"train / {result['knn_val_samples']} {ctx.cfg.eval.split} samples")
+        # in fp32, as the features
+        result = knn_top1(memory, queries, ctx.cfg.eval.k, ctx.cfg.eval.temperature)
+        ctx.metrics.record(
+            {
+                "step": step,
+                "epoch": finished_epochs,
+                **result,
+                "eval_s": time.perf_counter() - began,
+            }
+        )
+        ctx.say(
+            f"k-NN top-1 at step {step}: {100 * result['knn_top1_cls']:.1f}% (cls token), "
+            f"{100 * result['knn_top1_patch_mean']:.1f}% (mean patch token); "
+            f"{result['knn_train_samples']} train / {result['knn_val_samples']} "
+            f"{ctx.cfg.eval.split} samples"
+        )
 
 
 class ReconstructionJob(PeriodicJob):
-    """The paper's figure on fixed images and masks: every rank runs the forward (ZeRO-3 gathers weights
-    collectively); rank 0 writes the PNG and its loss."""
+    """The paper's figure on fixed images and masks: every rank runs the forward (ZeRO-3 gathers
+    weights collectively); rank 0 writes the PNG and its loss."""
 
     name = "reconstruction"
     runs_when_stopped = True
@@ -209,11 +241,19 @@ class ReconstructionJob(PeriodicJob):
 
     def run(self, step: int, finished_epochs: int) -> None:
         cfg, ctx = self.ctx.cfg, self.ctx
-        images = fixed_images(cfg.data.shards, cfg.data.viz_split, cfg.log.viz_images, cfg.data.img_size,
-                              ctx.device, synthetic=cfg.data.backend == "synthetic")
+        images = fixed_images(
+            cfg.data.shards,
+            cfg.data.viz_split,
+            cfg.log.viz_images,
+            cfg.data.img_size,
+            ctx.device,
+            synthetic=cfg.data.backend == "synthetic",
+        )
         noise = fixed_noise(images.shape[0], self.model.num_patches, ctx.device)
         with evaluating(self.engine, cfg.runtime, ctx.device, gather=False):
-            loss, pred, mask = self.engine(images.to(ctx.dtype), mask_ratio=cfg.model.mask_ratio, noise=noise)
+            loss, pred, mask = self.engine(
+                images.to(ctx.dtype), mask_ratio=cfg.model.mask_ratio, noise=noise
+            )
         if ctx.is_main:
             picture = reconstruction_grid(self.model, images, pred, mask)
             path = save_reconstruction(picture, ctx.output / "viz", step)

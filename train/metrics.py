@@ -1,5 +1,5 @@
-"""What a run writes down: the device-side sums between log steps (`MetricWindow`), and rank 0's records in
-OUTPUT/metrics.jsonl with their numbers in TensorBoard and W&B (`MetricsLog`)."""
+"""What a run writes down: the device-side sums between log steps (`MetricWindow`), and rank 0's
+records in OUTPUT/metrics.jsonl with their numbers in TensorBoard and W&B (`MetricsLog`)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class MetricWindow:
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.first_bad_step = torch.full((), self.NO_BAD_STEP, device=device, dtype=torch.int64)
-        self.grad_norm: torch.Tensor | None = None  # where maeflow computes it: at the last scheduled log step
+        # where maeflow computes it: at the last scheduled log step
+        self.grad_norm: torch.Tensor | None = None
         self.forward_passes = 0
         self.steps = 0
         self.started = time.perf_counter()
@@ -33,11 +34,14 @@ class MetricWindow:
     def add(self, loss: torch.Tensor, step: int) -> None:
         self.loss_sum += loss.detach().double()
         bad = ~torch.isfinite(loss.detach())
-        self.first_bad_step = torch.where(bad, torch.clamp(self.first_bad_step, max=step), self.first_bad_step)
+        self.first_bad_step = torch.where(
+            bad, torch.clamp(self.first_bad_step, max=step), self.first_bad_step
+        )
         self.forward_passes += 1
 
     def reduce(self) -> tuple[float, int | None]:
-        """(mean loss over all ranks, first non-finite step or None). A host sync and two all-reduces."""
+        """(mean loss over all ranks, first non-finite step or None). A host sync and two
+        all-reduces."""
         loss = self.loss_sum.clone()
         bad = self.first_bad_step.clone()
         dist.all_reduce(loss)
@@ -55,15 +59,16 @@ class MetricWindow:
 
 
 class MetricsLog:
-    """Rank 0's records: JSON lines in OUTPUT/metrics.jsonl and, for records with numbers, dashboard scalars
-    (TensorBoard; W&B when `wandb_project` names a project, with `config` as the W&B run's config). Other ranks'
-    calls do nothing, so every rank may call it."""
+    """Rank 0's records: JSON lines in OUTPUT/metrics.jsonl and, for records with numbers, dashboard
+    scalars (TensorBoard; W&B when `wandb_project` names a project, with `config` as the W&B run's
+    config). Other ranks' calls do nothing, so every rank may call it."""
 
     def __init__(self, output: Path, is_main: bool, tensorboard: bool, wandb_project: str = "",
                  config: dict[str, Any] | None = None) -> None:
         self.output, self.is_main, self.tensorboard = output, is_main, tensorboard
         self.wandb_project, self.config = wandb_project, config or {}
-        self._boards: list[Board | WandbBoard] | None = None  # opened at the first record: nothing before the run
+        # opened at the first record: nothing before the run
+        self._boards: list[Board | WandbBoard] | None = None
 
     @property
     def boards(self) -> list[Board | WandbBoard]:
@@ -74,7 +79,8 @@ class MetricsLog:
         return self._boards
 
     def record(self, record: dict[str, Any]) -> None:
-        """A record of figures (a logged window, an evaluation): metrics.jsonl and the dashboards."""
+        """A record of figures (a logged window, an evaluation): metrics.jsonl and the
+        dashboards."""
         self.note(record)
         if self.is_main:
             for board in self.boards:
@@ -87,7 +93,8 @@ class MetricsLog:
                 board.image(name, picture, step)
 
     def note(self, record: dict[str, Any]) -> None:
-        """An event (a resume, a loss spike): metrics.jsonl only, with the wall-clock time it was written (UTC)."""
+        """An event (a resume, a loss spike): metrics.jsonl only, with the wall-clock time it was
+        written (UTC)."""
         if self.is_main:
             written = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             with open(self.output / "metrics.jsonl", "a") as f:

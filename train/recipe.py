@@ -1,6 +1,6 @@
-"""The paper's optimisation recipe (He et al. 2021, appendix A.1): the global batch split over ranks and
-accumulation steps, AdamW without weight decay on biases and 1-D parameters, lr = blr x global batch / 256,
-linear warm-up then half-cycle cosine, set every iteration."""
+"""The paper's optimisation recipe (He et al. 2021, appendix A.1): the global batch split over ranks
+and accumulation steps, AdamW without weight decay on biases and 1-D parameters, lr = blr x global
+batch / 256, linear warm-up then half-cycle cosine, set every iteration."""
 
 from __future__ import annotations
 
@@ -26,16 +26,24 @@ class BatchPlan:
 
 
 def plan_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
-    """Derive the local batch or the accumulation so that local x accumulation x ranks = global batch.
+    """Derive the local batch or the accumulation so that local x accumulation x ranks = global
+    batch.
 
     With neither given, the plan takes the fewest accumulation steps whose local batch is at most
-    `max_local_batch_size`: the presets set that limit from memory, and the rank count does the rest."""
-    batch, local, accum, limit = optim.global_batch_size, optim.local_batch_size, optim.grad_accum_steps, \
-        optim.max_local_batch_size
+    `max_local_batch_size`: the presets set that limit from memory, and the rank count does the
+    rest."""
+    batch, local, accum, limit = (
+        optim.global_batch_size,
+        optim.local_batch_size,
+        optim.grad_accum_steps,
+        optim.max_local_batch_size,
+    )
     if local and accum:
         if local * accum * world_size != batch:
-            raise ConfigError(f"optim.global_batch_size {batch} != local_batch_size {local} x grad_accum_steps "
-                              f"{accum} x {world_size} ranks; fix one or set it to 0 to derive it")
+            raise ConfigError(
+                f"optim.global_batch_size {batch} != local_batch_size {local} x grad_accum_steps "
+                f"{accum} x {world_size} ranks; fix one or set it to 0 to derive it"
+            )
         return BatchPlan(local, accum, world_size, "as configured")
     if local:
         accum, rest = divmod(batch, local * world_size)
@@ -51,32 +59,39 @@ def plan_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
         bound = f", the fewest steps keeping it <= max_local_batch_size {limit}" if limit else ""
         note = f"local_batch_size {local}, grad_accum_steps {accum}{bound}"
     if rest or not local or not accum:
-        raise ConfigError(f"optim.global_batch_size {batch} does not split evenly over {world_size} ranks "
-                          f"(local_batch_size {optim.local_batch_size or '?'}, "
-                          f"grad_accum_steps {optim.grad_accum_steps or '?'})")
+        raise ConfigError(
+            f"optim.global_batch_size {batch} does not split evenly over {world_size} ranks "
+            f"(local_batch_size {optim.local_batch_size or '?'}, "
+            f"grad_accum_steps {optim.grad_accum_steps or '?'})"
+        )
     return BatchPlan(local, accum, world_size, note)
 
 
 
 def optimizer_steps_per_epoch(train_samples: int, plan: BatchPlan) -> int:
-    """Optimizer steps an epoch of `train_samples` makes under `plan`; a ConfigError when it makes none."""
+    """Optimizer steps an epoch of `train_samples` makes under `plan`; a ConfigError when it makes
+    none."""
     local_batches = train_batches_per_rank(train_samples, plan.world_size, plan.local_batch_size)
     steps = local_batches // plan.grad_accum_steps
     if steps == 0:
-        raise ConfigError(f"{train_samples} training samples make no optimizer step of {plan.local_batch_size} local x "
-                          f"{plan.grad_accum_steps} accumulation on {plan.world_size} ranks: use a smaller batch or "
-                          "more data")
+        raise ConfigError(
+            f"{train_samples} training samples make no optimizer step of {plan.local_batch_size} "
+            f"local x {plan.grad_accum_steps} accumulation on {plan.world_size} ranks: use a "
+            "smaller batch or more data"
+        )
     return steps
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """The run's length and its progress counted in samples seen: a resume with another global batch (a lost node,
-    a batch that does not split over the new rank count) continues the lr schedule where it was and ends the run
-    where it would have ended. Unchanged, it is the per-step schedule (progress = step / steps per epoch)."""
+    """The run's length and its progress counted in samples seen: a resume with another global batch
+    (a lost node, a batch that does not split over the new rank count) continues the lr schedule
+    where it was and ends the run where it would have ended. Unchanged, it is the per-step schedule
+    (progress = step / steps per epoch)."""
 
     epoch_samples: int
-    """samples one epoch trains on under the current batch plan (its optimizer steps x the global batch)"""
+    """samples one epoch trains on under the current batch plan (its optimizer steps x the global
+    batch)"""
     epochs: int
 
     @classmethod
@@ -89,7 +104,9 @@ class Schedule:
 
     def steps_left(self, samples_seen: int, global_batch_size: int) -> int:
         """Optimizer steps of `global_batch_size` until the schedule's `epochs` are done."""
-        return max(0, math.ceil((self.epochs * self.epoch_samples - samples_seen) / global_batch_size))
+        return max(
+            0, math.ceil((self.epochs * self.epoch_samples - samples_seen) / global_batch_size)
+        )
 
 
 def peak_lr(optim: OptimConfig, global_batch_size: int) -> float:
@@ -98,7 +115,8 @@ def peak_lr(optim: OptimConfig, global_batch_size: int) -> float:
 
 
 def lr_at(progress_epochs: float, peak: float, optim: OptimConfig) -> float:
-    """Linear warm-up from 0, then half-cycle cosine to min_lr (the paper's per-iteration schedule)."""
+    """Linear warm-up from 0, then half-cycle cosine to min_lr (the paper's per-iteration
+    schedule)."""
     if progress_epochs < optim.warmup_epochs:
         return peak * progress_epochs / optim.warmup_epochs
     done = (progress_epochs - optim.warmup_epochs) / (optim.epochs - optim.warmup_epochs)
@@ -106,25 +124,34 @@ def lr_at(progress_epochs: float, peak: float, optim: OptimConfig) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on 1-D parameters (norms) and biases; frozen position embeddings left out."""
+    """AdamW groups: no decay on 1-D parameters (norms) and biases; frozen position embeddings left
+    out."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
-def layer_decay_groups(model: torch.nn.Module, depth: int, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Fine-tuning's groups (appendix A.2): layer-wise lr decay, with the patch embedding, class token and
-    position embedding as layer 0, block i as layer i + 1 and everything after the blocks (norms, head) as layer
-    depth + 1; a parameter of layer l trains at lr x layer_decay^(depth + 1 - l) (its group's "lr_scale").
-    No weight decay on biases, 1-D parameters and the tokens. Frozen parameters (a linear probe's) are left out."""
+def layer_decay_groups(
+    model: torch.nn.Module, depth: int, weight_decay: float, layer_decay: float
+) -> list[dict]:
+    """Fine-tuning's groups (appendix A.2): layer-wise lr decay, with the patch embedding, class
+    token and position embedding as layer 0, block i as layer i + 1 and everything after the blocks
+    (norms, head) as layer depth + 1; a parameter of layer l trains at lr x layer_decay^(depth + 1 -
+    l) (its group's "lr_scale"). No weight decay on biases, 1-D parameters and the tokens. Frozen
+    parameters (a linear probe's) are left out."""
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         layer = layer_of(name, depth)
-        decays = not (param.ndim <= 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed"))
+        decays = not (
+            param.ndim <= 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed")
+        )
         group = groups.setdefault((layer, decays), {
             "params": [], "weight_decay": weight_decay if decays else 0.0,
             "lr_scale": layer_decay ** (depth + 1 - layer)})
@@ -133,7 +160,8 @@ def layer_decay_groups(model: torch.nn.Module, depth: int, weight_decay: float, 
 
 
 def layer_of(name: str, depth: int) -> int:
-    """A parameter's layer for lr decay: 0 for the embeddings, i + 1 for block i, depth + 1 after the blocks."""
+    """A parameter's layer for lr decay: 0 for the embeddings, i + 1 for block i, depth + 1 after
+    the blocks."""
     if name.startswith(("patch_embed.", "cls_token", "pos_embed")):
         return 0
     if name.startswith("blocks."):
@@ -142,12 +170,18 @@ def layer_of(name: str, depth: int) -> int:
 
 
 class Lars(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as the linear probe uses it (appendix A.3): SGD with momentum whose update of each
-    weight matrix is rescaled to trust_coefficient x |w| / |update|; biases and other 1-D parameters get neither
-    the rescaling nor weight decay."""
+    """LARS (You et al. 2017) as the linear probe uses it (appendix A.3): SGD with momentum whose
+    update of each weight matrix is rescaled to trust_coefficient x |w| / |update|; biases and other
+    1-D parameters get neither the rescaling nor weight decay."""
 
-    def __init__(self, params: list[dict], lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001) -> None:
+    def __init__(
+        self,
+        params: list[dict],
+        lr: float,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ) -> None:
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       trust_coefficient=trust_coefficient))
 
@@ -173,9 +207,9 @@ class Lars(torch.optim.Optimizer):
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, peak: float,
                     groups: list[dict] | None = None) -> torch.optim.Optimizer:
-    """The recipe's optimizer over `groups` (default: `param_groups`). AdamW is torch's fused one (one kernel for
-    every parameter's update). DeepSpeed wraps it: under ZeRO it steps this rank's partition, in bf16 mode the
-    fp32 master copies."""
+    """The recipe's optimizer over `groups` (default: `param_groups`). AdamW is torch's fused one
+    (one kernel for every parameter's update). DeepSpeed wraps it: under ZeRO it steps this rank's
+    partition, in bf16 mode the fp32 master copies."""
     groups = groups if groups is not None else param_groups(model, optim.weight_decay)
     if optim.optimizer == "lars":
         return Lars(groups, lr=peak, weight_decay=optim.weight_decay)

@@ -1,4 +1,5 @@
-"""The paper's reconstruction figure: original | masked | reconstruction | reconstruction + visible."""
+"""The paper's reconstruction figure: original | masked | reconstruction | reconstruction +
+visible."""
 
 from __future__ import annotations
 
@@ -20,16 +21,31 @@ COLUMN_TITLES = ("original", "masked", "reconstruction", "reconstruction + visib
 
 def fixed_images(shards: str, split: str, count: int, img_size: int, device: torch.device,
                  synthetic: bool = False) -> torch.Tensor:
-    """The first `count` samples of `split` (or of train, if the split is absent), centre-cropped; or, for a
-    run on synthetic data, `count` fixed random images."""
+    """The first `count` samples of `split` (or of train, if the split is absent), centre-cropped;
+    or, for a run on synthetic data, `count` fixed random images."""
     if synthetic:
-        loader = build_loader(None, backend="synthetic", train=False, local_batch_size=count, img_size=img_size,
-                              device="gpu" if device.type == "cuda" else "cpu", synthetic_samples=count)
+        loader = build_loader(
+            None,
+            backend="synthetic",
+            train=False,
+            local_batch_size=count,
+            img_size=img_size,
+            device="gpu" if device.type == "cuda" else "cpu",
+            synthetic_samples=count,
+        )
         return next(iter(loader))[0]
     for candidate in (split, "train"):
         try:
-            loader = build_loader(shards, split=candidate, local_batch_size=count, img_size=img_size, train=False,
-                                  device="gpu" if device.type == "cuda" else "cpu", backend="pil", num_threads=1)
+            loader = build_loader(
+                shards,
+                split=candidate,
+                local_batch_size=count,
+                img_size=img_size,
+                train=False,
+                device="gpu" if device.type == "cuda" else "cpu",
+                backend="pil",
+                num_threads=1,
+            )
         except FileNotFoundError:
             continue
         images, _ = next(iter(loader))
@@ -47,7 +63,12 @@ def reconstruction_grid(model: MaskedAutoencoderViT, images: torch.Tensor, pred:
     p = model.patch_size
     pixel_mask = model.unpatchify(mask.float().unsqueeze(-1).repeat(1, 1, p * p * model.in_chans))
     images = images.float()
-    columns = [images, images * (1 - pixel_mask), recon, images * (1 - pixel_mask) + recon * pixel_mask]
+    columns = [
+        images,
+        images * (1 - pixel_mask),
+        recon,
+        images * (1 - pixel_mask) + recon * pixel_mask,
+    ]
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     rows = torch.cat([(c * std + mean).clamp(0, 1) for c in columns], dim=3)  # N, 3, H, 4W
@@ -61,7 +82,8 @@ def reconstruction_grid(model: MaskedAutoencoderViT, images: torch.Tensor, pred:
 
 
 def with_column_titles(picture: Image.Image, cell: int) -> Image.Image:
-    """The grid under a white band naming each column, as the reference's notebook titles its figure."""
+    """The grid under a white band naming each column, as the reference's notebook titles its
+    figure."""
     titled = Image.new("RGB", (picture.width, picture.height + TITLE_BAND), "white")
     titled.paste(picture, (0, TITLE_BAND))
     draw = ImageDraw.Draw(titled)

@@ -1,5 +1,6 @@
-"""One rank of `train.distributed.agree`: `python agree_ranks.py` under RANK/WORLD_SIZE/MASTER_*. Rank 1 fails each
-piece of work in turn (a refusal, then a bug); every rank prints, per piece, the type and message it raised."""
+"""One rank of `train.distributed.agree`: `python agree_ranks.py` under RANK/WORLD_SIZE/MASTER_*.
+Rank 1 fails each piece of work in turn (a refusal, then a bug); every rank prints, per piece, the
+type and message it raised."""
 
 import json
 

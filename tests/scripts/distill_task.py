@@ -1,9 +1,11 @@
-"""A third task, written as a user writes one, in one file and a preset (`distill_tiny.toml` beside it), touching no
-other module: feature distillation. A small ViT student learns to give a frozen MAE teacher's encoder tokens; a
-job every few optimizer steps records how close they are on fixed images. It is neither pre-training nor
-fine-tuning: its config section, its model, its loss, its frozen model and its per-step job are its own.
+"""A third task, written as a user writes one, in one file and a preset (`distill_tiny.toml` beside
+it), touching no other module: feature distillation. A small ViT student learns to give a frozen MAE
+teacher's encoder tokens; a job every few optimizer steps records how close they are on fixed
+images. It is neither pre-training nor fine-tuning: its config section, its model, its loss, its
+frozen model and its per-step job are its own.
 
-    python tests/scripts/distill_task.py --config tests/scripts/distill_tiny.toml --output runs/distill [--resume]
+    python tests/scripts/distill_task.py --config tests/scripts/distill_tiny.toml --output
+    runs/distill [--resume]
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ from train.task import MicroBatch, PeriodicJob, RunContext, Task
 
 @dataclass
 class DistillRecipe:
-    teacher: str = setting("", "the teacher's weights (an MAE file; empty: the teacher as initialised)")
-    report_every_steps: int = setting(2, "optimizer steps between the teacher-student similarity records")
+    teacher: str = setting(
+        "", "the teacher's weights (an MAE file; empty: the teacher as initialised)"
+    )
+    report_every_steps: int = setting(
+        2, "optimizer steps between the teacher-student similarity records"
+    )
 
 
 @dataclass
@@ -57,16 +63,17 @@ class Student(nn.Module):
 
 
 class Teacher(MaskedAutoencoderViT):
-    """The MAE whose forward pass gives its encoder tokens: under ZeRO-3, DeepSpeed gathers a module's weights
-    around its own forward pass, so a frozen model is called, not asked for another method."""
+    """The MAE whose forward pass gives its encoder tokens: under ZeRO-3, DeepSpeed gathers a
+    module's weights around its own forward pass, so a frozen model is called, not asked for another
+    method."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.forward_features(images)
 
 
 def teacher_of(cfg: DistillConfig) -> nn.Module:
-    """The teacher: its weights file, or its initial weights drawn from the run's own stream (the same in a resumed
-    run, which does not checkpoint a model it does not train)."""
+    """The teacher: its weights file, or its initial weights drawn from the run's own stream (the
+    same in a resumed run, which does not checkpoint a model it does not train)."""
     with torch.random.fork_rng():
         torch.manual_seed(stream_seed(cfg.runtime.seed, "teacher"))
         teacher = Teacher(img_size=cfg.data.img_size, **PRESETS[cfg.model.name])
@@ -81,15 +88,24 @@ class SimilarityJob(PeriodicJob):
     def __init__(self, ctx: RunContext, engine: Any, teacher: nn.Module) -> None:
         super().__init__(every_steps=ctx.cfg.distill.report_every_steps)
         self.ctx, self.engine, self.teacher = ctx, engine, teacher
-        self.images = torch.randn(4, 3, ctx.cfg.data.img_size, ctx.cfg.data.img_size,
-                                  generator=torch.Generator().manual_seed(0)).to(ctx.device, ctx.dtype)
+        self.images = torch.randn(
+            4,
+            3,
+            ctx.cfg.data.img_size,
+            ctx.cfg.data.img_size,
+            generator=torch.Generator().manual_seed(0),
+        ).to(ctx.device, ctx.dtype)
         self.reports = 0
 
     def run(self, step: int, finished_epochs: int) -> None:
         with torch.no_grad():
-            similarity = F.cosine_similarity(self.engine(self.images), self.teacher(self.images), dim=-1).mean()
+            similarity = F.cosine_similarity(
+                self.engine(self.images), self.teacher(self.images), dim=-1
+            ).mean()
         self.reports += 1
-        self.ctx.metrics.record({"step": step, "similarity": float(similarity), "reports": self.reports})
+        self.ctx.metrics.record(
+            {"step": step, "similarity": float(similarity), "reports": self.reports}
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"reports": self.reports}
@@ -120,7 +136,9 @@ class DistillTask(Task):
     def flops_per_image(self, model: nn.Module) -> int:
         return 0  # no MFU for this toy
 
-    def loss(self, engine: Any, images: torch.Tensor, labels: None, micro: MicroBatch) -> torch.Tensor:
+    def loss(
+        self, engine: Any, images: torch.Tensor, labels: None, micro: MicroBatch
+    ) -> torch.Tensor:
         with torch.no_grad():
             target = self.teacher(images)
         return F.mse_loss(engine(images).float(), target.float())

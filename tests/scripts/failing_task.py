@@ -1,7 +1,7 @@
-"""A task file with a failure inside its step, as a user's task is written: MAE pre-training whose loss, at one
-step on one rank, meets what MAEFLOW_TEST_FAILURE names ("RANK:STEP:KIND"), each raised as it really is raised:
-a shape error by torch, an allocation no host can serve, a damaged image as the loader reports one, a write to a
-full disk (/dev/full, which the kernel answers with ENOSPC)."""
+"""A task file with a failure inside its step, as a user's task is written: MAE pre-training whose
+loss, at one step on one rank, meets what MAEFLOW_TEST_FAILURE names ("RANK:STEP:KIND"), each raised
+as it really is raised: a shape error by torch, an allocation no host can serve, a damaged image as
+the loader reports one, a write to a full disk (/dev/full, which the kernel answers with ENOSPC)."""
 
 import os
 import sys
@@ -22,7 +22,9 @@ def fail(kind: str, images: torch.Tensor) -> None:
     elif kind == "memory":
         torch.empty(2**50, dtype=torch.uint8)
     elif kind == "data":
-        raise DamagedImage("train-000002.tar: sample 000000123 does not decode (broken data stream)")
+        raise DamagedImage(
+            "train-000002.tar: sample 000000123 does not decode (broken data stream)"
+        )
     elif kind == "disk":
         with open("/dev/full", "wb") as full:
             full.write(b"a step's record")

@@ -1,8 +1,9 @@
-"""One rank of a real trainer run whose gradient reduction is counted: `python reduction_ranks.py OUTPUT PRECISION`
-under RANK/WORLD_SIZE/MASTER_*. The tiny MAE on synthetic data, 3 optimizer steps of 2 micro-steps each, 1 MB
-buckets. Every rank prints one JSON line: per optimizer step, what it all-reduced (dtype, elements) and, for the
-first all-reduce of the step, in which micro-step's backward pass it was sent and how many operators that backward
-pass still ran after it; and the elements of the trainable parameters."""
+"""One rank of a real trainer run whose gradient reduction is counted: `python reduction_ranks.py
+OUTPUT PRECISION` under RANK/WORLD_SIZE/MASTER_*. The tiny MAE on synthetic data, 3 optimizer steps
+of 2 micro-steps each, 1 MB buckets. Every rank prints one JSON line: per optimizer step, what it
+all-reduced (dtype, elements) and, for the first all-reduce of the step, in which micro-step's
+backward pass it was sent and how many operators that backward pass still ran after it; and the
+elements of the trainable parameters."""
 
 import json
 import os
@@ -17,12 +18,26 @@ from train.trainer import Trainer
 
 os.environ["MAE_KERNELS"] = "torch"
 output, precision = sys.argv[1], sys.argv[2]
-cfg = load_config("tiny", ["data.backend=synthetic", "data.synthetic_samples=512", f"output={output}", "max_steps=3",
-                           "log.log_every=3", "checkpoint.at_end=false", "eval.every_epochs=0", "log.viz_every=100",
-                           "log.tensorboard=false", f"runtime.precision={precision}", "optim.grad_accum_steps=2",
-                           "runtime.reduce_bucket_mb=1"])
+cfg = load_config(
+    "tiny",
+    [
+        "data.backend=synthetic",
+        "data.synthetic_samples=512",
+        f"output={output}",
+        "max_steps=3",
+        "log.log_every=3",
+        "checkpoint.at_end=false",
+        "eval.every_epochs=0",
+        "log.viz_every=100",
+        "log.tensorboard=false",
+        f"runtime.precision={precision}",
+        "optim.grad_accum_steps=2",
+        "runtime.reduce_bucket_mb=1",
+    ],
+)
 steps: list[dict] = []
-where = {"phase": None, "micro": None, "ops_after_send": None}  # phase: backward, or after it up to engine.step
+# phase: backward, or after it up to engine.step
+where = {"phase": None, "micro": None, "ops_after_send": None}
 
 
 def is_vote(tensor: torch.Tensor) -> bool:
@@ -35,7 +50,9 @@ class Counted(TorchDispatchMode):
             step = steps[-1]
             step["reduced"].append([str(args[0][0].dtype), args[0][0].numel()])
             if step["first_sent_in_micro_step"] is None:
-                step["first_sent_in_micro_step"] = where["micro"] if where["phase"] == "backward" else "after"
+                step["first_sent_in_micro_step"] = (
+                    where["micro"] if where["phase"] == "backward" else "after"
+                )
                 where["ops_after_send"] = 0
         elif where["phase"] == "backward" and where["ops_after_send"] is not None:
             where["ops_after_send"] += 1
@@ -48,7 +65,9 @@ with Trainer(cfg, MaeTask, None) as trainer:
     def counted_backward(loss):
         index = next(micro) % 2
         if index == 0:
-            steps.append({"reduced": [], "first_sent_in_micro_step": None, "ops_after_first_send": None})
+            steps.append(
+                {"reduced": [], "first_sent_in_micro_step": None, "ops_after_first_send": None}
+            )
         where.update(phase="backward", micro=index, ops_after_send=None)
         result = backward(loss)
         if where["ops_after_send"] is not None and steps[-1]["ops_after_first_send"] is None:

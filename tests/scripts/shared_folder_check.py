@@ -1,5 +1,5 @@
-"""One rank of the shared-output check: `python shared_folder_check.py FOLDER` under RANK/WORLD_SIZE/MASTER_*.
-Prints "shared" or the error and exits 2."""
+"""One rank of the shared-output check: `python shared_folder_check.py FOLDER` under
+RANK/WORLD_SIZE/MASTER_*. Prints "shared" or the error and exits 2."""
 
 import sys
 from pathlib import Path
