@@ -14,9 +14,13 @@ from pathlib import Path
 
 import torch
 
+import pipeline.storage as storage
 from bench.context import BenchContext, StageUnavailable
 from bench.harness import DEFAULT_HISTORY, REPO, History, Record
 from bench.report import write_report
+from pipeline.errors import StorageError
+from pipeline.manifest import Manifest
+from pipeline.storage import is_remote
 
 # The stage modules are imported one by one below: the kernel stage's Triton kernels must see
 # TRITON_INTERPRET before they are defined, and a stage's packages may be missing on this machine.
@@ -26,7 +30,8 @@ STAGES = {"shards": ("bench.shards", "run"), "pipeline": ("bench.pipeline", "run
           # the trainer on shards against the reference-style one
           "train_shards": ("bench.train", "run_on_shards"),
           "finetune": ("bench.finetune", "run"),
-          "control": ("bench.control", "run")}  # the ranks' per-step vote, at 2 to 16 CPU ranks
+          "control": ("bench.control", "run"),  # the ranks' per-step vote, at 2 to 16 CPU ranks
+          "storage": ("bench.storage", "run")}  # shards in a bucket: a local S3 server, delays
 
 
 def keep_profile_beside(record: Record, history: History) -> Record:
@@ -64,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "maeflow-bench"),
                         help="where generated bench data is cached")
     parser.add_argument(
-        "--data", help="pipeline: measure the loader on these shards (a folder with train.json)"
+        "--data",
+        help="pipeline: measure the loader on these shards (a folder with train.json, or "
+        "s3://bucket/prefix)",
     )
     parser.add_argument(
         "--local-batch-size", type=int, help="pipeline --data: images per batch (256 GPU, 32 CPU)"
@@ -77,11 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.data and args.stage != "pipeline":
         parser.error("--data goes with the pipeline stage")
-    if args.data and not Path(args.data, "train.json").is_file():
-        parser.error(
-            f"--data {args.data}: no train.json there (a shard folder built by "
-            "pipeline.build_shards)"
-        )
+    data = None if not args.data else args.data if is_remote(args.data) else Path(args.data)
+    if data is not None:
+        try:
+            found = storage.exists(Manifest.path(data, "train"))
+        except StorageError as err:
+            parser.error(f"--data {err}")
+        if not found:
+            parser.error(
+                f"--data {args.data}: no train.json there (a shard folder or bucket prefix built "
+                "by pipeline.build_shards)"
+            )
     if args.local_batch_size is not None and args.local_batch_size < 1:
         parser.error(f"--local-batch-size must be at least 1, got {args.local_batch_size}")
     if not (Path(args.preset).is_file() or (REPO / "configs" / f"{args.preset}.toml").is_file()):
@@ -107,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         # defined.
         os.environ["TRITON_INTERPRET"] = "1"
 
-    ctx = BenchContext(device, args.quick, Path(args.work), Path(args.data) if args.data else None,
-                       args.local_batch_size, args.preset)
+    ctx = BenchContext(
+        device, args.quick, Path(args.work), data, args.local_batch_size, args.preset
+    )
     history = History(Path(args.out or DEFAULT_HISTORY), device, args.quick,
                       Path(args.mirror) if args.mirror else None)
     for stage in stages:

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.sample_data import class_name, synthetic_photo, write_split
+from pipeline.storage import Location
 
 # The shard builder is imported where shards are built: it needs braceexpand, which a GPU machine
 # with only torch and triton lacks, and the kernel and model stages must still run there.
@@ -51,7 +52,7 @@ class BenchContext:
     device: str  # "cpu" or "gpu"
     quick: bool
     work: Path  # cached bench data (image trees and shards)
-    data: Path | None = None  # the user's shards, for `bench pipeline --data`
+    data: Location | None = None  # the user's shards, for `bench pipeline --data`
     local_batch_size: int | None = None  # for `--data`; default 256 on a GPU, 32 on a CPU
     preset: str = "vit_b16_1600ep"  # whose training speed `--data` is held against
 
@@ -80,14 +81,13 @@ class BenchContext:
             done.touch()
         return root
 
-    def shards_of(self, tree: Path, workers: int = 2) -> Path:
+    def shards_of(self, tree: Path, workers: int = 2, shard_size_mb: int = 64) -> Path:
         from pipeline.build_shards import main as build_shards
 
-        out = tree.parent / f"{tree.name}_shards"
+        out = tree.parent / f"{tree.name}_shards{'' if shard_size_mb == 64 else shard_size_mb}"
         if not (out / "train.json").is_file():
-            code = build_shards(
-                [str(tree), str(out), "--shard-size-mb", "64", "--workers", str(workers), "--quiet"]
-            )
+            code = build_shards([str(tree), str(out), "--shard-size-mb", str(shard_size_mb),
+                                 "--workers", str(workers), "--quiet"])
             if code:
                 raise RuntimeError(f"building bench shards from {tree} failed")
         return out

@@ -17,6 +17,7 @@ import numpy as np
 from bench.context import BenchContext
 from bench.harness import Record, stat_of
 from pipeline.epoch_plan import EpochPlan, whole_epoch_order
+from pipeline.formats import VERSIONS
 from pipeline.loader_state import ReadPosition, Segment
 from pipeline.manifest import Manifest, ShardRecord
 from pipeline.wds_format import index_text
@@ -99,7 +100,8 @@ def plan_records(ctx: BenchContext) -> Iterator[Record]:
 def many_shards(ctx: BenchContext, shards: int, per_shard: int) -> Path:
     """A split of `shards` shards of `per_shard` samples each: real index files and manifest, empty
     tars (start-up reads no image). Built once, cached."""
-    folder = ctx.work / f"index_only_{shards}x{per_shard}"
+    # named by the manifest's format: a cache from a maeflow that wrote another is not read
+    folder = ctx.work / f"index_only_{shards}x{per_shard}_manifest{VERSIONS['manifest']}"
     done = folder / ".done"
     if done.is_file():
         return folder

@@ -9,7 +9,12 @@ Samples are shuffled globally with the seed before being cut into shards, becaus
 sequentially and only shuffles within a buffer; the shuffle holds `--sort-buffer` images in memory,
 whatever the data set's size. Each shard is written under a temporary name and renamed when
 complete; a progress file records finished shards, so rerunning an interrupted command keeps them
-(after checking size and sha256) and writes only the rest. The roles live apart: `shard_listing`
+(after checking size and sha256) and writes only the rest.
+
+OUT may be a bucket, `s3://bucket/prefix`: each shard is written in a local staging folder
+(`--staging`, which also keeps the progress file), uploaded as it completes (in parts where it is
+large) with its digest recorded on the object, and removed; a rerun keeps the uploads whose size and
+digest match, and the manifest goes up last. The roles live apart: `shard_listing`
 lists the input, `shard_labels` labels it by input mode (`imagenet_labels` reads ImageNet's label
 files), `shard_order` shuffles it on disk, `shard_writing` cuts it into shards and writes
 them in worker processes, `shard_resume` keeps finished shards across runs, `shard_verify` checks a
@@ -32,8 +37,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_write_text
-from pipeline.errors import BuildError
+import pipeline.storage as storage
+from pipeline.errors import BuildError, StorageError
 from pipeline.formats import FormatError
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.manifest import Manifest, class_mismatch
@@ -46,10 +51,12 @@ from pipeline.shard_labels import (
     read_class_list,
 )
 from pipeline.shard_order import DEFAULT_SORT_BUFFER, ordered_parts, spill
-from pipeline.shard_reports import Reports, ReportSpill, write_reports
+from pipeline.shard_reports import REPORT_KINDS, Reports, ReportSpill, write_reports
 from pipeline.shard_resume import ProgressLog, plan_fingerprint
 from pipeline.shard_verify import verify
-from pipeline.shard_writing import ShardPlan, cut_shards, run_jobs, shard_jobs
+from pipeline.shard_writing import ShardPlan, cut_shards, publish_shard, run_jobs, shard_jobs
+from pipeline.storage import SCHEME, Location, is_remote, upload
+from pipeline.wds_format import file_sha256
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,8 @@ class BuildOptions:
     """One build, as the command line gives it (see `parse_args` for each flag's meaning)."""
 
     src: Path
-    out: Path
+    out: Location
+    """a folder, or an `s3://bucket/prefix` (written through `staging`)"""
     split: str = "train"
     mode: str = CLASS_FOLDERS.name
     """how SRC is read and labelled: the name of one of `shard_labels.INPUT_MODES`, or class
@@ -72,12 +80,29 @@ class BuildOptions:
     strict: bool = False
     quiet: bool = False
     sort_buffer: int = DEFAULT_SORT_BUFFER
+    staging: Path | None = None
+    """where shards bound for a bucket are written before their upload, and the build's progress
+    kept: a rerun with the same one resumes (default: `default_staging(out)`)"""
+
+    @property
+    def staging_folder(self) -> Path:
+        """Where the build writes: OUT itself, or the staging folder of a bucket's build."""
+        if not is_remote(self.out):
+            return Path(self.out)
+        return self.staging or default_staging(str(self.out))
 
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    out: Path
+    out: Location
     split: str
+
+
+def default_staging(url: str) -> Path:
+    """A bucket's build stages under the user's cache, one folder per destination, so that a rerun
+    of the same command finds its progress."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "maeflow" / "staging" / url[len(SCHEME):].strip("/")
 
 
 SCRATCH = ".scratch"  # inside OUT while a build runs: its listing and plan, a .tar.gz's tar
@@ -158,13 +183,16 @@ def scratch_space(out: Path) -> Iterator[Path]:
 
 
 def build(options: BuildOptions) -> int:
-    out, split = options.out, options.split
+    out, split, staging = options.out, options.split, options.staging_folder
     source = str(options.src.resolve())
-    with scratch_space(out) as scratch, ReportSpill(scratch / f"{split}.skipped.jsonl") as skipped:
+    with (
+        scratch_space(staging) as scratch,
+        ReportSpill(scratch / f"{split}.skipped.jsonl") as skipped,
+    ):
         classes, plan, fingerprint = shuffled(
             options, labelling(options, scratch, skipped), scratch, skipped
         )
-        log = ProgressLog(out, split, fingerprint, source)
+        log = ProgressLog(staging, out, split, fingerprint, source)
         shards = len(plan.shard_sizes)
         done = len(log.records)
         if done and done < shards:
@@ -173,11 +201,15 @@ def build(options: BuildOptions) -> int:
             print(f"all {shards} shards already complete and intact")
         _write_shards(options, plan, log)
         # The reports go in place before the manifest that counts them.
-        rejected = write_reports(Manifest.report_path(out, split, "rejected"),
+        rejected = write_reports(Manifest.report_path(staging, split, "rejected"),
                                  itertools.chain(skipped, log.reports("rejected")))
         converted = write_reports(
-            Manifest.report_path(out, split, "converted"), log.reports("converted")
+            Manifest.report_path(staging, split, "converted"), log.reports("converted")
         )
+        if is_remote(out):
+            for kind in REPORT_KINDS:
+                report = Manifest.report_path(staging, split, kind)
+                upload(report, str(Manifest.report_path(out, split, kind)), file_sha256(report))
     records = [log.records[i] for i in range(shards)]
     manifest = Manifest(
         split=split,
@@ -190,8 +222,8 @@ def build(options: BuildOptions) -> int:
         source=source,
         plan=fingerprint,
     )
-    atomic_write_text(Manifest.path(out, split), manifest.to_json())
-    _print_summary(manifest, out)
+    storage.write_text(Manifest.path(out, split), manifest.to_json())
+    _print_summary(manifest, out, staging)
     return DAMAGED_DATA if options.strict and rejected else 0
 
 
@@ -216,19 +248,19 @@ def _write_shards(options: BuildOptions, plan: ShardPlan, log: ProgressLog) -> N
                 refresh=False,
             )
 
-        jobs = shard_jobs(
-            plan, options.split, options.out, options.max_pixels, skip=set(log.records)
-        )
+        staging = options.staging_folder
+        jobs = shard_jobs(plan, options.split, staging, options.max_pixels, skip=set(log.records))
         for result in run_jobs(jobs, options.workers, advance):
+            publish_shard(result.record, staging, options.out)
             log.add(result)
             show_rate()
 
 
-def _refuse_other_class_lists(out: Path, split: str, classes: list[str]) -> None:
+def _refuse_other_class_lists(out: Location, split: str, classes: list[str]) -> None:
     """Labels index the class list: a split built beside another with a different list would give
     its labels other meanings (a class folder missing from val shifts every later label)."""
-    for manifest_path in sorted(out.glob("*.json")) if out.is_dir() else []:
-        other = manifest_path.stem
+    for name in sorted(n for n in storage.listing(out) if n.endswith(".json")):
+        other, manifest_path = name[: -len(".json")], storage.join(out, name)
         if other == split or other.endswith(".progress"):
             continue
         try:
@@ -244,13 +276,13 @@ def _refuse_other_class_lists(out: Path, split: str, classes: list[str]) -> None
             )
 
 
-def _print_summary(manifest: Manifest, out: Path) -> None:
+def _print_summary(manifest: Manifest, out: Location, staging: Path) -> None:
     size = sum(s.bytes for s in manifest.shards) / 2**20
     print(
         f"{manifest.split}: {manifest.samples} kept ({manifest.converted} converted to RGB JPEG), "
         f"{manifest.rejected} rejected -> {len(manifest.shards)} shards, {size:.1f} MiB in {out}"
     )
-    for item in itertools.islice(Manifest.reports(out, manifest.split, "rejected"), 20):
+    for item in itertools.islice(Manifest.reports(staging, manifest.split, "rejected"), 20):
         print(f"  rejected {item['path']}: {item['reason']}", file=sys.stderr)
     if manifest.rejected > 20:
         print(
@@ -270,7 +302,10 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
         "(tar, .tar.gz, zip: ImageNet's train tar of class tars, the Kaggle zip...), or a folder "
         "of per-class tars (ImageNet-21k)",
     )
-    parser.add_argument("out", nargs="?", help="output folder for shards, indexes and the manifest")
+    parser.add_argument(
+        "out", nargs="?",
+        help="output folder for shards, indexes and the manifest, or s3://bucket/prefix",
+    )
     parser.add_argument(
         "--split", default="train", help="split name: shard prefix and manifest name"
     )
@@ -301,7 +336,14 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
         "--strict", action="store_true", help="exit non-zero if any image was rejected"
     )
     parser.add_argument(
-        "--verify", metavar="OUT", help="re-read and check the shards in OUT instead of building"
+        "--verify", metavar="OUT",
+        help="re-read and check the shards in OUT (a folder or s3://...) instead of building",
+    )
+    parser.add_argument(
+        "--staging", metavar="DIR",
+        help="with an s3:// OUT: where shards are written before their upload and the build's "
+        "progress is kept; rerun with the same one to resume (default: "
+        "~/.cache/maeflow/staging/<bucket>/<prefix>)",
     )
     parser.add_argument(
         "--sort-buffer",
@@ -313,7 +355,7 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.verify:
-        return VerifyOptions(Path(args.verify), args.split)
+        return VerifyOptions(_location(args.verify), args.split)
     if not (args.src and args.out):
         parser.error("SRC and OUT are required (or use --verify OUT)")
     modes = [mode for mode in INPUT_MODES if getattr(args, mode.name)]
@@ -330,7 +372,7 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
         )
     return BuildOptions(
         src=Path(args.src),
-        out=Path(args.out),
+        out=_location(args.out),
         split=args.split,
         mode=modes[0].name if modes else CLASS_FOLDERS.name,
         val_labels=Path(args.val_labels) if args.val_labels else None,
@@ -343,7 +385,12 @@ def parse_args(argv: list[str] | None) -> BuildOptions | VerifyOptions:
         strict=args.strict,
         quiet=args.quiet,
         sort_buffer=args.sort_buffer,
+        staging=Path(args.staging) if args.staging else None,
     )
+
+
+def _location(text: str) -> Location:
+    return text if is_remote(text) else Path(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(options, VerifyOptions):
             return DAMAGED_DATA if verify(options.out, options.split) else 0
         return build(options)
-    except (BuildError, FormatError) as err:
+    except (BuildError, FormatError, StorageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -18,5 +18,12 @@ class DamagedImage(RuntimeError):
     data (exit 5), naming the sample, resumable once the shard is rebuilt or replaced."""
 
 
+class StorageError(RuntimeError):
+    """An object store that did not serve a request after its bounded retries: an endpoint that does
+    not answer, credentials it refuses, a bucket that does not exist. The message names the URL and
+    the cause. Before training a refusal (exit 2); while training a failure (exit 5), resumable
+    once the store answers again."""
+
+
 class BuildError(Exception):
     """A problem with a shard build's inputs or OUT: reported in one line, nothing written."""

@@ -102,6 +102,7 @@ def build_loader(
     synthetic_samples: int = IMAGENET_TRAIN_SAMPLES,
     augment: Augmentation = PRETRAIN,
     labels: bool = True,
+    window_shards: int = 2,
     verbose: bool = False,
 ) -> Loader:
     """A loader over `shards` (a shard folder with `<split>.json`, or a brace pattern of tars).
@@ -115,8 +116,12 @@ def build_loader(
     reads only the first `limit` samples of the split (the builder shuffled it, so they are a random
     subset). backend "synthetic" reads no shards: random normalized images of a virtual split of
     `synthetic_samples`. `labels` False: batches carry None for labels, and none is read or moved
-    (MAE pre-training needs none).
+    (MAE pre-training needs none). The DALI backend reads an epoch in windows of about
+    `window_shards` shards, one pipeline each; shards in a bucket (`s3://...`) are fetched whole
+    for their window, into the local temporary folder (TMPDIR).
     """
+    if window_shards < 1:
+        raise ValueError(f"window_shards must be at least 1, got {window_shards}")
     if local_batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
             f"need local_batch_size >= 1 and 0 <= rank < world_size, got {local_batch_size}, "
@@ -142,7 +147,8 @@ def build_loader(
             f"{samples // world_size} samples ({samples} samples over {world_size} ranks)"
         )
     spec = LoaderSpec(shard_set, split, local_batch_size, img_size, train, rank, world_size, seed,
-                      _resolve_device(device), threads, dtype, limit, augment, labels)
+                      _resolve_device(device), threads, dtype, limit, augment, labels,
+                      window_shards)
     if backend == "dali":
         from pipeline.dali_loader import DaliLoader  # imports DALI, which only this backend needs
 

@@ -92,6 +92,7 @@ class LoaderSpec:
     augment: Augmentation = PRETRAIN  # what training does to each image
     # deliver the labels (False: batches carry None, and no label is read or moved)
     labels: bool = True
+    window_shards: int = 2  # DALI: about this many shards' batches per pipeline (and staged copies)
 
 
 class Table(Protocol):

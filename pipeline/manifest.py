@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from braceexpand import braceexpand
 
+import pipeline.storage as storage
 from pipeline.errors import DataError
 from pipeline.formats import KEY as FORMAT_KEY
 from pipeline.formats import check_format, stamp
 from pipeline.shard_reports import read_reports
+from pipeline.storage import Location, is_remote, name_of, parent_of
 from pipeline.wds_format import index_path, index_sample_count
 
 
@@ -45,15 +46,15 @@ class Manifest:
     plan: str = ""  # fingerprint of the file listing and settings the shards were cut from
 
     @staticmethod
-    def path(folder: Path, split: str) -> Path:
-        return Path(folder) / f"{split}.json"
+    def path(folder: Location, split: str) -> Location:
+        return storage.join(folder, f"{split}.json")
 
     @staticmethod
-    def report_path(folder: Path, split: str, kind: str) -> Path:
+    def report_path(folder: Location, split: str, kind: str) -> Location:
         """A build's per-image reports of one kind (`REPORT_KINDS`), a JSON object a line: kept out
         of the manifest, which every rank reads at start, so that a data set of a billion PNGs costs
         a rank nothing."""
-        return Path(folder) / f"{split}.{kind}.jsonl"
+        return storage.join(folder, f"{split}.{kind}.jsonl")
 
     @staticmethod
     def reports(folder: Path, split: str, kind: str) -> Iterator[dict]:
@@ -61,8 +62,8 @@ class Manifest:
         return read_reports(Manifest.report_path(folder, split, kind))
 
     @classmethod
-    def load(cls, path: Path) -> Manifest:
-        raw = json.loads(Path(path).read_text())
+    def load(cls, path: Location) -> Manifest:
+        raw = json.loads(storage.read_text(path))
         check_format("manifest", raw, str(path))
         raw.pop(FORMAT_KEY)
         raw["shards"] = [ShardRecord(**s) for s in raw["shards"]]
@@ -74,11 +75,15 @@ class Manifest:
 
 @dataclass(frozen=True)
 class ShardSet:
-    """Tar and index paths of one split, plus its manifest when there is one."""
+    """Tar and index locations (paths, or `s3://` URLs) of one split, plus its manifest when there
+    is one."""
 
-    tars: list[Path]
-    indexes: list[Path]
+    tars: list[str]
+    indexes: list[str]
     manifest: Manifest | None
+    listed: dict[str, int] | None = field(default=None, compare=False, repr=False)
+    """size of each of the tars and indexes found where `resolve_shards` listed them (None: list
+    again when asked), so that a bucket is listed once per start"""
 
     def identity(self) -> str:
         """A fingerprint of exactly the data these shards hold, in their order: each shard's digest
@@ -87,9 +92,11 @@ class ShardSet:
         another seed have the same sizes, not the same identity."""
         if self.manifest is not None:
             digests = {s.name: s.sha256 for s in self.manifest.shards}
-            parts = [self.manifest.plan, *(f"{tar.name} {digests[tar.name]}" for tar in self.tars)]
+            names = [name_of(tar) for tar in self.tars]
+            parts = [self.manifest.plan, *(f"{name} {digests[name]}" for name in names)]
         else:
-            parts = [f"{tar.name} {tar.stat().st_size}" for tar in self.tars]
+            sizes = self._found(self.tars)
+            parts = [f"{name_of(tar)} {sizes[tar]}" for tar in self.tars]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def sample_counts(self) -> list[int]:
@@ -100,81 +107,94 @@ class ShardSet:
 
     @cached_property
     def _counts(self) -> tuple[int, ...]:
-        missing = first_missing(self.indexes)
-        if missing is not None:
+        found = self._found(self.indexes)
+        missing = [idx for idx in self.indexes if idx not in found]
+        if missing:
             raise FileNotFoundError(
-                f"index file {missing} is missing; rebuild the shards or run DALI's wds2idx on it"
+                f"index file {missing[0]} is missing; rebuild the shards or run DALI's wds2idx "
+                "on it"
             )
         if self.manifest is None:
             return tuple(index_sample_count(idx) for idx in self.indexes)
         listed = {s.name: s.samples for s in self.manifest.shards}
-        return tuple(listed[tar.name] for tar in self.tars)
+        return tuple(listed[name_of(tar)] for tar in self.tars)
+
+    def _found(self, files: list[str]) -> dict[str, int]:
+        return self.listed if self.listed is not None else _listed(files)
 
 
-def first_missing(paths: list[Path]) -> Path | None:
-    """The first of `paths` that is not a file, found by listing each folder once: a hundred
-    thousand shards cost a few directory reads, not a hundred thousand file-system lookups (which a
-    parallel file system serves slowly)."""
-    listed: dict[str, set[str]] = {}
-    for path in paths:
-        folder, name = os.path.split(os.fspath(path))
-        if folder not in listed:
-            try:
-                listed[folder] = {e.name for e in os.scandir(folder or ".") if e.is_file()}
-            except OSError:
-                listed[folder] = set()
-        if name not in listed[folder]:
-            return path
-    return None
+def _listed(files: list[str]) -> dict[str, int]:
+    """Size of each of `files` that exists, found by listing each folder once: a hundred thousand
+    shards cost a few directory reads (or a bucket's listing pages of a thousand), not a hundred
+    thousand lookups, which a parallel file system or an object store serves slowly."""
+    sizes: dict[str, int] = {}
+    folders: dict[str, dict[str, int]] = {}
+    for file in files:
+        folder = str(parent_of(file))
+        if folder not in folders:
+            folders[folder] = storage.listing(folder)
+        size = folders[folder].get(name_of(file))
+        if size is not None:
+            sizes[file] = size
+    return sizes
+
+
+def _is_pattern(text: str) -> bool:
+    """A brace pattern or one tar, not a folder (a local folder may end in .tar)."""
+    return ("{" in text or text.endswith(".tar")) and (is_remote(text) or not Path(text).is_dir())
 
 
 def resolve_shards(shards: str | Path, split: str = "train") -> ShardSet:
     """A shard folder (read `<split>.json`) or a brace pattern such as
-    `out/train-{000000..000009}.tar`."""
+    `out/train-{000000..000009}.tar`; either may be an `s3://bucket/prefix`. Lists each folder once
+    and reads the manifest: what a rank reads from a bucket at start, whatever the data set's
+    size."""
     text = str(shards)
-    if ("{" in text or text.endswith(".tar")) and not Path(text).is_dir():
-        tars = [Path(p) for p in braceexpand(text)]
-        missing = first_missing(tars)
-        if missing is not None:
-            count = sum(not p.is_file() for p in tars)
+    if _is_pattern(text):
+        tars = list(braceexpand(text))
+        if not is_remote(text):
+            tars = [str(Path(t)) for t in tars]
+        indexes = [str(index_path(t)) for t in tars]
+        found = _listed(tars + indexes)
+        missing = [t for t in tars if t not in found]
+        if missing:
             raise FileNotFoundError(
-                f"shard pattern {text}: {count} file(s) missing, first {missing}"
+                f"shard pattern {text}: {len(missing)} file(s) missing, first {missing[0]}"
             )
-        manifest_path = Manifest.path(tars[0].parent, split)
-        manifest = Manifest.load(manifest_path) if manifest_path.is_file() else None
+        manifest_path = Manifest.path(parent_of(tars[0]), split)
+        manifest = Manifest.load(manifest_path) if storage.exists(manifest_path) else None
     else:
-        folder = Path(text)
-        if not folder.is_dir():
-            what = "is a file, not a shard folder" if folder.exists() else "does not exist"
-            raise FileNotFoundError(f"shard folder {folder} {what}")
+        folder = text.rstrip("/") if is_remote(text) else text
+        files = storage.listing(folder)
         manifest_path = Manifest.path(folder, split)
-        if not manifest_path.is_file():
-            # not progress files
-            found = sorted(p.name for p in folder.glob("*.json") if not p.name.startswith("."))
+        if not files and not (is_remote(folder) or Path(folder).is_dir()):
+            what = "is a file, not a shard folder" if Path(folder).exists() else "does not exist"
+            raise FileNotFoundError(f"shard folder {folder} {what}")
+        if name_of(manifest_path) not in files:
+            splits = sorted(n[:-5] for n in files if n.endswith(".json") and not n.startswith("."))
             raise FileNotFoundError(
-                f"{manifest_path} not found (splits here: "
-                f"{', '.join(f[:-5] for f in found) or 'none'}); build shards with `python -m "
-                "pipeline.build_shards`"
+                f"{manifest_path} not found (splits here: {', '.join(splits) or 'none'}); build "
+                "shards with `python -m pipeline.build_shards`"
             )
         manifest = Manifest.load(manifest_path)
-        tars = [folder / s.name for s in manifest.shards]
-        missing = first_missing(tars)
-        if missing is not None:
-            count = sum(not p.is_file() for p in tars)
+        tars = [str(storage.join(folder, s.name)) for s in manifest.shards]
+        indexes = [str(index_path(t)) for t in tars]
+        found = {f: files[name_of(f)] for f in tars + indexes if name_of(f) in files}
+        missing = [t for t in tars if t not in found]
+        if missing:
             raise FileNotFoundError(
-                f"{manifest_path} lists {count} shard(s) that are missing: {missing}"
+                f"{manifest_path} lists {len(missing)} shard(s) that are missing: {missing[0]}"
             )
     if not tars:
         raise FileNotFoundError(f"no shards for split {split!r} in {text}")
     if manifest is not None:
         listed = {s.name for s in manifest.shards}
-        strays = [p.name for p in tars if p.name not in listed]
+        strays = [name_of(t) for t in tars if name_of(t) not in listed]
         if strays:
             raise DataError(
                 f"shard {strays[0]} is not in {manifest_path}: the shard list and manifest disagree"
             )
-    indexes = [index_path(p) for p in tars]
-    return ShardSet(tars, indexes, manifest)
+    return ShardSet(tars, indexes, manifest, found)
 
 
 def class_mismatch(first: list[str], second: list[str]) -> str | None:
@@ -208,5 +228,5 @@ def check_same_classes(shards: str | Path, split: str, other: str) -> None:
         raise DataError(
             f"the {split} and {other} shards in {shards} label different class lists ({mismatch}): "
             f"label k means another class in each; rebuild {other} with --classes "
-            f"{Manifest.path(Path(str(shards)), split)}"
+            f"{Manifest.path(str(shards), split)}"
         )

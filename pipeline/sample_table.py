@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
+import pipeline.storage as storage
 from pipeline.errors import DamagedIndex
 from pipeline.manifest import ShardSet
 from pipeline.wds_format import index_sample_count, read_index
@@ -24,6 +26,7 @@ from pipeline.wds_format import index_sample_count, read_index
 # Shards whose parsed index stays at hand: a batch falls in one or two, and a logged batch asks
 # again.
 _SHARDS_KEPT = 8
+_INDEX_READERS = 16  # index files read at once where many are needed
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,7 @@ class Entries:
 
     def _read(self, i: int, member: int) -> bytes:
         offset, size = (int(v) for v in self.rows[i, 1 + 2 * member: 3 + 2 * member])
-        with open(self.tars[int(self.rows[i, 0])], "rb") as f:
-            f.seek(offset)
-            return f.read(size)
+        return storage.read_bytes(self.tars[int(self.rows[i, 0])], offset, size)
 
     def jpeg(self, i: int) -> bytes:
         return self._read(i, 0)
@@ -102,13 +103,19 @@ class SampleTable:
         by_shard = np.argsort(shards, kind="stable")
         rows = np.zeros((len(samples), 5), dtype=np.int64)
         found = []
-        for group in (
+        groups = (
             np.split(by_shard, np.flatnonzero(np.diff(shards[by_shard])) + 1)
             if len(samples)
             else []
-        ):
-            shard = int(shards[group[0]])
-            shard_rows, shard_keys = self._shard(shard)
+        )
+        needed = [int(shards[group[0]]) for group in groups]
+        if len(needed) > 2:  # a rank's epoch: its indexes read side by side (a bucket's latency)
+            with ThreadPoolExecutor(_INDEX_READERS) as pool:
+                parsed = dict(zip(needed, pool.map(self._shard, needed), strict=True))
+        else:
+            parsed = {shard: self._shard(shard) for shard in needed}
+        for group, shard in zip(groups, needed, strict=True):
+            shard_rows, shard_keys = parsed[shard]
             local = samples[group] - (self._ends[shard] - self.shard_sizes[shard])
             rows[group] = shard_rows[local]
             found.append((group, shard_keys[local]))
@@ -126,8 +133,9 @@ class SampleTable:
         """The name of the first of `samples` PIL cannot decode, if any."""
         entries = self.entries(np.fromiter(samples, dtype=np.int64))
         for i in range(len(entries)):
+            data = entries.jpeg(i)  # a read that fails is the storage's failure, not the image's
             try:
-                with Image.open(io.BytesIO(entries.jpeg(i))) as img:
+                with Image.open(io.BytesIO(data)) as img:
                     img.load()
             except Exception:
                 return entries.name(i)

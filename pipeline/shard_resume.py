@@ -3,19 +3,27 @@ the same command (same files, same settings: the plan fingerprint) keeps those t
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+import pipeline.storage as storage
 from pipeline.atomic import atomic_path
 from pipeline.errors import BuildError
 from pipeline.formats import check_format, stamp
 from pipeline.manifest import Manifest, ShardRecord
 from pipeline.shard_writing import ShardResult
+from pipeline.storage import Location, is_remote, name_of
 from pipeline.wds_format import file_sha256, index_path
+
+# A resumed build checks its finished shards' digests a few at a time: a bucket's latency, a
+# disk's queue.
+_DIGESTS_AT_ONCE = 8
 
 
 def plan_fingerprint(part_digests: Iterable[bytes], classes: list[str], settings: list) -> str:
@@ -27,8 +35,8 @@ def plan_fingerprint(part_digests: Iterable[bytes], classes: list[str], settings
     return digest.hexdigest()[:16]
 
 
-def _progress_path(out: Path, split: str) -> Path:
-    return out / f".{split}.progress.jsonl"
+def _progress_path(staging: Path, split: str) -> Path:
+    return staging / f".{split}.progress.jsonl"
 
 
 class ProgressLog:
@@ -38,16 +46,17 @@ class ProgressLog:
     and where its line lies, whatever the number of its reports; a line costs the same whether the
     build has a hundred shards or a hundred thousand."""
 
-    def __init__(self, out: Path, split: str, plan: str, source: str) -> None:
-        """Starts the log of a build, keeping the shards an earlier run of the same command finished
-        that are intact (re-checked by size and sha256); BuildError where OUT holds another build of
-        this split."""
-        self.path = _progress_path(out, split)
+    def __init__(self, staging: Path, out: Location, split: str, plan: str, source: str) -> None:
+        """Starts the log of a build in `staging` (OUT itself, unless OUT is a bucket), keeping the
+        shards an earlier run of the same command finished that are intact in OUT (re-checked by
+        size and sha256); BuildError where OUT holds another build of this split."""
+        self.path = _progress_path(staging, split)
         self.records: dict[int, ShardRecord] = {}
         """the finished shards' records, by index in the plan"""
         self._offsets: dict[int, int] = {}
-        _refuse_other_builds(out, split, plan, source)
+        _refuse_other_builds(out, self.path, split, plan, source)
         earlier = _earlier_lines(self.path)
+        intact = _intact(out, [record for _, record in earlier.values()])
         with atomic_path(self.path) as tmp, open(tmp, "wb") as log:
             log.write(
                 (
@@ -57,7 +66,7 @@ class ProgressLog:
             if earlier:
                 with open(self.path, "rb") as old:
                     for index, (offset, record) in sorted(earlier.items()):
-                        if _intact(out, record):
+                        if record.name in intact:
                             old.seek(offset)
                             self._offsets[index], self.records[index] = log.tell(), record
                             log.write(old.readline())
@@ -78,11 +87,13 @@ class ProgressLog:
                 yield from json.loads(log.readline())[kind]
 
 
-def _refuse_other_builds(out: Path, split: str, plan: str, source: str) -> None:
+def _refuse_other_builds(
+    out: Location, progress_path: Path, split: str, plan: str, source: str
+) -> None:
     """A finished or unfinished build of this split from other files or settings, or shards no build
     of this command wrote, are never mixed with this one's."""
-    manifest_path, progress_path = Manifest.path(out, split), _progress_path(out, split)
-    if manifest_path.is_file():
+    manifest_path = Manifest.path(out, split)
+    if storage.exists(manifest_path):
         old = Manifest.load(manifest_path)
         if (old.plan, old.source) != (plan, source):
             raise BuildError(
@@ -100,12 +111,13 @@ def _refuse_other_builds(out: Path, split: str, plan: str, source: str) -> None:
                 "settings or files, or by a maeflow that shuffled otherwise; choose another OUT "
                 "or delete it first"
             )
-    elif not manifest_path.is_file():
-        strays = sorted(out.glob(f"{split}-*.tar")) if out.is_dir() else []
+    elif not storage.exists(manifest_path):
+        strays = sorted(fnmatch.filter(storage.listing(out), f"{split}-*.tar"))
         if strays:
             raise BuildError(
-                f"{out} holds {strays[0].name} but no {manifest_path.name}: not written by this "
-                "command; choose another OUT or delete them first"
+                f"{out} holds {strays[0]} but no {name_of(manifest_path)}: not written by this "
+                "command (or by a build whose staging folder was another: pass its --staging); "
+                "choose another OUT or delete them first"
             )
 
 
@@ -126,9 +138,24 @@ def _earlier_lines(path: Path) -> dict[int, tuple[int, ShardRecord]]:
     return earlier
 
 
-def _intact(out: Path, record: ShardRecord) -> bool:
-    tar = out / record.name
-    return record.samples == 0 or (
-        tar.is_file() and tar.stat().st_size == record.bytes and index_path(tar).is_file()
-        and file_sha256(tar) == record.sha256
-    )
+def _intact(out: Location, records: list[ShardRecord]) -> set[str]:
+    """The names of the shards among `records` that are in OUT whole: the size listed, an index
+    beside, the digest (recorded by the upload in a bucket; read from the bytes on a disk)."""
+    listed = storage.listing(out)
+    candidates = [
+        r for r in records
+        if listed.get(r.name) == r.bytes and name_of(index_path(str(r.name))) in listed
+    ]
+
+    def digest(record: ShardRecord) -> str | None:
+        tar = storage.join(out, record.name)
+        if is_remote(out):
+            found = storage.stored(tar)
+            return found.sha256 if found else None
+        return file_sha256(tar)
+
+    with ThreadPoolExecutor(_DIGESTS_AT_ONCE) as pool:
+        digests = list(pool.map(digest, candidates))
+    return {r.name for r in records if r.samples == 0} | {
+        r.name for r, d in zip(candidates, digests, strict=True) if d == r.sha256
+    }

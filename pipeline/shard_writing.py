@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pipeline.storage as storage
 from pipeline.archives import read_entry
 from pipeline.atomic import atomic_write_text, durable_replace, temporary_name
 from pipeline.images import RejectedImage, prepare_image
 from pipeline.manifest import ShardRecord
 from pipeline.shard_labels import SourceImage
 from pipeline.shard_order import read_images
+from pipeline.storage import Location, is_remote, upload
 from pipeline.wds_format import Member, ShardWriter, file_sha256, index_path
 
 TAR_OVERHEAD_PER_SAMPLE = 3 * 1024  # three headers plus padding, for planning shard sizes
@@ -137,6 +139,20 @@ def build_shard(job: ShardJob, report: Callable[[int, int], None] | None = None)
     durable_replace(tmp_tar, tar)
     record = ShardRecord(tar.name, samples, tar.stat().st_size, file_sha256(tar))
     return ShardResult(job.index, record, rejected, converted)
+
+
+def publish_shard(record: ShardRecord, staging: Path, out: Location) -> None:
+    """A finished shard into a bucket OUT: its index, then its tar (a tar with an index beside it is
+    a shard that is there), each recorded with its digest; then the staged copies go. Nothing to do
+    where OUT is the folder the shard was written in."""
+    if not is_remote(out) or not record.samples:
+        return
+    tar = staging / record.name
+    index = index_path(tar)
+    upload(index, index_path(str(storage.join(out, record.name))), file_sha256(index))
+    upload(tar, str(storage.join(out, record.name)), record.sha256)
+    index.unlink()
+    tar.unlink()
 
 
 def side_members(image: SourceImage) -> dict[str, Any]:

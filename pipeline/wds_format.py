@@ -8,13 +8,22 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+import pipeline.storage as storage
+from pipeline.storage import Location
 
 INDEX_VERSION = "v1.2"
+_Place = TypeVar("_Place", str, Path)
+_HEADER_BYTES = 64  # holds an index's first line, "v1.2 <count>"
 
 
-def index_path(tar: Path) -> Path:
-    """Where a shard's DALI index lives: beside it, `train-000000.tar` -> `train-000000.idx`."""
-    return Path(tar).with_suffix(".idx")
+def index_path(tar: _Place) -> _Place:
+    """Where a shard's DALI index lives: beside it, `train-000000.tar` -> `train-000000.idx` (a path
+    or an `s3://` URL, as the tar's)."""
+    if isinstance(tar, Path):
+        return tar.with_suffix(".idx")
+    return str(tar).removesuffix(".tar") + ".idx"
 
 
 @dataclass(frozen=True)
@@ -73,21 +82,19 @@ def index_text(entries: Iterable[tuple[str, str, int, int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def index_sample_count(path: Path) -> int:
+def index_sample_count(path: Location) -> int:
     """The sample count from an index file's header line (`v1.2 <count>`), without reading the
     rest."""
-    with open(path) as f:
-        return int(f.readline().split()[1])
+    return int(storage.read_bytes(path, 0, _HEADER_BYTES).split(b"\n", 1)[0].split()[1])
 
 
-def read_index(path: Path) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
-    """(key, {ext: (data offset, size)}) for each sample of an index file, in tar order."""
-    with open(path) as f:
-        f.readline()
-        for line in f:
-            parts = line.split()
-            yield split_name(parts[3])[0], {parts[i]: (int(parts[i + 1]), int(parts[i + 2]))
-                                            for i in range(0, len(parts), 4)}
+def read_index(path: Location) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    """(key, {ext: (data offset, size)}) for each sample of an index file, in tar order: one read
+    of the whole file."""
+    for line in storage.read_text(path).splitlines()[1:]:
+        parts = line.split()
+        yield split_name(parts[3])[0], {parts[i]: (int(parts[i + 1]), int(parts[i + 2]))
+                                        for i in range(0, len(parts), 4)}
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -255,6 +255,12 @@ def test_the_slurm_script_takes_a_users_arguments_from_anywhere_and_requeues_a_s
             "decode",
         ),
         (
+            "storage",
+            5,
+            "error: the shards' object store failed at step 2 on rank 1: "
+            "s3://shards/train-000002.tar: Could not connect to the endpoint URL",
+        ),
+        (
             "disk",
             5,
             "error: no room to write at step 2 on rank 1: [Errno 28] No space left on device",

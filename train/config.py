@@ -72,7 +72,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = setting("", "shard folder (with train.json) or brace pattern; --data sets it")
+    shards: str = setting(
+        "", "shard folder (with train.json), brace pattern, or s3://bucket/prefix; --data sets it")
     img_size: int = setting(
         224, "side of the square crops the loader delivers, which the model is built for")
     backend: Backend = setting(
@@ -81,6 +82,8 @@ class DataConfig:
         0, "decoder threads (DALI) or workers (PIL) per rank; 0 = CPU cores per local rank")
     synthetic_samples: int = setting(
         1_281_167, "backend synthetic: samples in the virtual train split (ImageNet-1k's count)")
+    window_shards: int = setting(
+        2, "DALI: shards per pipeline; a bucket's are fetched whole to TMPDIR, 2 windows at a time")
 
 
 @dataclass
@@ -354,6 +357,7 @@ def validate(cfg: RunConfig) -> None:
         (all(0 <= b < 1 for b in optim.betas), f"optim.betas must be in [0, 1), got {optim.betas}"),
         (data.img_size > 0, f"data.img_size must be positive, got {data.img_size}"),
         (data.synthetic_samples > 0, "data.synthetic_samples must be positive"),
+        (data.window_shards >= 1, f"data.window_shards must be >= 1, got {data.window_shards}"),
         (data.num_threads >= 0,
          f"data.num_threads must be >= 0 (0 = the cores per local rank), got {data.num_threads}"),
         (ckpt.every_minutes >= 0 and ckpt.every_steps >= 0,

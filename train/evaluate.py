@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "source", help="a training output folder, a train.export file or a reference weight file"
     )
     parser.add_argument(
-        "--data", required=True, help="shard folder with a train split and the held-out split"
+        "--data", required=True,
+        help="shard folder (or s3://bucket/prefix) with a train split and the held-out split"
     )
     parser.add_argument(
         "--tag", default="latest", help="run folders: which checkpoint (default: the newest)"

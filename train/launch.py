@@ -251,6 +251,9 @@ def report_failure(err: Exception, trainer: Trainer) -> RunEnd:
     if kind == "data":
         what = (f"damaged data {where}: {cause}; rebuild or replace it (`python -m "
                 "pipeline.build_shards --verify`)")
+    elif kind == "storage":
+        what = (f"the shards' object store failed {where}: {cause}; check the endpoint, the "
+                "credentials and the network")
     elif kind == "disk":
         what = f"no room to write {where}: {cause}; free space or move the run"
     else:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from model.weights import WeightsError
-from pipeline.errors import DamagedImage, DamagedIndex, DataError
+from pipeline.errors import DamagedImage, DamagedIndex, DataError, StorageError
 from pipeline.formats import FormatError
 from train.checkpoint import CheckpointNotWritten, ResumeError
 from train.config import ConfigError
@@ -31,7 +31,8 @@ class RunEnd(IntEnum):
     REFUSED = 2
     STOPPED = 3  # a signal stopped the run after a checkpoint: resume it
     DIVERGED = 4  # a non-finite loss; the last good checkpoint is intact
-    # damaged data, a full disk, a lost rank, a collective that timed out: fix what it names, resume
+    # damaged data, a bucket that stopped answering, a full disk, a lost rank, a collective that
+    # timed out: fix what it names, resume
     FAILED = 5
     HUNG = HUNG_EXIT_STATUS  # 6: the watchdog saw no progress (stacks in OUTPUT/hangs/): resume it
     # the step did not fit in memory: lower the local batch or recompute activations, then resume
@@ -41,7 +42,7 @@ class RunEnd(IntEnum):
 # What the user can fix: a config, a command, data or weights that do not fit, a checkpoint that
 # cannot resume as asked, a port in use, GPUs its torch cannot use, a node without what the run
 # needs, a folder another run holds, a file that is not there or in a format this maeflow does not
-# read.
+# read, a bucket that cannot be read.
 REFUSALS = (
     ConfigError,
     ResumeError,
@@ -51,6 +52,7 @@ REFUSALS = (
     FolderInUse,
     FileNotFoundError,
     DataError,
+    StorageError,
     FormatError,
     WeightsError,
 )
@@ -74,8 +76,8 @@ _OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate mem
 
 def failure_kind(err: BaseException) -> str | None:
     """What caused an error raised while training, where it is not a bug: "memory" (the step did not
-    fit), "data" (damaged shards or images), "disk" (no room to write), "peer" (a lost rank, a
-    collective that timed out).
+    fit), "data" (damaged shards or images), "storage" (a bucket that stopped serving the shards),
+    "disk" (no room to write), "peer" (a lost rank, a collective that timed out).
     None: a bug, which must propagate with its traceback."""
     message = str(err).lower()
     if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(
@@ -84,6 +86,8 @@ def failure_kind(err: BaseException) -> str | None:
         return "memory"
     if isinstance(err, (DataError, DamagedIndex, DamagedImage)):
         return "data"
+    if isinstance(err, StorageError):
+        return "storage"
     if isinstance(err, CheckpointNotWritten) or (
         isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
     ):

@@ -119,6 +119,7 @@ class RunContext:
             limit=limit,
             augment=augment,
             labels=labels,
+            window_shards=data.window_shards,
             verbose=verbose,
         )
         self.resources.callback(loader.close)

@@ -1,9 +1,12 @@
 """A task file with a failure inside its step, as a user's task is written: MAE pre-training whose
 loss, at one step on one rank, meets what MAEFLOW_TEST_FAILURE names ("RANK:STEP:KIND"), each raised
 as it really is raised: a shape error by torch, an allocation no host can serve, a damaged image as
-the loader reports one, a write to a full disk (/dev/full, which the kernel answers with ENOSPC)."""
+the loader reports one, a read from a bucket whose endpoint stopped answering (a port nothing
+listens on), a write to a full disk (/dev/full, which the kernel answers with ENOSPC)."""
 
+import contextlib
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -11,9 +14,27 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent.parent)
 
 import torch  # noqa: E402
 
+from pipeline import storage  # noqa: E402
 from pipeline.errors import DamagedImage  # noqa: E402
 from train import launch  # noqa: E402
 from train.mae_task import MaeTask  # noqa: E402
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed on leaving: nothing listens there
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def fail(kind: str, images: torch.Tensor) -> None:
@@ -25,6 +46,10 @@ def fail(kind: str, images: torch.Tensor) -> None:
         raise DamagedImage(
             "train-000002.tar: sample 000000123 does not decode (broken data stream)"
         )
+    elif kind == "storage":
+        with environment(AWS_ENDPOINT_URL=f"http://127.0.0.1:{closed_port()}", AWS_MAX_ATTEMPTS="2",
+                      AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_REGION="us-east-1"):
+            storage.read_bytes("s3://shards/train-000002.tar", 512, 1024)
     elif kind == "disk":
         with open("/dev/full", "wb") as full:
             full.write(b"a step's record")
