@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.formats import VERSIONS
 from pipeline.sample_data import class_name, synthetic_photo, write_split
 from pipeline.storage import Location
 
@@ -84,7 +85,8 @@ class BenchContext:
     def shards_of(self, tree: Path, workers: int = 2, shard_size_mb: int = 64) -> Path:
         from pipeline.build_shards import main as build_shards
 
-        out = tree.parent / f"{tree.name}_shards{'' if shard_size_mb == 64 else shard_size_mb}"
+        # named by the manifest's format too: a cache from a maeflow that wrote another is not read
+        out = tree.parent / f"{tree.name}_shards{shard_size_mb}mb_manifest{VERSIONS['manifest']}"
         if not (out / "train.json").is_file():
             code = build_shards([str(tree), str(out), "--shard-size-mb", str(shard_size_mb),
                                  "--workers", str(workers), "--quiet"])

@@ -126,7 +126,7 @@ def test_config_errors_are_one_line_before_any_work(shards, tmp_path, capsys):
             "holds no complete checkpoint step00000012",
         ),
         (["--max-steps", "-1"], "max_steps must be >= 0"),
-        (["--log-every", "0"], "log.log_every and log.viz_every must be >= 1"),
+        (["--log-every", "0"], "log.log_every must be >= 1"),
         (["--set", "optim.lr"], "--set expects key=value, got 'optim.lr'"),
         (["--output", str(tmp_path / "a_file")], "is a file, not a folder"),
         (["--data", str(tmp_path / "a_file")], "is a file, not a shard folder"),

@@ -66,3 +66,11 @@ def test_the_graph_is_read_correctly():
     graph = module_imports()
     assert "kernels" in graph["model.mae"] and "pipeline.loader_base" in graph["pipeline.loader"]
     assert len(list(itertools.chain.from_iterable(graph.values()))) > 30
+
+
+def test_every_listed_bug_still_matches_its_module():
+    """tests/mutants.toml's bugs are put back by text: an edit that moves a module's text away from
+    an entry must update the entry, or the bug would silently stop being tried."""
+    from tests.mutate import main as mutate
+
+    assert mutate(["--check"]) == 0

@@ -248,6 +248,42 @@ def test_resume_mid_epoch_continues_with_the_same_batches(
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_a_resume_at_any_batch_mid_window_or_at_a_windows_edge_continues_bitwise(
+    id_shards, open_loader
+):
+    """DALI reads an epoch in windows (here of 2 batches: 3 shards of about 3 samples): a state
+    taken after any number of batches, inside a window or at its edge, gives the rest of the epoch
+    and the next one exactly as the unbroken loader does."""
+    def make():
+        return open_loader(id_shards, "dali", local_batch_size=4, img_size=16, rank=1,
+                           world_size=2, window_shards=3)
+
+    whole = make()
+    assert whole.window_batches == 2 and len(whole) == 5
+    expected = []
+    for epoch in (0, 1):
+        whole.set_epoch(epoch)
+        expected += list(whole)
+    for stop in range(6):
+        first = make()
+        first.set_epoch(0)
+        batches = iter(first)
+        head = [next(batches) for _ in range(stop)]
+        state = first.state_dict()
+        resumed = make()
+        resumed.load_state_dict(state)
+        resumed.set_epoch(0)
+        got = head + list(resumed)
+        resumed.set_epoch(1)
+        got += list(resumed)
+        assert len(got) == len(expected) == 10
+        for (images, labels), (want_images, want_labels) in zip(got, expected, strict=True):
+            assert torch.equal(images, want_images) and torch.equal(labels, want_labels), stop
+        batches.close()
+        first.close()
+        resumed.close()
+
+
 def test_ascii_labels():
     rows = [b"7\0\0\0", b"1000", b"42\0\0", b"-1\0\0", b"-123"]
     padded = torch.tensor([list(row) for row in rows], dtype=torch.uint8)

@@ -43,7 +43,7 @@ class CheckpointCadence:
     last_save: float = field(default_factory=time.monotonic)
 
     def due_by_steps(self, step: int) -> bool:
-        return self.steps > 0 and step % self.steps == 0
+        return EverySteps(self.steps).due(step)
 
     def due_by_clock(self) -> bool:
         return self.minutes > 0 and time.monotonic() - self.last_save > 60 * self.minutes

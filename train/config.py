@@ -375,7 +375,7 @@ def validate(cfg: RunConfig) -> None:
         (ckpt.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (ckpt.milestone_every_epochs >= 0, "checkpoint.milestone_every_epochs must be >= 0"),
         (cfg.eval.every_epochs >= 0, "eval.every_epochs must be >= 0"),
-        (log.log_every >= 1, "log.log_every and log.viz_every must be >= 1"),
+        (log.log_every >= 1, "log.log_every must be >= 1"),
         (cfg.max_steps >= 0, "max_steps must be >= 0"),
         (not model.init or Path(model.init).exists(),
          f"model.init {model.init}: no such file or folder"),

@@ -91,7 +91,7 @@ class PretrainConfig(RunConfig):
                 f"model.mask_ratio must be in [0, 1), got {self.model.mask_ratio}",
             ),
             (self.log.viz_images >= 1, "log.viz_images must be >= 1"),
-            (self.log.viz_every >= 1, "log.log_every and log.viz_every must be >= 1"),
+            (self.log.viz_every >= 1, "log.viz_every must be >= 1"),
             (
                 min(self.eval.train_samples, self.eval.val_samples) >= 0
                 and self.eval.k >= 1

@@ -1,0 +1,170 @@
+"""The trainer's wiring, in this process on one rank: what a launched run checks as a whole (it
+finishes, it resumes), checked here quantity by quantity, so that a quantity wrong from the start
+(the samples seen, a task's augmentation, a rank's mask noise, a job run twice) fails in seconds.
+The launched runs (test_*_runs.py) keep what needs several ranks."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.runs import free_port
+from train.checkpoint import TrainState
+from train.classifier_task import ClassifierTask, image_augmentation
+from train.config import load_config
+from train.mae_task import MaeTask
+from train.recipe import lr_at
+from train.task import MicroBatch
+from train.trainer import Trainer
+
+STEPS_PER_EPOCH = 4  # the sample shards' 64 images, 16 a step on one rank
+
+
+@pytest.fixture(scope="module")
+def rank_env():
+    """What a launcher tells a single rank; the model's ops in torch (the kernels have their own
+    tests, in the interpreter)."""
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                            "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                            "MAE_KERNELS": "torch"}.items():
+            env.setenv(name, value)
+        yield env
+
+
+def mae_config(shards, output, *overrides: str):
+    """The tiny preset: a k-NN evaluation and a reconstruction at every epoch's end, a checkpoint
+    every 3 steps (all kept), every step logged with its samples."""
+    return load_config("tiny", [f"data.shards={shards}", f"output={output}", "eval.every_epochs=1",
+                                "log.viz_every=1", "log.log_every=1", "checkpoint.every_steps=3",
+                                "checkpoint.keep_last=5", "log.sample_ids=true",
+                                "log.tensorboard=false", *overrides])
+
+
+def fit(cfg, task=MaeTask, resume: str | None = None) -> Trainer:
+    """A whole run in this process; the trainer, closed, for its state."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MASTER_PORT", str(free_port()))
+        with Trainer(cfg, task, resume) as trainer:
+            assert trainer.fit() == 0
+    return trainer
+
+
+def lines(output) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def unbroken(rank_env, shards, tmp_path_factory):
+    """Two epochs in one go."""
+    output = tmp_path_factory.mktemp("unbroken")
+    return fit(mae_config(shards, output, "max_steps=8")), output
+
+
+@pytest.fixture(scope="module")
+def resumed(unbroken, shards, tmp_path_factory):
+    """The same run continued from its checkpoint at step 3, mid-epoch."""
+    _, first = unbroken
+    output = tmp_path_factory.mktemp("resumed") / "run"
+    shutil.copytree(first, output)
+    return fit(mae_config(shards, output, "max_steps=8"), resume="step00000003"), output
+
+
+def by_step(output, key: str) -> dict[int, object]:
+    return {r["step"]: r[key] for r in lines(output) if key in r}
+
+
+def test_a_resume_restores_the_samples_seen_so_the_schedule_goes_on_where_it_was(
+    unbroken, resumed
+):
+    trainer, output = resumed
+    (event,) = [r for r in lines(output) if r.get("event") == "resumed"]
+    assert (event["step"], event["from"]) == (3, "step00000003")
+    # Each step's lr follows the samples seen before it: 16 a step from 0, across the resume.
+    lrs = by_step(output, "lr")
+    peak = trainer.peak_lr
+    expected = {step: lr_at(trainer.schedule.progress(16 * (step - 1)), peak, trainer.cfg.optim)
+                for step in range(1, 9)}
+    assert lrs == pytest.approx(expected, rel=1e-12) and lrs == by_step(unbroken[1], "lr")
+    assert by_step(output, "samples") == {step: 16 * step for step in range(1, 9)}
+    assert (trainer.state.step, trainer.state.epoch, trainer.state.samples) == (8, 2, 128)
+
+
+def test_a_resumed_run_goes_on_exactly_as_the_unbroken_one(unbroken, resumed):
+    """Losses, samples read and every job's records from step 4 on, bitwise: the loader's position,
+    the mask noise and the schedule all came back as they were."""
+    first, second = unbroken[1], resumed[1]
+    assert by_step(second, "loss") == by_step(first, "loss")
+    for name in ("samples",):
+        assert sorted((second / name).iterdir()) and [
+            p.read_text() for p in sorted((second / name).iterdir())
+        ] == [p.read_text() for p in sorted((first / name).iterdir())]
+    assert by_step(second, "knn_top1_cls") == by_step(first, "knn_top1_cls")
+
+
+def test_the_state_a_checkpoint_restores_is_the_state_it_was_taken_in(unbroken, shards, tmp_path):
+    """Field by field, the run's and this rank's state at step 3 as the resumed trainer holds it
+    before its first step, against what the unbroken run held when it wrote that checkpoint."""
+    _, first = unbroken
+    output = tmp_path / "run"
+    shutil.copytree(first, output)
+    cfg = mae_config(shards, output, "max_steps=8")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MASTER_PORT", str(free_port()))
+        with Trainer(cfg, MaeTask, "step00000003") as trainer:
+            saved, rank = trainer.checkpointer.load("step00000003", False, 0.0)
+            assert isinstance(saved, TrainState)
+            assert (trainer.state.step, trainer.state.epoch, trainer.state.samples) == (3, 0, 48)
+            assert (saved.step, saved.epoch, saved.samples) == (3, 0, 48)
+            assert trainer.loader.position.epoch == 0 and trainer.loader.position.batch == 3
+            assert trainer.loader.state_dict().to_dict() == rank["loader"]
+            assert torch.equal(trainer.task.noise.get_state(), rank["noise_rng"])
+            # the jobs ran once at most by then: none of their state is lost
+            assert {job.name: job.state_dict() for job in trainer.jobs} == saved.jobs
+
+
+def test_each_periodic_job_runs_once_per_due_point_the_runs_end_included(unbroken):
+    """The k-NN evaluation and the reconstruction at each epoch's end, steps 4 and 8, where the
+    run's end falls too: each once there."""
+    _, output = unbroken
+    assert [r["step"] for r in lines(output) if "knn_top1_cls" in r] == [4, 8]
+    drawn = (output / "viz" / "losses.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in drawn] == [4, 8]
+
+
+def test_every_rank_draws_its_own_masks_and_the_same_ones_again(unbroken):
+    """The loss of one batch through the task of rank 0 and of rank 1, each started as its process
+    starts (the same global seed): different masks give different losses; rank 1 again gives its
+    own loss again (a rank's stream is its own and reproducible)."""
+    trainer, _ = unbroken
+    model = trainer.task.model
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def first_loss(rank: int) -> float:
+        torch.manual_seed(0)
+        task = MaeTask(dataclasses.replace(trainer.ctx, rank=rank))
+        task.model = model
+        with torch.no_grad():
+            return task.loss(model, images, None, MicroBatch(0, 0)).item()
+
+    assert first_loss(0) != first_loss(1)
+    assert first_loss(1) == first_loss(1)
+
+
+def test_each_task_builds_its_training_loader_with_its_own_augmentation_and_batch(
+    rank_env, shards, tmp_path
+):
+    cfg = load_config("finetune_tiny", [f"data.shards={shards}", f"output={tmp_path / 'ft'}",
+                                        "max_steps=0", "log.tensorboard=false"])
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MASTER_PORT", str(free_port()))
+        with Trainer(cfg, ClassifierTask, None) as trainer:
+            spec = trainer.loader.spec
+            assert spec.augment == image_augmentation(cfg.finetune)
+            assert spec.augment.rand_augment_layers == cfg.finetune.rand_augment_layers > 0
+            assert spec.augment.crop_scale == (cfg.finetune.crop_min_scale, 1.0)
+            assert spec.labels and spec.train
+            assert spec.local_batch_size == trainer.plan.local_batch_size
+            assert spec.window_shards == cfg.data.window_shards
