@@ -8,9 +8,10 @@ in tests/mutants.toml; list new ones for every module a change touches, and run 
     python tests/mutate.py --check                          every entry still matches its module
 
 Each bug is one text replacement that must match exactly once (a stale entry is reported, not run).
-The suite runs with -x, the tests an entry names first, so a caught bug costs seconds; one that
-survives costs a whole fast suite (about 3 minutes on 2 cores). Exit status 0 when every bug run was
-caught.
+The suite runs with -x, the tests an entry names first on their own, so a caught bug costs seconds;
+one that survives costs a whole fast suite (about 3 minutes on 2 cores). The copy is a git
+repository of its own (the set-up tests list its files through git). Exit status 0 when every bug
+run was caught.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def tree_copy(into: Path) -> Path:
             target = into / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    # a repository of its own: the tests that set up a fresh clone list its files through git
+    subprocess.run(["git", "init", "-q"], cwd=into, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=into, check=True)
     return into
 
 
@@ -85,18 +89,20 @@ def run_one(mutant: Mutant, python: str, timeout_s: float) -> Outcome:
         if found != 1:
             return Outcome(mutant, "stale", 0.0, f"the text to replace is found {found} times")
         module.write_text(text.replace(mutant.find, mutant.replace))
-        command = [python, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider",
-                   *mutant.tests, "tests"]
-        try:
-            done = subprocess.run(command, cwd=tree, capture_output=True, text=True,
-                                  timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return Outcome(mutant, "caught", time.monotonic() - began, "the suite timed out")
-        seconds = time.monotonic() - began
-        if done.returncode == 0:
-            return Outcome(mutant, "survived", seconds)
-        failed = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-        return Outcome(mutant, "caught", seconds, failed[0] if failed else done.stdout[-300:])
+        pytest = [python, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider"]
+        # the entry's own tests first, on their own (a caught bug costs seconds), then the rest
+        for targets in ([*mutant.tests], ["tests"]) if mutant.tests else (["tests"],):
+            try:
+                done = subprocess.run([*pytest, *targets], cwd=tree, capture_output=True,
+                                      text=True, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                return Outcome(mutant, "caught", time.monotonic() - began, "the suite timed out")
+            if done.returncode != 0:
+                failed = [line for line in done.stdout.splitlines()
+                          if line.startswith(("FAILED", "ERROR"))]
+                return Outcome(mutant, "caught", time.monotonic() - began,
+                               failed[0] if failed else done.stdout[-300:])
+        return Outcome(mutant, "survived", time.monotonic() - began)
 
 
 def main(argv: list[str] | None = None) -> int:
