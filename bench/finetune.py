@@ -29,7 +29,7 @@ from bench.pipeline import (
     raw_graph_rate,
     within_epoch_rate,
 )
-from bench.train import summarize, trainer_run
+from bench.train import one_rank_run, summarize, trainer_run
 from model.flops import classifier_train_flops, peak_flops
 from model.vit import build_classifier
 from pipeline import build_loader
@@ -149,13 +149,7 @@ def run(ctx: BenchContext) -> Iterator[Record]:
             trainer,
             bare,
             "bare classifier step (same model, precision, layer-decay AdamW; images in memory)",
-            {
-                "config": config,
-                "local_batch_size": batch,
-                "ranks": 1,
-                "steps": steps,
-                "log_every": log_every,
-            },
+            one_rank_run(config, batch, steps, log_every),
             extra={
                 "mfu": trainer_mfu,
                 "bare_step_mfu": flops * bare.median / peak if peak else None,

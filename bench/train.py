@@ -63,6 +63,12 @@ def _metrics(cmd: list[str], out: Path, env: dict[str, str]) -> list[dict]:
     return windows[1:]  # the first window holds the warm-up (and any compilation)
 
 
+def one_rank_run(config: str, batch: int, steps: int, log_every: int) -> dict:
+    """A trainer record's config: the preset and what the one-rank run was given."""
+    return {"config": config, "local_batch_size": batch, "ranks": 1, "steps": steps,
+            "log_every": log_every}
+
+
 def trainer_run(config: str, shards: Path | None, steps: int, log_every: int, batch: int,
                 script: str = "train/pretrain.py") -> tuple[list[dict], str]:
     """Metrics windows of maeflow's trainer (`script`) on one rank, and its profile (synthetic data
@@ -231,13 +237,7 @@ def run(ctx: BenchContext) -> Iterator[Record]:
             synthetic,
             bare,
             "bare model step (same model, precision, optimizer, compile; images in memory)",
-            {
-                "config": config,
-                "local_batch_size": batch,
-                "ranks": 1,
-                "steps": steps,
-                "log_every": log_every,
-            },
+            one_rank_run(config, batch, steps, log_every),
             extra={
                 "mfu": synthetic_mfu,
                 "peak_memory_gb": max(memory) if memory else None,
@@ -285,13 +285,7 @@ def run_on_shards(ctx: BenchContext) -> Iterator[Record]:
             base,
             "reference-style trainer: DDP, autocast, fused AdamW, PIL DataLoader, reference "
             "formulation",
-            {
-                "config": config,
-                "local_batch_size": batch,
-                "ranks": 1,
-                "steps": steps,
-                "log_every": log_every,
-            },
+            one_rank_run(config, batch, steps, log_every),
             extra={
                 "data_stall_pct": ours_stall,
                 "mfu": ours_mfu,

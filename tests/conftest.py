@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib
+import signal
 
 import psutil
 import pytest
@@ -21,6 +22,19 @@ def shards(tmp_path_factory):
     from tests.runs import make_sample_shards  # after TRITON_INTERPRET is set: it imports the model
 
     return make_sample_shards(tmp_path_factory.mktemp("train_data"))
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """What a launcher tells a single rank, so that a trainer can join its process group in this
+    process; the signal handlers a run installs are given back when it ends."""
+    from train.distributed import single_process_env
+
+    for name, value in single_process_env().items():
+        monkeypatch.setenv(name, value)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    yield
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
 
 def pytest_collection_modifyitems(config, items):

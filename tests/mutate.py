@@ -34,6 +34,7 @@ except ImportError:  # Python 3.10
 
 REPO = Path(__file__).resolve().parent.parent
 LIST = Path(__file__).with_name("mutants.toml")
+STALE_CHECK = "tests/test_layout.py::test_every_listed_bug_still_matches_its_module"
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,9 @@ def run_one(mutant: Mutant, python: str, timeout_s: float) -> Outcome:
         if found != 1:
             return Outcome(mutant, "stale", 0.0, f"the text to replace is found {found} times")
         module.write_text(text.replace(mutant.find, mutant.replace))
-        pytest = [python, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider"]
+        # the bug is a change to the module's text, which the entries' own check would report
+        pytest = [python, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider",
+                  "--deselect", STALE_CHECK]
         # the entry's own tests first, on their own (a caught bug costs seconds), then the rest
         for targets in ([*mutant.tests], ["tests"]) if mutant.tests else (["tests"],):
             try:

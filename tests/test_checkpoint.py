@@ -9,22 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs import free_port
 from train import pretrain
 from train.checkpoint import MARK, ResumeError, damage, sound_resume_tag
 
 
 @pytest.fixture
-def one_rank(monkeypatch):
-    for name, value in (
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("LOCAL_RANK", "0"),
-        ("LOCAL_WORLD_SIZE", "1"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", str(free_port())),
-    ):
-        monkeypatch.setenv(name, value)
+def one_rank(one_rank, monkeypatch):
+    """conftest's, with the model's ops in torch (the kernels have their own tests)."""
     monkeypatch.setenv("MAE_KERNELS", "torch")
 
 

@@ -7,11 +7,9 @@ import importlib.util
 import json
 import sys
 
-import pytest
 import torch
 
 from tests.helpers import REPO
-from tests.runs import free_port
 from train import launch
 from train.config import load_config
 from train.trainer import Trainer
@@ -29,17 +27,6 @@ def distill_task() -> type:
     return module.DistillTask
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    for name, value in (
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("LOCAL_RANK", "0"),
-        ("LOCAL_WORLD_SIZE", "1"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", str(free_port())),
-    ):
-        monkeypatch.setenv(name, value)
 
 
 def records(output) -> list[dict]:

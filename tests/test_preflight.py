@@ -19,16 +19,8 @@ from train.trainer import Trainer
 
 
 @pytest.fixture
-def one_rank(monkeypatch):
-    for name, value in (
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("LOCAL_RANK", "0"),
-        ("LOCAL_WORLD_SIZE", "1"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", str(free_port())),
-    ):
-        monkeypatch.setenv(name, value)
+def one_rank(one_rank, monkeypatch):
+    """conftest's, with the kernels the config chooses, as a user's run has them."""
     monkeypatch.delenv("MAE_KERNELS", raising=False)  # the config's choice, as a user's run has it
 
 

@@ -5,7 +5,6 @@ belong to their task, and periodic jobs named as themselves."""
 import contextlib
 import json
 import shutil
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -29,24 +28,6 @@ from train.recipe import plan_batch
 from train.run_folder import lock_folder
 from train.task import PeriodicJob, RunContext, run_job
 from train.trainer import Trainer
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    """What a launcher tells a single rank, so that the trainer can join its process group in this
-    process."""
-    for name, value in (
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("LOCAL_RANK", "0"),
-        ("LOCAL_WORLD_SIZE", "1"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", str(free_port())),
-    ):
-        monkeypatch.setenv(name, value)
-    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    yield
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
 
 def assert_released(output) -> None:

@@ -1,7 +1,8 @@
 """The trainer's wiring, in this process on one rank: what a launched run checks as a whole (it
 finishes, it resumes), checked here quantity by quantity, so that a quantity wrong from the start
 (the samples seen, a task's augmentation, a rank's mask noise, a job run twice) fails in seconds.
-The launched runs (test_*_runs.py) keep what needs several ranks."""
+One short launched run checks what needs two ranks; the slow launched runs (test_*_runs.py) keep
+the rest."""
 
 import dataclasses
 import json
@@ -10,16 +11,15 @@ import shutil
 import pytest
 import torch
 
-from tests.runs import free_port
+from tests.runs import free_port, run
 from train.checkpoint import TrainState
 from train.classifier_task import ClassifierTask, image_augmentation
 from train.config import load_config
+from train.distributed import single_process_env
 from train.mae_task import MaeTask
 from train.recipe import lr_at
 from train.task import MicroBatch
 from train.trainer import Trainer
-
-STEPS_PER_EPOCH = 4  # the sample shards' 64 images, 16 a step on one rank
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +27,19 @@ def rank_env():
     """What a launcher tells a single rank; the model's ops in torch (the kernels have their own
     tests, in the interpreter)."""
     with pytest.MonkeyPatch.context() as env:
-        for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                            "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                            "MAE_KERNELS": "torch"}.items():
+        for name, value in {**single_process_env(), "MAE_KERNELS": "torch"}.items():
             env.setenv(name, value)
         yield env
 
 
 def mae_config(shards, output, *overrides: str):
-    """The tiny preset: a k-NN evaluation and a reconstruction at every epoch's end, a checkpoint
-    every 3 steps (all kept), every step logged with its samples."""
+    """The tiny preset with steps of 2 accumulated batches of 8: a k-NN evaluation and a
+    reconstruction at every epoch's end, a checkpoint every 3 steps (all kept), every step logged
+    with its samples."""
     return load_config("tiny", [f"data.shards={shards}", f"output={output}", "eval.every_epochs=1",
                                 "log.viz_every=1", "log.log_every=1", "checkpoint.every_steps=3",
                                 "checkpoint.keep_last=5", "log.sample_ids=true",
-                                "log.tensorboard=false", *overrides])
+                                "optim.local_batch_size=8", "log.tensorboard=false", *overrides])
 
 
 def fit(cfg, task=MaeTask, resume: str | None = None) -> Trainer:
@@ -118,7 +117,8 @@ def test_the_state_a_checkpoint_restores_is_the_state_it_was_taken_in(unbroken, 
             assert isinstance(saved, TrainState)
             assert (trainer.state.step, trainer.state.epoch, trainer.state.samples) == (3, 0, 48)
             assert (saved.step, saved.epoch, saved.samples) == (3, 0, 48)
-            assert trainer.loader.position.epoch == 0 and trainer.loader.position.batch == 3
+            # 2 batches of 8 a step
+            assert trainer.loader.position.epoch == 0 and trainer.loader.position.batch == 6
             assert trainer.loader.state_dict().to_dict() == rank["loader"]
             assert torch.equal(trainer.task.noise.get_state(), rank["noise_rng"])
             # the jobs ran once at most by then: none of their state is lost
@@ -168,3 +168,19 @@ def test_each_task_builds_its_training_loader_with_its_own_augmentation_and_batc
             assert spec.labels and spec.train
             assert spec.local_batch_size == trainer.plan.local_batch_size
             assert spec.window_shards == cfg.data.window_shards
+
+
+def test_two_ranks_count_all_ranks_samples_and_read_disjoint_ones(shards, tmp_path):
+    """The one launched run of the fast suite (about 8 s): what needs two ranks. Each step counts
+    the samples of both ranks, and the ranks read different samples."""
+    output = tmp_path / "two_ranks"
+    run(shards, output, "--max-steps", "2", "--log-every", "1", "--set", "log.sample_ids=true",
+        "--set", "eval.every_epochs=0", "--set", "log.tensorboard=false")
+    assert by_step(output, "samples") == {1: 16, 2: 32}
+    per_rank = [samples_read_by(path) for path in sorted((output / "samples").glob("rank*.txt"))]
+    assert len(per_rank) == 2 and all(len(keys) == 16 for keys in per_rank)
+    assert not set(per_rank[0]) & set(per_rank[1])
+
+
+def samples_read_by(path) -> list[str]:
+    return [key for line in path.read_text().splitlines() for key in line.split()[1:]]

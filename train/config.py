@@ -72,8 +72,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = setting(
-        "", "shard folder (with train.json), brace pattern, or s3://bucket/prefix; --data sets it")
+    shards: str = setting("", "shard folder, brace pattern or s3://bucket/prefix; --data sets it")
     img_size: int = setting(
         224, "side of the square crops the loader delivers, which the model is built for")
     backend: Backend = setting(

@@ -89,15 +89,7 @@ def join_process_group(timeout_s: float = 0) -> torch.device:
     waiting forever."""
     # `python train/pretrain.py`: one process
     if not any(name in os.environ for name in LAUNCHER_VARIABLES):
-        for name, value in (
-            ("RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("LOCAL_RANK", "0"),
-            ("LOCAL_WORLD_SIZE", "1"),
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", str(free_port())),
-        ):
-            os.environ[name] = value
+        os.environ.update(single_process_env())
     device = rank_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -118,6 +110,12 @@ def join_process_group(timeout_s: float = 0) -> torch.device:
             "torchrun --master-port N (--rdzv-endpoint HOST:N)"
         ) from err
     return device
+
+
+def single_process_env() -> dict[str, str]:
+    """What a launcher would tell the one rank of a one-process run (a free port on this host)."""
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
 
 
 def free_port() -> int:
