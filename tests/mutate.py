@@ -6,6 +6,7 @@ in tests/mutants.toml; list new ones for every module a change touches, and run 
     python tests/mutate.py --module train/trainer.py        the bugs of some modules
     python tests/mutate.py --list                           what is listed, nothing run
     python tests/mutate.py --check                          every entry still matches its module
+    python tests/mutate.py --bugs new.toml                  a list of one's own (a blind round)
 
 Each bug is one text replacement that must match exactly once (a stale entry is reported, not run).
 The suite runs with -x, the tests an entry names first on their own, so a caught bug costs seconds;
@@ -111,6 +112,7 @@ def run_one(mutant: Mutant, python: str, timeout_s: float) -> Outcome:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", action="append", help="only this module's bugs (repeatable)")
+    parser.add_argument("--bugs", type=Path, default=LIST, help="the list of bugs (a TOML file)")
     parser.add_argument("--list", action="store_true", help="list the bugs, run nothing")
     parser.add_argument("--check", action="store_true",
                         help="check that each entry's text is found once in its module")
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable, help="the interpreter of the suite")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per bug's suite")
     args = parser.parse_args(argv)
-    mutants = [m for m in read_mutants() if not args.module or m.module in args.module]
+    mutants = [m for m in read_mutants(args.bugs) if not args.module or m.module in args.module]
     if args.list:
         for m in mutants:
             print(f"{m.module}: {m.bug}")

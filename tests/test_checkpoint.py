@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from train import pretrain
-from train.checkpoint import MARK, ResumeError, damage, sound_resume_tag
+from train.checkpoint import (
+    MARK,
+    MILESTONE,
+    ResumeError,
+    damage,
+    prune_checkpoints,
+    sound_resume_tag,
+)
 
 
 @pytest.fixture
@@ -143,9 +150,33 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_newes
     zeroed = ckpt / "step00000005" / "rank00000.pt"
     zeroed.write_bytes(bytes(zeroed.stat().st_size))  # same size, other bytes
     assert damage(ckpt, "step00000005") == "rank00000.pt holds other bytes than were written"
+    written = zeroed.stat().st_size
+    with open(zeroed, "ab") as f:  # longer than written: a part another run appended to
+        f.write(bytes(10))
+    longer = f"rank00000.pt is {written + 10} bytes, {written} when written"
+    assert damage(ckpt, "step00000005") == longer
     with pytest.raises(
         ResumeError, match=r"step00000005 is damaged: .*; no sound checkpoint to resume from"
     ):
         sound_resume_tag(ckpt, "latest")
     (ckpt / "step00000005" / MARK).write_text('{"step": 5')  # a mark cut short
     assert damage(ckpt, "step00000005").startswith(f"its completion mark {MARK} cannot be read")
+
+
+def test_pruning_keeps_the_newest_rolling_checkpoints_every_milestone_and_what_is_being_written(
+    tmp_path,
+):
+    """keep_last 2 over steps 1-6 (2 and 4 milestones): 5 and 6 stay with both milestones; a
+    checkpoint left incomplete by a killed save (0) goes, one still being written after the newest
+    (7) stays."""
+    for step in range(8):
+        folder = tmp_path / f"step{step:08d}"
+        folder.mkdir()
+        if 1 <= step <= 6:
+            (folder / MARK).write_text("{}")
+        if step in (2, 4):
+            (folder / MILESTONE).write_text("{}")
+    prune_checkpoints(tmp_path, keep_last=2, newest="step00000006")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"step{step:08d}" for step in (2, 4, 5, 6, 7)
+    ]

@@ -110,6 +110,19 @@ def test_a_gradient_norm_just_above_the_factor_times_the_median_is_a_spike():
     assert loss_off.check(100.0, 1.0) is None and loss_off.check(1.0, 5.1)["cause"] == "grad_norm"
 
 
+def test_a_loss_is_a_spike_only_above_one_plus_the_factor_times_the_median():
+    def detector() -> SpikeDetector:
+        spikes = SpikeDetector(loss_factor=0.5, grad_factor=10.0, history=3)
+        for _ in range(3):
+            spikes.check(1.0, 0.5)  # the median loss: 1.0, the threshold (1 + 0.5) x 1.0 = 1.5
+        return spikes
+
+    # above the median, below the threshold: a noisy window, not a spike
+    assert detector().check(1.4, 0.5) is None
+    spike = detector().check(1.6, 0.5)
+    assert spike and spike["cause"] == "loss" and spike["median_loss"] == 1.0
+
+
 def slurm_job(tmp_path, slurm: dict[str, str], *args: str, exits: int, restarts: int = 0,
               latest: str = "step00000008") -> tuple[int, str, str, bool]:
     """train/slurm.sbatch with stand-in srun and scontrol (`slurm`: tests.runs.fake_slurm) and a

@@ -51,7 +51,9 @@ def test_cadences_say_when_work_is_due():
     ] and not clock.due_by_clock()
     by_time = CheckpointCadence(steps=0, minutes=1)
     assert not by_time.due_by_clock() and not by_time.due_by_steps(5)
-    by_time.last_save -= 61
+    by_time.last_save -= 50  # 50 s into a minute: not yet
+    assert not by_time.due_by_clock()
+    by_time.last_save -= 11
     assert by_time.due_by_clock()
     by_time.saved()
     assert not by_time.due_by_clock()

@@ -126,3 +126,5 @@ def test_the_schedule_counts_samples_so_a_batch_change_keeps_its_place_and_its_e
     assert halved.progress(160) == before.progress(160) == 2.5
     # the run still ends after 40 epochs of samples
     assert 10 + halved.steps_left(160, 8) == 10 + 300
+    # a batch that does not divide what is left: the last, partial step is taken (343 x 7 >= 2400)
+    assert halved.steps_left(160, 7) == 343

@@ -438,6 +438,23 @@ def test_compiled_blocks_compile_in_the_first_step_only_and_give_the_eager_losse
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
+def test_two_ranks_train_on_the_mean_of_their_gradients_and_log_the_mean_of_their_losses():
+    """Two gloo ranks whose gradients and losses are 1x and 2x a common value: each keeps 1.5x the
+    gradient (fp32 and bf16 buckets), and the logged loss is 1.5, not a rank's own or the sum."""
+    port = free_port()
+    script = str(REPO / "tests" / "scripts" / "mean_over_ranks.py")
+    ranks = [start_job([sys.executable, script],
+                       env={**rank_env(rank, 2, port), "PYTHONPATH": str(REPO)}) for rank in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], [out[-3000:] for out in outs]
+    (first, second) = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    assert first == second
+    # d(sum of W x + b)/dW = x, x = (rank + 1) on each input; d/db = 1 on both ranks
+    mean = [[1.5] * 6, [1.0, 1.0]]
+    assert first["grads"] == {"torch.float32": mean, "torch.bfloat16": mean}
+    assert (first["loss"], first["bad_step"]) == (1.5, None)
+
+
 @pytest.mark.slow
 def test_with_peers_the_gradients_leave_in_bf16_buckets_while_the_backward_pass_runs(tmp_path):
     """Two gloo ranks of the real trainer under autocast_bf16, 3 optimizer steps of 2 micro-steps, 1

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.runs import free_port, run
 from train.checkpoint import TrainState
@@ -134,6 +135,20 @@ def test_each_periodic_job_runs_once_per_due_point_the_runs_end_included(unbroke
     assert [json.loads(line)["step"] for line in drawn] == [4, 8]
 
 
+def test_a_checkpoint_due_by_the_clock_is_taken_once_the_step_after_the_vote(
+    rank_env, shards, tmp_path
+):
+    """A clock that says "due" at every step (every_minutes of 60 us, less than any step takes): the
+    vote of step k decides step k + 1, and the vote cast at a checkpoint's step, before it was
+    written, is answered by it, so a checkpoint every other step, never two in a row."""
+    output = tmp_path / "run"
+    fit(mae_config(shards, output, "max_steps=7", "checkpoint.every_steps=0",
+                   "checkpoint.every_minutes=0.000001", "checkpoint.at_end=false",
+                   "eval.every_epochs=0", "log.viz_every=100"))
+    written = sorted(p.name for p in (output / "checkpoints").glob("step*"))
+    assert written == ["step00000002", "step00000004", "step00000006"]
+
+
 def test_every_rank_draws_its_own_masks_and_the_same_ones_again(unbroken):
     """The loss of one batch through the task of rank 0 and of rank 1, each started as its process
     starts (the same global seed): different masks give different losses; rank 1 again gives its
@@ -153,21 +168,69 @@ def test_every_rank_draws_its_own_masks_and_the_same_ones_again(unbroken):
     assert first_loss(1) == first_loss(1)
 
 
-def test_each_task_builds_its_training_loader_with_its_own_augmentation_and_batch(
-    rank_env, shards, tmp_path
-):
-    cfg = load_config("finetune_tiny", [f"data.shards={shards}", f"output={tmp_path / 'ft'}",
-                                        "max_steps=0", "log.tensorboard=false"])
+@pytest.fixture(scope="module")
+def finetuning(rank_env, shards, tmp_path_factory):
+    """A fine-tuning trainer, open, before its first step: another seed than the default and steps
+    of 2 accumulated batches."""
+    output = tmp_path_factory.mktemp("ft")
+    cfg = load_config("finetune_tiny", [f"data.shards={shards}", f"output={output}", "max_steps=0",
+                                        "log.tensorboard=false", "runtime.seed=7",
+                                        "optim.grad_accum_steps=2", "eval.every_epochs=0"])
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MASTER_PORT", str(free_port()))
         with Trainer(cfg, ClassifierTask, None) as trainer:
-            spec = trainer.loader.spec
-            assert spec.augment == image_augmentation(cfg.finetune)
-            assert spec.augment.rand_augment_layers == cfg.finetune.rand_augment_layers > 0
-            assert spec.augment.crop_scale == (cfg.finetune.crop_min_scale, 1.0)
-            assert spec.labels and spec.train
-            assert spec.local_batch_size == trainer.plan.local_batch_size
-            assert spec.window_shards == cfg.data.window_shards
+            yield trainer
+
+
+def test_each_task_builds_its_training_loader_with_its_own_augmentation_and_batch(finetuning):
+    trainer = finetuning
+    cfg, spec = trainer.cfg, trainer.loader.spec
+    assert spec.augment == image_augmentation(cfg.finetune)
+    assert spec.augment.rand_augment_layers == cfg.finetune.rand_augment_layers > 0
+    assert spec.augment.crop_scale == (cfg.finetune.crop_min_scale, 1.0) != (0.2, 1.0)
+    assert spec.labels and spec.train
+    # 16 a step on one rank, in 2 accumulated batches of 8
+    assert spec.local_batch_size == trainer.plan.local_batch_size == 8
+    assert spec.window_shards == cfg.data.window_shards
+    assert spec.seed == cfg.runtime.seed == 7
+    # the probe trains its head on the crop and flip alone
+    probe = image_augmentation(dataclasses.replace(cfg.finetune, mode="linear_probe"))
+    assert probe.rand_augment_layers == 0 and probe.crop_scale == spec.augment.crop_scale
+
+
+def test_every_rank_mixes_and_erases_its_batches_with_its_own_draws(finetuning):
+    """The fine-tuning loss of one batch through the task of rank 0 and of rank 1: mixing, erasing
+    and drop path draw per rank, and again the same for the same rank."""
+    trainer = finetuning
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % trainer.task.num_classes
+
+    def first_loss(rank: int) -> float:
+        task = ClassifierTask(dataclasses.replace(trainer.ctx, rank=rank))
+        trainer.model.set_drop_path_generator(task.drop_path)  # as the task's own model draws
+        with torch.no_grad():
+            return task.loss(trainer.model, images, labels, MicroBatch(0, 0)).item()
+
+    assert first_loss(0) != first_loss(1)
+    assert first_loss(1) == first_loss(1)
+
+
+def test_without_mixing_the_targets_are_still_smoothed(finetuning):
+    """Mixup and CutMix off, label smoothing 0.1: the loss is the smoothed cross-entropy."""
+    trainer = finetuning
+    cfg = trainer.cfg
+    plain = dataclasses.replace(cfg.finetune, mixup_alpha=0.0, cutmix_alpha=0.0, erase_prob=0.0,
+                                label_smoothing=0.1)
+    task = ClassifierTask(
+        dataclasses.replace(trainer.ctx, cfg=dataclasses.replace(cfg, finetune=plain))
+    )
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(8) % task.num_classes
+    # a confident model's logits (the fresh head's are all near 0, where smoothing changes nothing)
+    logits = 4 * torch.randn(8, task.num_classes, generator=torch.Generator().manual_seed(2))
+    loss = task.loss(lambda _: logits, images, labels, MicroBatch(0, 0)).item()
+    assert loss == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item())
+    assert loss != pytest.approx(F.cross_entropy(logits, labels).item())
 
 
 def test_two_ranks_count_all_ranks_samples_and_read_disjoint_ones(shards, tmp_path):

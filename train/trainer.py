@@ -447,6 +447,9 @@ class Trainer:
         stopping, clock_due = self.vote.cast(
             self.stop.signal_name is not None, self.checkpointer.due_by_clock()
         )
+        # a clock vote cast at the step before, ahead of that step's checkpoint, that checkpoint
+        # answered already
+        clock_due = clock_due and self.checkpointer.saved_step < state.step - 1
         checkpoint_due = clock_due or self.checkpointer.due_by_steps(state.step)
         finished = state.step >= self.stop_at
         for job in self.jobs:

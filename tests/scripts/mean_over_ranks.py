@@ -1,0 +1,33 @@
+"""One of two gloo ranks that checks what the ranks average: `python mean_over_ranks.py` under
+RANK/WORLD_SIZE/MASTER_*. Each rank's gradients and losses are its rank + 1 times a common value;
+it prints one JSON line: the gradients `OverlappedAllReduce` leaves (fp32 and bf16 buckets), and
+the loss `MetricWindow` logs."""
+
+import json
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train.grad_reduce import OverlappedAllReduce
+from train.metrics import MetricWindow
+
+dist.init_process_group("gloo")
+scale = dist.get_rank() + 1
+reduced = {}
+for dtype in (torch.float32, torch.bfloat16):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)  # the same weights on both ranks
+    reduce = OverlappedAllReduce(model, None, dtype, bucket_bytes=16)  # several buckets
+    reduce.arm()
+    model(torch.full((1, 3), float(scale))).sum().backward()
+    reduce.finish()
+    reduce.close()
+    reduced[str(dtype)] = [p.grad.flatten().tolist() for p in model.parameters()]
+
+window = MetricWindow(torch.device("cpu"))
+for _ in range(2):  # two forward passes in the window
+    window.add(torch.tensor(float(scale)), step=1)
+loss, bad_step = window.reduce()
+print(json.dumps({"grads": reduced, "loss": loss, "bad_step": bad_step}))
+dist.destroy_process_group()
