@@ -1,15 +1,18 @@
 """The trainer's parts that need no run: the metric window's divergence check, the cadences, the
 exit codes."""
 
+import errno
 import math
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import DamagedImage, DamagedIndex, DataError, StorageError
 from train.cadence import CheckpointCadence, EveryEpochs, EverySteps
+from train.checkpoint import CheckpointNotWritten
 from train.metrics import MetricWindow
-from train.outcome import RunEnd
+from train.outcome import RunEnd, failure_kind
 
 
 @pytest.fixture
@@ -57,6 +60,32 @@ def test_cadences_say_when_work_is_due():
     assert by_time.due_by_clock()
     by_time.saved()
     assert not by_time.due_by_clock()
+
+
+@pytest.mark.parametrize("error, kind", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "memory"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"),
+     "memory"),
+    (DamagedImage("train-000002.tar: sample 000000123 does not decode"), "data"),
+    (DamagedIndex("train-000002.idx lists 9 samples, the manifest 10"), "data"),
+    (DataError("val.json names other classes"), "data"),
+    (StorageError("s3://shards/train-000002.tar: Could not connect to the endpoint URL"),
+     "storage"),
+    (OSError(errno.ENOSPC, "No space left on device"), "disk"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "disk"),
+    (CheckpointNotWritten("no room for the next checkpoint"), "disk"),
+    (RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:1234"),
+     "peer"),
+    (dist.DistNetworkError("failed to recv, got 0 bytes"), "peer"),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x192 and 384x192)"), None),
+    (OSError(errno.EACCES, "Permission denied"), None),
+    (ValueError("too many values to unpack"), None),
+    (KeyError("loss"), None),
+])
+def test_an_error_while_training_is_a_failure_of_its_kind_or_a_bug(error, kind):
+    """What ends a run as "fix and resume" (each kind its own line), and what is a bug (None: it
+    propagates with its traceback)."""
+    assert failure_kind(error) == kind
 
 
 def test_every_way_a_run_ends_has_its_own_exit_code():

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from model import build_mae
 from model.vit import build_classifier
+from model.weights import load_weights_file
 from tests.helpers import REPO, start_job
 from tests.runs import free_port, rank_env
 from train import finetune, launch, pretrain
@@ -241,6 +242,8 @@ def test_the_best_top1_so_far_is_the_jobs_state_so_best_pth_never_gets_worse(
             for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
         ]
         assert job.state_dict() == {"best_top1": top1[-1]} and (tmp_path / "best.pth").is_file()
+        job.run(step=7, finished_epochs=3)  # the same weights: as good, not better
+        assert load_weights_file(tmp_path / "best.pth")["maeflow"]["step"] == 6
         switched_on = Top1Job(ctx, model, model, ctx.loader("val", train=False))
         # a job the checkpoint holds nothing of (evaluation switched on since)
         switched_on.load_state_dict(None)
@@ -440,7 +443,8 @@ def test_compiled_blocks_compile_in_the_first_step_only_and_give_the_eager_losse
 
 def test_two_ranks_train_on_the_mean_of_their_gradients_and_log_the_mean_of_their_losses():
     """Two gloo ranks whose gradients and losses are 1x and 2x a common value: each keeps 1.5x the
-    gradient (fp32 and bf16 buckets), and the logged loss is 1.5, not a rank's own or the sum."""
+    gradient (fp32 and bf16 buckets), and the logged loss is 1.5, not a rank's own or the sum; a
+    loss non-finite on one rank is every rank's divergence."""
     port = free_port()
     script = str(REPO / "tests" / "scripts" / "mean_over_ranks.py")
     ranks = [start_job([sys.executable, script],
@@ -453,6 +457,8 @@ def test_two_ranks_train_on_the_mean_of_their_gradients_and_log_the_mean_of_thei
     mean = [[1.5] * 6, [1.0, 1.0]]
     assert first["grads"] == {"torch.float32": mean, "torch.bfloat16": mean}
     assert (first["loss"], first["bad_step"]) == (1.5, None)
+    # one rank's loss non-finite from step 3: every rank stops there
+    assert first["diverged_at"] == 3
 
 
 @pytest.mark.slow

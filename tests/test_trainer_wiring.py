@@ -233,6 +233,28 @@ def test_without_mixing_the_targets_are_still_smoothed(finetuning):
     assert loss != pytest.approx(F.cross_entropy(logits, labels).item())
 
 
+def test_fine_tuning_trains_each_layer_at_its_decayed_share_of_the_schedules_lr(finetuning):
+    """A step of fine-tuning (layer decay 0.75) after 16 samples: every parameter group's lr is the
+    schedule's lr there times its layer's scale (the head 1, the embeddings 0.75^(depth + 1))."""
+    trainer = finetuning
+    cfg, groups, depth = trainer.cfg, trainer.engine.optimizer.param_groups, trainer.model.depth
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(8) % trainer.task.num_classes
+    trainer.state.samples = 16
+    try:  # the first of the step's two batches: its lr set, no update yet
+        trainer.micro_step(images, labels, MicroBatch(1, 0))
+    finally:
+        trainer.state.samples = 0
+    expected = lr_at(trainer.schedule.progress(16), trainer.peak_lr, cfg.optim)
+    assert trainer.lr == pytest.approx(expected, rel=1e-12) and expected > 0
+    assert [g["lr"] for g in groups] == pytest.approx(
+        [expected * g["lr_scale"] for g in groups], rel=1e-12
+    )
+    assert sorted({g["lr_scale"] for g in groups}) == pytest.approx(
+        [0.75 ** (depth + 1 - layer) for layer in range(depth + 2)]
+    )
+
+
 def test_two_ranks_count_all_ranks_samples_and_read_disjoint_ones(shards, tmp_path):
     """The one launched run of the fast suite (about 8 s): what needs two ranks. Each step counts
     the samples of both ranks, and the ranks read different samples."""

@@ -1,7 +1,7 @@
 """One of two gloo ranks that checks what the ranks average: `python mean_over_ranks.py` under
 RANK/WORLD_SIZE/MASTER_*. Each rank's gradients and losses are its rank + 1 times a common value;
-it prints one JSON line: the gradients `OverlappedAllReduce` leaves (fp32 and bf16 buckets), and
-the loss `MetricWindow` logs."""
+it prints one JSON line: the gradients `OverlappedAllReduce` leaves (fp32 and bf16 buckets), the
+loss `MetricWindow` logs, and the first non-finite step of a window where one rank diverged."""
 
 import json
 
@@ -29,5 +29,11 @@ window = MetricWindow(torch.device("cpu"))
 for _ in range(2):  # two forward passes in the window
     window.add(torch.tensor(float(scale)), step=1)
 loss, bad_step = window.reduce()
-print(json.dumps({"grads": reduced, "loss": loss, "bad_step": bad_step}))
+window.restart(0.0)
+for step in (2, 3, 4):  # rank 1's loss goes non-finite at step 3, rank 0's never
+    window.add(torch.tensor(float("nan") if scale == 2 and step >= 3 else 1.0), step)
+_, diverged_at = window.reduce()
+print(json.dumps(
+    {"grads": reduced, "loss": loss, "bad_step": bad_step, "diverged_at": diverged_at}
+))
 dist.destroy_process_group()
