@@ -261,9 +261,12 @@ class DaliLoader(Loader):
             ) from err
 
     def _exact_state(self) -> dict[str, Any] | None:
-        """DALI's own state where the last loop stopped mid-window, with the batch its pipeline
-        started at. At a window's edge there is none to keep: a new pipeline starts there, as it
-        would have."""
+        """DALI's own state where the last loop stopped mid-window (or where a restored state left
+        it, before any read), with the batch its pipeline started at. At a window's edge there is
+        none to keep: a new pipeline starts there, as it would have."""
+        pending = self._exact
+        if pending is not None and pending.position == self.position:  # restored, not read yet
+            return {"dali": pending.dali, "start_batch": pending.reading_start.batch}
         reading = self._reading
         if (
             reading is None

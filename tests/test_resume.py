@@ -303,6 +303,30 @@ def test_a_position_mid_epoch_under_another_sample_order_is_refused_one_at_an_ep
     assert loader.position == ReadPosition(3, 1)
 
 
+def test_a_loader_state_of_another_data_seed_or_other_shards_is_refused(shards):
+    """A position means something only in the data set and sample order it was taken in: another
+    data seed, other shard sizes, or other shards of the same sizes are each refused, by name."""
+    from dataclasses import replace
+
+    from pipeline import build_loader
+
+    loader = build_loader(
+        shards, local_batch_size=8, img_size=16, device="cpu", backend="pil", num_threads=1
+    )
+    loader.set_epoch(1)
+    next(iter(loader))
+    state = loader.state_dict()
+    for changed, message in [
+        ({"seed": state.data.seed + 1}, rf"loader state is for data seed {state.data.seed + 1}"),
+        ({"samples": state.data.samples + 1}, "loader state was taken on .* samples in"),
+        ({"identity": "another"}, "loader state was taken on other shards than these"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            loader.load_state_dict(replace(state, data=replace(state.data, **changed)))
+    loader.load_state_dict(state)
+    assert loader.position == state.position
+
+
 def test_a_checkpoint_whose_save_was_killed_is_never_counted_and_is_pruned(tmp_path):
     from train.checkpoint import latest_tag, prune_checkpoints
 

@@ -461,6 +461,17 @@ def test_two_ranks_train_on_the_mean_of_their_gradients_and_log_the_mean_of_thei
     assert first["diverged_at"] == 3
 
 
+def test_the_logged_gradient_norm_is_the_l2_norm_over_every_parameter():
+    from train.trainer import total_grad_norm
+
+    model = torch.nn.Linear(2, 2)
+    model.weight.grad = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
+    model.bias.grad = torch.tensor([0.0, 4.0])
+    assert total_grad_norm(model).item() == 5.0
+    model.bias.grad = None  # a parameter the step did not reach
+    assert total_grad_norm(model).item() == 3.0
+
+
 @pytest.mark.slow
 def test_with_peers_the_gradients_leave_in_bf16_buckets_while_the_backward_pass_runs(tmp_path):
     """Two gloo ranks of the real trainer under autocast_bf16, 3 optimizer steps of 2 micro-steps, 1

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.runs import free_port, run
-from train.checkpoint import TrainState
+from train.checkpoint import TrainState, read_train_state
 from train.classifier_task import ClassifierTask, image_augmentation
 from train.config import load_config
 from train.distributed import single_process_env
@@ -35,10 +35,10 @@ def rank_env():
 
 def mae_config(shards, output, *overrides: str):
     """The tiny preset with steps of 2 accumulated batches of 8: a k-NN evaluation and a
-    reconstruction at every epoch's end, a checkpoint every 3 steps (all kept), every step logged
+    reconstruction at every epoch's end, a checkpoint every 2 steps (all kept), every step logged
     with its samples."""
     return load_config("tiny", [f"data.shards={shards}", f"output={output}", "eval.every_epochs=1",
-                                "log.viz_every=1", "log.log_every=1", "checkpoint.every_steps=3",
+                                "log.viz_every=1", "log.log_every=1", "checkpoint.every_steps=2",
                                 "checkpoint.keep_last=5", "log.sample_ids=true",
                                 "optim.local_batch_size=8", "log.tensorboard=false", *overrides])
 
@@ -65,11 +65,11 @@ def unbroken(rank_env, shards, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(unbroken, shards, tmp_path_factory):
-    """The same run continued from its checkpoint at step 3, mid-epoch."""
+    """The same run continued from its checkpoint at step 2, mid-epoch."""
     _, first = unbroken
     output = tmp_path_factory.mktemp("resumed") / "run"
     shutil.copytree(first, output)
-    return fit(mae_config(shards, output, "max_steps=8"), resume="step00000003"), output
+    return fit(mae_config(shards, output, "max_steps=8"), resume="step00000002"), output
 
 
 def by_step(output, key: str) -> dict[int, object]:
@@ -81,7 +81,7 @@ def test_a_resume_restores_the_samples_seen_so_the_schedule_goes_on_where_it_was
 ):
     trainer, output = resumed
     (event,) = [r for r in lines(output) if r.get("event") == "resumed"]
-    assert (event["step"], event["from"]) == (3, "step00000003")
+    assert (event["step"], event["from"]) == (2, "step00000002")
     # Each step's lr follows the samples seen before it: 16 a step from 0, across the resume.
     lrs = by_step(output, "lr")
     peak = trainer.peak_lr
@@ -93,7 +93,7 @@ def test_a_resume_restores_the_samples_seen_so_the_schedule_goes_on_where_it_was
 
 
 def test_a_resumed_run_goes_on_exactly_as_the_unbroken_one(unbroken, resumed):
-    """Losses, samples read and every job's records from step 4 on, bitwise: the loader's position,
+    """Losses, samples read and every job's records from step 3 on, bitwise: the loader's position,
     the mask noise and the schedule all came back as they were."""
     first, second = unbroken[1], resumed[1]
     assert by_step(second, "loss") == by_step(first, "loss")
@@ -105,7 +105,7 @@ def test_a_resumed_run_goes_on_exactly_as_the_unbroken_one(unbroken, resumed):
 
 
 def test_the_state_a_checkpoint_restores_is_the_state_it_was_taken_in(unbroken, shards, tmp_path):
-    """Field by field, the run's and this rank's state at step 3 as the resumed trainer holds it
+    """Field by field, the run's and this rank's state at step 2 as the resumed trainer holds it
     before its first step, against what the unbroken run held when it wrote that checkpoint."""
     _, first = unbroken
     output = tmp_path / "run"
@@ -113,13 +113,13 @@ def test_the_state_a_checkpoint_restores_is_the_state_it_was_taken_in(unbroken, 
     cfg = mae_config(shards, output, "max_steps=8")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MASTER_PORT", str(free_port()))
-        with Trainer(cfg, MaeTask, "step00000003") as trainer:
-            saved, rank = trainer.checkpointer.load("step00000003", False, 0.0)
+        with Trainer(cfg, MaeTask, "step00000002") as trainer:
+            saved, rank = trainer.checkpointer.load("step00000002", False, 0.0)
             assert isinstance(saved, TrainState)
-            assert (trainer.state.step, trainer.state.epoch, trainer.state.samples) == (3, 0, 48)
-            assert (saved.step, saved.epoch, saved.samples) == (3, 0, 48)
+            assert (trainer.state.step, trainer.state.epoch, trainer.state.samples) == (2, 0, 32)
+            assert (saved.step, saved.epoch, saved.samples) == (2, 0, 32)
             # 2 batches of 8 a step
-            assert trainer.loader.position.epoch == 0 and trainer.loader.position.batch == 6
+            assert trainer.loader.position.epoch == 0 and trainer.loader.position.batch == 4
             assert trainer.loader.state_dict().to_dict() == rank["loader"]
             assert torch.equal(trainer.task.noise.get_state(), rank["noise_rng"])
             # the jobs ran once at most by then: none of their state is lost
@@ -133,6 +133,14 @@ def test_each_periodic_job_runs_once_per_due_point_the_runs_end_included(unbroke
     assert [r["step"] for r in lines(output) if "knn_top1_cls" in r] == [4, 8]
     drawn = (output / "viz" / "losses.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in drawn] == [4, 8]
+
+
+def test_a_checkpoint_at_an_epochs_last_step_holds_that_epoch_finished(unbroken):
+    """Step 4 ends epoch 0 and is due a checkpoint: the epoch's jobs ran and the epoch was counted
+    before it was written, so a resume from it neither runs them again nor reads epoch 0 again."""
+    _, output = unbroken
+    saved = read_train_state(output / "checkpoints", "step00000004")
+    assert (saved.step, saved.epoch, saved.samples) == (4, 1, 64)
 
 
 def test_a_checkpoint_due_by_the_clock_is_taken_once_the_step_after_the_vote(
