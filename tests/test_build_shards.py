@@ -206,6 +206,22 @@ def test_interrupted_build_resumes_and_keeps_finished_shards(built, tmp_path, ca
     assert Manifest.load(out / "train.json").rejected == 4
 
 
+def test_a_rerun_writes_again_a_finished_shard_whose_index_is_gone(built, tmp_path, capsys):
+    """A shard the progress file lists as finished, whole, but without its index (deleted, or lost
+    with the disk's cache): not kept as it is, written again with its index."""
+    src, out, _ = built
+    copy = tmp_path / "rerun"
+    shutil.copytree(out, copy)
+    reference = {p.name: p.read_bytes() for p in copy.glob("*.tar*")}
+    (copy / "train.json").unlink()  # killed before its manifest
+    index = sorted(copy.glob("*.idx"))[1]
+    index.unlink()
+    capsys.readouterr()
+    assert build(src, copy) == 0
+    assert "shards already complete, 1 to write" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in copy.glob("*.tar*")} == reference
+
+
 def test_verify_reports_a_damaged_shard(built, capsys):
     _, out, _ = built
     assert build_main(["--verify", str(out), "--split", "train"]) == 0

@@ -327,6 +327,19 @@ def test_a_loader_state_of_another_data_seed_or_other_shards_is_refused(shards):
     assert loader.position == state.position
 
 
+def test_a_position_moves_to_new_ranks_when_the_rank_count_or_the_local_batch_changes():
+    """Taken 3 batches of 8 into epoch 2 on 2 ranks: the same ranks and batch go on there; another
+    rank count or another local batch on the same ranks starts after that segment, handed over."""
+    from pipeline.loader_state import DataSet, LoaderState, Segment
+
+    position = ReadPosition(2, 3)
+    state = LoaderState(position, DataSet.of([10, 20], 0, "shards"), 0, 2, 8, "dali")
+    assert state.position_on(2, 8) == position
+    handed = ReadPosition(2, 0, (Segment(2, 8, 3),))
+    assert state.position_on(4, 8) == handed
+    assert state.position_on(2, 4) == handed
+
+
 def test_a_checkpoint_whose_save_was_killed_is_never_counted_and_is_pruned(tmp_path):
     from train.checkpoint import latest_tag, prune_checkpoints
 

@@ -444,7 +444,7 @@ def test_compiled_blocks_compile_in_the_first_step_only_and_give_the_eager_losse
 def test_two_ranks_train_on_the_mean_of_their_gradients_and_log_the_mean_of_their_losses():
     """Two gloo ranks whose gradients and losses are 1x and 2x a common value: each keeps 1.5x the
     gradient (fp32 and bf16 buckets), and the logged loss is 1.5, not a rank's own or the sum; a
-    loss non-finite on one rank is every rank's divergence."""
+    loss non-finite on one rank is every rank's divergence, and so is a stop one rank saw."""
     port = free_port()
     script = str(REPO / "tests" / "scripts" / "mean_over_ranks.py")
     ranks = [start_job([sys.executable, script],
@@ -456,9 +456,12 @@ def test_two_ranks_train_on_the_mean_of_their_gradients_and_log_the_mean_of_thei
     # d(sum of W x + b)/dW = x, x = (rank + 1) on each input; d/db = 1 on both ranks
     mean = [[1.5] * 6, [1.0, 1.0]]
     assert first["grads"] == {"torch.float32": mean, "torch.bfloat16": mean}
+    assert first["unused"] == [0.0, 0.0]  # zero gradients where no backward pass reached
     assert (first["loss"], first["bad_step"]) == (1.5, None)
     # one rank's loss non-finite from step 3: every rank stops there
     assert first["diverged_at"] == 3
+    # a stop one rank saw: nothing decided at the step it was cast, a stop on both at the next
+    assert first["decided"] == [[False, False], [True, False]]
 
 
 def test_the_logged_gradient_norm_is_the_l2_norm_over_every_parameter():

@@ -6,7 +6,9 @@ the rest."""
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from train.classifier_task import ClassifierTask, image_augmentation
 from train.config import load_config
 from train.distributed import single_process_env
 from train.mae_task import MaeTask
+from train.outcome import RunEnd
 from train.recipe import lr_at
 from train.task import MicroBatch
 from train.trainer import Trainer
@@ -135,12 +138,58 @@ def test_each_periodic_job_runs_once_per_due_point_the_runs_end_included(unbroke
     assert [json.loads(line)["step"] for line in drawn] == [4, 8]
 
 
+def test_each_logged_window_reports_its_speed_and_data_stall_in_its_units(unbroken):
+    """Windows of one step on one rank: img/s is the global batch over the step's time, and the data
+    stall is the rank's wait for data as a percentage of that time."""
+    _, output = unbroken
+    logged = [r for r in lines(output) if "loss" in r]
+    assert len(logged) == 8
+    for r in logged:
+        assert r["img_per_s"] * r["step_time_s"] == pytest.approx(16)
+        assert r["data_stall_pct"] == pytest.approx(
+            100 * r["rank_data_wait_s_max"] / r["step_time_s"]
+        )
+
+
 def test_a_checkpoint_at_an_epochs_last_step_holds_that_epoch_finished(unbroken):
     """Step 4 ends epoch 0 and is due a checkpoint: the epoch's jobs ran and the epoch was counted
     before it was written, so a resume from it neither runs them again nor reads epoch 0 again."""
     _, output = unbroken
     saved = read_train_state(output / "checkpoints", "step00000004")
     assert (saved.step, saved.epoch, saved.samples) == (4, 1, 64)
+
+
+def test_a_stop_signal_checkpoints_the_step_after_it_and_ends_the_run(rank_env, shards, tmp_path):
+    """SIGTERM before the first step: the vote cast at step 1 stops the run after step 2, with a
+    checkpoint there, exit status STOPPED, nothing trained after it, and only the jobs that run
+    when stopped run."""
+    output = tmp_path / "run"
+    cfg = mae_config(shards, output, "max_steps=8", "checkpoint.every_steps=0")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MASTER_PORT", str(free_port()))
+        with Trainer(cfg, MaeTask, None) as trainer:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler takes it
+            assert trainer.fit() == RunEnd.STOPPED
+    assert trainer.state.step == 2
+    assert sorted(p.name for p in (output / "checkpoints").glob("step*")) == ["step00000002"]
+    assert max(by_step(output, "loss")) == 2
+    # in the grace time before the kill: the reconstruction, which is cheap, not the k-NN
+    assert not by_step(output, "knn_top1_cls")
+    drawn = (output / "viz" / "losses.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in drawn] == [2]
+
+
+def test_an_epoch_leaves_out_the_batches_that_fill_no_whole_step(rank_env, shards, tmp_path):
+    """64 samples in local batches of 12, 2 a step: 5 batches an epoch, 2 steps; the fifth batch
+    starts no step, and step 3 is epoch 1's first."""
+    output = tmp_path / "run"
+    trainer = fit(mae_config(shards, output, "max_steps=3", "optim.local_batch_size=12",
+                             "optim.global_batch_size=24", "optim.grad_accum_steps=2",
+                             "checkpoint.every_steps=0", "checkpoint.at_end=false",
+                             "eval.every_epochs=0", "log.viz_every=100"))
+    assert by_step(output, "samples") == {1: 24, 2: 48, 3: 72}
+    assert by_step(output, "epoch") == {1: 0, 2: 0, 3: 1}
+    assert (trainer.loader.position.epoch, trainer.loader.position.batch) == (1, 2)
 
 
 def test_a_checkpoint_due_by_the_clock_is_taken_once_the_step_after_the_vote(
@@ -263,15 +312,19 @@ def test_fine_tuning_trains_each_layer_at_its_decayed_share_of_the_schedules_lr(
     )
 
 
-def test_two_ranks_count_all_ranks_samples_and_read_disjoint_ones(shards, tmp_path):
-    """The one launched run of the fast suite (about 8 s): what needs two ranks. Each step counts
-    the samples of both ranks, and the ranks read different samples."""
+def test_two_ranks_count_and_time_all_ranks_samples_and_read_disjoint_ones(shards, tmp_path):
+    """The one launched run of the fast suite (about 10 s): what needs two ranks. Each step counts
+    the samples of both ranks, the logged speed and step time of a window of 2 steps are the global
+    batch's and a step's, and the ranks read different samples."""
     output = tmp_path / "two_ranks"
-    run(shards, output, "--max-steps", "2", "--log-every", "1", "--set", "log.sample_ids=true",
+    run(shards, output, "--max-steps", "4", "--log-every", "2", "--set", "log.sample_ids=true",
         "--set", "eval.every_epochs=0", "--set", "log.tensorboard=false")
-    assert by_step(output, "samples") == {1: 16, 2: 32}
+    assert by_step(output, "samples") == {2: 32, 4: 64}
+    speed, step_time = by_step(output, "img_per_s"), by_step(output, "step_time_s")
+    # img/s = 2 steps x 16 images / the window's time; a step's time = the window's time / 2
+    assert {step: speed[step] * step_time[step] for step in speed} == pytest.approx({2: 16, 4: 16})
     per_rank = [samples_read_by(path) for path in sorted((output / "samples").glob("rank*.txt"))]
-    assert len(per_rank) == 2 and all(len(keys) == 16 for keys in per_rank)
+    assert len(per_rank) == 2 and all(len(keys) == 32 for keys in per_rank)
     assert not set(per_rank[0]) & set(per_rank[1])
 
 
