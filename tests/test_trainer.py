@@ -475,7 +475,6 @@ def test_the_logged_gradient_norm_is_the_l2_norm_over_every_parameter():
     assert total_grad_norm(model).item() == 3.0
 
 
-@pytest.mark.slow
 def test_with_peers_the_gradients_leave_in_bf16_buckets_while_the_backward_pass_runs(tmp_path):
     """Two gloo ranks of the real trainer under autocast_bf16, 3 optimizer steps of 2 micro-steps, 1
     MB buckets. In every optimizer step each trainable parameter's gradient is all-reduced exactly
