@@ -22,6 +22,7 @@ from train.distributed import single_process_env
 from train.mae_task import MaeTask
 from train.outcome import RunEnd
 from train.recipe import lr_at
+from train.resume import plan_resume
 from train.task import MicroBatch
 from train.trainer import Trainer
 
@@ -37,11 +38,11 @@ def rank_env():
 
 
 def mae_config(shards, output, *overrides: str):
-    """The tiny preset with steps of 2 accumulated batches of 8: a k-NN evaluation and a
-    reconstruction at every epoch's end, a checkpoint every 2 steps (all kept), every step logged
-    with its samples."""
+    """The tiny preset with steps of 2 accumulated batches of 8: a k-NN evaluation at every epoch's
+    end and a reconstruction at every second, a checkpoint every 2 steps (all kept), every step
+    logged with its samples."""
     return load_config("tiny", [f"data.shards={shards}", f"output={output}", "eval.every_epochs=1",
-                                "log.viz_every=1", "log.log_every=1", "checkpoint.every_steps=2",
+                                "log.viz_every=2", "log.log_every=1", "checkpoint.every_steps=2",
                                 "checkpoint.keep_last=5", "log.sample_ids=true",
                                 "optim.local_batch_size=8", "log.tensorboard=false", *overrides])
 
@@ -109,14 +110,18 @@ def test_a_resumed_run_goes_on_exactly_as_the_unbroken_one(unbroken, resumed):
 
 def test_the_state_a_checkpoint_restores_is_the_state_it_was_taken_in(unbroken, shards, tmp_path):
     """Field by field, the run's and this rank's state at step 2 as the resumed trainer holds it
-    before its first step, against what the unbroken run held when it wrote that checkpoint."""
+    before its first step, against what the unbroken run held when it wrote that checkpoint; and
+    where the resumed run will end."""
     _, first = unbroken
     output = tmp_path / "run"
     shutil.copytree(first, output)
-    cfg = mae_config(shards, output, "max_steps=8")
+    cfg = mae_config(shards, output, "max_steps=1000")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MASTER_PORT", str(free_port()))
         with Trainer(cfg, MaeTask, "step00000002") as trainer:
+            # the schedule's end, 40 epochs of 4 steps from step 0, not 2 + 160; a larger
+            # --max-steps does not lengthen it
+            assert trainer.stop_at == 160
             saved, rank = trainer.checkpointer.load("step00000002", False, 0.0)
             assert isinstance(saved, TrainState)
             assert (trainer.state.step, trainer.state.epoch, trainer.state.samples) == (2, 0, 32)
@@ -129,13 +134,28 @@ def test_the_state_a_checkpoint_restores_is_the_state_it_was_taken_in(unbroken, 
             assert {job.name: job.state_dict() for job in trainer.jobs} == saved.jobs
 
 
+def test_a_resume_plan_names_the_newer_checkpoints_it_sets_aside_and_a_changed_mask_seed(
+    unbroken, shards
+):
+    """Going back to step 2 of a run that went on to step 8 (reading only): its later checkpoints
+    are the branch set aside, and a changed mask seed draws masks afresh (the same seed: the saved
+    stream goes on)."""
+    _, first = unbroken
+    plan = plan_resume(first, "step00000002", mae_config(shards, first, "max_steps=8",
+                                                         "runtime.mask_seed=5"), 1, MaeTask)
+    assert plan.newer == ("step00000004", "step00000006", "step00000008")
+    assert plan.masks_change and any(c.startswith("runtime.mask_seed:") for c in plan.changes)
+    same = plan_resume(first, "step00000002", mae_config(shards, first, "max_steps=8"), 1, MaeTask)
+    assert not same.masks_change and not same.changes
+
+
 def test_each_periodic_job_runs_once_per_due_point_the_runs_end_included(unbroken):
-    """The k-NN evaluation and the reconstruction at each epoch's end, steps 4 and 8, where the
-    run's end falls too: each once there."""
+    """The k-NN evaluation at each epoch's end, steps 4 and 8, and the reconstruction at every
+    second, step 8, where the run's end falls too: each once there."""
     _, output = unbroken
     assert [r["step"] for r in lines(output) if "knn_top1_cls" in r] == [4, 8]
     drawn = (output / "viz" / "losses.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in drawn] == [4, 8]
+    assert [json.loads(line)["step"] for line in drawn] == [8]
 
 
 def test_each_logged_window_reports_its_speed_and_data_stall_in_its_units(unbroken):
@@ -273,7 +293,8 @@ def test_every_rank_mixes_and_erases_its_batches_with_its_own_draws(finetuning):
 
 
 def test_without_mixing_the_targets_are_still_smoothed(finetuning):
-    """Mixup and CutMix off, label smoothing 0.1: the loss is the smoothed cross-entropy."""
+    """Mixup and CutMix off, label smoothing 0.1: the loss is the smoothed cross-entropy (the linear
+    probe's, the plain one)."""
     trainer = finetuning
     cfg = trainer.cfg
     plain = dataclasses.replace(cfg.finetune, mixup_alpha=0.0, cutmix_alpha=0.0, erase_prob=0.0,
@@ -288,6 +309,11 @@ def test_without_mixing_the_targets_are_still_smoothed(finetuning):
     loss = task.loss(lambda _: logits, images, labels, MicroBatch(0, 0)).item()
     assert loss == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item())
     assert loss != pytest.approx(F.cross_entropy(logits, labels).item())
+    # the linear probe: plain labels, whatever the smoothing configured for fine-tuning
+    probe = ClassifierTask(dataclasses.replace(trainer.ctx, cfg=dataclasses.replace(
+        cfg, finetune=dataclasses.replace(plain, mode="linear_probe"))))
+    probed = probe.loss(lambda _: logits, images, labels, MicroBatch(0, 0)).item()
+    assert probed == pytest.approx(F.cross_entropy(logits, labels).item())
 
 
 def test_fine_tuning_trains_each_layer_at_its_decayed_share_of_the_schedules_lr(finetuning):
