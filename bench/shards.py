@@ -143,7 +143,7 @@ def plan_memory_record(ctx: BenchContext) -> Record:
     # Quick: sizes a few seconds plan (the trend between them is the record); the full run plans
     # ImageNet's scale.
     sizes, small_buffer = (
-        ((20_000, 200_000), 500) if ctx.quick else ((1_000_000, 10_000_000), 20_000)
+        ((10_000, 100_000), 250) if ctx.quick else ((1_000_000, 10_000_000), 20_000)
     )
     runs = [
         (sizes[0], DEFAULT_SORT_BUFFER),
@@ -186,7 +186,7 @@ def real_build_record(ctx: BenchContext, scratch: Path, workers: int) -> Record:
     """A whole build (list, shuffle, write, index, manifest) of small images from one tar at two
     sizes: the largest resident set among its processes, and its time; the growth between the two is
     what a larger data set adds."""
-    sizes = (2_000, 20_000) if ctx.quick else (100_000, 1_000_000)
+    sizes = (1_000, 10_000) if ctx.quick else (100_000, 1_000_000)
     peaks, seconds = {}, {}
     for images in sizes:
         archive = tiny_images_archive(images, scratch / f"tiny_{images}.tar")
