@@ -4,11 +4,13 @@ finishes, it resumes), checked here quantity by quantity, so that a quantity wro
 One short launched run checks what needs two ranks; the slow launched runs (test_*_runs.py) keep
 the rest."""
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import signal
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -47,12 +49,19 @@ def mae_config(shards, output, *overrides: str):
                                 "optim.local_batch_size=8", "log.tensorboard=false", *overrides])
 
 
-def fit(cfg, task=MaeTask, resume: str | None = None) -> Trainer:
-    """A whole run in this process; the trainer, closed, for its state."""
+@contextlib.contextmanager
+def opened(cfg, task=MaeTask, resume: str | None = None) -> Iterator[Trainer]:
+    """A trainer of `cfg` in this process, on a port of its own, open until the block ends."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MASTER_PORT", str(free_port()))
         with Trainer(cfg, task, resume) as trainer:
-            assert trainer.fit() == 0
+            yield trainer
+
+
+def fit(cfg, task=MaeTask, resume: str | None = None) -> Trainer:
+    """A whole run in this process; the trainer, closed, for its state."""
+    with opened(cfg, task, resume) as trainer:
+        assert trainer.fit() == 0
     return trainer
 
 
@@ -116,22 +125,20 @@ def test_the_state_a_checkpoint_restores_is_the_state_it_was_taken_in(unbroken, 
     output = tmp_path / "run"
     shutil.copytree(first, output)
     cfg = mae_config(shards, output, "max_steps=1000")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MASTER_PORT", str(free_port()))
-        with Trainer(cfg, MaeTask, "step00000002") as trainer:
-            # the schedule's end, 40 epochs of 4 steps from step 0, not 2 + 160; a larger
-            # --max-steps does not lengthen it
-            assert trainer.stop_at == 160
-            saved, rank = trainer.checkpointer.load("step00000002", False, 0.0)
-            assert isinstance(saved, TrainState)
-            assert (trainer.state.step, trainer.state.epoch, trainer.state.samples) == (2, 0, 32)
-            assert (saved.step, saved.epoch, saved.samples) == (2, 0, 32)
-            # 2 batches of 8 a step
-            assert trainer.loader.position.epoch == 0 and trainer.loader.position.batch == 4
-            assert trainer.loader.state_dict().to_dict() == rank["loader"]
-            assert torch.equal(trainer.task.noise.get_state(), rank["noise_rng"])
-            # the jobs ran once at most by then: none of their state is lost
-            assert {job.name: job.state_dict() for job in trainer.jobs} == saved.jobs
+    with opened(cfg, MaeTask, "step00000002") as trainer:
+        # the schedule's end, 40 epochs of 4 steps from step 0, not 2 + 160; a larger --max-steps
+        # does not lengthen it
+        assert trainer.stop_at == 160
+        saved, rank = trainer.checkpointer.load("step00000002", False, 0.0)
+        assert isinstance(saved, TrainState)
+        assert (trainer.state.step, trainer.state.epoch, trainer.state.samples) == (2, 0, 32)
+        assert (saved.step, saved.epoch, saved.samples) == (2, 0, 32)
+        # 2 batches of 8 a step
+        assert trainer.loader.position.epoch == 0 and trainer.loader.position.batch == 4
+        assert trainer.loader.state_dict().to_dict() == rank["loader"]
+        assert torch.equal(trainer.task.noise.get_state(), rank["noise_rng"])
+        # the jobs ran once at most by then: none of their state is lost
+        assert {job.name: job.state_dict() for job in trainer.jobs} == saved.jobs
 
 
 def test_a_resume_plan_names_the_newer_checkpoints_it_sets_aside_and_a_changed_mask_seed(
@@ -185,11 +192,9 @@ def test_a_stop_signal_checkpoints_the_step_after_it_and_ends_the_run(rank_env, 
     when stopped run."""
     output = tmp_path / "run"
     cfg = mae_config(shards, output, "max_steps=8", "checkpoint.every_steps=0")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MASTER_PORT", str(free_port()))
-        with Trainer(cfg, MaeTask, None) as trainer:
-            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler takes it
-            assert trainer.fit() == RunEnd.STOPPED
+    with opened(cfg) as trainer:
+        os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler takes it
+        assert trainer.fit() == RunEnd.STOPPED
     assert trainer.state.step == 2
     assert sorted(p.name for p in (output / "checkpoints").glob("step*")) == ["step00000002"]
     assert max(by_step(output, "loss")) == 2
@@ -253,10 +258,8 @@ def finetuning(rank_env, shards, tmp_path_factory):
     cfg = load_config("finetune_tiny", [f"data.shards={shards}", f"output={output}", "max_steps=0",
                                         "log.tensorboard=false", "runtime.seed=7",
                                         "optim.grad_accum_steps=2", "eval.every_epochs=0"])
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MASTER_PORT", str(free_port()))
-        with Trainer(cfg, ClassifierTask, None) as trainer:
-            yield trainer
+    with opened(cfg, ClassifierTask) as trainer:
+        yield trainer
 
 
 def test_each_task_builds_its_training_loader_with_its_own_augmentation_and_batch(finetuning):

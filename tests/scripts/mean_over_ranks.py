@@ -14,27 +14,30 @@ from train.distributed import StepVote
 from train.grad_reduce import OverlappedAllReduce
 from train.metrics import MetricWindow
 
+
+def reduced(model: nn.Module, forward: nn.Module, inputs: torch.Tensor, dtype: torch.dtype) -> None:
+    """One armed backward pass of `forward`'s summed output, its gradients reduced over the ranks
+    into `model`'s."""
+    reduce = OverlappedAllReduce(model, None, dtype, bucket_bytes=16)  # several buckets
+    reduce.arm()
+    forward(inputs).sum().backward()
+    reduce.finish()
+    reduce.close()
+
+
 dist.init_process_group("gloo")
 scale = dist.get_rank() + 1
-reduced = {}
+grads = {}
 for dtype in (torch.float32, torch.bfloat16):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)  # the same weights on both ranks
-    reduce = OverlappedAllReduce(model, None, dtype, bucket_bytes=16)  # several buckets
-    reduce.arm()
-    model(torch.full((1, 3), float(scale))).sum().backward()
-    reduce.finish()
-    reduce.close()
-    reduced[str(dtype)] = [p.grad.flatten().tolist() for p in model.parameters()]
+    reduced(model, model, torch.full((1, 3), float(scale)), dtype)
+    grads[str(dtype)] = [p.grad.flatten().tolist() for p in model.parameters()]
 
 # a parameter no rank's backward pass reached: a zero gradient, as every rank's optimizer expects
 torch.manual_seed(0)
 partly_used = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)})
-reduce = OverlappedAllReduce(partly_used, None, torch.float32, bucket_bytes=16)
-reduce.arm()
-partly_used["used"](torch.ones(1, 3)).sum().backward()
-reduce.finish()
-reduce.close()
+reduced(partly_used, partly_used["used"], torch.ones(1, 3), torch.float32)
 unused = [None if p.grad is None else p.grad.abs().sum().item()
           for p in partly_used["unused"].parameters()]
 
@@ -50,7 +53,7 @@ vote = StepVote(None, 2)  # (stop, checkpoint by the clock): a stop seen on rank
 decided = [vote.cast(scale == 2, False), vote.cast(False, False)]
 vote.close()
 print(json.dumps(
-    {"grads": reduced, "loss": loss, "bad_step": bad_step, "diverged_at": diverged_at,
+    {"grads": grads, "loss": loss, "bad_step": bad_step, "diverged_at": diverged_at,
      "decided": decided, "unused": unused}
 ))
 dist.destroy_process_group()
